@@ -1,0 +1,149 @@
+//! The agent's own configuration (`mesh-agent node --config FILE`): typed, with defaults,
+//! validated on load, serialisable for dumps. docs/formats.md documents every field.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Errors loading the agent configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the agent configuration {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid agent configuration {path}: {source}")]
+    Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("invalid agent configuration {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The agent configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name; the agent captures the workloads whose `node` equals it.
+    pub node: String,
+    /// The mesh state file, watched for changes.
+    pub state_file: PathBuf,
+    /// Where programs and maps are pinned; default `/sys/fs/bpf/mesh/<node>`.
+    #[serde(default)]
+    pub bpf_dir: Option<PathBuf>,
+    /// Prometheus metrics listener.
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness listener.
+    #[serde(default = "default_readiness_addr")]
+    pub readiness_addr: SocketAddr,
+    /// How often the state file is checked for changes, in milliseconds.
+    #[serde(default = "default_poll_ms")]
+    pub state_poll_interval_ms: u64,
+    /// Exclusions for every captured pod of this node.
+    #[serde(default)]
+    pub capture: CaptureExclusions,
+}
+
+/// Ports and CIDRs the capture leaves alone. Used globally (agent config) and per pod (state).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureExclusions {
+    /// Destination ports of outbound connections that are not redirected.
+    #[serde(default)]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Destination CIDRs of outbound connections that are not redirected.
+    #[serde(default)]
+    pub exclude_outbound_cidrs: Vec<IpNet>,
+    /// Ports of the pod that inbound connections reach directly, without the agent.
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
+}
+
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], mesh_common::ports::METRICS))
+}
+
+fn default_readiness_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], mesh_common::ports::READINESS))
+}
+
+fn default_poll_ms() -> u64 {
+    500
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        let config: Config = serde_yaml::from_str(&text)
+            .map_err(|source| Error::Parse { path: path.to_owned(), source })?;
+        config.validate().map_err(|message| Error::Invalid { path: path.to_owned(), message })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.node.is_empty() {
+            return Err("`node` must not be empty".into());
+        }
+        if !(10..=60_000).contains(&self.state_poll_interval_ms) {
+            return Err(format!(
+                "`state_poll_interval_ms` is {}: use 10 to 60000",
+                self.state_poll_interval_ms
+            ));
+        }
+        self.capture.validate().map_err(|e| format!("capture.{e}"))
+    }
+
+    /// The directory for pins.
+    pub fn bpf_dir(&self) -> PathBuf {
+        self.bpf_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&self.node))
+    }
+}
+
+impl CaptureExclusions {
+    /// Rejects port 0; returns the field name with the problem.
+    pub fn validate(&self) -> Result<(), String> {
+        for (field, ports) in [
+            ("exclude_outbound_ports", &self.exclude_outbound_ports),
+            ("exclude_inbound_ports", &self.exclude_inbound_ports),
+        ] {
+            if ports.contains(&0) {
+                return Err(format!("{field}: port 0 is not a valid port"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, String> {
+        let c: Config = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("node: n1\nstate_file: /s.yaml\n").expect("valid");
+        assert_eq!(c.metrics_addr.port(), 15020);
+        assert_eq!(c.readiness_addr.port(), 15021);
+        assert_eq!(c.bpf_dir(), PathBuf::from("/sys/fs/bpf/mesh/n1"));
+        assert_eq!(c.state_poll_interval_ms, 500);
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let e = parse("node: n1\nstate_file: /s\nbogus: 1\n").expect_err("unknown field");
+        assert!(e.contains("bogus"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\ncapture: {exclude_outbound_cidrs: [10.0.0.0/33]}\n")
+            .expect_err("bad cidr");
+        assert!(e.contains("exclude_outbound_cidrs") || e.contains("invalid"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\ncapture: {exclude_inbound_ports: [0]}\n")
+            .expect_err("port 0");
+        assert!(e.contains("exclude_inbound_ports"), "{e}");
+        let e = parse("node: ''\nstate_file: /s\n").expect_err("empty node");
+        assert!(e.contains("node"), "{e}");
+    }
+}

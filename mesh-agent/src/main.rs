@@ -1,0 +1,106 @@
+//! `mesh-agent`: the node agent of the mesh. `mesh-agent node --config FILE` runs it;
+//! `mesh-agent check` only runs the start-up checks.
+#![deny(unsafe_code)]
+
+mod admin;
+mod capture;
+mod config;
+mod discovery;
+mod metrics;
+mod preflight;
+mod proxy;
+mod state;
+mod sys;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-agent", version, about = "Sidecarless service mesh node agent (eBPF capture, node proxy)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent.
+    Node {
+        /// The agent configuration (docs/formats.md).
+        #[arg(long, env = "MESH_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check that this machine and these privileges can run the agent, then exit.
+    Check {
+        /// The pin directory that would be used.
+        #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+        bpf_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Node { config } => run_node(&config),
+        Command::Check { bpf_dir } => {
+            let cgroup = preflight::check(&bpf_dir)?;
+            println!("ok: kernel, privileges, cgroup v2 at {}, bpffs at {}", cgroup.display(), bpf_dir.display());
+            Ok(())
+        }
+    }
+}
+
+fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
+    let config = config::Config::load(config_path)?;
+    let bpf_dir = config.bpf_dir();
+    let cgroup_root = preflight::check(&bpf_dir)?;
+    let home = sys::Netns::current().context("cannot open the agent's own network namespace")?;
+    let (snapshot, state_bytes) = discovery::file::load(&config.state_file)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let metrics = Arc::new(metrics::Metrics::new());
+        let store = Arc::new(state::Store::new());
+        store.replace(snapshot);
+        let readiness = Arc::new(admin::Readiness::new("starting: pods not yet captured"));
+        admin::serve(config.metrics_addr, "metrics", metrics.clone(), readiness.clone()).await?;
+        if config.readiness_addr != config.metrics_addr {
+            admin::serve(config.readiness_addr, "readiness", metrics.clone(), readiness.clone()).await?;
+        }
+        let (loaded, orig_dst, collector) = capture::ebpf::load(&bpf_dir, &config.capture)?;
+        metrics.register_collector(collector);
+        let inputs = Arc::new(proxy::Inputs { store: store.clone(), metrics: metrics.clone(), home, orig_dst });
+        let capture = capture::Capture::new(loaded, config.node.clone(), cgroup_root, inputs);
+        tokio::spawn(discovery::file::watch(
+            config.state_file.clone(),
+            Duration::from_millis(config.state_poll_interval_ms),
+            state_bytes,
+            store.clone(),
+            metrics.clone(),
+        ));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let capture_task =
+            tokio::spawn(capture::run(capture, store, readiness, Duration::from_secs(2), stop_rx));
+        info!(node = %config.node, state = %config.state_file.display(), "agent started");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        }
+        let _ = stop_tx.send(true);
+        if let Err(e) = capture_task.await {
+            warn!(error = %e, "capture task ended abnormally");
+        }
+        info!("agent stopped");
+        anyhow::Ok(())
+    })
+}

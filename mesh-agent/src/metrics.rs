@@ -1,0 +1,179 @@
+//! The Prometheus registry and the agent's metric families. Label sets are bounded: direction,
+//! the pods of this node, fixed reason strings. Per-pod counter handles are created once at
+//! capture time so the data path never allocates for metrics.
+
+use std::sync::Mutex;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Labels of per-pod connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// `outbound` (the pod connects) or `inbound` (the pod is connected to).
+    pub direction: &'static str,
+    pub namespace: String,
+    pub workload: String,
+}
+
+/// Labels of connection failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub direction: &'static str,
+    pub namespace: String,
+    pub workload: String,
+    /// A fixed reason string (see `proxy::Error::reason`).
+    pub reason: &'static str,
+}
+
+/// Labels of outbound destination choices.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub namespace: String,
+    pub workload: String,
+    /// `service` (a VIP resolved to an endpoint) or `passthrough` (the original destination).
+    pub route: &'static str,
+}
+
+/// `result` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Result {
+    pub result: &'static str,
+}
+
+impl Result {
+    pub fn ok() -> Self {
+        Self { result: "ok" }
+    }
+    pub fn error() -> Self {
+        Self { result: "error" }
+    }
+}
+
+/// Labels naming one pod.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub namespace: String,
+    pub workload: String,
+}
+
+/// Counter handles for one pod and direction.
+#[derive(Clone, Debug)]
+pub struct ConnCounters {
+    pub opened: Counter,
+    pub closed: Counter,
+    /// Bytes from the pod's side toward the peer.
+    pub sent: Counter,
+    /// Bytes from the peer toward the pod's side.
+    pub received: Counter,
+}
+
+/// Every metric family of the agent.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub opened: Family<ConnLabels, Counter>,
+    pub closed: Family<ConnLabels, Counter>,
+    pub sent: Family<ConnLabels, Counter>,
+    pub received: Family<ConnLabels, Counter>,
+    pub failures: Family<FailureLabels, Counter>,
+    pub routes: Family<RouteLabels, Counter>,
+    pub state_reloads: Family<Result, Counter>,
+    pub captured_pods: Gauge,
+    pub capture_failures: Family<PodLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            failures: Family::default(),
+            routes: Family::default(),
+            state_reloads: Family::default(),
+            captured_pods: Gauge::default(),
+            capture_failures: Family::default(),
+            registry: Mutex::new(Registry::default()),
+        };
+        registry.register("mesh_tcp_connections_opened", "TCP connections proxied, by pod and direction", m.opened.clone());
+        registry.register("mesh_tcp_connections_closed", "Proxied TCP connections that ended", m.closed.clone());
+        registry.register("mesh_tcp_sent_bytes", "Bytes from the pod's side of a proxied connection", m.sent.clone());
+        registry.register("mesh_tcp_received_bytes", "Bytes toward the pod's side of a proxied connection", m.received.clone());
+        registry.register("mesh_tcp_connection_failures", "Proxied connections that failed, by reason", m.failures.clone());
+        registry.register("mesh_outbound_routes", "Outbound destination choices: service endpoint or passthrough", m.routes.clone());
+        registry.register("mesh_state_reloads", "State file reloads, by result", m.state_reloads.clone());
+        registry.register("mesh_captured_pods", "Pods of this node currently captured", m.captured_pods.clone());
+        registry.register("mesh_pod_capture_failures", "Failed attempts to capture a pod", m.capture_failures.clone());
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+        m
+    }
+
+    /// Adds a collector evaluated at each scrape (the eBPF counters).
+    pub fn register_collector(&self, collector: Box<dyn Collector>) {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).register_collector(collector);
+    }
+
+    /// The counter handles of one pod and direction.
+    pub fn conn_counters(&self, direction: &'static str, namespace: &str, workload: &str) -> ConnCounters {
+        let labels = ConnLabels { direction, namespace: namespace.into(), workload: workload.into() };
+        ConnCounters {
+            opened: self.opened.get_or_create(&labels).clone(),
+            closed: self.closed.get_or_create(&labels).clone(),
+            sent: self.sent.get_or_create(&labels).clone(),
+            received: self.received.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> std::result::Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Ok(out)
+    }
+}
+
+/// A collector of labelled counters read at scrape time from a source (the eBPF per-CPU map).
+pub struct ReadCounters<F> {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub read: F,
+}
+
+impl<F> std::fmt::Debug for ReadCounters<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCounters").field("name", &self.name).finish()
+    }
+}
+
+/// `(program, reason)` labels of the eBPF counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramReason {
+    pub program: &'static str,
+    pub reason: &'static str,
+}
+
+impl<F> Collector for ReadCounters<F>
+where
+    F: Fn() -> Vec<(ProgramReason, u64)> + Send + Sync + 'static,
+{
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::result::Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            self.name,
+            self.help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (labels, value) in (self.read)() {
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+

@@ -1,0 +1,151 @@
+//! The agent's only unsafe code: entering network namespaces, socket options the standard
+//! library lacks, and one bpf(2) command aya does not wrap. Each block says why it is sound.
+#![expect(unsafe_code, reason = "this module is the agent's designated home for unsafe code")]
+
+use std::{
+    fs::File,
+    io,
+    mem::size_of,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::Path,
+};
+
+/// A network namespace the agent can run code in, held open by file descriptor.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+}
+
+impl Netns {
+    /// Opens a network namespace file (`/run/netns/NAME`, `/proc/PID/ns/net`).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        Ok(Self { file: File::open(path)? })
+    }
+
+    /// The namespace of the calling thread.
+    pub fn current() -> io::Result<Self> {
+        Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    /// Runs `f` on the calling thread while it is inside this namespace, then returns the
+    /// thread to `home`. Sockets created by `f` belong to this namespace for their whole life.
+    /// If the thread cannot return home the process aborts: a worker thread left in a pod's
+    /// namespace would silently open later sockets there.
+    pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> io::Result<T> {
+        setns(self.file.as_fd())?;
+        let out = f();
+        if let Err(e) = setns(home.file.as_fd()) {
+            eprintln!("fatal: cannot return a thread to the agent's network namespace: {e}");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+}
+
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: setns takes a valid open fd (borrowed for the call) and a namespace type; it only
+    // changes the calling thread's namespace.
+    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): the cookie of the network namespace a socket belongs to,
+/// the same value `bpf_get_netns_cookie()` returns inside the kernel.
+pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the buffer is a live u64 and `len` holds its exact size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
+}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map (Linux 5.14): reads and removes an entry in
+/// one syscall, so the per-connection cost of recovering an original destination is one call.
+/// Returns `Ok(None)` when the key is absent.
+pub fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = V::default();
+    let attr = Attr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: (key as *const K) as u64,
+        value: (&raw mut value) as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` matches the kernel's bpf_attr layout for map element commands; the key and
+    // value pointers refer to live values of the map's key and value types, which the caller
+    // guarantees match the map's definition (both come from mesh-common).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const Attr,
+            size_of::<Attr>() as u32,
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(value));
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(err) }
+}
+
+/// Sets `SO_LINGER` to zero so that dropping the socket sends a reset, which is how a refused
+/// or failed proxied connection is reported to the client.
+pub fn set_linger_zero(socket: BorrowedFd<'_>) -> io::Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: the option value is a live `linger` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// `statfs(2)` file system magic of a path.
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: statfs writes into a zeroed, properly sized struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc == 0 { Ok(st.f_type) } else { Err(io::Error::last_os_error()) }
+}
+
+/// The effective user id.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}

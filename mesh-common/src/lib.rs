@@ -1,0 +1,344 @@
+//! The ABI between the mesh's eBPF programs and the agent.
+//!
+//! Everything that both sides must agree on lives here and only here: program and map names,
+//! map key and value layouts, counter reason codes and the agent's ports. Structs are
+//! `#[repr(C)]`, `Copy` and free of implicit padding (explicit `_pad` fields instead), so the
+//! kernel and user views of a map entry are byte-identical.
+//!
+//! Addresses are stored as in the kernel's context structs: IPv4 as a `u32` in network byte
+//! order, IPv6 as four `u32` words in network byte order, and IPv4 inside IPv6 fields as a
+//! v4-mapped address (`::ffff:a.b.c.d`). Ports are stored in host byte order everywhere in these
+//! maps; each program converts from whatever order its context field uses.
+#![no_std]
+
+/// Ports of the agent, identical to Istio ambient's so tooling and HBONE peers interoperate.
+pub mod ports {
+    /// Outbound listener inside each captured pod (`127.0.0.1` and `[::1]`).
+    pub const OUTBOUND: u16 = 15001;
+    /// Inbound plaintext listener inside each captured pod (reached through `sk_lookup`).
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    /// HBONE (mTLS HTTP/2 CONNECT) listener.
+    pub const HBONE: u16 = 15008;
+    /// Prometheus metrics.
+    pub const METRICS: u16 = 15020;
+    /// Readiness.
+    pub const READINESS: u16 = 15021;
+    /// Admin (loopback only).
+    pub const ADMIN: u16 = 15000;
+    /// Ports owned by the agent: never steered to the inbound listener and never proxied to,
+    /// so that a connection can never loop through the agent.
+    pub const RESERVED: [u16; 6] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE, METRICS, READINESS, ADMIN];
+}
+
+/// Names of the programs in the eBPF object (`bpftool prog list` shows them; prefix `mesh_`).
+pub mod programs {
+    /// `cgroup/connect4`: redirects IPv4 TCP connects of captured pods.
+    pub const CONNECT4: &str = "mesh_connect4";
+    /// `cgroup/connect6`: redirects IPv6 TCP connects of captured pods.
+    pub const CONNECT6: &str = "mesh_connect6";
+    /// `sockops`: records the original destination under the client's address once connected.
+    pub const SOCK_OPS: &str = "mesh_sock_ops";
+    /// `sk_lookup`: steers inbound TCP to the agent's inbound listener of the pod.
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// All programs, for pinning and inspection.
+    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SOCK_OPS, SK_LOOKUP];
+}
+
+/// Names of the maps in the eBPF object.
+pub mod maps {
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: set by connect4/6, read by sock_ops.
+    pub const PENDING: &str = "MESH_PENDING";
+    /// `LruHashMap<ConnKey, OrigDst>`: set by sock_ops, read (and deleted) by the agent.
+    pub const ORIG_DST: &str = "MESH_ORIG_DST";
+    /// `HashMap<u64 netns cookie, PodConfig>`: captured pods, written by the agent.
+    pub const PODS: &str = "MESH_PODS";
+    /// `HashMap<PortKey, u8>`: excluded ports, global (scope 0) and per pod.
+    pub const EXCLUDED_PORTS: &str = "MESH_EXCLUDED_PORTS";
+    /// `LpmTrie<CidrKey, u8>`: excluded outbound destination CIDRs, global and per pod.
+    pub const EXCLUDED_CIDRS: &str = "MESH_EXCLUDED_CIDRS";
+    /// `HashMap<PodAddr, PodConfig>`: captured pods by address, for `sk_lookup` (which cannot
+    /// read its network namespace's cookie).
+    pub const POD_ADDRS: &str = "MESH_POD_ADDRS";
+    /// `SockHash<ListenerKey>`: the agent's in-pod inbound listeners, for `sk_lookup`.
+    pub const LISTENERS: &str = "MESH_LISTENERS";
+    /// `PerCpuArray<u64>` indexed by [`crate::Reason`].
+    pub const COUNTERS: &str = "MESH_COUNTERS";
+    /// All maps, for pinning and inspection.
+    pub const ALL: [&str; 8] = [
+        PENDING,
+        ORIG_DST,
+        PODS,
+        POD_ADDRS,
+        EXCLUDED_PORTS,
+        EXCLUDED_CIDRS,
+        LISTENERS,
+        COUNTERS,
+    ];
+}
+
+/// Names of the load-time globals (`EbpfLoader::override_global`).
+pub mod globals {
+    /// `u32`: the agent's thread-group id; its own sockets are never redirected.
+    pub const AGENT_TGID: &str = "MESH_AGENT_TGID";
+    /// `u16`: the outbound listener port (host order).
+    pub const OUTBOUND_PORT: &str = "MESH_OUTBOUND_PORT";
+}
+
+/// Map sizes. LRU maps bound kernel memory under connection churn.
+pub mod sizes {
+    /// Connects redirected but not yet established.
+    pub const PENDING: u32 = 65_536;
+    /// Established redirected connections not yet accepted by the agent.
+    pub const ORIG_DST: u32 = 65_536;
+    /// Captured pods per node.
+    pub const PODS: u32 = 4_096;
+    /// Excluded port entries (global plus per pod).
+    pub const EXCLUDED_PORTS: u32 = 16_384;
+    /// Excluded CIDR entries (global plus per pod).
+    pub const EXCLUDED_CIDRS: u32 = 16_384;
+    /// Captured pod addresses per node.
+    pub const POD_ADDRS: u32 = 8_192;
+    /// Listener sockets (pod addresses times kinds).
+    pub const LISTENERS: u32 = 8_192;
+}
+
+/// Address family of an [`OrigDst`] or a [`ConnKey`].
+pub mod family {
+    /// IPv4 (`AF_INET`).
+    pub const INET: u16 = 2;
+    /// IPv6 (`AF_INET6`).
+    pub const INET6: u16 = 10;
+}
+
+/// Direction of an excluded port in [`PortKey`].
+pub mod direction {
+    /// Connections the pod opens.
+    pub const OUTBOUND: u8 = 0;
+    /// Connections to the pod.
+    pub const INBOUND: u8 = 1;
+}
+
+/// The scope id of global exclusions; pods get scope ids from 1.
+pub const GLOBAL_SCOPE: u32 = 0;
+
+/// The destination a captured connection was heading to before the redirect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// IPv6 address, or the v4-mapped form of an IPv4 address; network byte order words.
+    pub ip: [u32; 4],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// [`family::INET`] or [`family::INET6`]: the family the application connected with.
+    pub family: u16,
+}
+
+/// Key of [`maps::ORIG_DST`]: the client side of a redirected connection, as the agent sees it
+/// as the peer address of the accepted socket, inside one pod's network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
+    /// Client address, v4-mapped for IPv4; network byte order words.
+    pub ip: [u32; 4],
+    /// Client port, host byte order.
+    pub port: u16,
+    /// [`family::INET`] or [`family::INET6`] of the client socket.
+    pub family: u16,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// Value of [`maps::PODS`]: one captured pod, keyed by its network namespace cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodConfig {
+    /// Scope id of the pod's own exclusions in [`PortKey`] and [`CidrKey`] (never 0).
+    pub scope: u32,
+    /// Reserved flags, zero.
+    pub flags: u32,
+}
+
+/// Key of [`maps::EXCLUDED_PORTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// [`GLOBAL_SCOPE`] or a pod's [`PodConfig::scope`].
+    pub scope: u32,
+    /// Port, host byte order.
+    pub port: u16,
+    /// [`direction::OUTBOUND`] or [`direction::INBOUND`].
+    pub direction: u8,
+    /// Zero.
+    pub _pad: u8,
+}
+
+/// Data of an LPM trie key of [`maps::EXCLUDED_CIDRS`] (the trie adds the prefix length in
+/// front). The prefix length counts the 32 bits of `scope` followed by the address bits, so one
+/// trie holds every scope; IPv4 CIDRs are stored v4-mapped (prefix 32 + 96 + len).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrKey {
+    /// [`GLOBAL_SCOPE`] or a pod's scope id, big-endian so that it forms the prefix.
+    pub scope_be: u32,
+    /// Address words, network byte order, v4-mapped for IPv4.
+    pub ip: [u32; 4],
+}
+
+/// Key of [`maps::POD_ADDRS`]: one address of a captured pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodAddr {
+    /// Address words, network byte order, v4-mapped for IPv4.
+    pub ip: [u32; 4],
+}
+
+/// Key of [`maps::LISTENERS`]: the inbound listener that serves one pod address. Pod addresses
+/// are unique on a node, so the address identifies the pod (and its network namespace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// Pod address words, network byte order, v4-mapped for IPv4.
+    pub ip: [u32; 4],
+    /// Listener kind: [`listener::INBOUND_PLAINTEXT`] (HBONE comes later).
+    pub kind: u32,
+}
+
+/// Kinds of in-pod listeners in [`ListenerKey`].
+pub mod listener {
+    /// The plaintext inbound listener (port 15006).
+    pub const INBOUND_PLAINTEXT: u32 = 0;
+}
+
+/// Reasons counted in [`maps::COUNTERS`]; the index is the discriminant.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// connect: redirected to the outbound listener.
+    ConnectRedirected = 0,
+    /// connect: not TCP.
+    ConnectSkipNotTcp = 1,
+    /// connect: loopback destination.
+    ConnectSkipLoopback = 2,
+    /// connect: the agent's own socket.
+    ConnectSkipAgent = 3,
+    /// connect: the network namespace is not a captured pod.
+    ConnectSkipNotCaptured = 4,
+    /// connect: excluded destination port.
+    ConnectSkipExcludedPort = 5,
+    /// connect: excluded destination CIDR.
+    ConnectSkipExcludedCidr = 6,
+    /// connect: the pending map refused the entry; the connection goes direct (fail-open is
+    /// visible here; later issues can make it fail closed).
+    ConnectErrPendingFull = 7,
+    /// sock_ops: original destination recorded for the agent.
+    SockOpsRecorded = 8,
+    /// sock_ops: an established connection that was not redirected by us.
+    SockOpsNotRedirected = 9,
+    /// sock_ops: the original destination map refused the entry.
+    SockOpsErrOrigDstFull = 10,
+    /// sk_lookup: steered to the pod's inbound listener.
+    LookupSteered = 11,
+    /// sk_lookup: loopback or pod-local source (includes the agent's own delivery).
+    LookupSkipLocal = 12,
+    /// sk_lookup: excluded or reserved destination port.
+    LookupSkipExcludedPort = 13,
+    /// sk_lookup: the network namespace is not a captured pod.
+    LookupSkipNotCaptured = 14,
+    /// sk_lookup: the pod is captured but its listener is missing: dropped (fail closed).
+    LookupErrNoListener = 15,
+    /// sk_lookup: `bpf_sk_assign` failed: dropped (fail closed).
+    LookupErrAssign = 16,
+    /// sk_lookup: not TCP.
+    LookupSkipNotTcp = 17,
+}
+
+impl Reason {
+    /// Number of reasons; the size of [`maps::COUNTERS`].
+    pub const COUNT: u32 = 18;
+
+    /// Every reason, in index order.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::ConnectRedirected,
+        Reason::ConnectSkipNotTcp,
+        Reason::ConnectSkipLoopback,
+        Reason::ConnectSkipAgent,
+        Reason::ConnectSkipNotCaptured,
+        Reason::ConnectSkipExcludedPort,
+        Reason::ConnectSkipExcludedCidr,
+        Reason::ConnectErrPendingFull,
+        Reason::SockOpsRecorded,
+        Reason::SockOpsNotRedirected,
+        Reason::SockOpsErrOrigDstFull,
+        Reason::LookupSteered,
+        Reason::LookupSkipLocal,
+        Reason::LookupSkipExcludedPort,
+        Reason::LookupSkipNotCaptured,
+        Reason::LookupErrNoListener,
+        Reason::LookupErrAssign,
+        Reason::LookupSkipNotTcp,
+    ];
+
+    /// `(program, reason)` labels for the agent's metric.
+    pub const fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Reason::ConnectRedirected => ("connect", "redirected"),
+            Reason::ConnectSkipNotTcp => ("connect", "skip_not_tcp"),
+            Reason::ConnectSkipLoopback => ("connect", "skip_loopback"),
+            Reason::ConnectSkipAgent => ("connect", "skip_agent"),
+            Reason::ConnectSkipNotCaptured => ("connect", "skip_not_captured"),
+            Reason::ConnectSkipExcludedPort => ("connect", "skip_excluded_port"),
+            Reason::ConnectSkipExcludedCidr => ("connect", "skip_excluded_cidr"),
+            Reason::ConnectErrPendingFull => ("connect", "error_pending_map_full"),
+            Reason::SockOpsRecorded => ("sock_ops", "recorded"),
+            Reason::SockOpsNotRedirected => ("sock_ops", "skip_not_redirected"),
+            Reason::SockOpsErrOrigDstFull => ("sock_ops", "error_orig_dst_map_full"),
+            Reason::LookupSteered => ("sk_lookup", "steered"),
+            Reason::LookupSkipLocal => ("sk_lookup", "skip_local_source"),
+            Reason::LookupSkipExcludedPort => ("sk_lookup", "skip_excluded_port"),
+            Reason::LookupSkipNotCaptured => ("sk_lookup", "skip_not_captured"),
+            Reason::LookupErrNoListener => ("sk_lookup", "error_no_listener"),
+            Reason::LookupErrAssign => ("sk_lookup", "error_assign"),
+            Reason::LookupSkipNotTcp => ("sk_lookup", "skip_not_tcp"),
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all impls): the types are #[repr(C)], Copy, contain only integers and have no
+    // implicit padding, so every bit pattern is valid and they can be copied to and from maps.
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::PodConfig {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::PodAddr {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2);
+        assert_eq!(size_of::<ConnKey>(), 8 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<PodConfig>(), 8);
+        assert_eq!(size_of::<PortKey>(), 8);
+        assert_eq!(size_of::<CidrKey>(), 20);
+        assert_eq!(size_of::<ListenerKey>(), 20);
+        assert_eq!(size_of::<PodAddr>(), 16);
+    }
+
+    #[test]
+    fn reasons_are_indexed_in_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+    }
+}

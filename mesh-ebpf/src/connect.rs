@@ -1,0 +1,128 @@
+//! `cgroup/connect4` and `cgroup/connect6`: redirect TCP connects of a captured pod to the
+//! agent's outbound listener inside the pod's network namespace, and remember where they were
+//! going, keyed by socket cookie, until `sock_ops` sees the connection established.
+
+use core::ptr::{addr_of_mut, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use mesh_common::{OrigDst, Reason, direction, family};
+
+use crate::maps::{
+    MESH_AGENT_TGID, MESH_OUTBOUND_PORT, PENDING, PODS, cidr_excluded, count, is_loopback4,
+    is_loopback6, is_v4_mapped, port_excluded, v4_mapped,
+};
+
+const IPPROTO_TCP: u32 = 6;
+/// Allow the connect (possibly rewritten); 0 would fail it with EPERM.
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    let reason = match try_connect4(&ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    count(reason);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    let reason = match try_connect6(&ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    count(reason);
+    ALLOW
+}
+
+/// `Ok(reason)`: decided (redirected or skipped by rule). `Err(reason)`: could not redirect.
+fn try_connect4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
+    let sa = ctx.sock_addr;
+    let dst_ip = crate::ctx_field!(sa, user_ip4);
+    let dst_port = u16::from_be(crate::ctx_field!(sa, user_port) as u16);
+    let protocol = crate::ctx_field!(sa, protocol);
+    if let Some(skip) = should_skip(ctx, protocol, is_loopback4(dst_ip), v4_mapped(dst_ip), dst_port)
+    {
+        return Ok(skip);
+    }
+    remember(ctx, OrigDst { ip: v4_mapped(dst_ip), port: dst_port, family: family::INET })?;
+    // Separate volatile stores: LLVM may otherwise merge them into one 8-byte store that the
+    // verifier rejects for this context.
+    // SAFETY: writes to context fields the verifier allows connect4 to rewrite.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes([127, 0, 0, 1]));
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(MESH_OUTBOUND_PORT.load().to_be()));
+    }
+    Ok(Reason::ConnectRedirected)
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
+    let sa = ctx.sock_addr;
+    let dst_ip = crate::ctx_ip6!(sa, user_ip6);
+    let dst_port = u16::from_be(crate::ctx_field!(sa, user_port) as u16);
+    let protocol = crate::ctx_field!(sa, protocol);
+    if let Some(skip) = should_skip(ctx, protocol, is_loopback6(&dst_ip), dst_ip, dst_port) {
+        return Ok(skip);
+    }
+    let mapped = is_v4_mapped(&dst_ip);
+    let fam = if mapped { family::INET } else { family::INET6 };
+    remember(ctx, OrigDst { ip: dst_ip, port: dst_port, family: fam })?;
+    // A dual-stack socket heading to an IPv4 address goes to the IPv4 listener (::ffff:127.0.0.1),
+    // a real IPv6 destination to the IPv6 listener ([::1]).
+    let new_ip = if mapped { v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])) } else { [0, 0, 0, 1u32.to_be()] };
+    // SAFETY: as in try_connect4; one 4-byte store per word.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip6[0]), new_ip[0]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[1]), new_ip[1]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[2]), new_ip[2]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[3]), new_ip[3]);
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(MESH_OUTBOUND_PORT.load().to_be()));
+    }
+    Ok(Reason::ConnectRedirected)
+}
+
+/// The rules that keep a connect away from the agent, in order of cost.
+#[inline(always)]
+fn should_skip(
+    ctx: &SockAddrContext,
+    protocol: u32,
+    loopback: bool,
+    dst_mapped: [u32; 4],
+    dst_port: u16,
+) -> Option<Reason> {
+    if protocol != IPPROTO_TCP {
+        return Some(Reason::ConnectSkipNotTcp);
+    }
+    if loopback {
+        return Some(Reason::ConnectSkipLoopback);
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == MESH_AGENT_TGID.load() {
+        return Some(Reason::ConnectSkipAgent);
+    }
+    // SAFETY: the context is a valid sock_addr context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(pod) = PODS.get_ptr(netns) else {
+        return Some(Reason::ConnectSkipNotCaptured);
+    };
+    // SAFETY: the pointer comes from a successful lookup; the value is read once, by copy.
+    let scope = unsafe { (*pod).scope };
+    if port_excluded(scope, dst_port, direction::OUTBOUND) {
+        return Some(Reason::ConnectSkipExcludedPort);
+    }
+    if cidr_excluded(scope, dst_mapped) {
+        return Some(Reason::ConnectSkipExcludedCidr);
+    }
+    None
+}
+
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, orig: OrigDst) -> Result<(), Reason> {
+    // SAFETY: the context is a valid sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    PENDING.insert(cookie, orig, 0).map_err(|_| Reason::ConnectErrPendingFull)
+}

@@ -1,0 +1,125 @@
+//! Maps, load-time globals and small helpers shared by the programs. Layouts and names come
+//! from `mesh_common`.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+};
+use mesh_common::{
+    CidrKey, ConnKey, GLOBAL_SCOPE, ListenerKey, OrigDst, PodAddr, PodConfig, PortKey, Reason,
+    sizes,
+};
+
+/// The agent's thread-group id (init pid namespace): its sockets are never redirected.
+#[unsafe(no_mangle)]
+pub static MESH_AGENT_TGID: Global<u32> = Global::new(0);
+
+/// The outbound listener port, host byte order.
+#[unsafe(no_mangle)]
+pub static MESH_OUTBOUND_PORT: Global<u16> = Global::new(mesh_common::ports::OUTBOUND);
+
+#[map(name = "MESH_PENDING")]
+pub static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(sizes::PENDING, 0);
+
+#[map(name = "MESH_ORIG_DST")]
+pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(sizes::ORIG_DST, 0);
+
+#[map(name = "MESH_PODS")]
+pub static PODS: HashMap<u64, PodConfig> = HashMap::pinned(sizes::PODS, 0);
+
+#[map(name = "MESH_POD_ADDRS")]
+pub static POD_ADDRS: HashMap<PodAddr, PodConfig> = HashMap::pinned(sizes::POD_ADDRS, 0);
+
+#[map(name = "MESH_EXCLUDED_PORTS")]
+pub static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::pinned(sizes::EXCLUDED_PORTS, 0);
+
+/// `BPF_F_NO_PREALLOC` is mandatory for LPM tries.
+#[map(name = "MESH_EXCLUDED_CIDRS")]
+pub static EXCLUDED_CIDRS: LpmTrie<CidrKey, u8> =
+    LpmTrie::pinned(sizes::EXCLUDED_CIDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "MESH_LISTENERS")]
+pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(sizes::LISTENERS, 0);
+
+#[map(name = "MESH_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Reads one context field with its own load. The verifier only accepts context accesses at
+/// constant offsets; volatile loads keep LLVM from turning a branch between two fields into a
+/// computed offset (or merging loads).
+#[macro_export]
+macro_rules! ctx_field {
+    ($ptr:expr, $($field:tt)+) => {
+        // SAFETY: the context pointer is valid for the whole program run.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$($field)+)) }
+    };
+}
+
+/// Reads a four-word address field of a context, one volatile load per word.
+#[macro_export]
+macro_rules! ctx_ip6 {
+    ($ptr:expr, $field:ident) => {
+        [
+            $crate::ctx_field!($ptr, $field[0]),
+            $crate::ctx_field!($ptr, $field[1]),
+            $crate::ctx_field!($ptr, $field[2]),
+            $crate::ctx_field!($ptr, $field[3]),
+        ]
+    };
+}
+
+/// Counts one event. Per-CPU, so a plain increment is race-free (no atomics on this target).
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(ptr) = COUNTERS.get_ptr_mut(reason as u32) {
+        // SAFETY: the pointer is this CPU's slot of a live map entry; programs on one CPU do
+        // not preempt each other.
+        unsafe { *ptr += 1 };
+    }
+}
+
+/// The v4-mapped IPv6 form (`::ffff:a.b.c.d`) of an IPv4 address in network byte order.
+#[inline(always)]
+pub fn v4_mapped(ip4_be: u32) -> [u32; 4] {
+    [0, 0, 0xffff_u32.to_be(), ip4_be]
+}
+
+/// Whether an IPv4 address (network byte order) is in 127.0.0.0/8.
+#[inline(always)]
+pub fn is_loopback4(ip4_be: u32) -> bool {
+    // The first octet is the lowest-addressed byte of the network-order word.
+    ip4_be.to_ne_bytes()[0] == 127
+}
+
+/// Whether an IPv6 address (network byte order words) is `::1` or v4-mapped loopback.
+#[inline(always)]
+pub fn is_loopback6(ip: &[u32; 4]) -> bool {
+    let loop6 = ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be();
+    loop6 || (is_v4_mapped(ip) && is_loopback4(ip[3]))
+}
+
+/// Whether an IPv6 address is v4-mapped.
+#[inline(always)]
+pub fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffff_u32.to_be()
+}
+
+/// Whether `port` is excluded for `direction`, globally or for the pod's scope.
+#[inline(always)]
+pub fn port_excluded(scope: u32, port: u16, direction: u8) -> bool {
+    let global = PortKey { scope: GLOBAL_SCOPE, port, direction, _pad: 0 };
+    let pod = PortKey { scope, port, direction, _pad: 0 };
+    EXCLUDED_PORTS.get_ptr(global).is_some() || EXCLUDED_PORTS.get_ptr(pod).is_some()
+}
+
+/// Whether a destination (v4-mapped or IPv6) is in an excluded CIDR, globally or for the pod.
+#[inline(always)]
+pub fn cidr_excluded(scope: u32, ip: [u32; 4]) -> bool {
+    // Full-length keys: the trie finds the longest stored prefix that covers them.
+    let global = Key::new(160, CidrKey { scope_be: GLOBAL_SCOPE.to_be(), ip });
+    let pod = Key::new(160, CidrKey { scope_be: scope.to_be(), ip });
+    EXCLUDED_CIDRS.get(&global).is_some() || EXCLUDED_CIDRS.get(&pod).is_some()
+}

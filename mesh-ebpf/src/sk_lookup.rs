@@ -1,0 +1,76 @@
+//! `sk_lookup`, attached to each captured pod's network namespace: steer inbound TCP for the
+//! pod's address to the agent's in-pod inbound listener, except local sources (the agent's own
+//! delivery to the application, which connects from the pod's address), loopback, and
+//! reserved or excluded ports. A captured pod without a listener drops: the mesh never fails
+//! open.
+
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use mesh_common::{ListenerKey, PodAddr, Reason, direction, listener, ports};
+
+use crate::maps::{LISTENERS, POD_ADDRS, count, is_loopback4, is_loopback6, port_excluded, v4_mapped};
+
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    match try_sk_lookup(&ctx) {
+        Ok(reason) => {
+            count(reason);
+            SK_PASS
+        }
+        Err(reason) => {
+            count(reason);
+            SK_DROP
+        }
+    }
+}
+
+/// `Ok`: pass (steered, or left to the normal lookup). `Err`: drop.
+fn try_sk_lookup(ctx: &SkLookupContext) -> Result<Reason, Reason> {
+    let lk = ctx.lookup;
+    if crate::ctx_field!(lk, protocol) != IPPROTO_TCP {
+        return Ok(Reason::LookupSkipNotTcp);
+    }
+    let (local, remote, loopback) = if crate::ctx_field!(lk, family) == AF_INET {
+        let local4 = crate::ctx_field!(lk, local_ip4);
+        (v4_mapped(local4), v4_mapped(crate::ctx_field!(lk, remote_ip4)), is_loopback4(local4))
+    } else {
+        let local6 = crate::ctx_ip6!(lk, local_ip6);
+        (local6, crate::ctx_ip6!(lk, remote_ip6), is_loopback6(&local6))
+    };
+    if loopback || local == remote {
+        return Ok(Reason::LookupSkipLocal);
+    }
+    let Some(pod) = POD_ADDRS.get_ptr(PodAddr { ip: local }) else {
+        return Ok(Reason::LookupSkipNotCaptured);
+    };
+    // SAFETY: pointer from a successful lookup, read once.
+    let scope = unsafe { (*pod).scope };
+    // local_port is in host byte order in bpf_sk_lookup.
+    let port = crate::ctx_field!(lk, local_port) as u16;
+    if is_reserved(port) || port_excluded(scope, port, direction::INBOUND) {
+        return Ok(Reason::LookupSkipExcludedPort);
+    }
+    let key = ListenerKey { ip: local, kind: listener::INBOUND_PLAINTEXT };
+    match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
+        Ok(()) => Ok(Reason::LookupSteered),
+        // -ENOENT: no listener registered for this pod.
+        Err(-2) => Err(Reason::LookupErrNoListener),
+        Err(_) => Err(Reason::LookupErrAssign),
+    }
+}
+
+#[inline(always)]
+fn is_reserved(port: u16) -> bool {
+    let mut i = 0;
+    while i < ports::RESERVED.len() {
+        if ports::RESERVED[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
