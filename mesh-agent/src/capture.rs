@@ -47,6 +47,18 @@ pub enum Error {
     Attach { pod: String, program: &'static str, message: String },
 }
 
+/// An error with its causes, `outer: inner: ...` (aya's errors keep the OS error as a source).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
 /// Network-order words of an IPv6 address, as the kernel context fields hold them.
 pub fn words(ip: Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();

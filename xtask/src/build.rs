@@ -1,9 +1,109 @@
-//! Building: the eBPF object and the release binaries.
+//! Building: the eBPF object (the one definition of how it is built) and the binaries.
+//!
+//! The eBPF crate builds with the installed `nightly` toolchain, its `rust-src` component and
+//! bpf-linker 0.13 linked against the nightly's own LLVM. Missing pieces are installed; what
+//! cannot be installed is named precisely.
 
-pub fn ebpf() -> anyhow::Result<()> {
-    anyhow::bail!("not yet implemented")
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
+/// Where `build-ebpf` leaves the object (mesh-agent's build.rs reads it from here).
+pub fn ebpf_object() -> PathBuf {
+    root().join("mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf")
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("cannot start {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Checks (and installs) what the eBPF build needs.
+fn ensure_toolchain() -> anyhow::Result<()> {
+    let nightly = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is required to build the eBPF programs")?;
+    if !nightly.lines().any(|l| l.starts_with("nightly")) {
+        bail!(
+            "the eBPF programs build with a nightly toolchain and none is installed. Install one \
+             whose LLVM bpf-linker 0.13 supports (e.g. `rustup toolchain install nightly \
+             --component rust-src`), then run this again"
+        );
+    }
+    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for the nightly toolchain");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpf-linker 0.13.0 against the nightly toolchain's LLVM (about a minute)");
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib = Path::new(&sysroot).join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("cannot list {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM") && n.ends_with(".so"))
+        .with_context(|| format!("no libLLVM*.so in {}: the nightly toolchain lacks its LLVM library", lib.display()))?;
+    let llvm = llvm.trim_start_matches("lib").trim_end_matches(".so").to_owned();
+    let major = llvm
+        .trim_start_matches("LLVM-")
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .filter(|m| !m.is_empty())
+        .with_context(|| format!("cannot read the LLVM version from {llvm}"))?
+        .to_owned();
+    let rustflags = format!("-L {} -l dylib={llvm} -C link-arg=-Wl,-rpath,{}", lib.display(), lib.display());
+    run(Command::new("cargo")
+        .args(["+nightly", "install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features"])
+        .arg(format!("llvm-{major},no-llvm-linking"))
+        .env("RUSTFLAGS", rustflags))
+    .context("installing bpf-linker failed: it needs network access to crates.io and a C toolchain")
+}
+
+/// `cargo xtask build-ebpf`.
+pub fn ebpf() -> anyhow::Result<()> {
+    ensure_toolchain()?;
+    let dir = root().join("mesh-ebpf");
+    run(Command::new("cargo")
+        .current_dir(&dir)
+        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        // The host's flags (e.g. from a developer's environment) must not reach the BPF target.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR"))?;
+    let object = ebpf_object();
+    if !object.is_file() {
+        bail!("the eBPF build succeeded but {} is missing", object.display());
+    }
+    eprintln!("xtask: eBPF object at {}", object.display());
+    Ok(())
+}
+
+/// `cargo xtask build`: the eBPF object and the release binaries.
 pub fn all() -> anyhow::Result<()> {
-    ebpf()
+    ebpf()?;
+    run(Command::new("cargo").current_dir(root()).args(["build", "--release", "--bins"]))
 }

@@ -1,10 +1,171 @@
-//! `cargo xtask lab ...`: owned by the lab harness work (see tests/src/lib.rs).
+//! `cargo xtask lab ...`: a persistent lab for manual work (the library is `mesh_lab`).
+
+use std::{path::PathBuf, process::ExitStatus};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use mesh_lab::{Lab, LabOptions, Topology};
 
 /// Arguments of `cargo xtask lab`.
 #[derive(clap::Args, Debug)]
-pub struct LabArgs {}
+pub struct LabArgs {
+    /// Lab id (network namespaces are named `mlab-<id>-...`).
+    #[arg(long, global = true, default_value = "dev")]
+    id: String,
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum LabCommand {
+    /// Build a persistent lab and start one agent per node; prints its status when ready.
+    Up {
+        /// Topology file (default: the embedded tests/topologies/default.yaml).
+        #[arg(long)]
+        topology: Option<PathBuf>,
+        /// Only the network and cgroups, no agents.
+        #[arg(long)]
+        no_agents: bool,
+    },
+    /// Run a command in a pod (`<ns>/<pod>`: its netns and cgroup) or on a node (`<node>`).
+    Exec {
+        /// `<ns>/<pod>` or `<node>`.
+        target: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Show nodes (agent pid, readiness), pods, namespaces and services.
+    Status,
+    /// Tear the lab down and sweep the leftovers of dead labs.
+    Down,
+}
 
 /// Runs a lab subcommand.
-pub fn run(_args: LabArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet implemented")
+pub fn run(args: LabArgs) -> Result<()> {
+    match args.command {
+        LabCommand::Up {
+            topology,
+            no_agents,
+        } => up(&args.id, topology, no_agents),
+        LabCommand::Exec { target, command } => exec(&args.id, &target, &command),
+        LabCommand::Status => status(&Lab::attach(&args.id)?),
+        LabCommand::Down => down(&args.id),
+    }
+}
+
+fn up(id: &str, topology: Option<PathBuf>, no_agents: bool) -> Result<()> {
+    let topology = match topology {
+        Some(path) => Topology::load(&path)?,
+        None => Topology::default(),
+    };
+    let lab = Lab::try_up(LabOptions {
+        id: Some(id.to_owned()),
+        topology,
+        agents: !no_agents,
+        persistent: true,
+        ..LabOptions::default()
+    })?;
+    println!(
+        "lab {} is up (run dir {})",
+        lab.id(),
+        lab.run_dir().display()
+    );
+    status(&lab)
+}
+
+fn exec(id: &str, target: &str, command: &[String]) -> Result<()> {
+    let lab = Lab::attach(id)?;
+    let Some((program, args)) = command.split_first() else {
+        bail!("no command given after --")
+    };
+    let status = lab
+        .try_command(target, program)?
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program} in {target} of lab {id}"))?;
+    std::process::exit(exit_code(status));
+}
+
+/// The shell convention: the exit code, or 128 + the signal that ended the process.
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+fn status(lab: &Lab) -> Result<()> {
+    println!("lab {}", lab.id());
+    println!("nodes:");
+    for node in lab.nodes() {
+        let pid = lab
+            .agent_pid(&node.name)
+            .map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let ready = if lab.agent_ready(&node.name) {
+            "yes"
+        } else {
+            "no"
+        };
+        println!(
+            "  {:<10} underlay {:<12} netns {:<24} agent pid {pid:<8} ready {ready}",
+            node.name, node.underlay_ip, node.netns_name
+        );
+    }
+    println!("pods:");
+    for pod in lab.pods() {
+        println!(
+            "  {:<22} node {:<6} ip {:<12} netns {}",
+            pod.full_name(),
+            pod.node,
+            pod.ip,
+            pod.netns_name
+        );
+    }
+    // Namespaces come from the live state file: tests and people may have flipped them.
+    let state = lab.try_read_state()?;
+    println!("namespaces:");
+    for ns in state["namespaces"].as_sequence().into_iter().flatten() {
+        let name = ns["name"].as_str().unwrap_or("?");
+        let enabled = ns["enabled"].as_bool().unwrap_or(false);
+        println!(
+            "  {name:<10} {}",
+            if enabled { "enabled" } else { "disabled" }
+        );
+    }
+    println!("services:");
+    for svc in &lab.topology().services {
+        let ports: Vec<String> = svc
+            .ports
+            .iter()
+            .map(|p| format!("{}->{}", p.port, p.target_port))
+            .collect();
+        println!(
+            "  {:<22} vip {:<14} ports {}",
+            format!("{}/{}", svc.namespace, svc.name),
+            svc.vip,
+            ports.join(",")
+        );
+    }
+    println!("state file: {}", lab.state_path().display());
+    Ok(())
+}
+
+fn down(id: &str) -> Result<()> {
+    let mut removed = match Lab::attach(id) {
+        Ok(lab) => lab.try_down()?,
+        Err(e) => {
+            println!("{e:#}");
+            Vec::new()
+        }
+    };
+    removed.extend(mesh_lab::sweep()?);
+    if removed.is_empty() {
+        println!("nothing to remove");
+    }
+    for item in removed {
+        println!("removed {item}");
+    }
+    Ok(())
 }

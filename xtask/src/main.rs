@@ -1,7 +1,9 @@
 //! Developer commands. `cargo xtask --help` lists them.
 
 mod build;
+mod demo;
 mod lab;
+mod test;
 
 use clap::{Parser, Subcommand};
 
@@ -18,14 +20,21 @@ enum Command {
     BuildEbpf,
     /// Build the eBPF object and the release binaries.
     Build,
+    /// Build everything, bring up the lab, show a captured connection and the metrics that
+    /// prove it, tear down.
+    Demo,
     /// Manage the lab: network namespaces as nodes and pods, one agent per node.
     Lab(lab::LabArgs),
+    /// Build the eBPF object, check formatting and lints, run unit and end-to-end tests.
+    Test,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => build::ebpf(),
         Command::Build => build::all(),
+        Command::Demo => demo::run(),
         Command::Lab(args) => lab::run(args),
+        Command::Test => test::run_all(),
     }
 }

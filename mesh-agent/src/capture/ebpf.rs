@@ -66,7 +66,7 @@ pub fn load(
         .override_global(globals::AGENT_TGID, &tgid, true)
         .override_global(globals::OUTBOUND_PORT, &mesh_common::ports::OUTBOUND, true)
         .load(OBJECT)
-        .map_err(|e| Error::Load(e.to_string()))?;
+        .map_err(|e| Error::Load(super::chain(&e)))?;
     for name in programs::ALL {
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
         let loaded = match name {
@@ -81,11 +81,11 @@ pub fn load(
         // A pin from a previous agent refers to the previous program: replace it.
         let _ = std::fs::remove_file(&pin);
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
-        program.pin(&pin).map_err(|e| Error::Pin { path: pin.clone(), message: e.to_string() })?;
+        program.pin(&pin).map_err(|e| Error::Pin { path: pin.clone(), message: super::chain(&e) })?;
         debug!(program = name, pin = %pin.display(), "program loaded");
     }
     let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap(name));
-    let map_err = |name: &'static str| move |e: aya::maps::MapError| Error::Map { map: name, message: e.to_string() };
+    let map_err = |name: &'static str| move |e: aya::maps::MapError| Error::Map { map: name, message: super::chain(&e) };
     let pods = HashMap::try_from(take(maps::PODS)?).map_err(map_err(maps::PODS))?;
     let pod_addrs = HashMap::try_from(take(maps::POD_ADDRS)?).map_err(map_err(maps::POD_ADDRS))?;
     let ports = HashMap::try_from(take(maps::EXCLUDED_PORTS)?).map_err(map_err(maps::EXCLUDED_PORTS))?;
@@ -131,7 +131,7 @@ fn counter_collector(counters: PerCpuArray<MapData, u64>) -> impl prometheus_cli
 impl Loaded {
     /// Removes every entry of the control maps (left by a previous agent in pinned maps).
     fn clear(&mut self) -> Result<(), Error> {
-        let map_err = |map: &'static str| move |e: aya::maps::MapError| Error::Map { map, message: e.to_string() };
+        let map_err = |map: &'static str| move |e: aya::maps::MapError| Error::Map { map, message: super::chain(&e) };
         let keys: Vec<u64> = self.pods.keys().filter_map(Result::ok).collect();
         for k in keys {
             self.pods.remove(&k).map_err(map_err(maps::PODS))?;
@@ -161,7 +161,7 @@ impl Loaded {
         for (port, direction) in ports {
             let key = PortKey { scope, port, direction, _pad: 0 };
             let res = if add { self.ports.insert(key, 1, 0) } else { self.ports.remove(&key) };
-            res.map_err(|e| Error::Map { map: maps::EXCLUDED_PORTS, message: e.to_string() })?;
+            res.map_err(|e| Error::Map { map: maps::EXCLUDED_PORTS, message: super::chain(&e) })?;
         }
         for net in &ex.exclude_outbound_cidrs {
             let (ip, len) = match net {
@@ -170,7 +170,7 @@ impl Loaded {
             };
             let key = Key::new(32 + len, CidrKey { scope_be: scope.to_be(), ip: super::words(ip) });
             let res = if add { self.cidrs.insert(&key, 1, 0) } else { self.cidrs.remove(&key) };
-            res.map_err(|e| Error::Map { map: maps::EXCLUDED_CIDRS, message: e.to_string() })?;
+            res.map_err(|e| Error::Map { map: maps::EXCLUDED_CIDRS, message: super::chain(&e) })?;
         }
         Ok(())
     }

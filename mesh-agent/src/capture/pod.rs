@@ -127,11 +127,13 @@ impl CapturedPod {
         }
         let attach_err = |program: &'static str| {
             let pod = pod.clone();
-            move |e: aya::programs::ProgramError| Error::Attach { pod, program, message: e.to_string() }
+            move |e: aya::programs::ProgramError| Error::Attach { pod, program, message: super::chain(&e) }
         };
         let p: &mut SkLookup = loaded.program(programs::SK_LOOKUP)?.try_into().map_err(attach_err(programs::SK_LOOKUP))?;
         self.links.sk_lookup = Some(p.attach(netns).map_err(attach_err(programs::SK_LOOKUP))?);
-        let mode = CgroupAttachMode::AllowMultiple;
+        // Cgroup BPF links always coexist with other programs (multi-attach); the link API
+        // takes no flags, which is what `Single` passes.
+        let mode = CgroupAttachMode::Single;
         let p: &mut SockOps = loaded.program(programs::SOCK_OPS)?.try_into().map_err(attach_err(programs::SOCK_OPS))?;
         self.links.sock_ops = Some(p.attach(cgroup, mode).map_err(attach_err(programs::SOCK_OPS))?);
         let p: &mut CgroupSockAddr = loaded.program(programs::CONNECT6)?.try_into().map_err(attach_err(programs::CONNECT6))?;

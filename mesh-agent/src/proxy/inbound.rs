@@ -10,7 +10,10 @@ use super::{Error, Inputs, Pod, connect_in_pod, copy, reset};
 
 pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<Inputs>) {
     let dst = stream.local_addr().ok();
-    let span = tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = tracing::field::debug(dst));
+    let span = match dst {
+        Some(dst) => tracing::info_span!("inbound", pod = %pod.key, src = %peer, %dst),
+        None => tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = "unknown"),
+    };
     async move {
         pod.inbound.opened.inc();
         let start = Instant::now();

@@ -1,0 +1,373 @@
+//! `mesh-labtool`: the traffic tool the lab runs inside pods (echo server and checking clients).
+
+use std::{
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Size of the blocks the pseudo-random stream is generated in.
+const BLOCK: usize = 64 * 1024;
+/// Connect timeout of the clients.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-labtool",
+    about = "Echo server and checking clients for the mesh lab"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// TCP echo server; prints `listening <addr>`, then `accepted ...`/`closed ...` per connection.
+    Serve {
+        /// Port to listen on.
+        #[arg(long)]
+        port: u16,
+        /// Address to bind.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::IpAddr,
+    },
+    /// Sends N deterministic bytes, half-closes, and checks the echo byte for byte.
+    Send {
+        /// Server address.
+        #[arg(long)]
+        to: SocketAddr,
+        /// How many bytes to send.
+        #[arg(long)]
+        bytes: u64,
+        /// Seed of the pseudo-random stream.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Long-lived connection: writes a chunk, checks its echo, repeats until stdin closes.
+    Stream {
+        /// Server address.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Bytes per round trip.
+        #[arg(long, default_value_t = 16384)]
+        chunk: usize,
+        /// Pause between round trips.
+        #[arg(long, default_value_t = 5)]
+        interval_ms: u64,
+        /// Seed of the pseudo-random stream.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Connects and exits 0, or prints the error and exits 1.
+    Connect {
+        /// Server address.
+        #[arg(long)]
+        to: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::Serve { port, bind } => serve(SocketAddr::new(bind, port)),
+        Cmd::Send { to, bytes, seed } => send(to, bytes, seed),
+        Cmd::Stream {
+            to,
+            chunk,
+            interval_ms,
+            seed,
+        } => stream(to, chunk.max(1), Duration::from_millis(interval_ms), seed),
+        Cmd::Connect { to } => connect(to).map(|_| ()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<Verdict>() {
+                Some(verdict) => say(&verdict.0),
+                None => say(&format!("error: {e:#}")),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a line to stdout and flushes (tests wait on these lines through a pipe).
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    // Nothing useful to do if stdout is gone.
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// A failed check of the echoed data, printed as is (`mismatch at byte K`, `short read ...`).
+#[derive(Debug)]
+struct Verdict(String);
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Verdict {}
+
+/// A deterministic pseudo-random byte stream (xorshift64*), generated a block at a time.
+struct Stream {
+    state: u64,
+    block: Box<[u8]>,
+    pos: usize,
+}
+
+impl Stream {
+    fn new(seed: u64) -> Stream {
+        // xorshift must not start at 0; mix the seed so that nearby seeds differ at once.
+        let state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        Stream {
+            state,
+            block: vec![0; BLOCK].into_boxed_slice(),
+            pos: BLOCK,
+        }
+    }
+
+    fn refill(&mut self) {
+        for word in self.block.chunks_exact_mut(8) {
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            word.copy_from_slice(&self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        self.pos = 0;
+    }
+
+    /// The next `max` (or fewer, up to the end of the current block) bytes of the stream.
+    fn next(&mut self, max: usize) -> &[u8] {
+        if self.pos == BLOCK {
+            self.refill();
+        }
+        let n = max.min(BLOCK - self.pos);
+        let start = self.pos;
+        self.pos += n;
+        &self.block[start..start + n]
+    }
+}
+
+/// Checks received bytes against the expected stream.
+struct Verifier {
+    expected: Stream,
+    offset: u64,
+}
+
+impl Verifier {
+    fn check(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let want = self.expected.next(data.len());
+            if let Some(i) = want.iter().zip(data).position(|(a, b)| a != b) {
+                return Err(Verdict(format!("mismatch at byte {}", self.offset + i as u64)).into());
+            }
+            self.offset += want.len() as u64;
+            data = &data[want.len()..];
+        }
+        Ok(())
+    }
+}
+
+fn serve(addr: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    say(&format!(
+        "listening {}",
+        listener.local_addr().context("getsockname")?
+    ));
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                say(&format!("accept error: {e}"));
+                continue;
+            }
+        };
+        std::thread::spawn(move || echo(conn));
+    }
+    Ok(())
+}
+
+fn echo(mut conn: TcpStream) {
+    let peer = conn
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|e| format!("?({e})"));
+    let local = conn
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|e| format!("?({e})"));
+    say(&format!("accepted peer={peer} local={local}"));
+    let mut buf = vec![0u8; BLOCK];
+    let mut total: u64 = 0;
+    let result = loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break conn.shutdown(Shutdown::Write),
+            Ok(n) => {
+                if let Err(e) = conn.write_all(&buf[..n]) {
+                    break Err(e);
+                }
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    match result {
+        Ok(()) => say(&format!("closed peer={peer} bytes={total}")),
+        Err(e) => say(&format!("closed peer={peer} bytes={total} error={e}")),
+    }
+}
+
+fn connect(to: SocketAddr) -> Result<TcpStream> {
+    let conn = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting to {to}"))?;
+    let local = conn.local_addr().context("getsockname")?;
+    let peer = conn.peer_addr().context("getpeername")?;
+    say(&format!("connected local={local} peer={peer}"));
+    Ok(conn)
+}
+
+fn send(to: SocketAddr, bytes: u64, seed: u64) -> Result<()> {
+    let conn = connect(to)?;
+    let mut writer = conn.try_clone().context("cloning the socket")?;
+    let sender = std::thread::spawn(move || -> io::Result<()> {
+        let mut stream = Stream::new(seed);
+        let mut left = bytes;
+        while left > 0 {
+            let chunk = stream.next(usize::try_from(left).unwrap_or(usize::MAX));
+            writer.write_all(chunk)?;
+            left -= chunk.len() as u64;
+        }
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut reader = conn;
+    let mut verifier = Verifier {
+        expected: Stream::new(seed),
+        offset: 0,
+    };
+    let mut buf = vec![0u8; BLOCK];
+    let read_result: Result<()> = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                // Bytes beyond what was sent are a mismatch at offset `bytes`.
+                let in_range =
+                    usize::try_from(bytes - verifier.offset).map_or(n, |left| left.min(n));
+                if let Err(e) = verifier.check(&buf[..in_range]) {
+                    break Err(e);
+                }
+                if in_range < n {
+                    break Err(
+                        Verdict(format!("mismatch at byte {bytes} (more than was sent)")).into(),
+                    );
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                break Err(e).context(format!("reading the echo after {} bytes", verifier.offset))
+            }
+        }
+    };
+    if read_result.is_err() {
+        // Unblock the sender (the peer may have stopped reading because we did); the socket may
+        // already be closed, which is fine.
+        let _ = reader.shutdown(Shutdown::Both);
+    }
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sending thread panicked"))?;
+    read_result?;
+    sent.context("sending")?;
+    if verifier.offset < bytes {
+        return Err(Verdict(format!("short read received={}", verifier.offset)).into());
+    }
+    say(&format!("ok sent={bytes} received={}", verifier.offset));
+    Ok(())
+}
+
+fn stream(to: SocketAddr, chunk: usize, interval: Duration, seed: u64) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        // EOF or an error on stdin both mean: finish.
+        let _ = io::copy(&mut io::stdin().lock(), &mut io::sink());
+        flag.store(true, Ordering::SeqCst);
+    });
+    let mut conn = connect(to)?;
+    let mut outgoing = Stream::new(seed);
+    let mut verifier = Verifier {
+        expected: Stream::new(seed),
+        offset: 0,
+    };
+    let mut buf = vec![0u8; chunk];
+    let mut total: u64 = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let mut left = chunk;
+        while left > 0 {
+            let part = outgoing.next(left);
+            conn.write_all(part)
+                .with_context(|| format!("writing after {total} bytes"))?;
+            left -= part.len();
+        }
+        conn.read_exact(&mut buf)
+            .with_context(|| format!("reading the echo after {total} bytes"))?;
+        verifier.check(&buf)?;
+        total += chunk as u64;
+        say(&format!("progress bytes={total}"));
+        std::thread::sleep(interval);
+    }
+    conn.shutdown(Shutdown::Write).context("half-closing")?;
+    let extra = conn.read(&mut buf).context("draining to EOF")?;
+    if extra != 0 {
+        bail!("received {extra} unexpected bytes after {total}");
+    }
+    say(&format!("ok total={total}"));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_is_deterministic_across_chunkings() {
+        let mut a = Stream::new(5);
+        let whole: Vec<u8> = (0..3).flat_map(|_| a.next(BLOCK).to_vec()).collect();
+        let mut verifier = Verifier {
+            expected: Stream::new(5),
+            offset: 0,
+        };
+        for piece in whole.chunks(1000) {
+            verifier.check(piece).expect("same stream");
+        }
+        assert_eq!(verifier.offset, 3 * BLOCK as u64);
+        assert_ne!(Stream::new(6).next(64), &whole[..64], "seeds differ");
+    }
+
+    #[test]
+    fn verifier_reports_the_first_wrong_byte() {
+        let mut data = Stream::new(1).next(BLOCK).to_vec();
+        data[1234] ^= 1;
+        let mut verifier = Verifier {
+            expected: Stream::new(1),
+            offset: 0,
+        };
+        let err = verifier
+            .check(&data[..1000])
+            .and_then(|()| verifier.check(&data[1000..]));
+        assert_eq!(
+            err.expect_err("mismatch").to_string(),
+            "mismatch at byte 1234"
+        );
+    }
+}

@@ -1,0 +1,391 @@
+//! A lab: nodes and pods as network namespaces, cgroups, one agent per node.
+
+mod agent;
+mod layout;
+mod net;
+mod state;
+mod sys;
+mod teardown;
+pub mod topology;
+
+use std::{
+    ffi::OsStr,
+    net::Ipv4Addr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+pub use self::{
+    agent::agent_bin,
+    layout::{Node, Pod, METRICS_PORT, READINESS_PORT},
+    sys::cgroup2_mount,
+    teardown::sweep,
+};
+use self::{
+    agent::AgentProcess,
+    layout::{check_id, Layout, RUN_ROOT},
+    topology::{CaptureExclusions, Topology},
+};
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Lab id (1-12 lowercase letters and digits); a random one when `None`.
+    pub id: Option<String>,
+    /// Nodes, namespaces, pods and services.
+    pub topology: Topology,
+    /// Start one agent per node (and wait until they are ready).
+    pub agents: bool,
+    /// Keep the lab when the [`Lab`] is dropped or its owner process exits (owner 0).
+    pub persistent: bool,
+    /// Capture exclusions written into every agent's config.
+    pub global_capture: CaptureExclusions,
+    /// How long the agents get to become ready.
+    pub ready_timeout: Duration,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            id: None,
+            topology: Topology::default(),
+            agents: true,
+            persistent: false,
+            global_capture: CaptureExclusions::default(),
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running lab. Torn down by [`Lab::down`], or on drop unless persistent or attached.
+#[derive(Debug)]
+pub struct Lab {
+    layout: Layout,
+    topology: Topology,
+    agents: Vec<AgentProcess>,
+    /// Tear down on drop.
+    owned: bool,
+    torn_down: bool,
+}
+
+impl Lab {
+    /// Builds a lab; panics with the reason if it cannot (after removing what it created).
+    pub fn up(opts: LabOptions) -> Lab {
+        match Lab::try_up(opts) {
+            Ok(lab) => lab,
+            Err(e) => panic!("could not bring the lab up: {e:#}"),
+        }
+    }
+
+    /// Builds a lab: sweeps leftovers of dead labs, creates cgroups, namespaces and links, writes
+    /// the state and agent configs, and starts the agents. On error, removes what it created.
+    pub fn try_up(opts: LabOptions) -> Result<Lab> {
+        opts.topology.validate().context("invalid topology")?;
+        let cgroup2 = sys::cgroup2_mount()?;
+        if let Err(e) = sweep() {
+            eprintln!("mesh-lab: warning: {e:#}");
+        }
+        let id = match opts.id.clone() {
+            Some(id) => {
+                check_id(&id)?;
+                id
+            }
+            None => sys::random_id()?,
+        };
+        let layout = Layout::new(&id, &opts.topology, &cgroup2);
+        std::fs::create_dir_all(RUN_ROOT).with_context(|| format!("creating {RUN_ROOT}"))?;
+        match std::fs::create_dir(&layout.run_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+                "lab {id} already exists ({} is there): take it down first with \
+                 `cargo xtask lab down --id {id}`",
+                layout.run_dir.display()
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating {}", layout.run_dir.display()))
+            }
+        }
+        let owner = if opts.persistent {
+            0
+        } else {
+            std::process::id()
+        };
+        let mut lab = Lab {
+            layout,
+            topology: opts.topology.clone(),
+            agents: Vec::new(),
+            owned: !opts.persistent,
+            torn_down: false,
+        };
+        let built = sys::write_atomic(
+            &lab.layout.run_dir.join("owner"),
+            format!("{owner}\n").as_bytes(),
+        )
+        .and_then(|()| lab.build(&opts));
+        match built {
+            Ok(()) => Ok(lab),
+            Err(e) => {
+                if let Err(t) = lab.teardown() {
+                    eprintln!("mesh-lab: cleaning up after the failed start also failed: {t:#}");
+                }
+                Err(e.context(format!("bringing up lab {id}")))
+            }
+        }
+    }
+
+    fn build(&mut self, opts: &LabOptions) -> Result<()> {
+        let layout = &self.layout;
+        let topology_yaml =
+            serde_yaml::to_string(&self.topology).context("serialising the topology")?;
+        sys::write_atomic(
+            &layout.run_dir.join("topology.yaml"),
+            topology_yaml.as_bytes(),
+        )?;
+        let cgroups = layout
+            .pods
+            .iter()
+            .map(|p| &p.cgroup)
+            .chain(layout.nodes.iter().map(|n| &n.agent_cgroup));
+        for dir in cgroups {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating cgroup {}", dir.display()))?;
+        }
+        net::build(layout)?;
+        let state = state::state_yaml(layout, &self.topology)?;
+        sys::write_atomic(layout.state_path(), state.as_bytes())?;
+        for node in &layout.nodes {
+            let config = state::agent_config_yaml(layout, &node.name, &opts.global_capture)?;
+            sys::write_atomic(&layout.agent_config_path(&node.name), config.as_bytes())?;
+        }
+        if !opts.agents {
+            return Ok(());
+        }
+        sys::ensure_bpffs()?;
+        for node in &layout.nodes {
+            std::fs::create_dir_all(&node.bpf_dir)
+                .with_context(|| format!("creating bpffs directory {}", node.bpf_dir.display()))?;
+            self.agents.push(agent::start(layout, node)?);
+        }
+        let deadline = Instant::now() + opts.ready_timeout;
+        for (node, agent) in layout.nodes.iter().zip(self.agents.iter_mut()) {
+            agent::wait_ready(layout, node, agent, deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Reopens an existing lab from its run dir (`/run/mesh-lab/<id>`). The returned value does
+    /// not tear the lab down on drop; call [`Lab::down`] or [`Lab::try_down`] for that.
+    pub fn attach(id: &str) -> Result<Lab> {
+        check_id(id)?;
+        let run_dir = Path::new(RUN_ROOT).join(id);
+        if !run_dir.is_dir() {
+            bail!("no lab {id}: {} does not exist", run_dir.display());
+        }
+        let topology = Topology::load(&run_dir.join("topology.yaml"))
+            .with_context(|| format!("reopening lab {id}"))?;
+        let layout = Layout::new(id, &topology, &sys::cgroup2_mount()?);
+        let agents = teardown::recorded_agents(&layout.run_dir);
+        Ok(Lab {
+            layout,
+            topology,
+            agents,
+            owned: false,
+            torn_down: false,
+        })
+    }
+
+    /// The lab id.
+    pub fn id(&self) -> &str {
+        &self.layout.id
+    }
+
+    /// The topology the lab was built from.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The run directory, `/run/mesh-lab/<id>`.
+    pub fn run_dir(&self) -> &Path {
+        &self.layout.run_dir
+    }
+
+    /// The lab's cgroup directory, `<cgroup2 mount>/mesh-lab/<id>` (pods and agents below it).
+    pub fn cgroup_dir(&self) -> &Path {
+        &self.layout.cgroup_dir
+    }
+
+    /// The lab's bpffs directory, `/sys/fs/bpf/mesh-lab/<id>` (one subdirectory per agent).
+    pub fn bpf_dir(&self) -> &Path {
+        &self.layout.bpf_dir
+    }
+
+    /// All nodes, in topology order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.layout.nodes
+    }
+
+    /// All pods, in topology order.
+    pub fn pods(&self) -> &[Pod] {
+        &self.layout.pods
+    }
+
+    /// The pod `namespace/name`; panics if there is none.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.find_pod(name).unwrap_or_else(|| {
+            let known: Vec<String> = self.layout.pods.iter().map(Pod::full_name).collect();
+            panic!(
+                "lab {} has no pod {name:?} (pods: {})",
+                self.id(),
+                known.join(", ")
+            )
+        })
+    }
+
+    fn find_pod(&self, name: &str) -> Option<&Pod> {
+        let (ns, pod) = name.split_once('/')?;
+        self.layout
+            .pods
+            .iter()
+            .find(|p| p.namespace == ns && p.name == pod)
+    }
+
+    /// The node `name`; panics if there is none.
+    pub fn node(&self, name: &str) -> &Node {
+        self.find_node(name).unwrap_or_else(|| {
+            let known: Vec<&str> = self.layout.nodes.iter().map(|n| n.name.as_str()).collect();
+            panic!(
+                "lab {} has no node {name:?} (nodes: {})",
+                self.id(),
+                known.join(", ")
+            )
+        })
+    }
+
+    fn find_node(&self, name: &str) -> Option<&Node> {
+        self.layout.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The VIP of service `namespace/name`; panics if there is none.
+    pub fn service_vip(&self, name: &str) -> Ipv4Addr {
+        self.topology
+            .services
+            .iter()
+            .find(|s| name.split_once('/') == Some((s.namespace.as_str(), s.name.as_str())))
+            .map(|s| s.vip)
+            .unwrap_or_else(|| panic!("lab {} has no service {name:?}", self.id()))
+    }
+
+    /// A command that runs `program` in a pod (`"ns/pod"`: its cgroup and network namespace) or
+    /// on a node (`"n1"`: its network namespace only). Add arguments, then spawn it. Panics if the
+    /// target is unknown or its namespace cannot be opened.
+    pub fn command(&self, target: &str, program: impl AsRef<OsStr>) -> Command {
+        match self.try_command(target, program) {
+            Ok(cmd) => cmd,
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    /// Like [`Lab::command`], returning an error instead of panicking.
+    pub fn try_command(&self, target: &str, program: impl AsRef<OsStr>) -> Result<Command> {
+        let mut cmd = Command::new(program);
+        let enter = if target.contains('/') {
+            let pod = self
+                .find_pod(target)
+                .ok_or_else(|| anyhow!("lab {} has no pod {target:?}", self.id()))?;
+            sys::Enter {
+                cgroup: Some(&pod.cgroup),
+                netns: Some(&pod.netns),
+                setsid: false,
+            }
+        } else {
+            let node = self
+                .find_node(target)
+                .ok_or_else(|| anyhow!("lab {} has no node {target:?}", self.id()))?;
+            sys::Enter {
+                cgroup: None,
+                netns: Some(&node.netns),
+                setsid: false,
+            }
+        };
+        sys::enter(&mut cmd, enter).with_context(|| format!("preparing a command in {target}"))?;
+        Ok(cmd)
+    }
+
+    /// The mesh state file, `/run/mesh-lab/<id>/state.yaml`.
+    pub fn state_path(&self) -> &Path {
+        self.layout.state_path()
+    }
+
+    /// `GET <path>` on 127.0.0.1:<port> inside node `node`'s netns; returns status and body.
+    pub fn http_get(&self, node: &str, port: u16, path: &str) -> Result<(u16, String)> {
+        let node = self
+            .find_node(node)
+            .ok_or_else(|| anyhow!("lab {} has no node {node:?}", self.id()))?;
+        agent::http_get(&node.netns, port, path)
+    }
+
+    /// The agent's Prometheus metrics (`GET /metrics` on port 15020); panics on failure.
+    pub fn metrics(&self, node: &str) -> String {
+        match self.http_get(node, METRICS_PORT, "/metrics") {
+            Ok((200, body)) => body,
+            Ok((status, body)) => panic!("metrics of node {node}: HTTP {status}: {body}"),
+            Err(e) => panic!("metrics of node {node}: {e:#}"),
+        }
+    }
+
+    /// True if the agent of `node` answers its readiness probe with 200.
+    pub fn agent_ready(&self, node: &str) -> bool {
+        matches!(
+            self.http_get(node, READINESS_PORT, "/healthz/ready"),
+            Ok((200, _))
+        )
+    }
+
+    /// The agent's log so far (empty if there is none).
+    pub fn agent_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.layout.agent_log_path(node)).unwrap_or_default()
+    }
+
+    /// The agent's pid, if an agent was started for `node`.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.agents.iter().find(|a| a.node == node).map(|a| a.pid)
+    }
+
+    /// Tears the lab down; panics if something could not be removed.
+    pub fn down(mut self) {
+        if let Err(e) = self.teardown() {
+            panic!("{e:#}");
+        }
+    }
+
+    /// Tears the lab down; returns what was removed.
+    pub fn try_down(mut self) -> Result<Vec<String>> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<Vec<String>> {
+        if self.torn_down {
+            return Ok(Vec::new());
+        }
+        self.torn_down = true;
+        teardown::teardown(&self.layout.id, &mut self.agents)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.owned || self.torn_down {
+            return;
+        }
+        if let Err(e) = self.teardown() {
+            if std::thread::panicking() {
+                eprintln!("mesh-lab: {e:#}");
+            } else {
+                panic!("{e:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Reading samples out of Prometheus text exposition.
+
+/// The sum of the samples of metric `name` whose labels include every pair of `labels`
+/// (Prometheus text format); `None` if no sample matches.
+///
+/// ```
+/// let text = "# TYPE x counter\nx_total{a=\"1\",b=\"2\"} 3\nx_total{a=\"1\",b=\"3\"} 4\n";
+/// assert_eq!(mesh_lab::metric_value(text, "x_total", &[("a", "1")]), Some(7.0));
+/// assert_eq!(mesh_lab::metric_value(text, "x_total", &[("b", "3")]), Some(4.0));
+/// assert_eq!(mesh_lab::metric_value(text, "x_total", &[("b", "9")]), None);
+/// ```
+pub fn metric_value(metrics_text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in metrics_text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some(sample) = parse_sample(line) else {
+            continue;
+        };
+        if sample.name != name {
+            continue;
+        }
+        let matches = labels
+            .iter()
+            .all(|(k, v)| sample.labels.iter().any(|(sk, sv)| sk == k && sv == v));
+        if matches {
+            *sum.get_or_insert(0.0) += sample.value;
+        }
+    }
+    sum
+}
+
+#[derive(Debug, PartialEq)]
+struct Sample<'a> {
+    name: &'a str,
+    labels: Vec<(&'a str, String)>,
+    value: f64,
+}
+
+/// Parses `name{k="v",...} value [timestamp]`; `None` for anything malformed.
+fn parse_sample(line: &str) -> Option<Sample<'_>> {
+    let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
+    let name = &line[..name_end];
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = after;
+        loop {
+            rest = rest.trim_start_matches([' ', ',']);
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let (key, after) = rest.split_once('=')?;
+            let after = after.trim_start().strip_prefix('"')?;
+            let (value, after) = parse_quoted(after)?;
+            labels.push((key.trim(), value));
+            rest = after;
+        }
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        other => other.parse().ok()?,
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// Reads a label value up to its closing quote (handling `\\`, `\"`, `\n`); returns it and the rest.
+fn parse_quoted(s: &str) -> Option<(String, &str)> {
+    let mut out = String::new();
+    let mut chars = s.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &s[i + 1..])),
+            '\\' => match chars.next()?.1 {
+                'n' => out.push('\n'),
+                other => out.push(other),
+            },
+            other => out.push(other),
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples() {
+        let text = r#"
+# HELP mesh_connections_total Connections.
+# TYPE mesh_connections_total counter
+mesh_connections_total{direction="outbound",reason="ok"} 3
+mesh_connections_total{direction="inbound",reason="ok"} 5 1700000000
+mesh_connections_total{direction="outbound",reason="a \"quoted\", value",} 1
+mesh_up 1
+mesh_ratio{le="+Inf"} +Inf
+broken{x="1" 7
+"#;
+        assert_eq!(metric_value(text, "mesh_connections_total", &[]), Some(9.0));
+        assert_eq!(
+            metric_value(text, "mesh_connections_total", &[("direction", "outbound")]),
+            Some(4.0)
+        );
+        assert_eq!(
+            metric_value(
+                text,
+                "mesh_connections_total",
+                &[("reason", "a \"quoted\", value")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(metric_value(text, "mesh_up", &[]), Some(1.0));
+        assert_eq!(metric_value(text, "mesh_up", &[("a", "b")]), None);
+        assert_eq!(
+            metric_value(text, "mesh_ratio", &[("le", "+Inf")]),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(metric_value(text, "broken", &[]), None);
+        assert_eq!(metric_value(text, "absent", &[]), None);
+    }
+}

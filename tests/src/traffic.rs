@@ -1,0 +1,45 @@
+//! Test traffic with `mesh-labtool`: an echo server in a pod, checksummed transfers from a pod.
+
+use std::time::Duration;
+
+use crate::{Lab, Running, labtool_bin};
+
+/// How long a server may take to listen, or a line to appear.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Starts an echo server on `port` in `pod` (e.g. "shop/api") and waits until it listens.
+pub fn serve(lab: &Lab, pod: &str, port: u16) -> Running {
+    let mut server = Running::spawn(
+        &format!("echo server in {pod}"),
+        lab.command(pod, labtool_bin()).args(["serve", "--port", &port.to_string()]),
+    );
+    server.wait_line("listening", WAIT);
+    server
+}
+
+/// Sends `bytes` from `client` to `addr`, half-closes, checks the echo byte for byte, and
+/// returns the tool's output (`connected local=.. peer=..`, `ok sent=N received=N`).
+pub fn send(lab: &Lab, client: &str, addr: &str, bytes: u64) -> Vec<String> {
+    let mut sender = Running::spawn(
+        &format!("send from {client} to {addr}"),
+        lab.command(client, labtool_bin()).args(["send", "--to", addr, "--bytes", &bytes.to_string()]),
+    );
+    let out = sender.wait_success(Duration::from_secs(60));
+    let ok = format!("ok sent={bytes} received={bytes}");
+    assert!(out.iter().any(|l| *l == ok), "send from {client} to {addr}: expected {ok:?} in {out:?}");
+    out
+}
+
+/// The `peer=` of a `connected` or `accepted` line: what the socket is connected to.
+pub fn peer_of(line: &str) -> &str {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("peer="))
+        .unwrap_or_else(|| panic!("no peer= in {line:?}"))
+}
+
+/// The `connected` line of a sender's output.
+pub fn connected(out: &[String]) -> &str {
+    out.iter()
+        .find(|l| l.starts_with("connected"))
+        .unwrap_or_else(|| panic!("no connected line in {out:?}"))
+}
