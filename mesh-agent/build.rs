@@ -10,7 +10,9 @@ fn main() {
     let object = match std::env::var_os("MESH_EBPF_OBJECT") {
         Some(path) => PathBuf::from(path),
         None => {
-            let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+            let manifest = PathBuf::from(
+                std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+            );
             manifest.join("../mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf")
         }
     };

@@ -9,10 +9,10 @@ use std::{
 };
 
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::{Instrument as _, debug, warn};
+use tracing::{debug, warn, Instrument as _};
 
 use crate::metrics::Metrics;
 
@@ -20,7 +20,11 @@ use crate::metrics::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot listen on {addr} for {what}: {source} (is another agent running in this network namespace?)")]
-    Bind { addr: SocketAddr, what: &'static str, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Readiness: `None` when ready, else why not.
@@ -31,7 +35,9 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn new(reason: &str) -> Self {
-        Self { not_ready: Mutex::new(Some(reason.into())) }
+        Self {
+            not_ready: Mutex::new(Some(reason.into())),
+        }
     }
 
     pub fn set(&self, not_ready: Option<String>) {
@@ -39,7 +45,10 @@ impl Readiness {
     }
 
     fn get(&self) -> Option<String> {
-        self.not_ready.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.not_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -50,7 +59,9 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
 ) -> Result<(), Error> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, what, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, what, source })?;
     tokio::spawn(
         async move {
             loop {
@@ -67,7 +78,10 @@ pub async fn serve(
                         let response = handle(&req, &metrics, &readiness);
                         async move { Ok::<_, Infallible>(response) }
                     });
-                    if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                    if let Err(e) = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
                         debug!(%peer, error = %e, "admin connection ended with an error");
                     }
                 });
@@ -82,13 +96,22 @@ fn handle<B>(req: &Request<B>, metrics: &Metrics, readiness: &Readiness) -> Resp
     let (status, body) = match req.uri().path() {
         "/metrics" => match metrics.encode() {
             Ok(text) => (StatusCode::OK, text),
-            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}\n")),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding metrics failed: {e}\n"),
+            ),
         },
         "/healthz/ready" => match readiness.get() {
             None => (StatusCode::OK, "ready\n".into()),
-            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
-        _ => (StatusCode::NOT_FOUND, "not found: try /metrics or /healthz/ready\n".into()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics or /healthz/ready\n".into(),
+        ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;

@@ -22,29 +22,57 @@ use crate::{admin::Readiness, metrics::PodLabels, proxy, state::Store};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot create the pin directory {path}: {source}")]
-    PinDir { path: PathBuf, source: std::io::Error },
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading the eBPF object failed: {0}")]
     Load(String),
     #[error("the eBPF object has no program {0}: was it built from this version (cargo xtask build-ebpf)?")]
     MissingProgram(&'static str),
-    #[error("the eBPF object has no map {0}: was it built from this version (cargo xtask build-ebpf)?")]
+    #[error(
+        "the eBPF object has no map {0}: was it built from this version (cargo xtask build-ebpf)?"
+    )]
     MissingMap(&'static str),
     #[error("the kernel rejected program {program}:\n{message}")]
-    Verifier { program: &'static str, message: String },
+    Verifier {
+        program: &'static str,
+        message: String,
+    },
     #[error("cannot pin at {path}: {message}")]
     Pin { path: PathBuf, message: String },
     #[error("map {map}: {message}")]
     Map { map: &'static str, message: String },
     #[error("pod {pod}: cannot open its network namespace {path}: {source}")]
-    Netns { pod: String, path: PathBuf, source: std::io::Error },
+    Netns {
+        pod: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("pod {pod}: cannot open its cgroup {path}: {source} (is it a cgroup v2 directory?)")]
-    Cgroup { pod: String, path: PathBuf, source: std::io::Error },
+    Cgroup {
+        pod: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("pod {pod}: its cgroup {path} is not under the cgroup v2 mount {root}")]
-    CgroupOutside { pod: String, path: PathBuf, root: PathBuf },
+    CgroupOutside {
+        pod: String,
+        path: PathBuf,
+        root: PathBuf,
+    },
     #[error("pod {pod}: cannot open the in-pod listener {addr}: {source}")]
-    Listener { pod: String, addr: std::net::SocketAddr, source: std::io::Error },
+    Listener {
+        pod: String,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("pod {pod}: attaching {program} failed: {message}")]
-    Attach { pod: String, program: &'static str, message: String },
+    Attach {
+        pod: String,
+        program: &'static str,
+        message: String,
+    },
 }
 
 /// An error with its causes, `outer: inner: ...` (aya's errors keep the OS error as a source).
@@ -85,15 +113,30 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub fn new(loaded: ebpf::Loaded, node: String, cgroup_root: PathBuf, inputs: Arc<proxy::Inputs>) -> Self {
-        Self { loaded, node, cgroup_root, inputs, pods: BTreeMap::new(), next_scope: 1 }
+    pub fn new(
+        loaded: ebpf::Loaded,
+        node: String,
+        cgroup_root: PathBuf,
+        inputs: Arc<proxy::Inputs>,
+    ) -> Self {
+        Self {
+            loaded,
+            node,
+            cgroup_root,
+            inputs,
+            pods: BTreeMap::new(),
+            next_scope: 1,
+        }
     }
 
     /// Captures and releases pods to match the current state. Returns the pods that could not
     /// be captured, with why.
     pub fn reconcile(&mut self) -> BTreeMap<String, String> {
         let snap = self.inputs.store.load();
-        let desired: BTreeMap<String, _> = snap.captured_on(&self.node).map(|w| (w.key(), w.clone())).collect();
+        let desired: BTreeMap<String, _> = snap
+            .captured_on(&self.node)
+            .map(|w| (w.key(), w.clone()))
+            .collect();
         let stale: Vec<String> = self
             .pods
             .iter()
@@ -117,7 +160,13 @@ impl Capture {
             }
             let scope = self.next_scope;
             self.next_scope = self.next_scope.wrapping_add(1).max(1);
-            match pod::CapturedPod::capture(&mut self.loaded, workload, scope, &self.cgroup_root, &self.inputs) {
+            match pod::CapturedPod::capture(
+                &mut self.loaded,
+                workload,
+                scope,
+                &self.cgroup_root,
+                &self.inputs,
+            ) {
                 Ok(pod) => {
                     info!(pod = %key, ips = ?pod.workload.ips, netns_cookie = pod.netns_cookie(), "pod captured");
                     self.pods.insert(key, pod);
@@ -125,13 +174,23 @@ impl Capture {
                 Err(e) => {
                     error!(pod = %key, error = %e, "pod capture failed; will retry");
                     let (namespace, workload) = key.split_once('/').unwrap_or((&key, ""));
-                    let labels = PodLabels { namespace: namespace.into(), workload: workload.into() };
-                    self.inputs.metrics.capture_failures.get_or_create(&labels).inc();
+                    let labels = PodLabels {
+                        namespace: namespace.into(),
+                        workload: workload.into(),
+                    };
+                    self.inputs
+                        .metrics
+                        .capture_failures
+                        .get_or_create(&labels)
+                        .inc();
                     failed.insert(key, e.to_string());
                 }
             }
         }
-        self.inputs.metrics.captured_pods.set(i64::try_from(self.pods.len()).unwrap_or(i64::MAX));
+        self.inputs
+            .metrics
+            .captured_pods
+            .set(i64::try_from(self.pods.len()).unwrap_or(i64::MAX));
         failed
     }
 
@@ -159,7 +218,11 @@ pub async fn run(
         if failed.is_empty() {
             readiness.set(None);
         } else {
-            let why = failed.iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>().join("; ");
+            let why = failed
+                .iter()
+                .map(|(k, e)| format!("{k}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ");
             readiness.set(Some(format!("pods not captured: {why}")));
         }
         let wait_retry = async {

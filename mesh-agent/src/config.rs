@@ -10,9 +10,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read the agent configuration {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid agent configuration {path}: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
     #[error("invalid agent configuration {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -72,11 +78,18 @@ fn default_poll_ms() -> u64 {
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &std::path::Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Read { path: path.to_owned(), source })?;
-        let config: Config = serde_yaml::from_str(&text)
-            .map_err(|source| Error::Parse { path: path.to_owned(), source })?;
-        config.validate().map_err(|message| Error::Invalid { path: path.to_owned(), message })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = serde_yaml::from_str(&text).map_err(|source| Error::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate().map_err(|message| Error::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
         Ok(config)
     }
 
@@ -95,7 +108,9 @@ impl Config {
 
     /// The directory for pins.
     pub fn bpf_dir(&self) -> PathBuf {
-        self.bpf_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&self.node))
+        self.bpf_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&self.node))
     }
 }
 
@@ -137,9 +152,13 @@ mod tests {
     fn bad_input_names_the_field() {
         let e = parse("node: n1\nstate_file: /s\nbogus: 1\n").expect_err("unknown field");
         assert!(e.contains("bogus"), "{e}");
-        let e = parse("node: n1\nstate_file: /s\ncapture: {exclude_outbound_cidrs: [10.0.0.0/33]}\n")
-            .expect_err("bad cidr");
-        assert!(e.contains("exclude_outbound_cidrs") || e.contains("invalid"), "{e}");
+        let e =
+            parse("node: n1\nstate_file: /s\ncapture: {exclude_outbound_cidrs: [10.0.0.0/33]}\n")
+                .expect_err("bad cidr");
+        assert!(
+            e.contains("exclude_outbound_cidrs") || e.contains("invalid"),
+            "{e}"
+        );
         let e = parse("node: n1\nstate_file: /s\ncapture: {exclude_inbound_ports: [0]}\n")
             .expect_err("port 0");
         assert!(e.contains("exclude_inbound_ports"), "{e}");

@@ -19,7 +19,11 @@ use clap::{Parser, Subcommand};
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
-#[command(name = "mesh-agent", version, about = "Sidecarless service mesh node agent (eBPF capture, node proxy)")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Sidecarless service mesh node agent (eBPF capture, node proxy)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,7 +58,11 @@ fn main() -> anyhow::Result<()> {
         Command::Node { config } => run_node(&config),
         Command::Check { bpf_dir } => {
             let cgroup = preflight::check(&bpf_dir)?;
-            println!("ok: kernel, privileges, cgroup v2 at {}, bpffs at {}", cgroup.display(), bpf_dir.display());
+            println!(
+                "ok: kernel, privileges, cgroup v2 at {}, bpffs at {}",
+                cgroup.display(),
+                bpf_dir.display()
+            );
             Ok(())
         }
     }
@@ -66,19 +74,38 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
     let cgroup_root = preflight::check(&bpf_dir)?;
     let home = sys::Netns::current().context("cannot open the agent's own network namespace")?;
     let (snapshot, state_bytes) = discovery::file::load(&config.state_file)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let metrics = Arc::new(metrics::Metrics::new());
         let store = Arc::new(state::Store::new());
         store.replace(snapshot);
         let readiness = Arc::new(admin::Readiness::new("starting: pods not yet captured"));
-        admin::serve(config.metrics_addr, "metrics", metrics.clone(), readiness.clone()).await?;
+        admin::serve(
+            config.metrics_addr,
+            "metrics",
+            metrics.clone(),
+            readiness.clone(),
+        )
+        .await?;
         if config.readiness_addr != config.metrics_addr {
-            admin::serve(config.readiness_addr, "readiness", metrics.clone(), readiness.clone()).await?;
+            admin::serve(
+                config.readiness_addr,
+                "readiness",
+                metrics.clone(),
+                readiness.clone(),
+            )
+            .await?;
         }
         let (loaded, orig_dst, collector) = capture::ebpf::load(&bpf_dir, &config.capture)?;
         metrics.register_collector(collector);
-        let inputs = Arc::new(proxy::Inputs { store: store.clone(), metrics: metrics.clone(), home, orig_dst });
+        let inputs = Arc::new(proxy::Inputs {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            home,
+            orig_dst,
+        });
         let capture = capture::Capture::new(loaded, config.node.clone(), cgroup_root, inputs);
         tokio::spawn(discovery::file::watch(
             config.state_file.clone(),
@@ -88,8 +115,13 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
             metrics.clone(),
         ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let capture_task =
-            tokio::spawn(capture::run(capture, store, readiness, Duration::from_secs(2), stop_rx));
+        let capture_task = tokio::spawn(capture::run(
+            capture,
+            store,
+            readiness,
+            Duration::from_secs(2),
+            stop_rx,
+        ));
         info!(node = %config.node, state = %config.state_file.display(), "agent started");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -7,7 +7,11 @@ use std::sync::Mutex;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+    },
     registry::Registry,
 };
 
@@ -102,27 +106,75 @@ impl Metrics {
             capture_failures: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
-        registry.register("mesh_tcp_connections_opened", "TCP connections proxied, by pod and direction", m.opened.clone());
-        registry.register("mesh_tcp_connections_closed", "Proxied TCP connections that ended", m.closed.clone());
-        registry.register("mesh_tcp_sent_bytes", "Bytes from the pod's side of a proxied connection", m.sent.clone());
-        registry.register("mesh_tcp_received_bytes", "Bytes toward the pod's side of a proxied connection", m.received.clone());
-        registry.register("mesh_tcp_connection_failures", "Proxied connections that failed, by reason", m.failures.clone());
-        registry.register("mesh_outbound_routes", "Outbound destination choices: service endpoint or passthrough", m.routes.clone());
-        registry.register("mesh_state_reloads", "State file reloads, by result", m.state_reloads.clone());
-        registry.register("mesh_captured_pods", "Pods of this node currently captured", m.captured_pods.clone());
-        registry.register("mesh_pod_capture_failures", "Failed attempts to capture a pod", m.capture_failures.clone());
+        registry.register(
+            "mesh_tcp_connections_opened",
+            "TCP connections proxied, by pod and direction",
+            m.opened.clone(),
+        );
+        registry.register(
+            "mesh_tcp_connections_closed",
+            "Proxied TCP connections that ended",
+            m.closed.clone(),
+        );
+        registry.register(
+            "mesh_tcp_sent_bytes",
+            "Bytes from the pod's side of a proxied connection",
+            m.sent.clone(),
+        );
+        registry.register(
+            "mesh_tcp_received_bytes",
+            "Bytes toward the pod's side of a proxied connection",
+            m.received.clone(),
+        );
+        registry.register(
+            "mesh_tcp_connection_failures",
+            "Proxied connections that failed, by reason",
+            m.failures.clone(),
+        );
+        registry.register(
+            "mesh_outbound_routes",
+            "Outbound destination choices: service endpoint or passthrough",
+            m.routes.clone(),
+        );
+        registry.register(
+            "mesh_state_reloads",
+            "State file reloads, by result",
+            m.state_reloads.clone(),
+        );
+        registry.register(
+            "mesh_captured_pods",
+            "Pods of this node currently captured",
+            m.captured_pods.clone(),
+        );
+        registry.register(
+            "mesh_pod_capture_failures",
+            "Failed attempts to capture a pod",
+            m.capture_failures.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
     }
 
     /// Adds a collector evaluated at each scrape (the eBPF counters).
     pub fn register_collector(&self, collector: Box<dyn Collector>) {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner()).register_collector(collector);
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_collector(collector);
     }
 
     /// The counter handles of one pod and direction.
-    pub fn conn_counters(&self, direction: &'static str, namespace: &str, workload: &str) -> ConnCounters {
-        let labels = ConnLabels { direction, namespace: namespace.into(), workload: workload.into() };
+    pub fn conn_counters(
+        &self,
+        direction: &'static str,
+        namespace: &str,
+        workload: &str,
+    ) -> ConnCounters {
+        let labels = ConnLabels {
+            direction,
+            namespace: namespace.into(),
+            workload: workload.into(),
+        };
         ConnCounters {
             opened: self.opened.get_or_create(&labels).clone(),
             closed: self.closed.get_or_create(&labels).clone(),
@@ -134,7 +186,10 @@ impl Metrics {
     /// The text exposition.
     pub fn encode(&self) -> std::result::Result<String, std::fmt::Error> {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap_or_else(|e| e.into_inner()))?;
+        prometheus_client::encoding::text::encode(
+            &mut out,
+            &self.registry.lock().unwrap_or_else(|e| e.into_inner()),
+        )?;
         Ok(out)
     }
 }
@@ -148,7 +203,9 @@ pub struct ReadCounters<F> {
 
 impl<F> std::fmt::Debug for ReadCounters<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadCounters").field("name", &self.name).finish()
+        f.debug_struct("ReadCounters")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -176,4 +233,3 @@ where
         Ok(())
     }
 }
-

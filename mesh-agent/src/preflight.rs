@@ -28,7 +28,10 @@ pub enum Error {
     )]
     Kernel { release: String },
     #[error("cannot read {what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 const CAP_NET_ADMIN: u32 = 12;
@@ -55,16 +58,29 @@ pub fn check(bpf_dir: &Path) -> Result<PathBuf, Error> {
 }
 
 fn check_kernel() -> Result<(), Error> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_err(|source| Error::Io { what: "/proc/sys/kernel/osrelease".into(), source })?;
+    let release =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").map_err(|source| Error::Io {
+            what: "/proc/sys/kernel/osrelease".into(),
+            source,
+        })?;
     let release = release.trim().to_owned();
-    if kernel_at_least(&release, (5, 15)) { Ok(()) } else { Err(Error::Kernel { release }) }
+    if kernel_at_least(&release, (5, 15)) {
+        Ok(())
+    } else {
+        Err(Error::Kernel { release })
+    }
 }
 
 fn kernel_at_least(release: &str, (want_major, want_minor): (u32, u32)) -> bool {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
-    let minor = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    let major = parts
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or(0);
+    let minor = parts
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or(0);
     (major, minor) >= (want_major, want_minor)
 }
 
@@ -72,26 +88,40 @@ fn check_capabilities() -> Result<(), Error> {
     if sys::euid() == 0 {
         return Ok(());
     }
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|source| Error::Io { what: "/proc/self/status".into(), source })?;
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|source| Error::Io {
+        what: "/proc/self/status".into(),
+        source,
+    })?;
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
-        .into_iter()
-        .filter(|(bit, _)| eff & (1 << bit) == 0)
-        .map(|(_, name)| name)
-        .collect();
-    if missing.is_empty() { Ok(()) } else { Err(Error::Capabilities { missing: missing.join(", ") }) }
+    let missing: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| eff & (1 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Capabilities {
+            missing: missing.join(", "),
+        })
+    }
 }
 
 /// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo (works for the
 /// unified layout at /sys/fs/cgroup and the hybrid one at /sys/fs/cgroup/unified).
 pub fn cgroup2_mount() -> Result<Option<PathBuf>, Error> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|source| Error::Io { what: "/proc/self/mountinfo".into(), source })?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::Io {
+        what: "/proc/self/mountinfo".into(),
+        source,
+    })?;
     Ok(parse_cgroup2_mount(&info))
 }
 
@@ -115,8 +145,14 @@ mod tests {
         let info = "30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                     31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n\
                     32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
-        assert_eq!(parse_cgroup2_mount(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 
     #[test]

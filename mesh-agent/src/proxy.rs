@@ -47,7 +47,12 @@ pub struct Pod {
 }
 
 impl Pod {
-    pub fn new(workload: Arc<Workload>, netns: Arc<Netns>, netns_cookie: u64, metrics: &Metrics) -> Self {
+    pub fn new(
+        workload: Arc<Workload>,
+        netns: Arc<Netns>,
+        netns_cookie: u64,
+        metrics: &Metrics,
+    ) -> Self {
         Self {
             key: workload.key(),
             outbound: metrics.conn_counters("outbound", &workload.namespace, &workload.name),
@@ -86,8 +91,13 @@ pub enum Error {
     #[error("refusing to proxy to {addr}: it is the agent's own port or loopback (a loop)")]
     Loop { addr: SocketAddr },
     #[error("connecting to {addr} failed: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
-    #[error("connecting to {addr} timed out after {CONNECT_TIMEOUT:?}: is it reachable from the pod?")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "connecting to {addr} timed out after {CONNECT_TIMEOUT:?}: is it reachable from the pod?"
+    )]
     ConnectTimeout { addr: SocketAddr },
     #[error("cannot create a socket in the pod's network namespace: {0}")]
     Socket(std::io::Error),
@@ -109,14 +119,24 @@ impl Error {
 }
 
 /// Serves a pod's outbound listener until `stop`.
-pub fn spawn_outbound(l: std::net::TcpListener, pod: Arc<Pod>, inputs: Arc<Inputs>, stop: watch::Receiver<bool>) {
+pub fn spawn_outbound(
+    l: std::net::TcpListener,
+    pod: Arc<Pod>,
+    inputs: Arc<Inputs>,
+    stop: watch::Receiver<bool>,
+) {
     spawn_accept(l, stop, "outbound", pod, move |stream, peer, pod| {
         outbound::handle(stream, peer, pod, inputs.clone())
     });
 }
 
 /// Serves a pod's inbound listener until `stop`.
-pub fn spawn_inbound(l: std::net::TcpListener, pod: Arc<Pod>, inputs: Arc<Inputs>, stop: watch::Receiver<bool>) {
+pub fn spawn_inbound(
+    l: std::net::TcpListener,
+    pod: Arc<Pod>,
+    inputs: Arc<Inputs>,
+    stop: watch::Receiver<bool>,
+) {
     spawn_accept(l, stop, "inbound", pod, move |stream, peer, pod| {
         inbound::handle(stream, peer, pod, inputs.clone())
     });
@@ -157,7 +177,9 @@ fn spawn_accept<F, Fut>(
                 }
             }
             // Take the connections already queued, then close the listener.
-            while let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+            while let Ok(Ok((stream, peer))) =
+                tokio::time::timeout(Duration::ZERO, listener.accept()).await
+            {
                 tokio::spawn(handle(stream, peer, pod.clone()));
             }
             tracing::debug!("listener closed");
@@ -167,11 +189,19 @@ fn spawn_accept<F, Fut>(
 }
 
 /// Creates a TCP socket inside the pod's network namespace and connects it to `addr`.
-async fn connect_in_pod(pod: &Pod, home: &Netns, addr: SocketAddr) -> Result<tokio::net::TcpStream, Error> {
+async fn connect_in_pod(
+    pod: &Pod,
+    home: &Netns,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpStream, Error> {
     let socket = pod
         .netns
         .run(home, || {
-            socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+            socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
         })
         .and_then(|s| s)
         .map_err(Error::Socket)?;

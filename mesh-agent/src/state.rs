@@ -6,8 +6,8 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
-        Arc,
         atomic::{AtomicUsize, Ordering},
+        Arc,
     },
 };
 
@@ -53,7 +53,11 @@ pub struct ServicePort {
 
 impl ServicePort {
     pub fn new(service: String, endpoints: Vec<SocketAddr>) -> Self {
-        Self { service, endpoints, next: AtomicUsize::new(0) }
+        Self {
+            service,
+            endpoints,
+            next: AtomicUsize::new(0),
+        }
     }
 
     /// The next endpoint in round-robin order, if any.
@@ -79,7 +83,10 @@ pub struct Snapshot {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Destination {
     /// A service port, resolved to one of its endpoints.
-    Service { service: String, endpoint: SocketAddr },
+    Service {
+        service: String,
+        endpoint: SocketAddr,
+    },
     /// A service port without endpoints.
     NoEndpoints { service: String },
     /// Not a service: the original destination as it is.
@@ -93,16 +100,26 @@ impl Snapshot {
     }
 
     /// The workloads of `node` in enabled namespaces: the pods the agent must capture.
-    pub fn captured_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
-        self.workloads.iter().filter(move |w| w.node == node && self.namespace_enabled(&w.namespace))
+    pub fn captured_on<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads
+            .iter()
+            .filter(move |w| w.node == node && self.namespace_enabled(&w.namespace))
     }
 
     /// Resolves an original destination.
     pub fn resolve(&self, orig: SocketAddr) -> Destination {
         match self.services.get(&orig) {
             Some(port) => match port.pick() {
-                Some(endpoint) => Destination::Service { service: port.service.clone(), endpoint },
-                None => Destination::NoEndpoints { service: port.service.clone() },
+                Some(endpoint) => Destination::Service {
+                    service: port.service.clone(),
+                    endpoint,
+                },
+                None => Destination::NoEndpoints {
+                    service: port.service.clone(),
+                },
             },
             None => Destination::Passthrough(orig),
         }
@@ -118,7 +135,10 @@ pub struct Store {
 
 impl Store {
     pub fn new() -> Self {
-        Self { current: ArcSwap::from_pointee(Snapshot::default()), generation: watch::channel(0).0 }
+        Self {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            generation: watch::channel(0).0,
+        }
     }
 
     /// The current snapshot (cheap; never blocks).
@@ -148,9 +168,15 @@ mod tests {
         let b: SocketAddr = "10.0.0.2:8080".parse().expect("addr");
         let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
         let mut snap = Snapshot::default();
-        snap.services.insert(vip, Arc::new(ServicePort::new("shop/api".into(), vec![a, b])));
+        snap.services.insert(
+            vip,
+            Arc::new(ServicePort::new("shop/api".into(), vec![a, b])),
+        );
         let picks: Vec<_> = (0..4).map(|_| snap.resolve(vip)).collect();
-        let ep = |e| Destination::Service { service: "shop/api".into(), endpoint: e };
+        let ep = |e| Destination::Service {
+            service: "shop/api".into(),
+            endpoint: e,
+        };
         assert_eq!(picks, vec![ep(a), ep(b), ep(a), ep(b)]);
         let other: SocketAddr = "10.0.0.9:5432".parse().expect("addr");
         assert_eq!(snap.resolve(other), Destination::Passthrough(other));
@@ -160,7 +186,13 @@ mod tests {
     fn service_without_endpoints() {
         let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
         let mut snap = Snapshot::default();
-        snap.services.insert(vip, Arc::new(ServicePort::new("shop/api".into(), vec![])));
-        assert_eq!(snap.resolve(vip), Destination::NoEndpoints { service: "shop/api".into() });
+        snap.services
+            .insert(vip, Arc::new(ServicePort::new("shop/api".into(), vec![])));
+        assert_eq!(
+            snap.resolve(vip),
+            Destination::NoEndpoints {
+                service: "shop/api".into()
+            }
+        );
     }
 }

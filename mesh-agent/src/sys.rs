@@ -1,6 +1,9 @@
 //! The agent's only unsafe code: entering network namespaces, socket options the standard
 //! library lacks, and one bpf(2) command aya does not wrap. Each block says why it is sound.
-#![expect(unsafe_code, reason = "this module is the agent's designated home for unsafe code")]
+#![expect(
+    unsafe_code,
+    reason = "this module is the agent's designated home for unsafe code"
+)]
 
 use std::{
     fs::File,
@@ -19,7 +22,9 @@ pub struct Netns {
 impl Netns {
     /// Opens a network namespace file (`/run/netns/NAME`, `/proc/PID/ns/net`).
     pub fn open(path: &Path) -> io::Result<Self> {
-        Ok(Self { file: File::open(path)? })
+        Ok(Self {
+            file: File::open(path)?,
+        })
     }
 
     /// The namespace of the calling thread.
@@ -52,7 +57,11 @@ fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: setns takes a valid open fd (borrowed for the call) and a namespace type; it only
     // changes the calling thread's namespace.
     let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): the cookie of the network namespace a socket belongs to,
@@ -60,7 +69,7 @@ fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
+    let mut len = socklen::<u64>();
     // SAFETY: the buffer is a live u64 and `len` holds its exact size.
     let rc = unsafe {
         libc::getsockopt(
@@ -71,7 +80,11 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
             &mut len,
         )
     };
-    if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map (Linux 5.14): reads and removes an entry in
@@ -106,20 +119,27 @@ pub fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
             libc::SYS_bpf,
             BPF_MAP_LOOKUP_AND_DELETE_ELEM,
             &attr as *const Attr,
-            size_of::<Attr>() as u32,
+            socklen::<Attr>(),
         )
     };
     if rc == 0 {
         return Ok(Some(value));
     }
     let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(err) }
+    if err.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(err)
+    }
 }
 
 /// Sets `SO_LINGER` to zero so that dropping the socket sends a reset, which is how a refused
 /// or failed proxied connection is reported to the client.
 pub fn set_linger_zero(socket: BorrowedFd<'_>) -> io::Result<()> {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: the option value is a live `linger` of the size passed.
     let rc = unsafe {
         libc::setsockopt(
@@ -127,10 +147,23 @@ pub fn set_linger_zero(socket: BorrowedFd<'_>) -> io::Result<()> {
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
+            socklen::<libc::linger>(),
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The size of a small fixed struct as a socket-option or bpf(2) attribute length.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "only used for structs of a few bytes"
+)]
+const fn socklen<T>() -> libc::socklen_t {
+    size_of::<T>() as libc::socklen_t
 }
 
 /// `statfs(2)` file system magic of a path.
@@ -141,7 +174,11 @@ pub fn fs_magic(path: &Path) -> io::Result<i64> {
     // SAFETY: statfs writes into a zeroed, properly sized struct; the path is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc == 0 { Ok(st.f_type) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(st.f_type)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The effective user id.

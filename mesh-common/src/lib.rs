@@ -27,7 +27,14 @@ pub mod ports {
     pub const ADMIN: u16 = 15000;
     /// Ports owned by the agent: never steered to the inbound listener and never proxied to,
     /// so that a connection can never loop through the agent.
-    pub const RESERVED: [u16; 6] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE, METRICS, READINESS, ADMIN];
+    pub const RESERVED: [u16; 6] = [
+        OUTBOUND,
+        INBOUND_PLAINTEXT,
+        HBONE,
+        METRICS,
+        READINESS,
+        ADMIN,
+    ];
 }
 
 /// Names of the programs in the eBPF object (`bpftool prog list` shows them; prefix `mesh_`).

@@ -5,16 +5,16 @@
 use core::ptr::{addr_of_mut, write_volatile};
 
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
+    EbpfContext as _,
 };
-use mesh_common::{OrigDst, Reason, direction, family};
+use mesh_common::{direction, family, OrigDst, Reason};
 
 use crate::maps::{
-    MESH_AGENT_TGID, MESH_OUTBOUND_PORT, PENDING, PODS, cidr_excluded, count, is_loopback4,
-    is_loopback6, is_v4_mapped, port_excluded, v4_mapped,
+    cidr_excluded, count, is_loopback4, is_loopback6, is_v4_mapped, port_excluded, v4_mapped,
+    MESH_AGENT_TGID, MESH_OUTBOUND_PORT, PENDING, PODS,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -45,17 +45,35 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     let dst_ip = crate::ctx_field!(sa, user_ip4);
     let dst_port = u16::from_be(crate::ctx_field!(sa, user_port) as u16);
     let protocol = crate::ctx_field!(sa, protocol);
-    if let Some(skip) = should_skip(ctx, protocol, is_loopback4(dst_ip), v4_mapped(dst_ip), dst_port)
-    {
+    if let Some(skip) = should_skip(
+        ctx,
+        protocol,
+        is_loopback4(dst_ip),
+        v4_mapped(dst_ip),
+        dst_port,
+    ) {
         return Ok(skip);
     }
-    remember(ctx, OrigDst { ip: v4_mapped(dst_ip), port: dst_port, family: family::INET })?;
+    remember(
+        ctx,
+        OrigDst {
+            ip: v4_mapped(dst_ip),
+            port: dst_port,
+            family: family::INET,
+        },
+    )?;
     // Separate volatile stores: LLVM may otherwise merge them into one 8-byte store that the
     // verifier rejects for this context.
     // SAFETY: writes to context fields the verifier allows connect4 to rewrite.
     unsafe {
-        write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes([127, 0, 0, 1]));
-        write_volatile(addr_of_mut!((*sa).user_port), u32::from(MESH_OUTBOUND_PORT.load().to_be()));
+        write_volatile(
+            addr_of_mut!((*sa).user_ip4),
+            u32::from_ne_bytes([127, 0, 0, 1]),
+        );
+        write_volatile(
+            addr_of_mut!((*sa).user_port),
+            u32::from(MESH_OUTBOUND_PORT.load().to_be()),
+        );
     }
     Ok(Reason::ConnectRedirected)
 }
@@ -70,17 +88,31 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     }
     let mapped = is_v4_mapped(&dst_ip);
     let fam = if mapped { family::INET } else { family::INET6 };
-    remember(ctx, OrigDst { ip: dst_ip, port: dst_port, family: fam })?;
+    remember(
+        ctx,
+        OrigDst {
+            ip: dst_ip,
+            port: dst_port,
+            family: fam,
+        },
+    )?;
     // A dual-stack socket heading to an IPv4 address goes to the IPv4 listener (::ffff:127.0.0.1),
     // a real IPv6 destination to the IPv6 listener ([::1]).
-    let new_ip = if mapped { v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])) } else { [0, 0, 0, 1u32.to_be()] };
+    let new_ip = if mapped {
+        v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]))
+    } else {
+        [0, 0, 0, 1u32.to_be()]
+    };
     // SAFETY: as in try_connect4; one 4-byte store per word.
     unsafe {
         write_volatile(addr_of_mut!((*sa).user_ip6[0]), new_ip[0]);
         write_volatile(addr_of_mut!((*sa).user_ip6[1]), new_ip[1]);
         write_volatile(addr_of_mut!((*sa).user_ip6[2]), new_ip[2]);
         write_volatile(addr_of_mut!((*sa).user_ip6[3]), new_ip[3]);
-        write_volatile(addr_of_mut!((*sa).user_port), u32::from(MESH_OUTBOUND_PORT.load().to_be()));
+        write_volatile(
+            addr_of_mut!((*sa).user_port),
+            u32::from(MESH_OUTBOUND_PORT.load().to_be()),
+        );
     }
     Ok(Reason::ConnectRedirected)
 }
@@ -124,5 +156,7 @@ fn should_skip(
 fn remember(ctx: &SockAddrContext, orig: OrigDst) -> Result<(), Reason> {
     // SAFETY: the context is a valid sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    PENDING.insert(cookie, orig, 0).map_err(|_| Reason::ConnectErrPendingFull)
+    PENDING
+        .insert(cookie, orig, 0)
+        .map_err(|_| Reason::ConnectErrPendingFull)
 }

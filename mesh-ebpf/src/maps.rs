@@ -2,13 +2,13 @@
 //! from `mesh_common`.
 
 use aya_ebpf::{
-    Global,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    Global,
 };
 use mesh_common::{
-    CidrKey, ConnKey, GLOBAL_SCOPE, ListenerKey, OrigDst, PodAddr, PodConfig, PortKey, Reason,
-    sizes,
+    sizes, CidrKey, ConnKey, ListenerKey, OrigDst, PodAddr, PodConfig, PortKey, Reason,
+    GLOBAL_SCOPE,
 };
 
 /// The agent's thread-group id (init pid namespace): its sockets are never redirected.
@@ -52,10 +52,11 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 /// computed offset (or merging loads).
 #[macro_export]
 macro_rules! ctx_field {
-    ($ptr:expr, $($field:tt)+) => {
+    ($ptr:expr, $($field:tt)+) => {{
+        let ptr = $ptr;
         // SAFETY: the context pointer is valid for the whole program run.
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$($field)+)) }
-    };
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ptr).$($field)+)) }
+    }};
 }
 
 /// Reads a four-word address field of a context, one volatile load per word.
@@ -110,8 +111,18 @@ pub fn is_v4_mapped(ip: &[u32; 4]) -> bool {
 /// Whether `port` is excluded for `direction`, globally or for the pod's scope.
 #[inline(always)]
 pub fn port_excluded(scope: u32, port: u16, direction: u8) -> bool {
-    let global = PortKey { scope: GLOBAL_SCOPE, port, direction, _pad: 0 };
-    let pod = PortKey { scope, port, direction, _pad: 0 };
+    let global = PortKey {
+        scope: GLOBAL_SCOPE,
+        port,
+        direction,
+        _pad: 0,
+    };
+    let pod = PortKey {
+        scope,
+        port,
+        direction,
+        _pad: 0,
+    };
     EXCLUDED_PORTS.get_ptr(global).is_some() || EXCLUDED_PORTS.get_ptr(pod).is_some()
 }
 
@@ -119,7 +130,19 @@ pub fn port_excluded(scope: u32, port: u16, direction: u8) -> bool {
 #[inline(always)]
 pub fn cidr_excluded(scope: u32, ip: [u32; 4]) -> bool {
     // Full-length keys: the trie finds the longest stored prefix that covers them.
-    let global = Key::new(160, CidrKey { scope_be: GLOBAL_SCOPE.to_be(), ip });
-    let pod = Key::new(160, CidrKey { scope_be: scope.to_be(), ip });
+    let global = Key::new(
+        160,
+        CidrKey {
+            scope_be: GLOBAL_SCOPE.to_be(),
+            ip,
+        },
+    );
+    let pod = Key::new(
+        160,
+        CidrKey {
+            scope_be: scope.to_be(),
+            ip,
+        },
+    );
     EXCLUDED_CIDRS.get(&global).is_some() || EXCLUDED_CIDRS.get(&pod).is_some()
 }

@@ -5,9 +5,11 @@
 //! open.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use mesh_common::{ListenerKey, PodAddr, Reason, direction, listener, ports};
+use mesh_common::{direction, listener, ports, ListenerKey, PodAddr, Reason};
 
-use crate::maps::{LISTENERS, POD_ADDRS, count, is_loopback4, is_loopback6, port_excluded, v4_mapped};
+use crate::maps::{
+    count, is_loopback4, is_loopback6, port_excluded, v4_mapped, LISTENERS, POD_ADDRS,
+};
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
@@ -36,10 +38,18 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<Reason, Reason> {
     }
     let (local, remote, loopback) = if crate::ctx_field!(lk, family) == AF_INET {
         let local4 = crate::ctx_field!(lk, local_ip4);
-        (v4_mapped(local4), v4_mapped(crate::ctx_field!(lk, remote_ip4)), is_loopback4(local4))
+        (
+            v4_mapped(local4),
+            v4_mapped(crate::ctx_field!(lk, remote_ip4)),
+            is_loopback4(local4),
+        )
     } else {
         let local6 = crate::ctx_ip6!(lk, local_ip6);
-        (local6, crate::ctx_ip6!(lk, remote_ip6), is_loopback6(&local6))
+        (
+            local6,
+            crate::ctx_ip6!(lk, remote_ip6),
+            is_loopback6(&local6),
+        )
     };
     if loopback || local == remote {
         return Ok(Reason::LookupSkipLocal);
@@ -54,7 +64,10 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<Reason, Reason> {
     if is_reserved(port) || port_excluded(scope, port, direction::INBOUND) {
         return Ok(Reason::LookupSkipExcludedPort);
     }
-    let key = ListenerKey { ip: local, kind: listener::INBOUND_PLAINTEXT };
+    let key = ListenerKey {
+        ip: local,
+        kind: listener::INBOUND_PLAINTEXT,
+    };
     match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
         Ok(()) => Ok(Reason::LookupSteered),
         // -ENOENT: no listener registered for this pod.

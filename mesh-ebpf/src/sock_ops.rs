@@ -5,14 +5,14 @@
 //! sends the final ACK, so the entry exists before the agent can accept the connection.
 
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
+    EbpfContext as _,
 };
-use mesh_common::{ConnKey, Reason, family};
+use mesh_common::{family, ConnKey, Reason};
 
-use crate::maps::{ORIG_DST, PENDING, count, is_v4_mapped, v4_mapped};
+use crate::maps::{count, is_v4_mapped, v4_mapped, ORIG_DST, PENDING};
 
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const AF_INET: u32 = 2;
@@ -49,9 +49,15 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<Reason, Reason> {
         ip,
         // local_port is in host byte order in bpf_sock_ops.
         port: local_port as u16,
-        family: if is_v4_mapped(&ip) { family::INET } else { family::INET6 },
+        family: if is_v4_mapped(&ip) {
+            family::INET
+        } else {
+            family::INET6
+        },
         _pad: 0,
     };
-    ORIG_DST.insert(key, orig, 0).map_err(|_| Reason::SockOpsErrOrigDstFull)?;
+    ORIG_DST
+        .insert(key, orig, 0)
+        .map_err(|_| Reason::SockOpsErrOrigDstFull)?;
     Ok(Reason::SockOpsRecorded)
 }

@@ -107,7 +107,10 @@ impl Running {
     /// Writes one line to the child's stdin; panics if it cannot.
     pub fn write_stdin_line(&mut self, line: &str) {
         use std::io::Write as _;
-        let stdin = self.stdin.as_mut().unwrap_or_else(|| panic!("stdin of {} is closed", self.what));
+        let stdin = self
+            .stdin
+            .as_mut()
+            .unwrap_or_else(|| panic!("stdin of {} is closed", self.what));
         if let Err(e) = writeln!(stdin, "{line}").and_then(|()| stdin.flush()) {
             panic!("writing to the stdin of {}: {e}", self.what);
         }

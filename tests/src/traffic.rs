@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{Lab, Running, labtool_bin};
+use crate::{labtool_bin, Lab, Running};
 
 /// How long a server may take to listen, or a line to appear.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -11,7 +11,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub fn serve(lab: &Lab, pod: &str, port: u16) -> Running {
     let mut server = Running::spawn(
         &format!("echo server in {pod}"),
-        lab.command(pod, labtool_bin()).args(["serve", "--port", &port.to_string()]),
+        lab.command(pod, labtool_bin())
+            .args(["serve", "--port", &port.to_string()]),
     );
     server.wait_line("listening", WAIT);
     server
@@ -22,11 +23,20 @@ pub fn serve(lab: &Lab, pod: &str, port: u16) -> Running {
 pub fn send(lab: &Lab, client: &str, addr: &str, bytes: u64) -> Vec<String> {
     let mut sender = Running::spawn(
         &format!("send from {client} to {addr}"),
-        lab.command(client, labtool_bin()).args(["send", "--to", addr, "--bytes", &bytes.to_string()]),
+        lab.command(client, labtool_bin()).args([
+            "send",
+            "--to",
+            addr,
+            "--bytes",
+            &bytes.to_string(),
+        ]),
     );
     let out = sender.wait_success(Duration::from_secs(60));
     let ok = format!("ok sent={bytes} received={bytes}");
-    assert!(out.iter().any(|l| *l == ok), "send from {client} to {addr}: expected {ok:?} in {out:?}");
+    assert!(
+        out.contains(&ok),
+        "send from {client} to {addr}: expected {ok:?} in {out:?}"
+    );
     out
 }
 

@@ -6,9 +6,9 @@
 use std::{path::PathBuf, time::Duration};
 
 use mesh_lab::{
-    CaptureExclusions, Lab, LabOptions, Running, metric_value,
-    traffic::{WAIT, connected, peer_of, send, serve},
-    wait_until,
+    metric_value,
+    traffic::{connected, peer_of, send, serve, WAIT},
+    wait_until, CaptureExclusions, Lab, LabOptions, Running,
 };
 
 const MIB_64: u64 = 64 << 20;
@@ -18,7 +18,12 @@ fn counter(lab: &Lab, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 fn capture_events(lab: &Lab, node: &str, program: &str, reason: &str) -> f64 {
-    counter(lab, node, "mesh_capture_events_total", &[("program", program), ("reason", reason)])
+    counter(
+        lab,
+        node,
+        "mesh_capture_events_total",
+        &[("program", program), ("reason", reason)],
+    )
 }
 
 fn opened(lab: &Lab, node: &str, direction: &str, pod: &str) -> f64 {
@@ -27,7 +32,11 @@ fn opened(lab: &Lab, node: &str, direction: &str, pod: &str) -> f64 {
         lab,
         node,
         "mesh_tcp_connections_opened_total",
-        &[("direction", direction), ("namespace", namespace), ("workload", workload)],
+        &[
+            ("direction", direction),
+            ("namespace", namespace),
+            ("workload", workload),
+        ],
     )
 }
 
@@ -46,7 +55,11 @@ fn footprint(lab: &Lab) -> Footprint {
         run_dir: lab.run_dir().to_owned(),
         cgroup_dir: lab.cgroup_dir().to_owned(),
         bpf_dir: lab.bpf_dir().to_owned(),
-        agent_pids: lab.nodes().iter().filter_map(|n| lab.agent_pid(&n.name)).collect(),
+        agent_pids: lab
+            .nodes()
+            .iter()
+            .filter_map(|n| lab.agent_pid(&n.name))
+            .collect(),
     }
 }
 
@@ -56,7 +69,10 @@ fn down_and_check_clean(lab: Lab) {
     assert_eq!(f.agent_pids.len(), 2, "both agents were running");
     lab.down();
     let netns = std::fs::read_dir("/run/netns")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect::<Vec<_>>())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     let prefix = format!("mlab-{}-", f.id);
     let left: Vec<_> = netns.iter().filter(|n| n.starts_with(&prefix)).collect();
@@ -65,7 +81,10 @@ fn down_and_check_clean(lab: Lab) {
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
     for pid in f.agent_pids {
-        assert!(!PathBuf::from(format!("/proc/{pid}")).exists(), "agent {pid} still running");
+        assert!(
+            !PathBuf::from(format!("/proc/{pid}")).exists(),
+            "agent {pid} still running"
+        );
     }
 }
 
@@ -82,15 +101,27 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
 
     // Cross node, through the service VIP: 64 MiB each way, checksummed, half-closed.
     let out = send(&lab, "shop/client", &format!("{vip}:80"), MIB_64);
-    assert_eq!(peer_of(connected(&out)), "127.0.0.1:15001", "the connect was not redirected: {out:?}");
+    assert_eq!(
+        peer_of(connected(&out)),
+        "127.0.0.1:15001",
+        "the connect was not redirected: {out:?}"
+    );
     // Same node, straight to the pod address.
     let out = send(&lab, "shop/client", &format!("{db_ip}:9090"), MIB_64);
-    assert_eq!(peer_of(connected(&out)), "127.0.0.1:15001", "the connect was not redirected: {out:?}");
+    assert_eq!(
+        peer_of(connected(&out)),
+        "127.0.0.1:15001",
+        "the connect was not redirected: {out:?}"
+    );
 
     // The client's agent logged both original destinations and the chosen endpoint.
     let api_ip = lab.pod("shop/api").ip;
     wait_until("n1 to log both connections closed", WAIT, || {
-        lab.agent_log("n1").lines().filter(|l| l.contains("pod=shop/client") && l.contains("connection closed")).count() >= 2
+        lab.agent_log("n1")
+            .lines()
+            .filter(|l| l.contains("pod=shop/client") && l.contains("connection closed"))
+            .count()
+            >= 2
     });
     let log = lab.agent_log("n1");
     let line = log
@@ -98,22 +129,57 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
         .find(|l| l.contains(&format!("orig_dst={vip}:80")) && l.contains("connection closed"))
         .unwrap_or_else(|| panic!("n1 did not log orig_dst={vip}:80:\n{log}"));
     assert!(line.contains(&format!("endpoint={api_ip}:8080")), "{line}");
-    assert!(line.contains(&format!("sent={MIB_64} received={MIB_64}")), "{line}");
-    assert!(log.contains(&format!("orig_dst={db_ip}:9090")), "n1 did not log orig_dst={db_ip}:9090:\n{log}");
+    assert!(
+        line.contains(&format!("sent={MIB_64} received={MIB_64}")),
+        "{line}"
+    );
+    assert!(
+        log.contains(&format!("orig_dst={db_ip}:9090")),
+        "n1 did not log orig_dst={db_ip}:9090:\n{log}"
+    );
 
     // Metrics prove it on both ends.
     assert_eq!(opened(&lab, "n1", "outbound", "shop/client"), 2.0);
     assert!(capture_events(&lab, "n1", "connect", "redirected") >= 2.0);
     assert!(capture_events(&lab, "n1", "sock_ops", "recorded") >= 2.0);
     assert_eq!(
-        counter(&lab, "n1", "mesh_tcp_sent_bytes_total", &[("direction", "outbound"), ("workload", "client")]),
+        counter(
+            &lab,
+            "n1",
+            "mesh_tcp_sent_bytes_total",
+            &[("direction", "outbound"), ("workload", "client")]
+        ),
         2.0 * MIB_64 as f64
     );
-    assert_eq!(opened(&lab, "n2", "inbound", "shop/api"), 1.0, "n2 did not capture the inbound side");
-    assert_eq!(opened(&lab, "n1", "inbound", "shop/db"), 1.0, "n1 did not capture the inbound side of db");
+    assert_eq!(
+        opened(&lab, "n2", "inbound", "shop/api"),
+        1.0,
+        "n2 did not capture the inbound side"
+    );
+    assert_eq!(
+        opened(&lab, "n1", "inbound", "shop/db"),
+        1.0,
+        "n1 did not capture the inbound side of db"
+    );
     assert!(capture_events(&lab, "n2", "sk_lookup", "steered") >= 1.0);
-    assert_eq!(counter(&lab, "n1", "mesh_outbound_routes_total", &[("workload", "client"), ("route", "service")]), 1.0);
-    assert_eq!(counter(&lab, "n1", "mesh_outbound_routes_total", &[("workload", "client"), ("route", "passthrough")]), 1.0);
+    assert_eq!(
+        counter(
+            &lab,
+            "n1",
+            "mesh_outbound_routes_total",
+            &[("workload", "client"), ("route", "service")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &lab,
+            "n1",
+            "mesh_outbound_routes_total",
+            &[("workload", "client"), ("route", "passthrough")]
+        ),
+        1.0
+    );
     down_and_check_clean(lab);
 }
 
@@ -131,12 +197,17 @@ fn inbound_from_an_unmeshed_client_is_captured_by_sk_lookup() {
     assert_eq!(peer_of(connected(&out)), format!("{}:8080", api.ip));
     // ...but the application received the connection from the agent (inside its own pod).
     let accepted = server.wait_line("accepted", WAIT);
-    assert!(peer_of(&accepted).starts_with(&format!("{}:", api.ip)), "not delivered by the agent: {accepted}");
+    assert!(
+        peer_of(&accepted).starts_with(&format!("{}:", api.ip)),
+        "not delivered by the agent: {accepted}"
+    );
     assert_eq!(opened(&lab, "n2", "inbound", "shop/api"), 1.0);
     assert!(capture_events(&lab, "n2", "sk_lookup", "steered") >= 1.0);
     let log = lab.agent_log("n2");
     assert!(
-        log.lines().any(|l| l.contains("inbound{pod=shop/api") && l.contains(&format!("src={}:", legacy.ip))),
+        log.lines()
+            .any(|l| l.contains("inbound{pod=shop/api")
+                && l.contains(&format!("src={}:", legacy.ip))),
         "n2 did not log the inbound connection from {}:\n{log}",
         legacy.ip
     );
@@ -153,10 +224,18 @@ fn unmeshed_pods_and_loopback_are_not_captured() {
     let legacy_client = lab.pod("legacy/client").ip;
     let legacy_server = lab.pod("legacy/server").ip;
     let mut server = serve(&lab, "legacy/server", 8080);
-    let out = send(&lab, "legacy/client", &format!("{legacy_server}:8080"), 1 << 20);
+    let out = send(
+        &lab,
+        "legacy/client",
+        &format!("{legacy_server}:8080"),
+        1 << 20,
+    );
     assert_eq!(peer_of(connected(&out)), format!("{legacy_server}:8080"));
     let accepted = server.wait_line("accepted", WAIT);
-    assert!(peer_of(&accepted).starts_with(&format!("{legacy_client}:")), "{accepted}");
+    assert!(
+        peer_of(&accepted).starts_with(&format!("{legacy_client}:")),
+        "{accepted}"
+    );
 
     // Loopback inside a captured pod stays on loopback.
     let skipped = capture_events(&lab, "n1", "connect", "skip_loopback");
@@ -168,8 +247,14 @@ fn unmeshed_pods_and_loopback_are_not_captured() {
 
     for node in ["n1", "n2"] {
         let metrics = lab.metrics(node);
-        assert!(!metrics.contains("namespace=\"legacy\""), "{node} has metrics for legacy pods:\n{metrics}");
-        assert_eq!(metric_value(&metrics, "mesh_tcp_connections_opened_total", &[]).unwrap_or(0.0), 0.0);
+        assert!(
+            !metrics.contains("namespace=\"legacy\""),
+            "{node} has metrics for legacy pods:\n{metrics}"
+        );
+        assert_eq!(
+            metric_value(&metrics, "mesh_tcp_connections_opened_total", &[]).unwrap_or(0.0),
+            0.0
+        );
     }
     down_and_check_clean(lab);
 }
@@ -188,7 +273,12 @@ fn excluded_ports_and_cidrs_are_not_captured() {
         ..LabOptions::default()
     };
     // shop/db alone excludes the other node's pod subnet, and inbound port 7003.
-    let db = opts.topology.pods.iter_mut().find(|p| p.namespace == "shop" && p.name == "db").expect("shop/db");
+    let db = opts
+        .topology
+        .pods
+        .iter_mut()
+        .find(|p| p.namespace == "shop" && p.name == "db")
+        .expect("shop/db");
     db.capture = Some(CaptureExclusions {
         exclude_outbound_cidrs: vec!["10.240.2.0/24".into()],
         exclude_inbound_ports: vec![7003],
@@ -234,36 +324,55 @@ fn excluded_ports_and_cidrs_are_not_captured() {
 
 #[test]
 fn enabling_captures_a_running_pod_and_disabling_keeps_established_connections() {
-    if !mesh_lab::require_privileged("enabling_captures_a_running_pod_and_disabling_keeps_established_connections") {
+    if !mesh_lab::require_privileged(
+        "enabling_captures_a_running_pod_and_disabling_keeps_established_connections",
+    ) {
         return;
     }
     let lab = Lab::up(LabOptions::default());
     let server_ip = lab.pod("legacy/server").ip;
     let target = format!("{server_ip}:8080");
     let _server = serve(&lab, "legacy/server", 8080);
-    let captured = |node: &str| metric_value(&lab.metrics(node), "mesh_captured_pods", &[]).unwrap_or(-1.0);
+    let captured =
+        |node: &str| metric_value(&lab.metrics(node), "mesh_captured_pods", &[]).unwrap_or(-1.0);
     assert_eq!(captured("n1"), 2.0, "n1 captures shop/client and shop/db");
 
     // A long-running process in legacy/client, started before its namespace is enabled.
     let mut shell = Running::spawn(
         "long-running process in legacy/client",
-        lab.command("legacy/client", "sh").args(["-c", "read line; exec \"$@\"", "sh"]).arg(mesh_lab::labtool_bin()).args(["stream", "--to", &target]),
+        lab.command("legacy/client", "sh")
+            .args(["-c", "read line; exec \"$@\"", "sh"])
+            .arg(mesh_lab::labtool_bin())
+            .args(["stream", "--to", &target]),
     );
     lab.set_namespace_enabled("legacy", true);
-    wait_until("n1 and n2 to capture the legacy pods", Duration::from_secs(10), || {
-        captured("n1") == 3.0 && captured("n2") == 2.0
-    });
+    wait_until(
+        "n1 and n2 to capture the legacy pods",
+        Duration::from_secs(10),
+        || captured("n1") == 3.0 && captured("n2") == 2.0,
+    );
     // The same process (not restarted) now opens a connection: it is captured.
     shell.write_stdin_line("go");
     let line = shell.wait_line("connected", WAIT);
-    assert_eq!(peer_of(&line), "127.0.0.1:15001", "the running pod was not captured: {line}");
+    assert_eq!(
+        peer_of(&line),
+        "127.0.0.1:15001",
+        "the running pod was not captured: {line}"
+    );
     shell.wait_line("progress", WAIT);
     assert_eq!(opened(&lab, "n1", "outbound", "legacy/client"), 1.0);
 
     // Disable: the pod is released, the established connection keeps transferring.
     lab.set_namespace_enabled("legacy", false);
-    wait_until("n1 to release legacy/client", Duration::from_secs(10), || captured("n1") == 2.0);
-    wait_until("n1 to log the release", WAIT, || lab.agent_log("n1").contains("pod released pod=legacy/client"));
+    wait_until(
+        "n1 to release legacy/client",
+        Duration::from_secs(10),
+        || captured("n1") == 2.0,
+    );
+    wait_until("n1 to log the release", WAIT, || {
+        lab.agent_log("n1")
+            .contains("pod released pod=legacy/client")
+    });
     let before = progress(&shell.wait_line("progress", WAIT));
     let after = loop {
         let now = progress(&shell.wait_line("progress", WAIT));
@@ -283,5 +392,7 @@ fn enabling_captures_a_running_pod_and_disabling_keeps_established_connections()
 }
 
 fn progress(line: &str) -> u64 {
-    line.trim_start_matches("progress bytes=").parse().unwrap_or_else(|_| panic!("bad progress line {line:?}"))
+    line.trim_start_matches("progress bytes=")
+        .parse()
+        .unwrap_or_else(|_| panic!("bad progress line {line:?}"))
 }

@@ -3,8 +3,8 @@
 use std::{path::Path, time::Duration};
 
 use mesh_lab::{
-    Lab, LabOptions, Running,
     traffic::{send, serve},
+    Lab, LabOptions, Running,
 };
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_mesh-labtool");

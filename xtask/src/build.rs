@@ -9,11 +9,14 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{bail, Context as _};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Where `build-ebpf` leaves the object (mesh-agent's build.rs reads it from here).
@@ -23,7 +26,9 @@ pub fn ebpf_object() -> PathBuf {
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
     if !status.success() {
         bail!("{shown} failed ({status})");
     }
@@ -32,9 +37,14 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let shown = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("cannot start {shown}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {shown}"))?;
     if !out.status.success() {
-        bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{shown} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
@@ -50,15 +60,33 @@ fn ensure_toolchain() -> anyhow::Result<()> {
              --component rust-src`), then run this again"
         );
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: installing rust-src for the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
-    eprintln!("xtask: installing bpf-linker 0.13.0 against the nightly toolchain's LLVM (about a minute)");
+    eprintln!(
+        "xtask: installing bpf-linker 0.13.0 against the nightly toolchain's LLVM (about a minute)"
+    );
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let lib = Path::new(&sysroot).join("lib");
     let llvm = std::fs::read_dir(&lib)
@@ -66,8 +94,16 @@ fn ensure_toolchain() -> anyhow::Result<()> {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
         .find(|n| n.starts_with("libLLVM") && n.ends_with(".so"))
-        .with_context(|| format!("no libLLVM*.so in {}: the nightly toolchain lacks its LLVM library", lib.display()))?;
-    let llvm = llvm.trim_start_matches("lib").trim_end_matches(".so").to_owned();
+        .with_context(|| {
+            format!(
+                "no libLLVM*.so in {}: the nightly toolchain lacks its LLVM library",
+                lib.display()
+            )
+        })?;
+    let llvm = llvm
+        .trim_start_matches("lib")
+        .trim_end_matches(".so")
+        .to_owned();
     let major = llvm
         .trim_start_matches("LLVM-")
         .split(|c: char| !c.is_ascii_digit())
@@ -75,9 +111,21 @@ fn ensure_toolchain() -> anyhow::Result<()> {
         .filter(|m| !m.is_empty())
         .with_context(|| format!("cannot read the LLVM version from {llvm}"))?
         .to_owned();
-    let rustflags = format!("-L {} -l dylib={llvm} -C link-arg=-Wl,-rpath,{}", lib.display(), lib.display());
+    let rustflags = format!(
+        "-L {} -l dylib={llvm} -C link-arg=-Wl,-rpath,{}",
+        lib.display(),
+        lib.display()
+    );
     run(Command::new("cargo")
-        .args(["+nightly", "install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features"])
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major},no-llvm-linking"))
         .env("RUSTFLAGS", rustflags))
     .context("installing bpf-linker failed: it needs network access to crates.io and a C toolchain")
@@ -89,14 +137,25 @@ pub fn ebpf() -> anyhow::Result<()> {
     let dir = root().join("mesh-ebpf");
     run(Command::new("cargo")
         .current_dir(&dir)
-        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         // The host's flags (e.g. from a developer's environment) must not reach the BPF target.
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR"))?;
     let object = ebpf_object();
     if !object.is_file() {
-        bail!("the eBPF build succeeded but {} is missing", object.display());
+        bail!(
+            "the eBPF build succeeded but {} is missing",
+            object.display()
+        );
     }
     eprintln!("xtask: eBPF object at {}", object.display());
     Ok(())
@@ -105,5 +164,7 @@ pub fn ebpf() -> anyhow::Result<()> {
 /// `cargo xtask build`: the eBPF object and the release binaries.
 pub fn all() -> anyhow::Result<()> {
     ebpf()?;
-    run(Command::new("cargo").current_dir(root()).args(["build", "--release", "--bins"]))
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--release", "--bins"]))
 }

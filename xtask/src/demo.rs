@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mesh_lab::{Lab, LabOptions, metric_value, traffic};
+use mesh_lab::{metric_value, traffic, Lab, LabOptions};
 
 use crate::build;
 
@@ -17,10 +17,18 @@ pub fn run() -> anyhow::Result<()> {
         anyhow::bail!("the demo needs root (network namespaces, cgroups, eBPF)");
     }
     println!("\n== bringing up the lab: nodes n1, n2; meshed namespace shop, unmeshed legacy ==");
-    let lab = Lab::try_up(LabOptions { id: Some("demo".into()), ..LabOptions::default() })?;
+    let lab = Lab::try_up(LabOptions {
+        id: Some("demo".into()),
+        ..LabOptions::default()
+    })?;
     let vip = lab.service_vip("shop/api");
     for pod in lab.pods() {
-        println!("  pod {:<14} node {}  ip {}", pod.full_name(), pod.node, pod.ip);
+        println!(
+            "  pod {:<14} node {}  ip {}",
+            pod.full_name(),
+            pod.node,
+            pod.ip
+        );
     }
     println!("  service shop/api  vip {vip}:80 -> shop/api:8080");
 
@@ -33,25 +41,57 @@ pub fn run() -> anyhow::Result<()> {
     println!("  (the client's socket is connected to 127.0.0.1:15001: mesh_connect4 redirected it to the agent inside the pod)");
 
     println!("\n== agent n1 (client side) ==");
-    mesh_lab::wait_until("the agents to log the connection", Duration::from_secs(10), || {
-        lab.agent_log("n1").contains("connection closed") && lab.agent_log("n2").contains("connection closed")
-    });
+    mesh_lab::wait_until(
+        "the agents to log the connection",
+        Duration::from_secs(10),
+        || {
+            lab.agent_log("n1").contains("connection closed")
+                && lab.agent_log("n2").contains("connection closed")
+        },
+    );
     print_matching(&lab.agent_log("n1"), "outbound{");
     println!("\n== agent n2 (server side, inbound through mesh_sk_lookup) ==");
     print_matching(&lab.agent_log("n2"), "inbound{");
 
     for (node, series) in [
-        ("n1", vec![
-            ("mesh_capture_events_total", vec![("program", "connect"), ("reason", "redirected")]),
-            ("mesh_capture_events_total", vec![("program", "sock_ops"), ("reason", "recorded")]),
-            ("mesh_tcp_connections_opened_total", vec![("direction", "outbound"), ("workload", "client")]),
-            ("mesh_tcp_sent_bytes_total", vec![("direction", "outbound"), ("workload", "client")]),
-        ]),
-        ("n2", vec![
-            ("mesh_capture_events_total", vec![("program", "sk_lookup"), ("reason", "steered")]),
-            ("mesh_tcp_connections_opened_total", vec![("direction", "inbound"), ("workload", "api")]),
-            ("mesh_tcp_received_bytes_total", vec![("direction", "inbound"), ("workload", "api")]),
-        ]),
+        (
+            "n1",
+            vec![
+                (
+                    "mesh_capture_events_total",
+                    vec![("program", "connect"), ("reason", "redirected")],
+                ),
+                (
+                    "mesh_capture_events_total",
+                    vec![("program", "sock_ops"), ("reason", "recorded")],
+                ),
+                (
+                    "mesh_tcp_connections_opened_total",
+                    vec![("direction", "outbound"), ("workload", "client")],
+                ),
+                (
+                    "mesh_tcp_sent_bytes_total",
+                    vec![("direction", "outbound"), ("workload", "client")],
+                ),
+            ],
+        ),
+        (
+            "n2",
+            vec![
+                (
+                    "mesh_capture_events_total",
+                    vec![("program", "sk_lookup"), ("reason", "steered")],
+                ),
+                (
+                    "mesh_tcp_connections_opened_total",
+                    vec![("direction", "inbound"), ("workload", "api")],
+                ),
+                (
+                    "mesh_tcp_received_bytes_total",
+                    vec![("direction", "inbound"), ("workload", "api")],
+                ),
+            ],
+        ),
     ] {
         println!("\n== metrics of agent {node} (GET :15020/metrics) ==");
         let text = lab.metrics(node);

@@ -10,20 +10,46 @@ pub fn run_all() -> anyhow::Result<()> {
     let root = root();
     build::ebpf()?;
     step("format (rustfmt, nightly for the import options in rustfmt.toml)");
-    run(Command::new("cargo").current_dir(&root).args(["+nightly", "fmt", "--all", "--check"]))?;
-    run(Command::new("cargo").current_dir(root.join("mesh-ebpf")).args(["+nightly", "fmt", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["+nightly", "fmt", "--all", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(root.join("mesh-ebpf"))
+        .args(["+nightly", "fmt", "--check"]))?;
     step("clippy (host crates)");
-    run(Command::new("cargo").current_dir(&root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     step("clippy (eBPF programs)");
     run(Command::new("cargo")
         .current_dir(root.join("mesh-ebpf"))
-        .args(["+nightly", "clippy", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"])
+        .args([
+            "+nightly",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR"))?;
     step("build (debug binaries the lab runs)");
-    run(Command::new("cargo").current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--workspace", "--bins"]))?;
     step("unit and end-to-end tests");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     run(Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--", "--test-threads=2"])

@@ -15,15 +15,15 @@ use std::{
 };
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, cgroup_sock_addr::CgroupSockAddrLinkId,
-    sk_lookup::SkLookupLinkId, sock_ops::SockOpsLinkId,
+    cgroup_sock_addr::CgroupSockAddrLinkId, sk_lookup::SkLookupLinkId, sock_ops::SockOpsLinkId,
+    CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
 };
-use mesh_common::{ListenerKey, PodAddr, PodConfig, listener, ports, programs};
+use mesh_common::{listener, ports, programs, ListenerKey, PodAddr, PodConfig};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::{Error, ebpf::Loaded, mapped_words};
+use super::{ebpf::Loaded, mapped_words, Error};
 use crate::{proxy, state::Workload, sys::Netns};
 
 #[derive(Debug, Default)]
@@ -53,7 +53,9 @@ impl CapturedPod {
 
     /// Whether the workload still attaches the same way (same namespace file, cgroup, addresses).
     pub fn same_attachment(&self, w: &Workload) -> bool {
-        self.workload.netns == w.netns && self.workload.cgroup == w.cgroup && self.workload.ips == w.ips
+        self.workload.netns == w.netns
+            && self.workload.cgroup == w.cgroup
+            && self.workload.ips == w.ips
     }
 
     pub fn capture(
@@ -71,15 +73,23 @@ impl CapturedPod {
                 root: cgroup_root.to_owned(),
             });
         }
-        let cgroup = File::open(&workload.cgroup)
-            .map_err(|source| Error::Cgroup { pod: pod.clone(), path: workload.cgroup.clone(), source })?;
-        let netns = Arc::new(
-            Netns::open(&workload.netns)
-                .map_err(|source| Error::Netns { pod: pod.clone(), path: workload.netns.clone(), source })?,
-        );
+        let cgroup = File::open(&workload.cgroup).map_err(|source| Error::Cgroup {
+            pod: pod.clone(),
+            path: workload.cgroup.clone(),
+            source,
+        })?;
+        let netns = Arc::new(Netns::open(&workload.netns).map_err(|source| Error::Netns {
+            pod: pod.clone(),
+            path: workload.netns.clone(),
+            source,
+        })?);
         let listeners = open_listeners(&pod, &netns, &inputs.home, &workload.ips)?;
         let netns_cookie = crate::sys::netns_cookie(std::os::fd::AsFd::as_fd(&listeners.outbound4))
-            .map_err(|source| Error::Listener { pod: pod.clone(), addr: local(&listeners.outbound4), source })?;
+            .map_err(|source| Error::Listener {
+                pod: pod.clone(),
+                addr: local(&listeners.outbound4),
+                source,
+            })?;
         let (stop, stopped) = watch::channel(false);
         let mut captured = Self {
             workload: workload.clone(),
@@ -93,58 +103,127 @@ impl CapturedPod {
             captured.release(loaded);
             return Err(e);
         }
-        let ctx = Arc::new(proxy::Pod::new(workload, netns, netns_cookie, &inputs.metrics));
-        for l in [Some(listeners.outbound4), listeners.outbound6] .into_iter().flatten() {
+        let ctx = Arc::new(proxy::Pod::new(
+            workload,
+            netns,
+            netns_cookie,
+            &inputs.metrics,
+        ));
+        for l in [Some(listeners.outbound4), listeners.outbound6]
+            .into_iter()
+            .flatten()
+        {
             proxy::spawn_outbound(l, ctx.clone(), inputs.clone(), stopped.clone());
         }
-        for l in [listeners.inbound4, listeners.inbound6].into_iter().flatten() {
+        for l in [listeners.inbound4, listeners.inbound6]
+            .into_iter()
+            .flatten()
+        {
             proxy::spawn_inbound(l, ctx.clone(), inputs.clone(), stopped.clone());
         }
         Ok(captured)
     }
 
-    fn install(&mut self, loaded: &mut Loaded, cgroup: &File, netns: &Netns, l: &Listeners) -> Result<(), Error> {
+    fn install(
+        &mut self,
+        loaded: &mut Loaded,
+        cgroup: &File,
+        netns: &Netns,
+        l: &Listeners,
+    ) -> Result<(), Error> {
         let pod = self.workload.key();
-        let map_err = |map: &'static str| move |e: aya::maps::MapError| Error::Map { map, message: e.to_string() };
+        let map_err = |map: &'static str| {
+            move |e: aya::maps::MapError| Error::Map {
+                map,
+                message: e.to_string(),
+            }
+        };
         for ip in &self.workload.ips {
             let sock = match ip {
                 IpAddr::V4(_) => l.inbound4.as_ref(),
                 IpAddr::V6(_) => l.inbound6.as_ref(),
             };
             let Some(sock) = sock else { continue };
-            let key = ListenerKey { ip: mapped_words(*ip), kind: listener::INBOUND_PLAINTEXT };
-            loaded.listeners.insert(key, sock.as_raw_fd(), 0).map_err(map_err(mesh_common::maps::LISTENERS))?;
+            let key = ListenerKey {
+                ip: mapped_words(*ip),
+                kind: listener::INBOUND_PLAINTEXT,
+            };
+            loaded
+                .listeners
+                .insert(key, sock.as_raw_fd(), 0)
+                .map_err(map_err(mesh_common::maps::LISTENERS))?;
             self.listener_keys.push(key);
         }
-        let config = PodConfig { scope: self.scope, flags: 0 };
+        let config = PodConfig {
+            scope: self.scope,
+            flags: 0,
+        };
         loaded.set_exclusions(self.scope, &self.workload.capture, true)?;
-        loaded.pods.insert(self.netns_cookie, config, 0).map_err(map_err(mesh_common::maps::PODS))?;
+        loaded
+            .pods
+            .insert(self.netns_cookie, config, 0)
+            .map_err(map_err(mesh_common::maps::PODS))?;
         for ip in &self.workload.ips {
             loaded
                 .pod_addrs
-                .insert(PodAddr { ip: mapped_words(*ip) }, config, 0)
+                .insert(
+                    PodAddr {
+                        ip: mapped_words(*ip),
+                    },
+                    config,
+                    0,
+                )
                 .map_err(map_err(mesh_common::maps::POD_ADDRS))?;
         }
         let attach_err = |program: &'static str| {
             let pod = pod.clone();
-            move |e: aya::programs::ProgramError| Error::Attach { pod, program, message: super::chain(&e) }
+            move |e: aya::programs::ProgramError| Error::Attach {
+                pod,
+                program,
+                message: super::chain(&e),
+            }
         };
-        let p: &mut SkLookup = loaded.program(programs::SK_LOOKUP)?.try_into().map_err(attach_err(programs::SK_LOOKUP))?;
+        let p: &mut SkLookup = loaded
+            .program(programs::SK_LOOKUP)?
+            .try_into()
+            .map_err(attach_err(programs::SK_LOOKUP))?;
         self.links.sk_lookup = Some(p.attach(netns).map_err(attach_err(programs::SK_LOOKUP))?);
         // Cgroup BPF links always coexist with other programs (multi-attach); the link API
         // takes no flags, which is what `Single` passes.
         let mode = CgroupAttachMode::Single;
-        let p: &mut SockOps = loaded.program(programs::SOCK_OPS)?.try_into().map_err(attach_err(programs::SOCK_OPS))?;
-        self.links.sock_ops = Some(p.attach(cgroup, mode).map_err(attach_err(programs::SOCK_OPS))?);
-        let p: &mut CgroupSockAddr = loaded.program(programs::CONNECT6)?.try_into().map_err(attach_err(programs::CONNECT6))?;
-        self.links.connect6 = Some(p.attach(cgroup, mode).map_err(attach_err(programs::CONNECT6))?);
-        let p: &mut CgroupSockAddr = loaded.program(programs::CONNECT4)?.try_into().map_err(attach_err(programs::CONNECT4))?;
-        self.links.connect4 = Some(p.attach(cgroup, mode).map_err(attach_err(programs::CONNECT4))?);
+        let p: &mut SockOps = loaded
+            .program(programs::SOCK_OPS)?
+            .try_into()
+            .map_err(attach_err(programs::SOCK_OPS))?;
+        self.links.sock_ops = Some(
+            p.attach(cgroup, mode)
+                .map_err(attach_err(programs::SOCK_OPS))?,
+        );
+        let p: &mut CgroupSockAddr = loaded
+            .program(programs::CONNECT6)?
+            .try_into()
+            .map_err(attach_err(programs::CONNECT6))?;
+        self.links.connect6 = Some(
+            p.attach(cgroup, mode)
+                .map_err(attach_err(programs::CONNECT6))?,
+        );
+        let p: &mut CgroupSockAddr = loaded
+            .program(programs::CONNECT4)?
+            .try_into()
+            .map_err(attach_err(programs::CONNECT4))?;
+        self.links.connect4 = Some(
+            p.attach(cgroup, mode)
+                .map_err(attach_err(programs::CONNECT4))?,
+        );
         Ok(())
     }
 
     /// Applies changed per-pod exclusions in place.
-    pub fn update_exclusions(&mut self, loaded: &mut Loaded, w: &Arc<Workload>) -> Result<(), Error> {
+    pub fn update_exclusions(
+        &mut self,
+        loaded: &mut Loaded,
+        w: &Arc<Workload>,
+    ) -> Result<(), Error> {
         if self.workload.capture == w.capture {
             return Ok(());
         }
@@ -159,7 +238,9 @@ impl CapturedPod {
         let pod = self.workload.key();
         let warn_err = |what: &str, e: &dyn std::fmt::Display| warn!(%pod, what, error = %e, "release step failed");
         for ip in &self.workload.ips {
-            if let Err(e) = loaded.pod_addrs.remove(&PodAddr { ip: mapped_words(*ip) }) {
+            if let Err(e) = loaded.pod_addrs.remove(&PodAddr {
+                ip: mapped_words(*ip),
+            }) {
                 warn_err("pod address entry", &e);
             }
         }
@@ -167,7 +248,10 @@ impl CapturedPod {
             warn_err("pod entry", &e);
         }
         let links = std::mem::take(&mut self.links);
-        let mut detach = |name: &'static str, f: &mut dyn FnMut(&mut aya::programs::Program) -> Result<(), aya::programs::ProgramError>| {
+        let mut detach = |name: &'static str,
+                          f: &mut dyn FnMut(
+            &mut aya::programs::Program,
+        ) -> Result<(), aya::programs::ProgramError>| {
             match loaded.program(name) {
                 Ok(p) => {
                     if let Err(e) = f(p) {
@@ -179,19 +263,27 @@ impl CapturedPod {
         };
         if let Some(id) = links.connect4 {
             let mut id = Some(id);
-            detach(programs::CONNECT4, &mut |p| <&mut CgroupSockAddr>::try_from(p)?.detach(id.take().expect("once")));
+            detach(programs::CONNECT4, &mut |p| {
+                <&mut CgroupSockAddr>::try_from(p)?.detach(id.take().expect("once"))
+            });
         }
         if let Some(id) = links.connect6 {
             let mut id = Some(id);
-            detach(programs::CONNECT6, &mut |p| <&mut CgroupSockAddr>::try_from(p)?.detach(id.take().expect("once")));
+            detach(programs::CONNECT6, &mut |p| {
+                <&mut CgroupSockAddr>::try_from(p)?.detach(id.take().expect("once"))
+            });
         }
         if let Some(id) = links.sock_ops {
             let mut id = Some(id);
-            detach(programs::SOCK_OPS, &mut |p| <&mut SockOps>::try_from(p)?.detach(id.take().expect("once")));
+            detach(programs::SOCK_OPS, &mut |p| {
+                <&mut SockOps>::try_from(p)?.detach(id.take().expect("once"))
+            });
         }
         if let Some(id) = links.sk_lookup {
             let mut id = Some(id);
-            detach(programs::SK_LOOKUP, &mut |p| <&mut SkLookup>::try_from(p)?.detach(id.take().expect("once")));
+            detach(programs::SK_LOOKUP, &mut |p| {
+                <&mut SkLookup>::try_from(p)?.detach(id.take().expect("once"))
+            });
         }
         for key in &self.listener_keys {
             if let Err(e) = loaded.listeners.remove(key) {
@@ -215,10 +307,21 @@ struct Listeners {
     inbound6: Option<std::net::TcpListener>,
 }
 
-fn open_listeners(pod: &str, netns: &Netns, home: &Netns, ips: &[IpAddr]) -> Result<Listeners, Error> {
+fn open_listeners(
+    pod: &str,
+    netns: &Netns,
+    home: &Netns,
+    ips: &[IpAddr],
+) -> Result<Listeners, Error> {
     let lo4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let lo6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
-    let listen_err = |addr: SocketAddr| move |source| Error::Listener { pod: pod.to_owned(), addr, source };
+    let listen_err = |addr: SocketAddr| {
+        move |source| Error::Listener {
+            pod: pod.to_owned(),
+            addr,
+            source,
+        }
+    };
     let out4 = SocketAddr::new(lo4, ports::OUTBOUND);
     let in4 = SocketAddr::new(lo4, ports::INBOUND_PLAINTEXT);
     let out6 = SocketAddr::new(lo6, ports::OUTBOUND);
@@ -228,7 +331,9 @@ fn open_listeners(pod: &str, netns: &Netns, home: &Netns, ips: &[IpAddr]) -> Res
     netns
         .run(home, || {
             let outbound4 = listen(out4).map_err(listen_err(out4))?;
-            let inbound4 = has_v4.then(|| listen(in4).map_err(listen_err(in4))).transpose()?;
+            let inbound4 = has_v4
+                .then(|| listen(in4).map_err(listen_err(in4)))
+                .transpose()?;
             // IPv6 loopback exists only where IPv6 is enabled in the pod; without it no IPv6
             // connection can be made, so there is nothing to capture.
             let outbound6 = match listen(out6) {
@@ -236,10 +341,21 @@ fn open_listeners(pod: &str, netns: &Netns, home: &Netns, ips: &[IpAddr]) -> Res
                 Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => None,
                 Err(e) => return Err(listen_err(out6)(e)),
             };
-            let inbound6 = has_v6.then(|| listen(in6).map_err(listen_err(in6))).transpose()?;
-            Ok(Listeners { outbound4, outbound6, inbound4, inbound6 })
+            let inbound6 = has_v6
+                .then(|| listen(in6).map_err(listen_err(in6)))
+                .transpose()?;
+            Ok(Listeners {
+                outbound4,
+                outbound6,
+                inbound4,
+                inbound6,
+            })
         })
-        .map_err(|source| Error::Netns { pod: pod.to_owned(), path: "setns".into(), source })?
+        .map_err(|source| Error::Netns {
+            pod: pod.to_owned(),
+            path: "setns".into(),
+            source,
+        })?
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -255,5 +371,6 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 fn local(l: &std::net::TcpListener) -> SocketAddr {
-    l.local_addr().unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+    l.local_addr()
+        .unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
 }

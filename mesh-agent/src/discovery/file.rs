@@ -88,8 +88,15 @@ impl TryFrom<StateFile> for Snapshot {
             if ns.name.is_empty() {
                 return Err(format!("namespaces[{i}].name is empty"));
             }
-            if snap.namespaces.insert(ns.name.clone(), ns.enabled).is_some() {
-                return Err(format!("namespaces[{i}]: namespace {} is listed twice", ns.name));
+            if snap
+                .namespaces
+                .insert(ns.name.clone(), ns.enabled)
+                .is_some()
+            {
+                return Err(format!(
+                    "namespaces[{i}]: namespace {} is listed twice",
+                    ns.name
+                ));
             }
         }
         let mut names = HashSet::new();
@@ -98,7 +105,9 @@ impl TryFrom<StateFile> for Snapshot {
             let key = format!("{}/{}", w.namespace, w.name);
             let at = format!("workloads[{i}] ({key})");
             if w.name.is_empty() || w.namespace.is_empty() {
-                return Err(format!("workloads[{i}]: name and namespace must not be empty"));
+                return Err(format!(
+                    "workloads[{i}]: name and namespace must not be empty"
+                ));
             }
             if !names.insert(key.clone()) {
                 return Err(format!("{at}: listed twice"));
@@ -112,12 +121,20 @@ impl TryFrom<StateFile> for Snapshot {
                 }
             }
             if !w.netns.is_absolute() {
-                return Err(format!("{at}.netns: {} is not an absolute path", w.netns.display()));
+                return Err(format!(
+                    "{at}.netns: {} is not an absolute path",
+                    w.netns.display()
+                ));
             }
             if !w.cgroup.is_absolute() {
-                return Err(format!("{at}.cgroup: {} is not an absolute path", w.cgroup.display()));
+                return Err(format!(
+                    "{at}.cgroup: {} is not an absolute path",
+                    w.cgroup.display()
+                ));
             }
-            w.capture.validate().map_err(|e| format!("{at}.capture.{e}"))?;
+            w.capture
+                .validate()
+                .map_err(|e| format!("{at}.capture.{e}"))?;
             snap.workloads.push(Arc::new(Workload {
                 namespace: w.namespace,
                 name: w.name,
@@ -150,7 +167,10 @@ impl TryFrom<StateFile> for Snapshot {
                     let vip_port = SocketAddr::new(*vip, p.port);
                     let port = Arc::new(ServicePort::new(key.clone(), endpoints.clone()));
                     if let Some(other) = snap.services.insert(vip_port, port) {
-                        return Err(format!("{at}: {vip_port} is also a port of {}", other.service));
+                        return Err(format!(
+                            "{at}: {vip_port} is also a port of {}",
+                            other.service
+                        ));
                     }
                 }
             }
@@ -166,21 +186,35 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 
 /// Parses state file text.
 pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
-    let file: StateFile = serde_yaml::from_str(text)
-        .map_err(|source| Error::Parse { path: path.to_owned(), source })?;
-    Snapshot::try_from(file).map_err(|message| Error::Invalid { path: path.to_owned(), message })
+    let file: StateFile = serde_yaml::from_str(text).map_err(|source| Error::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
+    Snapshot::try_from(file).map_err(|message| Error::Invalid {
+        path: path.to_owned(),
+        message,
+    })
 }
 
 /// Loads the file once (the agent refuses to start on an invalid first state).
 pub fn load(path: &Path) -> Result<(Snapshot, Vec<u8>), Error> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let snap = parse(path, &String::from_utf8_lossy(&bytes))?;
     Ok((snap, bytes))
 }
 
 /// Polls the file and applies each valid change; an invalid change is logged and counted once
 /// per distinct content, and the last good state stays in force.
-pub async fn watch(path: PathBuf, interval: Duration, mut last: Vec<u8>, store: Arc<Store>, metrics: Arc<Metrics>) {
+pub async fn watch(
+    path: PathBuf,
+    interval: Duration,
+    mut last: Vec<u8>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_bad: Option<Vec<u8>> = None;
@@ -191,7 +225,10 @@ pub async fn watch(path: PathBuf, interval: Duration, mut last: Vec<u8>, store: 
             Err(source) => {
                 if last_bad.as_deref() != Some(&[]) {
                     error!(error = %Error::Read { path: path.clone(), source }, "keeping the last good state");
-                    metrics.state_reloads.get_or_create(&crate::metrics::Result::error()).inc();
+                    metrics
+                        .state_reloads
+                        .get_or_create(&crate::metrics::Result::error())
+                        .inc();
                     last_bad = Some(Vec::new());
                 }
                 continue;
@@ -204,13 +241,19 @@ pub async fn watch(path: PathBuf, interval: Duration, mut last: Vec<u8>, store: 
             Ok(snap) => {
                 info!(path = %path.display(), workloads = snap.workloads.len(), services = snap.services.len(), "state reloaded");
                 store.replace(snap);
-                metrics.state_reloads.get_or_create(&crate::metrics::Result::ok()).inc();
+                metrics
+                    .state_reloads
+                    .get_or_create(&crate::metrics::Result::ok())
+                    .inc();
                 last = bytes;
                 last_bad = None;
             }
             Err(e) => {
                 error!(error = %e, "state change rejected; keeping the last good state");
-                metrics.state_reloads.get_or_create(&crate::metrics::Result::error()).inc();
+                metrics
+                    .state_reloads
+                    .get_or_create(&crate::metrics::Result::error())
+                    .inc();
                 last_bad = Some(bytes);
             }
         }

@@ -4,9 +4,9 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
-use tracing::{Instrument as _, info, warn};
+use tracing::{info, warn, Instrument as _};
 
-use super::{Error, Inputs, Pod, connect_in_pod, copy, reset};
+use super::{connect_in_pod, copy, reset, Error, Inputs, Pod};
 
 pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<Inputs>) {
     let dst = stream.local_addr().ok();
@@ -18,7 +18,12 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: 
         pod.inbound.opened.inc();
         let start = Instant::now();
         match proxy(stream, dst, &pod, &inputs).await {
-            Ok((sent, received)) => info!(sent, received, duration_ms = start.elapsed().as_millis() as u64, "connection closed"),
+            Ok((sent, received)) => info!(
+                sent,
+                received,
+                duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "connection closed"
+            ),
             Err(e) => {
                 pod.count_failure(&inputs.metrics, "inbound", &e);
                 warn!(error = %e, "connection failed");
@@ -30,10 +35,17 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: 
     .await;
 }
 
-async fn proxy(stream: TcpStream, dst: Option<SocketAddr>, pod: &Pod, inputs: &Inputs) -> Result<(u64, u64), Error> {
+async fn proxy(
+    stream: TcpStream,
+    dst: Option<SocketAddr>,
+    pod: &Pod,
+    inputs: &Inputs,
+) -> Result<(u64, u64), Error> {
     let Some(dst) = dst else {
         reset(stream);
-        return Err(Error::Socket(std::io::Error::other("the accepted socket has no local address")));
+        return Err(Error::Socket(std::io::Error::other(
+            "the accepted socket has no local address",
+        )));
     };
     // sk_lookup never steers the agent's ports; a connection to one here would loop.
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
@@ -50,5 +62,7 @@ async fn proxy(stream: TcpStream, dst: Option<SocketAddr>, pod: &Pod, inputs: &I
     };
     info!("connection delivered");
     // For inbound the pod's side is the application: bytes it sends are "sent".
-    copy::bidirectional(app, stream, &pod.inbound).await.map_err(|source| Error::Connect { addr: dst, source })
+    copy::bidirectional(app, stream, &pod.inbound)
+        .await
+        .map_err(|source| Error::Connect { addr: dst, source })
 }

@@ -2,11 +2,11 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use mesh_common::{ConnKey, family};
+use mesh_common::{family, ConnKey};
 use tokio::net::TcpStream;
-use tracing::{Instrument as _, debug, info, warn};
+use tracing::{debug, info, warn, Instrument as _};
 
-use super::{Error, Inputs, Pod, connect_in_pod, copy, reset};
+use super::{connect_in_pod, copy, reset, Error, Inputs, Pod};
 use crate::{capture::mapped_words, metrics::RouteLabels, state::Destination};
 
 pub async fn handle(stream: TcpStream, client: SocketAddr, pod: Arc<Pod>, inputs: Arc<Inputs>) {
@@ -15,7 +15,12 @@ pub async fn handle(stream: TcpStream, client: SocketAddr, pod: Arc<Pod>, inputs
         pod.outbound.opened.inc();
         let start = Instant::now();
         match proxy(stream, client, &pod, &inputs).await {
-            Ok((sent, received)) => info!(sent, received, duration_ms = start.elapsed().as_millis() as u64, "connection closed"),
+            Ok((sent, received)) => info!(
+                sent,
+                received,
+                duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "connection closed"
+            ),
             Err(e) => {
                 pod.count_failure(&inputs.metrics, "outbound", &e);
                 warn!(error = %e, "connection failed");
@@ -27,7 +32,12 @@ pub async fn handle(stream: TcpStream, client: SocketAddr, pod: Arc<Pod>, inputs
     .await;
 }
 
-async fn proxy(stream: TcpStream, client: SocketAddr, pod: &Pod, inputs: &Inputs) -> Result<(u64, u64), Error> {
+async fn proxy(
+    stream: TcpStream,
+    client: SocketAddr,
+    pod: &Pod,
+    inputs: &Inputs,
+) -> Result<(u64, u64), Error> {
     let orig = original_destination(client, pod, inputs)?;
     tracing::Span::current().record("orig_dst", tracing::field::display(orig));
     let snap = inputs.store.load();
@@ -47,7 +57,11 @@ async fn proxy(stream: TcpStream, client: SocketAddr, pod: &Pod, inputs: &Inputs
     inputs
         .metrics
         .routes
-        .get_or_create(&RouteLabels { namespace: pod.workload.namespace.clone(), workload: pod.workload.name.clone(), route })
+        .get_or_create(&RouteLabels {
+            namespace: pod.workload.namespace.clone(),
+            workload: pod.workload.name.clone(),
+            route,
+        })
         .inc();
     if target.ip().is_loopback() {
         reset(stream);
@@ -61,28 +75,53 @@ async fn proxy(stream: TcpStream, client: SocketAddr, pod: &Pod, inputs: &Inputs
         }
     };
     info!(route, "connection proxied");
-    copy::bidirectional(stream, upstream, &pod.outbound).await.map_err(|source| Error::Connect { addr: target, source })
+    copy::bidirectional(stream, upstream, &pod.outbound)
+        .await
+        .map_err(|source| Error::Connect {
+            addr: target,
+            source,
+        })
 }
 
 /// The seam where HBONE goes: for now a plain TCP connection from the pod's namespace.
-async fn connect_upstream(pod: &Pod, inputs: &Inputs, target: SocketAddr) -> Result<TcpStream, Error> {
+async fn connect_upstream(
+    pod: &Pod,
+    inputs: &Inputs,
+    target: SocketAddr,
+) -> Result<TcpStream, Error> {
     connect_in_pod(pod, &inputs.home, target).await
 }
 
-fn original_destination(client: SocketAddr, pod: &Pod, inputs: &Inputs) -> Result<SocketAddr, Error> {
+fn original_destination(
+    client: SocketAddr,
+    pod: &Pod,
+    inputs: &Inputs,
+) -> Result<SocketAddr, Error> {
     let ip = mapped_words(client.ip());
     let key = ConnKey {
         netns_cookie: pod.netns_cookie,
         ip,
         port: client.port(),
-        family: if client.ip().to_canonical().is_ipv4() { family::INET } else { family::INET6 },
+        family: if client.ip().to_canonical().is_ipv4() {
+            family::INET
+        } else {
+            family::INET6
+        },
         _pad: 0,
     };
-    let orig = inputs.orig_dst.take(&key).map_err(Error::OrigDstMap)?.ok_or(Error::NoOrigDst { client })?;
+    let orig = inputs
+        .orig_dst
+        .take(&key)
+        .map_err(Error::OrigDstMap)?
+        .ok_or(Error::NoOrigDst { client })?;
     let bytes: Vec<u8> = orig.ip.iter().flat_map(|w| w.to_ne_bytes()).collect();
     let mut octets = [0u8; 16];
     octets.copy_from_slice(&bytes);
     let v6 = std::net::Ipv6Addr::from(octets);
-    let ip = if orig.family == family::INET { v6.to_canonical() } else { std::net::IpAddr::V6(v6) };
+    let ip = if orig.family == family::INET {
+        v6.to_canonical()
+    } else {
+        std::net::IpAddr::V6(v6)
+    };
     Ok(SocketAddr::new(ip, orig.port))
 }

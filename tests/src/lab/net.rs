@@ -130,8 +130,17 @@ pub(crate) fn build(layout: &Layout) -> Result<()> {
             .with_context(|| format!("enabling proxy ARP towards pod {}", pod.full_name()))?;
         // Proxy ARP answers after proxy_delay (0.8 s by default): every first connection to a
         // new neighbour would wait that long.
-        sys::sysctl(&node.netns, &format!("net.ipv4.neigh.{veth}.proxy_delay"), "0")
-            .with_context(|| format!("disabling the proxy ARP delay towards pod {}", pod.full_name()))?;
+        sys::sysctl(
+            &node.netns,
+            &format!("net.ipv4.neigh.{veth}.proxy_delay"),
+            "0",
+        )
+        .with_context(|| {
+            format!(
+                "disabling the proxy ARP delay towards pod {}",
+                pod.full_name()
+            )
+        })?;
         ip_in(
             ns,
             &["route", "add", &format!("{}/32", pod.ip), "dev", veth],
