@@ -106,6 +106,14 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
         "127.0.0.1:15001",
         "the connect was not redirected: {out:?}"
     );
+    // A dual-stack (IPv6) socket to the v4-mapped VIP goes through mesh_connect6 to the IPv4
+    // listener, and the original destination comes back as the IPv4 VIP.
+    let out = send(&lab, "shop/client", &format!("[::ffff:{vip}]:80"), 1 << 20);
+    assert_eq!(
+        peer_of(connected(&out)),
+        "[::ffff:127.0.0.1]:15001",
+        "connect6 did not redirect: {out:?}"
+    );
     // Same node, straight to the pod address.
     let out = send(&lab, "shop/client", &format!("{db_ip}:9090"), MIB_64);
     assert_eq!(
@@ -139,9 +147,9 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
     );
 
     // Metrics prove it on both ends.
-    assert_eq!(opened(&lab, "n1", "outbound", "shop/client"), 2.0);
-    assert!(capture_events(&lab, "n1", "connect", "redirected") >= 2.0);
-    assert!(capture_events(&lab, "n1", "sock_ops", "recorded") >= 2.0);
+    assert_eq!(opened(&lab, "n1", "outbound", "shop/client"), 3.0);
+    assert!(capture_events(&lab, "n1", "connect", "redirected") >= 3.0);
+    assert!(capture_events(&lab, "n1", "sock_ops", "recorded") >= 3.0);
     assert_eq!(
         counter(
             &lab,
@@ -149,11 +157,11 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
             "mesh_tcp_sent_bytes_total",
             &[("direction", "outbound"), ("workload", "client")]
         ),
-        2.0 * MIB_64 as f64
+        (2 * MIB_64 + (1 << 20)) as f64
     );
     assert_eq!(
         opened(&lab, "n2", "inbound", "shop/api"),
-        1.0,
+        2.0,
         "n2 did not capture the inbound side"
     );
     assert_eq!(
@@ -169,7 +177,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
             "mesh_outbound_routes_total",
             &[("workload", "client"), ("route", "service")]
         ),
-        1.0
+        2.0
     );
     assert_eq!(
         counter(
@@ -243,6 +251,17 @@ fn unmeshed_pods_and_loopback_are_not_captured() {
     let out = send(&lab, "shop/client", "127.0.0.1:7000", 1 << 20);
     assert_eq!(peer_of(connected(&out)), "127.0.0.1:7000");
     assert!(peer_of(&local.wait_line("accepted", WAIT)).starts_with("127.0.0.1:"));
+    assert!(capture_events(&lab, "n1", "connect", "skip_loopback") > skipped);
+    // IPv6 loopback (mesh_connect6) too.
+    let skipped = capture_events(&lab, "n1", "connect", "skip_loopback");
+    let mut local6 = Running::spawn(
+        "IPv6 loopback echo server in shop/client",
+        lab.command("shop/client", mesh_lab::labtool_bin())
+            .args(["serve", "--port", "7006", "--bind", "::1"]),
+    );
+    local6.wait_line("listening", WAIT);
+    let out = send(&lab, "shop/client", "[::1]:7006", 1 << 20);
+    assert_eq!(peer_of(connected(&out)), "[::1]:7006");
     assert!(capture_events(&lab, "n1", "connect", "skip_loopback") > skipped);
 
     for node in ["n1", "n2"] {
