@@ -63,11 +63,18 @@ impl Pod {
         }
     }
 
-    fn count_failure(&self, metrics: &Metrics, direction: &'static str, e: &Error) {
+    fn counters(&self, direction: Direction) -> &ConnCounters {
+        match direction {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => &self.inbound,
+        }
+    }
+
+    fn count_failure(&self, metrics: &Metrics, direction: Direction, e: &Error) {
         metrics
             .failures
             .get_or_create(&FailureLabels {
-                direction,
+                direction: direction.as_str(),
                 namespace: self.workload.namespace.clone(),
                 workload: self.workload.name.clone(),
                 reason: e.reason(),
@@ -118,42 +125,34 @@ impl Error {
     }
 }
 
-/// Serves a pod's outbound listener until `stop`.
-pub fn spawn_outbound(
-    l: std::net::TcpListener,
-    pod: Arc<Pod>,
-    inputs: Arc<Inputs>,
-    stop: watch::Receiver<bool>,
-) {
-    spawn_accept(l, stop, "outbound", pod, move |stream, peer, pod| {
-        outbound::handle(stream, peer, pod, inputs.clone())
-    });
+/// Which side of a pod a connection is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The pod connects out (its 127.0.0.1:15001).
+    Outbound,
+    /// The pod is connected to (its inbound listener, through sk_lookup).
+    Inbound,
 }
 
-/// Serves a pod's inbound listener until `stop`.
-pub fn spawn_inbound(
-    l: std::net::TcpListener,
-    pod: Arc<Pod>,
-    inputs: Arc<Inputs>,
-    stop: watch::Receiver<bool>,
-) {
-    spawn_accept(l, stop, "inbound", pod, move |stream, peer, pod| {
-        inbound::handle(stream, peer, pod, inputs.clone())
-    });
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
 }
 
-fn spawn_accept<F, Fut>(
+/// Serves one of a pod's listeners until `stop`, then takes the connections already queued.
+pub fn spawn_listener(
     l: std::net::TcpListener,
+    direction: Direction,
+    pod: Arc<Pod>,
+    inputs: Arc<Inputs>,
     mut stop: watch::Receiver<bool>,
-    direction: &'static str,
-    pod: Arc<Pod>,
-    handle: F,
-) where
-    F: Fn(tokio::net::TcpStream, SocketAddr, Arc<Pod>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
+) {
     use tracing::Instrument as _;
-    let span = tracing::info_span!("listener", pod = %pod.key, direction);
+    let span = tracing::info_span!("listener", pod = %pod.key, direction = direction.as_str());
     tokio::spawn(
         async move {
             let listener = match tokio::net::TcpListener::from_std(l) {
@@ -163,10 +162,19 @@ fn spawn_accept<F, Fut>(
                     return;
                 }
             };
+            let spawn = |(stream, peer)| {
+                tokio::spawn(serve_connection(
+                    direction,
+                    stream,
+                    peer,
+                    pod.clone(),
+                    inputs.clone(),
+                ));
+            };
             loop {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, peer)) => { tokio::spawn(handle(stream, peer, pod.clone())); }
+                        Ok(conn) => spawn(conn),
                         Err(e) => {
                             tracing::warn!(error = %e, "accept failed");
                             // Out of file descriptors and similar: back off instead of spinning.
@@ -176,16 +184,54 @@ fn spawn_accept<F, Fut>(
                     _ = stop.changed() => break,
                 }
             }
-            // Take the connections already queued, then close the listener.
-            while let Ok(Ok((stream, peer))) =
-                tokio::time::timeout(Duration::ZERO, listener.accept()).await
-            {
-                tokio::spawn(handle(stream, peer, pod.clone()));
+            while let Ok(Ok(conn)) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+                spawn(conn);
             }
             tracing::debug!("listener closed");
         }
         .instrument(span),
     );
+}
+
+/// One proxied connection: a span with its addresses, the counters, one log line at the end.
+async fn serve_connection(
+    direction: Direction,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    pod: Arc<Pod>,
+    inputs: Arc<Inputs>,
+) {
+    use tracing::{field::Empty, Instrument as _};
+    let span = match direction {
+        Direction::Outbound => {
+            tracing::info_span!("outbound", pod = %pod.key, src = %peer, orig_dst = Empty, endpoint = Empty)
+        }
+        Direction::Inbound => {
+            tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = Empty)
+        }
+    };
+    async move {
+        let counters = pod.counters(direction);
+        counters.opened.inc();
+        let start = std::time::Instant::now();
+        let result = match direction {
+            Direction::Outbound => outbound::proxy(stream, peer, &pod, &inputs).await,
+            Direction::Inbound => inbound::proxy(stream, &pod, &inputs).await,
+        };
+        match result {
+            Ok((sent, received)) => {
+                let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(sent, received, duration_ms, "connection closed");
+            }
+            Err(e) => {
+                pod.count_failure(&inputs.metrics, direction, &e);
+                tracing::warn!(error = %e, "connection failed");
+            }
+        }
+        counters.closed.inc();
+    }
+    .instrument(span)
+    .await;
 }
 
 /// Creates a TCP socket inside the pod's network namespace and connects it to `addr`.

@@ -415,3 +415,65 @@ fn progress(line: &str) -> u64 {
         .parse()
         .unwrap_or_else(|_| panic!("bad progress line {line:?}"))
 }
+
+#[test]
+fn an_invalid_state_change_is_rejected_and_the_last_good_state_keeps_serving() {
+    if !mesh_lab::require_privileged(
+        "an_invalid_state_change_is_rejected_and_the_last_good_state_keeps_serving",
+    ) {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let good = lab.read_state();
+    // Enable legacy and, in the same change, give legacy/client the address of shop/api.
+    let mut bad = good.clone();
+    let api_ip = lab.pod("shop/api").ip.to_string();
+    for ns in bad["namespaces"].as_sequence_mut().expect("namespaces") {
+        if ns["name"] == "legacy" {
+            ns["enabled"] = true.into();
+        }
+    }
+    for w in bad["workloads"].as_sequence_mut().expect("workloads") {
+        if w["namespace"] == "legacy" && w["name"] == "client" {
+            w["ips"] = vec![serde_yaml::Value::from(api_ip.clone())].into();
+        }
+    }
+    lab.write_state(&bad);
+    let reloads = |node: &str, result: &str| {
+        counter(
+            &lab,
+            node,
+            "mesh_state_reloads_total",
+            &[("result", result)],
+        )
+    };
+    wait_until("both agents to reject the change", WAIT, || {
+        reloads("n1", "error") == 1.0 && reloads("n2", "error") == 1.0
+    });
+    let log = lab.agent_log("n1");
+    assert!(
+        log.contains(&format!(
+            "workloads[3] (legacy/client).ips: {api_ip} is also the address of shop/api"
+        )),
+        "the rejection does not name the field:\n{log}"
+    );
+    // Nothing of the change was applied: legacy is still not captured, shop still is.
+    assert_eq!(
+        metric_value(&lab.metrics("n1"), "mesh_captured_pods", &[]),
+        Some(2.0)
+    );
+    let _api = serve(&lab, "shop/api", 8080);
+    let vip = lab.service_vip("shop/api");
+    let out = send(&lab, "shop/client", &format!("{vip}:80"), 1 << 20);
+    assert_eq!(peer_of(connected(&out)), "127.0.0.1:15001");
+    let legacy = send(&lab, "legacy/client", &format!("{api_ip}:8080"), 1 << 20);
+    assert_eq!(peer_of(connected(&legacy)), format!("{api_ip}:8080"));
+    // A valid change after the bad one applies.
+    lab.write_state(&good);
+    lab.set_namespace_enabled("legacy", true);
+    wait_until("n1 to capture legacy/client", WAIT, || {
+        metric_value(&lab.metrics("n1"), "mesh_captured_pods", &[]) == Some(3.0)
+    });
+    assert!(reloads("n1", "ok") >= 1.0);
+    down_and_check_clean(lab);
+}

@@ -113,13 +113,25 @@ impl CapturedPod {
             .into_iter()
             .flatten()
         {
-            proxy::spawn_outbound(l, ctx.clone(), inputs.clone(), stopped.clone());
+            proxy::spawn_listener(
+                l,
+                proxy::Direction::Outbound,
+                ctx.clone(),
+                inputs.clone(),
+                stopped.clone(),
+            );
         }
         for l in [listeners.inbound4, listeners.inbound6]
             .into_iter()
             .flatten()
         {
-            proxy::spawn_inbound(l, ctx.clone(), inputs.clone(), stopped.clone());
+            proxy::spawn_listener(
+                l,
+                proxy::Direction::Inbound,
+                ctx.clone(),
+                inputs.clone(),
+                stopped.clone(),
+            );
         }
         Ok(captured)
     }
@@ -247,44 +259,29 @@ impl CapturedPod {
         if let Err(e) = loaded.pods.remove(&self.netns_cookie) {
             warn_err("pod entry", &e);
         }
+        // Detach in reverse order of attachment: connects stop being redirected first.
         let links = std::mem::take(&mut self.links);
-        let mut detach = |name: &'static str,
-                          f: &mut dyn FnMut(
-            &mut aya::programs::Program,
-        ) -> Result<(), aya::programs::ProgramError>| {
-            match loaded.program(name) {
-                Ok(p) => {
-                    if let Err(e) = f(p) {
-                        warn_err(name, &e);
+        macro_rules! detach {
+            ($id:expr, $name:expr, $ty:ty) => {
+                if let Some(id) = $id {
+                    let res = loaded
+                        .program($name)
+                        .map_err(|e| e.to_string())
+                        .and_then(|p| {
+                            <&mut $ty>::try_from(p)
+                                .and_then(|p| p.detach(id))
+                                .map_err(|e| super::chain(&e))
+                        });
+                    if let Err(e) = res {
+                        warn_err($name, &e);
                     }
                 }
-                Err(e) => warn_err(name, &e),
-            }
-        };
-        if let Some(id) = links.connect4 {
-            let mut id = Some(id);
-            detach(programs::CONNECT4, &mut |p| {
-                <&mut CgroupSockAddr>::try_from(p)?.detach(id.take().expect("once"))
-            });
+            };
         }
-        if let Some(id) = links.connect6 {
-            let mut id = Some(id);
-            detach(programs::CONNECT6, &mut |p| {
-                <&mut CgroupSockAddr>::try_from(p)?.detach(id.take().expect("once"))
-            });
-        }
-        if let Some(id) = links.sock_ops {
-            let mut id = Some(id);
-            detach(programs::SOCK_OPS, &mut |p| {
-                <&mut SockOps>::try_from(p)?.detach(id.take().expect("once"))
-            });
-        }
-        if let Some(id) = links.sk_lookup {
-            let mut id = Some(id);
-            detach(programs::SK_LOOKUP, &mut |p| {
-                <&mut SkLookup>::try_from(p)?.detach(id.take().expect("once"))
-            });
-        }
+        detach!(links.connect4, programs::CONNECT4, CgroupSockAddr);
+        detach!(links.connect6, programs::CONNECT6, CgroupSockAddr);
+        detach!(links.sock_ops, programs::SOCK_OPS, SockOps);
+        detach!(links.sk_lookup, programs::SK_LOOKUP, SkLookup);
         for key in &self.listener_keys {
             if let Err(e) = loaded.listeners.remove(key) {
                 warn_err("listener entry", &e);

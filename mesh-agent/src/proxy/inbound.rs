@@ -1,47 +1,15 @@
 //! Inbound plaintext: a connection to the pod's address that sk_lookup steered to the pod's
 //! inbound listener. The accepted socket's local address is the original destination.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
-use tracing::{info, warn, Instrument as _};
+use tracing::info;
 
 use super::{connect_in_pod, copy, reset, Error, Inputs, Pod};
 
-pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<Inputs>) {
-    let dst = stream.local_addr().ok();
-    let span = match dst {
-        Some(dst) => tracing::info_span!("inbound", pod = %pod.key, src = %peer, %dst),
-        None => tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = "unknown"),
-    };
-    async move {
-        pod.inbound.opened.inc();
-        let start = Instant::now();
-        match proxy(stream, dst, &pod, &inputs).await {
-            Ok((sent, received)) => info!(
-                sent,
-                received,
-                duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-                "connection closed"
-            ),
-            Err(e) => {
-                pod.count_failure(&inputs.metrics, "inbound", &e);
-                warn!(error = %e, "connection failed");
-            }
-        }
-        pod.inbound.closed.inc();
-    }
-    .instrument(span)
-    .await;
-}
-
-async fn proxy(
-    stream: TcpStream,
-    dst: Option<SocketAddr>,
-    pod: &Pod,
-    inputs: &Inputs,
-) -> Result<(u64, u64), Error> {
-    let Some(dst) = dst else {
+pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64, u64), Error> {
+    let Ok(dst) = stream.local_addr() else {
         reset(stream);
         return Err(Error::Socket(std::io::Error::other(
             "the accepted socket has no local address",
@@ -49,6 +17,7 @@ async fn proxy(
     };
     // sk_lookup never steers the agent's ports; a connection to one here would loop.
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    tracing::Span::current().record("dst", tracing::field::display(dst));
     if mesh_common::ports::RESERVED.contains(&dst.port()) || !pod.workload.ips.contains(&dst.ip()) {
         reset(stream);
         return Err(Error::Loop { addr: dst });

@@ -1,38 +1,15 @@
 //! Outbound: a pod's connection redirected to its 127.0.0.1:15001.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::net::SocketAddr;
 
 use mesh_common::{family, ConnKey};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn, Instrument as _};
+use tracing::{debug, info};
 
 use super::{connect_in_pod, copy, reset, Error, Inputs, Pod};
 use crate::{capture::mapped_words, metrics::RouteLabels, state::Destination};
 
-pub async fn handle(stream: TcpStream, client: SocketAddr, pod: Arc<Pod>, inputs: Arc<Inputs>) {
-    let span = tracing::info_span!("outbound", pod = %pod.key, src = %client, orig_dst = tracing::field::Empty, endpoint = tracing::field::Empty);
-    async move {
-        pod.outbound.opened.inc();
-        let start = Instant::now();
-        match proxy(stream, client, &pod, &inputs).await {
-            Ok((sent, received)) => info!(
-                sent,
-                received,
-                duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-                "connection closed"
-            ),
-            Err(e) => {
-                pod.count_failure(&inputs.metrics, "outbound", &e);
-                warn!(error = %e, "connection failed");
-            }
-        }
-        pod.outbound.closed.inc();
-    }
-    .instrument(span)
-    .await;
-}
-
-async fn proxy(
+pub async fn proxy(
     stream: TcpStream,
     client: SocketAddr,
     pod: &Pod,
