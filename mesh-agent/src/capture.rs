@@ -67,6 +67,13 @@ pub enum Error {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("pod {pod}: no workload certificate: {source}")]
+    Identity {
+        pod: String,
+        source: crate::identity::Error,
+    },
+    #[error("pod {pod}: TLS configuration: {message}")]
+    Tls { pod: String, message: String },
     #[error("pod {pod}: attaching {program} failed: {message}")]
     Attach {
         pod: String,
@@ -191,6 +198,9 @@ impl Capture {
             .metrics
             .captured_pods
             .set(i64::try_from(self.pods.len()).unwrap_or(i64::MAX));
+        // Certificates are kept only for identities of pods still captured here.
+        let keep = self.pods.values().map(|p| p.identity().clone()).collect();
+        self.inputs.certs.retain(&keep);
         failed
     }
 

@@ -46,6 +46,35 @@ pub struct Config {
     /// Exclusions for every captured pod of this node.
     #[serde(default)]
     pub capture: CaptureExclusions,
+    /// Workload identity and mTLS.
+    pub identity: IdentityConfig,
+}
+
+/// Where the node's certificate authority and the trust bundle come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// SPIFFE trust domain.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// The node's issuer certificate (PEM; the node intermediate from `mesh-agent ca
+    /// issue-node`, or an operator's CA), followed by its chain up to the root.
+    pub issuer_cert: PathBuf,
+    /// The issuer's private key (PEM).
+    pub issuer_key: PathBuf,
+    /// Trusted roots (PEM, one or more for root rotation).
+    pub trust_bundle: PathBuf,
+    /// Lifetime of workload certificates, in seconds; they are renewed at half-life.
+    #[serde(default = "default_leaf_lifetime")]
+    pub leaf_lifetime_secs: u64,
+}
+
+fn default_trust_domain() -> String {
+    crate::identity::DEFAULT_TRUST_DOMAIN.into()
+}
+
+fn default_leaf_lifetime() -> u64 {
+    24 * 3600
 }
 
 /// Ports and CIDRs the capture leaves alone. Used globally (agent config) and per pod (state).
@@ -103,6 +132,12 @@ impl Config {
                 self.state_poll_interval_ms
             ));
         }
+        if !(60..=366 * 24 * 3600).contains(&self.identity.leaf_lifetime_secs) {
+            return Err(format!(
+                "`identity.leaf_lifetime_secs` is {}: use 60 s to one year",
+                self.identity.leaf_lifetime_secs
+            ));
+        }
         self.capture.validate().map_err(|e| format!("capture.{e}"))
     }
 
@@ -133,7 +168,15 @@ impl CaptureExclusions {
 mod tests {
     use super::*;
 
+    const ID: &str = "identity: {issuer_cert: /c.pem, issuer_key: /k.pem, trust_bundle: /r.pem}\n";
+
     fn parse(yaml: &str) -> Result<Config, String> {
+        let yaml = if yaml.contains("identity") {
+            yaml.to_owned()
+        } else {
+            format!("{yaml}{ID}")
+        };
+        let yaml = yaml.as_str();
         let c: Config = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
         c.validate()?;
         Ok(c)
@@ -141,7 +184,9 @@ mod tests {
 
     #[test]
     fn defaults_apply() {
-        let c = parse("node: n1\nstate_file: /s.yaml\n").expect("valid");
+        let c = parse(&format!("node: n1\nstate_file: /s.yaml\n{ID}")).expect("valid");
+        assert_eq!(c.identity.trust_domain, "cluster.local");
+        assert_eq!(c.identity.leaf_lifetime_secs, 86400);
         assert_eq!(c.metrics_addr.port(), 15020);
         assert_eq!(c.readiness_addr.port(), 15021);
         assert_eq!(c.bpf_dir(), PathBuf::from("/sys/fs/bpf/mesh/n1"));
@@ -164,5 +209,11 @@ mod tests {
         assert!(e.contains("exclude_inbound_ports"), "{e}");
         let e = parse("node: ''\nstate_file: /s\n").expect_err("empty node");
         assert!(e.contains("node"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\nidentity: {issuer_cert: /c, issuer_key: /k, trust_bundle: /r, leaf_lifetime_secs: 5}\n")
+            .expect_err("short lifetime");
+        assert!(e.contains("leaf_lifetime_secs"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\nidentity: {issuer_cert: /c}\n")
+            .expect_err("missing key");
+        assert!(e.contains("issuer_key"), "{e}");
     }
 }

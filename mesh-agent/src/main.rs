@@ -6,11 +6,13 @@ mod admin;
 mod capture;
 mod config;
 mod discovery;
+mod identity;
 mod metrics;
 mod preflight;
 mod proxy;
 mod state;
 mod sys;
+mod tunnel;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -37,6 +39,9 @@ enum Command {
         #[arg(long, env = "MESH_CONFIG")]
         config: PathBuf,
     },
+    /// Certificate authority tools: a root CA, node intermediates.
+    #[command(subcommand)]
+    Ca(identity::cli::CaCommand),
     /// Check that this machine and these privileges can run the agent, then exit.
     Check {
         /// The pin directory that would be used.
@@ -56,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Node { config } => run_node(&config),
+        Command::Ca(cmd) => Ok(identity::cli::run(cmd)?),
         Command::Check { bpf_dir } => {
             let cgroup = preflight::check(&bpf_dir)?;
             println!(
@@ -74,6 +80,10 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
     let cgroup_root = preflight::check(&bpf_dir)?;
     let home = sys::Netns::current().context("cannot open the agent's own network namespace")?;
     let (snapshot, state_bytes) = discovery::file::load(&config.state_file)?;
+    let id = &config.identity;
+    let issuer = identity::Issuer::load(&id.issuer_cert, &id.issuer_key)?
+        .with_trust_domain(&id.trust_domain)?;
+    let bundle = identity::TrustBundle::load(&id.trust_bundle)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -98,13 +108,50 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
             )
             .await?;
         }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (loaded, orig_dst, collector) = capture::ebpf::load(&bpf_dir, &config.capture)?;
         metrics.register_collector(collector);
+        let expiry = prometheus_client::metrics::family::Family::<
+            identity::CertLabels,
+            prometheus_client::metrics::gauge::Gauge,
+        >::default();
+        metrics.register(
+            "mesh_certificate_expiry_timestamp_seconds",
+            "When each workload certificate of this node expires (Unix time)",
+            expiry.clone(),
+        );
+        let certs = identity::CertManager::new(
+            issuer,
+            bundle,
+            Duration::from_secs(config.identity.leaf_lifetime_secs),
+            expiry,
+        );
+        tokio::spawn(certs.clone().run_rotation(stop_rx.clone()));
+        let pool_metrics = tunnel::client::PoolMetrics::default();
+        metrics.register(
+            "mesh_hbone_connections_opened",
+            "HBONE connections opened (TLS handshakes)",
+            pool_metrics.connections_opened.clone(),
+        );
+        metrics.register(
+            "mesh_hbone_connections",
+            "HBONE connections in the pool",
+            pool_metrics.connections.clone(),
+        );
+        metrics.register(
+            "mesh_hbone_streams_opened",
+            "HBONE CONNECT streams opened",
+            pool_metrics.streams_opened.clone(),
+        );
+        let pool = tunnel::client::Pool::new(tunnel::client::PoolConfig::default(), pool_metrics);
         let inputs = Arc::new(proxy::Inputs {
             store: store.clone(),
             metrics: metrics.clone(),
             home,
             orig_dst,
+            node: config.node.clone(),
+            certs,
+            pool,
         });
         let capture = capture::Capture::new(loaded, config.node.clone(), cgroup_root, inputs);
         tokio::spawn(discovery::file::watch(
@@ -114,7 +161,6 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
             store.clone(),
             metrics.clone(),
         ));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let capture_task = tokio::spawn(capture::run(
             capture,
             store,

@@ -39,8 +39,10 @@ pub struct FailureLabels {
 pub struct RouteLabels {
     pub namespace: String,
     pub workload: String,
-    /// `service` (a VIP resolved to an endpoint) or `passthrough` (the original destination).
+    /// `service` (a VIP resolved to an endpoint) or `direct` (the original destination).
     pub route: &'static str,
+    /// `hbone` (the destination is in the mesh: mTLS) or `plaintext` (outside the mesh).
+    pub transport: &'static str,
 }
 
 /// `result` label.
@@ -133,7 +135,7 @@ impl Metrics {
         );
         registry.register(
             "mesh_outbound_routes",
-            "Outbound destination choices: service endpoint or passthrough",
+            "Outbound destination choices: service or direct, over HBONE or plaintext",
             m.routes.clone(),
         );
         registry.register(
@@ -153,6 +155,19 @@ impl Metrics {
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
+    }
+
+    /// Registers a metric owned by another module (identity, tunnel).
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(name, help, metric);
     }
 
     /// Adds a collector evaluated at each scrape (the eBPF counters).

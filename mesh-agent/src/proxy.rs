@@ -1,9 +1,10 @@
-//! The node proxy, first form: plain TCP. Outbound connections are accepted on the pod's
-//! 127.0.0.1:15001, their original destination recovered from the kernel, resolved (service VIP
-//! to endpoint) and connected from inside the pod's network namespace. Inbound connections
-//! arrive on the pod's inbound listener through sk_lookup and are delivered to the application
-//! port inside the pod. The HBONE (mTLS) seam is `outbound::connect_upstream`: the next issue
-//! replaces the plain connect for meshed destinations.
+//! The node proxy. Outbound connections are accepted on the pod's 127.0.0.1:15001, their
+//! original destination recovered from the kernel and resolved (service VIP to endpoint). A
+//! destination in the mesh is reached over HBONE (mTLS HTTP/2 CONNECT to its pod's port 15008,
+//! presenting the source pod's identity); any other goes as plain TCP from inside the pod's
+//! network namespace. Inbound: plaintext connections arrive on the pod's inbound listener and
+//! HBONE connections on its HBONE listener, both through sk_lookup, and are delivered to the
+//! application port inside the pod.
 
 mod copy;
 mod inbound;
@@ -15,9 +16,11 @@ use tokio::sync::watch;
 
 use crate::{
     capture::ebpf::OrigDstMap,
+    identity::{CertManager, SpiffeId},
     metrics::{ConnCounters, FailureLabels, Metrics},
     state::{Store, Workload},
     sys::Netns,
+    tunnel,
 };
 
 /// How long an upstream connect may take before the client is reset.
@@ -33,6 +36,12 @@ pub struct Inputs {
     /// The agent's own network namespace, where threads return after creating pod sockets.
     pub home: Netns,
     pub orig_dst: Arc<OrigDstMap>,
+    /// This node's name: HBONE authorities must name one of its workloads.
+    pub node: String,
+    /// Workload certificates of this node's pods.
+    pub certs: Arc<CertManager>,
+    /// Outbound HBONE connections.
+    pub pool: Arc<tunnel::client::Pool>,
 }
 
 /// A captured pod as the proxy sees it.
@@ -42,6 +51,10 @@ pub struct Pod {
     pub key: String,
     pub netns: Arc<Netns>,
     pub netns_cookie: u64,
+    /// The pod's SPIFFE identity (from its service account).
+    pub identity: SpiffeId,
+    /// TLS of the pod's HBONE listener: presents the pod's current certificate.
+    pub server_tls: Arc<rustls::ServerConfig>,
     pub outbound: ConnCounters,
     pub inbound: ConnCounters,
 }
@@ -51,9 +64,13 @@ impl Pod {
         workload: Arc<Workload>,
         netns: Arc<Netns>,
         netns_cookie: u64,
+        identity: SpiffeId,
+        server_tls: Arc<rustls::ServerConfig>,
         metrics: &Metrics,
     ) -> Self {
         Self {
+            identity,
+            server_tls,
             key: workload.key(),
             outbound: metrics.conn_counters("outbound", &workload.namespace, &workload.name),
             inbound: metrics.conn_counters("inbound", &workload.namespace, &workload.name),
@@ -108,6 +125,14 @@ pub enum Error {
     ConnectTimeout { addr: SocketAddr },
     #[error("cannot create a socket in the pod's network namespace: {0}")]
     Socket(std::io::Error),
+    #[error("{0}")]
+    Hbone(#[from] tunnel::Error),
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::Error),
+    #[error("bad HBONE request from {peer}: {why}")]
+    BadRequest { peer: SpiffeId, why: String },
+    #[error("tunnelled stream: {0}")]
+    Stream(std::io::Error),
 }
 
 impl Error {
@@ -121,6 +146,12 @@ impl Error {
             Error::Connect { .. } => "connect",
             Error::ConnectTimeout { .. } => "connect_timeout",
             Error::Socket(_) => "socket",
+            Error::Hbone(tunnel::Error::Status { .. }) => "hbone_status",
+            Error::Hbone(tunnel::Error::Tls { .. } | tunnel::Error::Alpn { .. }) => "hbone_tls",
+            Error::Hbone(_) => "hbone",
+            Error::Identity(_) => "identity",
+            Error::BadRequest { .. } => "bad_request",
+            Error::Stream(_) => "stream",
         }
     }
 }
@@ -130,8 +161,29 @@ impl Error {
 pub enum Direction {
     /// The pod connects out (its 127.0.0.1:15001).
     Outbound,
-    /// The pod is connected to (its inbound listener, through sk_lookup).
+    /// The pod is connected to (its inbound listeners, through sk_lookup).
     Inbound,
+}
+
+/// The in-pod listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// 127.0.0.1:15001: redirected outbound connections.
+    Outbound,
+    /// 127.0.0.1:15006: plaintext inbound connections.
+    Inbound,
+    /// 127.0.0.1:15008: HBONE connections (mTLS, many streams each).
+    Hbone,
+}
+
+impl Listener {
+    fn as_str(self) -> &'static str {
+        match self {
+            Listener::Outbound => "outbound",
+            Listener::Inbound => "inbound",
+            Listener::Hbone => "hbone",
+        }
+    }
 }
 
 impl Direction {
@@ -146,13 +198,13 @@ impl Direction {
 /// Serves one of a pod's listeners until `stop`, then takes the connections already queued.
 pub fn spawn_listener(
     l: std::net::TcpListener,
-    direction: Direction,
+    kind: Listener,
     pod: Arc<Pod>,
     inputs: Arc<Inputs>,
     mut stop: watch::Receiver<bool>,
 ) {
     use tracing::Instrument as _;
-    let span = tracing::info_span!("listener", pod = %pod.key, direction = direction.as_str());
+    let span = tracing::info_span!("listener", pod = %pod.key, kind = kind.as_str());
     tokio::spawn(
         async move {
             let listener = match tokio::net::TcpListener::from_std(l) {
@@ -163,13 +215,30 @@ pub fn spawn_listener(
                 }
             };
             let spawn = |(stream, peer)| {
-                tokio::spawn(serve_connection(
-                    direction,
-                    stream,
-                    peer,
-                    pod.clone(),
-                    inputs.clone(),
-                ));
+                let (pod, inputs) = (pod.clone(), inputs.clone());
+                match kind {
+                    Listener::Outbound => {
+                        tokio::spawn(serve_connection(
+                            Direction::Outbound,
+                            stream,
+                            peer,
+                            pod,
+                            inputs,
+                        ));
+                    }
+                    Listener::Inbound => {
+                        tokio::spawn(serve_connection(
+                            Direction::Inbound,
+                            stream,
+                            peer,
+                            pod,
+                            inputs,
+                        ));
+                    }
+                    Listener::Hbone => {
+                        tokio::spawn(inbound::serve_hbone(stream, peer, pod, inputs));
+                    }
+                }
             };
             loop {
                 tokio::select! {
@@ -194,6 +263,7 @@ pub fn spawn_listener(
 }
 
 /// One proxied connection: a span with its addresses, the counters, one log line at the end.
+/// (HBONE streams get the same treatment in `inbound::serve_hbone`.)
 async fn serve_connection(
     direction: Direction,
     stream: tokio::net::TcpStream,
@@ -203,35 +273,52 @@ async fn serve_connection(
 ) {
     use tracing::{field::Empty, Instrument as _};
     let span = match direction {
-        Direction::Outbound => {
-            tracing::info_span!("outbound", pod = %pod.key, src = %peer, orig_dst = Empty, endpoint = Empty)
-        }
+        Direction::Outbound => tracing::info_span!(
+            "outbound",
+            pod = %pod.key,
+            src = %peer,
+            orig_dst = Empty,
+            endpoint = Empty,
+            peer_identity = Empty
+        ),
         Direction::Inbound => {
             tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = Empty)
         }
     };
-    async move {
-        let counters = pod.counters(direction);
-        counters.opened.inc();
-        let start = std::time::Instant::now();
-        let result = match direction {
+    let work = async {
+        match direction {
             Direction::Outbound => outbound::proxy(stream, peer, &pod, &inputs).await,
             Direction::Inbound => inbound::proxy(stream, &pod, &inputs).await,
-        };
-        match result {
-            Ok((sent, received)) => {
-                let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-                tracing::info!(sent, received, duration_ms, "connection closed");
-            }
-            Err(e) => {
-                pod.count_failure(&inputs.metrics, direction, &e);
-                tracing::warn!(error = %e, "connection failed");
-            }
         }
-        counters.closed.inc();
+    };
+    account(direction, &pod, &inputs, work)
+        .instrument(span)
+        .await;
+}
+
+/// Counts and logs one proxied connection (or HBONE stream) around its work.
+async fn account(
+    direction: Direction,
+    pod: &Pod,
+    inputs: &Inputs,
+    work: impl std::future::Future<Output = Result<(u64, u64), Error>>,
+) {
+    let counters = pod.counters(direction);
+    counters.opened.inc();
+    let start = std::time::Instant::now();
+    match work.await {
+        Ok((sent, received)) => {
+            counters.sent.inc_by(sent);
+            counters.received.inc_by(received);
+            let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            tracing::info!(sent, received, duration_ms, "connection closed");
+        }
+        Err(e) => {
+            pod.count_failure(&inputs.metrics, direction, &e);
+            tracing::warn!(error = %e, "connection failed");
+        }
     }
-    .instrument(span)
-    .await;
+    counters.closed.inc();
 }
 
 /// Creates a TCP socket inside the pod's network namespace and connects it to `addr`.
@@ -240,25 +327,26 @@ async fn connect_in_pod(
     home: &Netns,
     addr: SocketAddr,
 ) -> Result<tokio::net::TcpStream, Error> {
-    let socket = pod
-        .netns
-        .run(home, || {
-            socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )
-        })
-        .and_then(|s| s)
-        .map_err(Error::Socket)?;
-    socket.set_nonblocking(true).map_err(Error::Socket)?;
-    socket.set_nodelay(true).map_err(Error::Socket)?;
-    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    let socket = pod_socket(pod, home, addr).map_err(Error::Socket)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(Error::Connect { addr, source }),
         Err(_) => Err(Error::ConnectTimeout { addr }),
     }
+}
+
+/// A non-blocking TCP socket for `addr`, created inside the pod's network namespace.
+fn pod_socket(pod: &Pod, home: &Netns, addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = pod.netns.run(home, || {
+        socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+    })??;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
 }
 
 /// Resets a client connection (a refused upstream shows as a reset, not as an empty success).

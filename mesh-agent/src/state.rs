@@ -76,6 +76,8 @@ pub struct Snapshot {
     /// Namespace name to whether capture is enabled.
     pub namespaces: HashMap<String, bool>,
     pub workloads: Vec<Arc<Workload>>,
+    /// Every workload address to its workload.
+    pub workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
     pub services: HashMap<SocketAddr, Arc<ServicePort>>,
 }
 
@@ -107,6 +109,14 @@ impl Snapshot {
         self.workloads
             .iter()
             .filter(move |w| w.node == node && self.namespace_enabled(&w.namespace))
+    }
+
+    /// The workload at `ip` if it is in the mesh (its namespace is enabled): traffic to it goes
+    /// over HBONE.
+    pub fn meshed_workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads_by_ip
+            .get(&ip)
+            .filter(|w| self.namespace_enabled(&w.namespace))
     }
 
     /// Resolves an original destination.

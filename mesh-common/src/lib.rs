@@ -208,14 +208,17 @@ pub struct PodAddr {
 pub struct ListenerKey {
     /// Pod address words, network byte order, v4-mapped for IPv4.
     pub ip: [u32; 4],
-    /// Listener kind: [`listener::INBOUND_PLAINTEXT`] (HBONE comes later).
+    /// Listener kind: [`listener::INBOUND_PLAINTEXT`] or [`listener::HBONE`].
     pub kind: u32,
 }
 
 /// Kinds of in-pod listeners in [`ListenerKey`].
 pub mod listener {
-    /// The plaintext inbound listener (port 15006).
+    /// The plaintext inbound listener (port 15006): every pod port that is not reserved or
+    /// excluded.
     pub const INBOUND_PLAINTEXT: u32 = 0;
+    /// The HBONE listener (port 15008): connections to the pod's port 15008.
+    pub const HBONE: u32 = 1;
 }
 
 /// Reasons counted in [`maps::COUNTERS`]; the index is the discriminant.
@@ -245,7 +248,7 @@ pub enum Reason {
     SockOpsNotRedirected = 9,
     /// sock_ops: the original destination map refused the entry.
     SockOpsErrOrigDstFull = 10,
-    /// sk_lookup: steered to the pod's inbound listener.
+    /// sk_lookup: steered to the pod's inbound listener (plaintext or HBONE).
     LookupSteered = 11,
     /// sk_lookup: loopback or pod-local source (includes the agent's own delivery).
     LookupSkipLocal = 12,

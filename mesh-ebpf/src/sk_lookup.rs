@@ -1,8 +1,8 @@
 //! `sk_lookup`, attached to each captured pod's network namespace: steer inbound TCP for the
 //! pod's address to the agent's in-pod inbound listener, except local sources (the agent's own
 //! delivery to the application, which connects from the pod's address), loopback, and
-//! reserved or excluded ports. A captured pod without a listener drops: the mesh never fails
-//! open.
+//! reserved or excluded ports. Port 15008 (HBONE) goes to the pod's HBONE listener. A captured
+//! pod without a listener drops: the mesh never fails open.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{direction, listener, ports, ListenerKey, PodAddr, Reason};
@@ -61,13 +61,16 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<Reason, Reason> {
     let scope = unsafe { (*pod).scope };
     // local_port is in host byte order in bpf_sk_lookup.
     let port = crate::ctx_field!(lk, local_port) as u16;
-    if is_reserved(port) || port_excluded(scope, port, direction::INBOUND) {
+    // Port 15008 is HBONE and goes to the pod's HBONE listener; every other agent port is never
+    // steered (a connection to it could loop through the agent).
+    let kind = if port == ports::HBONE {
+        listener::HBONE
+    } else if is_reserved(port) || port_excluded(scope, port, direction::INBOUND) {
         return Ok(Reason::LookupSkipExcludedPort);
-    }
-    let key = ListenerKey {
-        ip: local,
-        kind: listener::INBOUND_PLAINTEXT,
+    } else {
+        listener::INBOUND_PLAINTEXT
     };
+    let key = ListenerKey { ip: local, kind };
     match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
         Ok(()) => Ok(Reason::LookupSteered),
         // -ENOENT: no listener registered for this pod.

@@ -45,6 +45,8 @@ pub struct LabOptions {
     pub global_capture: CaptureExclusions,
     /// How long the agents get to become ready.
     pub ready_timeout: Duration,
+    /// Lifetime of workload certificates (the agents renew them at half-life).
+    pub leaf_lifetime_secs: u64,
 }
 
 impl Default for LabOptions {
@@ -56,6 +58,7 @@ impl Default for LabOptions {
             persistent: false,
             global_capture: CaptureExclusions::default(),
             ready_timeout: Duration::from_secs(30),
+            leaf_lifetime_secs: 24 * 3600,
         }
     }
 }
@@ -157,12 +160,18 @@ impl Lab {
         let state = state::state_yaml(layout, &self.topology)?;
         sys::write_atomic(layout.state_path(), state.as_bytes())?;
         for node in &layout.nodes {
-            let config = state::agent_config_yaml(layout, &node.name, &opts.global_capture)?;
+            let config = state::agent_config_yaml(
+                layout,
+                &node.name,
+                &opts.global_capture,
+                opts.leaf_lifetime_secs,
+            )?;
             sys::write_atomic(&layout.agent_config_path(&node.name), config.as_bytes())?;
         }
         if !opts.agents {
             return Ok(());
         }
+        agent::make_ca(layout)?;
         sys::ensure_bpffs()?;
         for node in &layout.nodes {
             std::fs::create_dir_all(&node.bpf_dir)

@@ -184,7 +184,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
             &lab,
             "n1",
             "mesh_outbound_routes_total",
-            &[("workload", "client"), ("route", "passthrough")]
+            &[("workload", "client"), ("route", "direct")]
         ),
         1.0
     );

@@ -38,6 +38,7 @@ struct Links {
 #[derive(Debug)]
 pub struct CapturedPod {
     pub workload: Arc<Workload>,
+    identity: crate::identity::SpiffeId,
     scope: u32,
     netns_cookie: u64,
     links: Links,
@@ -47,11 +48,16 @@ pub struct CapturedPod {
 }
 
 impl CapturedPod {
+    pub fn identity(&self) -> &crate::identity::SpiffeId {
+        &self.identity
+    }
+
     pub fn netns_cookie(&self) -> u64 {
         self.netns_cookie
     }
 
-    /// Whether the workload still attaches the same way (same namespace file, cgroup, addresses).
+    /// Whether the workload still attaches the same way (same namespace file, cgroup, addresses,
+    /// identity).
     pub fn same_attachment(&self, w: &Workload) -> bool {
         self.workload.netns == w.netns
             && self.workload.cgroup == w.cgroup
@@ -83,6 +89,26 @@ impl CapturedPod {
             path: workload.netns.clone(),
             source,
         })?);
+        let identity_err = |source| Error::Identity {
+            pod: pod.clone(),
+            source,
+        };
+        let identity = crate::identity::SpiffeId::new(
+            inputs.certs.trust_domain(),
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .map_err(identity_err)?;
+        let leaf = inputs.certs.get(&identity).map_err(identity_err)?;
+        let server_tls = crate::tunnel::tls::server_config(
+            inputs.certs.bundle().clone(),
+            inputs.certs.trust_domain().to_owned(),
+            leaf,
+        )
+        .map_err(|e| Error::Tls {
+            pod: pod.clone(),
+            message: e.to_string(),
+        })?;
         let listeners = open_listeners(&pod, &netns, &inputs.home, &workload.ips)?;
         let netns_cookie = crate::sys::netns_cookie(std::os::fd::AsFd::as_fd(&listeners.outbound4))
             .map_err(|source| Error::Listener {
@@ -93,6 +119,7 @@ impl CapturedPod {
         let (stop, stopped) = watch::channel(false);
         let mut captured = Self {
             workload: workload.clone(),
+            identity: identity.clone(),
             scope,
             netns_cookie,
             links: Links::default(),
@@ -107,31 +134,25 @@ impl CapturedPod {
             workload,
             netns,
             netns_cookie,
+            identity,
+            server_tls,
             &inputs.metrics,
         ));
-        for l in [Some(listeners.outbound4), listeners.outbound6]
-            .into_iter()
-            .flatten()
-        {
-            proxy::spawn_listener(
-                l,
-                proxy::Direction::Outbound,
-                ctx.clone(),
-                inputs.clone(),
-                stopped.clone(),
-            );
-        }
-        for l in [listeners.inbound4, listeners.inbound6]
-            .into_iter()
-            .flatten()
-        {
-            proxy::spawn_listener(
-                l,
-                proxy::Direction::Inbound,
-                ctx.clone(),
-                inputs.clone(),
-                stopped.clone(),
-            );
+        let groups = [
+            (
+                proxy::Listener::Outbound,
+                [Some(listeners.outbound4), listeners.outbound6],
+            ),
+            (
+                proxy::Listener::Inbound,
+                [listeners.inbound4, listeners.inbound6],
+            ),
+            (proxy::Listener::Hbone, [listeners.hbone4, listeners.hbone6]),
+        ];
+        for (kind, group) in groups {
+            for l in group.into_iter().flatten() {
+                proxy::spawn_listener(l, kind, ctx.clone(), inputs.clone(), stopped.clone());
+            }
         }
         Ok(captured)
     }
@@ -150,15 +171,21 @@ impl CapturedPod {
                 message: e.to_string(),
             }
         };
-        for ip in &self.workload.ips {
-            let sock = match ip {
-                IpAddr::V4(_) => l.inbound4.as_ref(),
-                IpAddr::V6(_) => l.inbound6.as_ref(),
+        let per_ip = self.workload.ips.iter().flat_map(|ip| {
+            let (plain, hbone) = match ip {
+                IpAddr::V4(_) => (l.inbound4.as_ref(), l.hbone4.as_ref()),
+                IpAddr::V6(_) => (l.inbound6.as_ref(), l.hbone6.as_ref()),
             };
+            [
+                (*ip, listener::INBOUND_PLAINTEXT, plain),
+                (*ip, listener::HBONE, hbone),
+            ]
+        });
+        for (ip, kind, sock) in per_ip {
             let Some(sock) = sock else { continue };
             let key = ListenerKey {
-                ip: mapped_words(*ip),
-                kind: listener::INBOUND_PLAINTEXT,
+                ip: mapped_words(ip),
+                kind,
             };
             loaded
                 .listeners
@@ -302,6 +329,8 @@ struct Listeners {
     outbound6: Option<std::net::TcpListener>,
     inbound4: Option<std::net::TcpListener>,
     inbound6: Option<std::net::TcpListener>,
+    hbone4: Option<std::net::TcpListener>,
+    hbone6: Option<std::net::TcpListener>,
 }
 
 fn open_listeners(
@@ -323,6 +352,8 @@ fn open_listeners(
     let in4 = SocketAddr::new(lo4, ports::INBOUND_PLAINTEXT);
     let out6 = SocketAddr::new(lo6, ports::OUTBOUND);
     let in6 = SocketAddr::new(lo6, ports::INBOUND_PLAINTEXT);
+    let hb4 = SocketAddr::new(lo4, ports::HBONE);
+    let hb6 = SocketAddr::new(lo6, ports::HBONE);
     let has_v4 = ips.iter().any(IpAddr::is_ipv4);
     let has_v6 = ips.iter().any(IpAddr::is_ipv6);
     netns
@@ -341,11 +372,19 @@ fn open_listeners(
             let inbound6 = has_v6
                 .then(|| listen(in6).map_err(listen_err(in6)))
                 .transpose()?;
+            let hbone4 = has_v4
+                .then(|| listen(hb4).map_err(listen_err(hb4)))
+                .transpose()?;
+            let hbone6 = has_v6
+                .then(|| listen(hb6).map_err(listen_err(hb6)))
+                .transpose()?;
             Ok(Listeners {
                 outbound4,
                 outbound6,
                 inbound4,
                 inbound6,
+                hbone4,
+                hbone6,
             })
         })
         .map_err(|source| Error::Netns {

@@ -135,7 +135,7 @@ impl TryFrom<StateFile> for Snapshot {
             w.capture
                 .validate()
                 .map_err(|e| format!("{at}.capture.{e}"))?;
-            snap.workloads.push(Arc::new(Workload {
+            let workload = Arc::new(Workload {
                 namespace: w.namespace,
                 name: w.name,
                 service_account: w.service_account,
@@ -145,7 +145,11 @@ impl TryFrom<StateFile> for Snapshot {
                 cgroup: w.cgroup,
                 labels: w.labels,
                 capture: w.capture,
-            }));
+            });
+            for ip in &workload.ips {
+                snap.workloads_by_ip.insert(*ip, workload.clone());
+            }
+            snap.workloads.push(workload);
         }
         for (i, s) in file.services.iter().enumerate() {
             let key = format!("{}/{}", s.namespace, s.name);

@@ -4,24 +4,18 @@
 use tokio::net::TcpStream;
 
 use super::COPY_BUFFER;
-use crate::metrics::ConnCounters;
 
-/// Copies until both directions have ended. `pod_side` is the pod's own connection.
+/// Copies until both directions have ended. `pod_side` is the pod's own connection; returns
+/// (bytes from the pod's side, bytes toward it).
 pub async fn bidirectional(
     mut pod_side: TcpStream,
     mut peer_side: TcpStream,
-    counters: &ConnCounters,
 ) -> std::io::Result<(u64, u64)> {
-    let result = tokio::io::copy_bidirectional_with_sizes(
+    tokio::io::copy_bidirectional_with_sizes(
         &mut pod_side,
         &mut peer_side,
         COPY_BUFFER,
         COPY_BUFFER,
     )
-    .await;
-    if let Ok((sent, received)) = result {
-        counters.sent.inc_by(sent);
-        counters.received.inc_by(received);
-    }
-    result
+    .await
 }

@@ -1,12 +1,13 @@
 //! Inbound plaintext: a connection to the pod's address that sk_lookup steered to the pod's
 //! inbound listener. The accepted socket's local address is the original destination.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 use tracing::info;
 
 use super::{connect_in_pod, copy, reset, Error, Inputs, Pod};
+use crate::tunnel;
 
 pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64, u64), Error> {
     let Ok(dst) = stream.local_addr() else {
@@ -31,7 +32,95 @@ pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64
     };
     info!("connection delivered");
     // For inbound the pod's side is the application: bytes it sends are "sent".
-    copy::bidirectional(app, stream, &pod.inbound)
+    copy::bidirectional(app, stream)
         .await
-        .map_err(|source| Error::Connect { addr: dst, source })
+        .map_err(Error::Stream)
+}
+
+/// One HBONE connection to this pod's port 15008: TLS with the pod's identity, then one
+/// tunnelled connection per CONNECT stream.
+pub async fn serve_hbone(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<Inputs>) {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("hbone", pod = %pod.key, src = %peer);
+    let handler = {
+        let (pod, inputs) = (pod.clone(), inputs.clone());
+        move |req: tunnel::server::Request| {
+            let (pod, inputs) = (pod.clone(), inputs.clone());
+            let span = tracing::info_span!(
+                "inbound",
+                pod = %pod.key,
+                src = %req.remote,
+                identity = %req.peer,
+                dst = tracing::field::Empty,
+                forwarded = req.forwarded.as_deref().unwrap_or("")
+            );
+            async move {
+                let work = hbone_stream(req, &pod, &inputs);
+                super::account(super::Direction::Inbound, &pod, &inputs, work).await;
+            }
+            .instrument(span)
+        }
+    };
+    let result = tunnel::server::serve(tcp, pod.server_tls.clone(), handler)
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = result {
+        let e = Error::Hbone(e);
+        span.in_scope(|| tracing::warn!(error = %e, "HBONE connection failed"));
+        pod.count_failure(&inputs.metrics, super::Direction::Inbound, &e);
+    }
+}
+
+/// One CONNECT stream: checks the authority, connects to the application, answers, copies.
+async fn hbone_stream(
+    req: tunnel::server::Request,
+    pod: &Pod,
+    inputs: &Inputs,
+) -> Result<(u64, u64), Error> {
+    use http::StatusCode;
+    let bad = |req: tunnel::server::Request, why: String| {
+        let peer = req.peer.clone();
+        req.reject(StatusCode::BAD_REQUEST);
+        Err(Error::BadRequest { peer, why })
+    };
+    let authority = match req.authority {
+        Ok(a) => a,
+        Err(why) => return bad(req, why.to_owned()),
+    };
+    // The authority must name a workload of this node; only its port is used: the connection
+    // goes to the address the tunnel reached (this pod's), never to an address from the request.
+    let local_workload = inputs
+        .store
+        .load()
+        .workloads_by_ip
+        .get(&authority.ip().to_canonical())
+        .is_some_and(|w| w.node == inputs.node);
+    if !local_workload {
+        return bad(
+            req,
+            format!(
+                "authority {authority} is not a workload of node {}",
+                inputs.node
+            ),
+        );
+    }
+    if mesh_common::ports::RESERVED.contains(&authority.port()) {
+        return bad(req, format!("authority {authority} names an agent port"));
+    }
+    let dst = SocketAddr::new(req.local.ip().to_canonical(), authority.port());
+    tracing::Span::current().record("dst", tracing::field::display(dst));
+    let app = match connect_in_pod(pod, &inputs.home, dst).await {
+        Ok(app) => app,
+        Err(e) => {
+            req.reject(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(e);
+        }
+    };
+    let (send, recv) = req
+        .accept()
+        .map_err(|e| Error::Stream(std::io::Error::other(e)))?;
+    info!("connection delivered");
+    tunnel::stream::copy(app, send, recv)
+        .await
+        .map_err(Error::Stream)
 }

@@ -1,13 +1,19 @@
 //! Outbound: a pod's connection redirected to its 127.0.0.1:15001.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use mesh_common::{family, ConnKey};
+use mesh_common::{family, ports, ConnKey};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use super::{connect_in_pod, copy, reset, Error, Inputs, Pod};
-use crate::{capture::mapped_words, metrics::RouteLabels, state::Destination};
+use super::{connect_in_pod, copy, pod_socket, reset, Error, Inputs, Pod};
+use crate::{
+    capture::mapped_words,
+    identity::SpiffeId,
+    metrics::RouteLabels,
+    state::Destination,
+    tunnel::{self, client::PoolKey},
+};
 
 pub async fn proxy(
     stream: TcpStream,
@@ -27,10 +33,15 @@ pub async fn proxy(
             reset(stream);
             return Err(Error::NoEndpoints { service });
         }
-        Destination::Passthrough(addr) => (addr, "passthrough"),
+        Destination::Passthrough(addr) => (addr, "direct"),
     };
+    // A destination in the mesh is reached over HBONE with its workload's identity.
+    let peer = snap
+        .meshed_workload(target.ip())
+        .map(|w| (w.namespace.clone(), w.service_account.clone()));
     drop(snap);
     tracing::Span::current().record("endpoint", tracing::field::display(target));
+    let transport = if peer.is_some() { "hbone" } else { "plaintext" };
     inputs
         .metrics
         .routes
@@ -38,35 +49,89 @@ pub async fn proxy(
             namespace: pod.workload.namespace.clone(),
             workload: pod.workload.name.clone(),
             route,
+            transport,
         })
         .inc();
     if target.ip().is_loopback() {
         reset(stream);
         return Err(Error::Loop { addr: target });
     }
-    let upstream = match connect_upstream(pod, inputs, target).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            reset(stream);
-            return Err(e);
+    match peer {
+        Some((namespace, service_account)) => {
+            let expected =
+                SpiffeId::new(inputs.certs.trust_domain(), &namespace, &service_account)?;
+            tracing::Span::current().record("peer_identity", tracing::field::display(&expected));
+            let tunnel = match open_hbone(client, pod, inputs, target, expected).await {
+                Ok(tunnel) => tunnel,
+                Err(e) => {
+                    reset(stream);
+                    return Err(e);
+                }
+            };
+            info!(
+                route,
+                transport,
+                conn = tunnel.conn_id,
+                "connection proxied"
+            );
+            tunnel::stream::copy(stream, tunnel.send, tunnel.recv)
+                .await
+                .map_err(Error::Stream)
         }
-    };
-    info!(route, "connection proxied");
-    copy::bidirectional(stream, upstream, &pod.outbound)
-        .await
-        .map_err(|source| Error::Connect {
-            addr: target,
-            source,
-        })
+        None => {
+            let upstream = match connect_in_pod(pod, &inputs.home, target).await {
+                Ok(upstream) => upstream,
+                Err(e) => {
+                    reset(stream);
+                    return Err(e);
+                }
+            };
+            info!(route, transport, "connection proxied");
+            copy::bidirectional(stream, upstream)
+                .await
+                .map_err(Error::Stream)
+        }
+    }
 }
 
-/// The seam where HBONE goes: for now a plain TCP connection from the pod's namespace.
-async fn connect_upstream(
+/// A CONNECT stream to `target` through a pooled HBONE connection to the target's pod,
+/// authenticated as this pod and accepting only the `expected` server identity.
+async fn open_hbone(
+    client: SocketAddr,
     pod: &Pod,
     inputs: &Inputs,
     target: SocketAddr,
-) -> Result<TcpStream, Error> {
-    connect_in_pod(pod, &inputs.home, target).await
+    expected: SpiffeId,
+) -> Result<tunnel::client::Stream, Error> {
+    let key = PoolKey {
+        src: pod.identity.clone(),
+        dst: SocketAddr::new(target.ip(), ports::HBONE),
+        expected,
+    };
+    let dst = key.dst;
+    let tls = || {
+        let leaf = inputs.certs.get(&key.src)?;
+        Ok(tunnel::tls::client_config(
+            inputs.certs.bundle().clone(),
+            leaf,
+            vec![key.expected.clone()],
+        )?)
+    };
+    // The HBONE connection leaves from the pod's namespace, with the pod's address.
+    let dial = || async move {
+        let socket = pod_socket(pod, &inputs.home, dst)?;
+        tokio::time::timeout(super::CONNECT_TIMEOUT, socket.connect(dst))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+    };
+    let forwarded_for = SocketAddr::new(
+        pod.workload.ips.first().copied().unwrap_or(client.ip()),
+        client.port(),
+    );
+    Ok(inputs
+        .pool
+        .open(&key, tls, dial, target, forwarded_for)
+        .await?)
 }
 
 fn original_destination(
@@ -74,10 +139,9 @@ fn original_destination(
     pod: &Pod,
     inputs: &Inputs,
 ) -> Result<SocketAddr, Error> {
-    let ip = mapped_words(client.ip());
     let key = ConnKey {
         netns_cookie: pod.netns_cookie,
-        ip,
+        ip: mapped_words(client.ip()),
         port: client.port(),
         family: if client.ip().to_canonical().is_ipv4() {
             family::INET
@@ -91,14 +155,15 @@ fn original_destination(
         .take(&key)
         .map_err(Error::OrigDstMap)?
         .ok_or(Error::NoOrigDst { client })?;
-    let bytes: Vec<u8> = orig.ip.iter().flat_map(|w| w.to_ne_bytes()).collect();
     let mut octets = [0u8; 16];
-    octets.copy_from_slice(&bytes);
-    let v6 = std::net::Ipv6Addr::from(octets);
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(orig.ip) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(octets);
     let ip = if orig.family == family::INET {
         v6.to_canonical()
     } else {
-        std::net::IpAddr::V6(v6)
+        IpAddr::V6(v6)
     };
     Ok(SocketAddr::new(ip, orig.port))
 }

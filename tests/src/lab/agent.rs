@@ -41,6 +41,51 @@ pub fn agent_bin() -> PathBuf {
     }
 }
 
+/// Makes the lab's certificate authority with the agent's own CLI: a root, and one node
+/// intermediate per node (`<run dir>/ca`).
+pub(crate) fn make_ca(layout: &Layout) -> Result<()> {
+    let bin = agent_bin();
+    let dir = layout.ca_dir();
+    let run = |args: &[&std::ffi::OsStr]| -> Result<()> {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {} {args:?}", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} {args:?} failed: {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    run(&[
+        &os("ca"),
+        &os("init"),
+        &os("--out"),
+        dir.as_os_str(),
+        &os("--trust-domain"),
+        &os(super::state::TRUST_DOMAIN),
+    ])?;
+    for node in &layout.nodes {
+        run(&[
+            &os("ca"),
+            &os("issue-node"),
+            &os("--node"),
+            &os(&node.name),
+            &os("--ca-cert"),
+            dir.join("root-cert.pem").as_os_str(),
+            &os("--ca-key"),
+            dir.join("root-key.pem").as_os_str(),
+            &os("--out"),
+            dir.as_os_str(),
+        ])?;
+    }
+    Ok(())
+}
+
 /// Starts the agent of `node`: in its cgroup and netns, in a new session, logging to the run dir.
 pub(crate) fn start(layout: &Layout, node: &Node) -> Result<AgentProcess> {
     let bin = agent_bin();

@@ -159,6 +159,11 @@ impl Layout {
         &self.state_file
     }
 
+    /// The lab's certificate authority files (root, node intermediates).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.run_dir.join("ca")
+    }
+
     pub fn agent_config_path(&self, node: &str) -> PathBuf {
         self.run_dir.join(format!("agent-{node}.yaml"))
     }

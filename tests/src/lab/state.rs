@@ -50,6 +50,9 @@ struct Service<'a> {
     selector: &'a BTreeMap<String, String>,
 }
 
+/// The lab's SPIFFE trust domain.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
 /// One agent's configuration file.
 #[derive(Debug, Serialize)]
 struct AgentConfig<'a> {
@@ -60,6 +63,17 @@ struct AgentConfig<'a> {
     readiness_addr: SocketAddr,
     state_poll_interval_ms: u64,
     capture: &'a CaptureExclusions,
+    identity: Identity,
+}
+
+/// The `identity` block of an agent config: the node's intermediate CA made by `up`.
+#[derive(Debug, Serialize)]
+struct Identity {
+    trust_domain: &'static str,
+    issuer_cert: std::path::PathBuf,
+    issuer_key: std::path::PathBuf,
+    trust_bundle: std::path::PathBuf,
+    leaf_lifetime_secs: u64,
 }
 
 /// The initial state file of a lab, as YAML.
@@ -101,6 +115,7 @@ pub(crate) fn agent_config_yaml(
     layout: &Layout,
     node: &str,
     capture: &CaptureExclusions,
+    leaf_lifetime_secs: u64,
 ) -> Result<String> {
     let bpf_dir = layout
         .nodes
@@ -116,6 +131,13 @@ pub(crate) fn agent_config_yaml(
         readiness_addr: SocketAddr::from(([0, 0, 0, 0], READINESS_PORT)),
         state_poll_interval_ms: STATE_POLL_INTERVAL_MS,
         capture,
+        identity: Identity {
+            trust_domain: TRUST_DOMAIN,
+            issuer_cert: layout.ca_dir().join(format!("{node}-cert.pem")),
+            issuer_key: layout.ca_dir().join(format!("{node}-key.pem")),
+            trust_bundle: layout.ca_dir().join("root-cert.pem"),
+            leaf_lifetime_secs,
+        },
     };
     serde_yaml::to_string(&config).context("serialising an agent config")
 }
@@ -219,7 +241,7 @@ mod tests {
             exclude_outbound_ports: vec![22],
             ..Default::default()
         };
-        let yaml = agent_config_yaml(&layout, "n2", &capture).expect("serialises");
+        let yaml = agent_config_yaml(&layout, "n2", &capture, 3600).expect("serialises");
         let v: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("parses");
         assert_eq!(v["node"].as_str(), Some("n2"));
         assert_eq!(

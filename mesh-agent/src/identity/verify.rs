@@ -1,0 +1,132 @@
+//! Verification of a peer's certificate chain and extraction of its SPIFFE identity, for the
+//! tunnel's rustls client and server certificate verifiers.
+
+use rustls::pki_types::{CertificateDer, UnixTime};
+use webpki::{EndEntityCert, KeyUsage};
+use x509_parser::extensions::GeneralName;
+
+use super::{fmt_unix, Error, SpiffeId, TrustBundle};
+
+/// Which side of the TLS handshake the peer is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRole {
+    /// The peer is the TLS client: its certificate needs extended key usage clientAuth.
+    Client,
+    /// The peer is the TLS server: its certificate needs extended key usage serverAuth.
+    Server,
+}
+
+impl PeerRole {
+    fn eku_name(self) -> &'static str {
+        match self {
+            PeerRole::Client => "clientAuth",
+            PeerRole::Server => "serverAuth",
+        }
+    }
+}
+
+/// Verifies a peer chain against the bundle, then extracts the peer's identity.
+///
+/// The chain must lead from `end_entity` (through `intermediates`) to one of the bundle's roots,
+/// every certificate must be valid at `now`, and the end-entity certificate must carry the
+/// extended key usage of its `role` (clientAuth for a client, serverAuth for a server). No DNS
+/// name is checked: SPIFFE certificates carry none. The end-entity certificate must then carry
+/// exactly one URI SAN, a SPIFFE workload id, which is returned. Comparing its trust domain or
+/// the whole id with what is expected is the caller's business.
+pub fn verify_peer(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: UnixTime,
+    role: PeerRole,
+) -> Result<SpiffeId, Error> {
+    let cert = EndEntityCert::try_from(end_entity).map_err(Error::PeerRejected)?;
+    let usage = match role {
+        PeerRole::Client => KeyUsage::client_auth(),
+        PeerRole::Server => KeyUsage::server_auth(),
+    };
+    cert.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        bundle.anchors(),
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(|e| map_webpki(e, role))?;
+
+    // webpki accepts an end-entity certificate without any extended key usage; mesh
+    // certificates always carry it, so require it explicitly.
+    let (_, parsed) = x509_parser::parse_x509_certificate(end_entity)
+        .map_err(|_| Error::PeerRejected(webpki::Error::BadDer))?;
+    let eku = parsed
+        .extended_key_usage()
+        .map_err(|_| Error::PeerRejected(webpki::Error::BadDer))?;
+    let has_eku = eku.is_some_and(|eku| match role {
+        PeerRole::Client => eku.value.client_auth,
+        PeerRole::Server => eku.value.server_auth,
+    });
+    if !has_eku {
+        return Err(Error::PeerBadEku {
+            role,
+            wanted: role.eku_name(),
+        });
+    }
+
+    let sans = parsed
+        .subject_alternative_name()
+        .map_err(|_| Error::PeerRejected(webpki::Error::BadDer))?;
+    let uris: Vec<&str> = sans
+        .iter()
+        .flat_map(|s| &s.value.general_names)
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Err(Error::PeerNoUriSan),
+        [uri] => uri.parse().map_err(|e| Error::PeerMalformedId {
+            uri: (*uri).to_owned(),
+            reason: match e {
+                Error::InvalidSpiffeId { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        }),
+        several => Err(Error::PeerMultipleUriSans {
+            count: several.len(),
+        }),
+    }
+}
+
+fn map_webpki(error: webpki::Error, role: PeerRole) -> Error {
+    match error {
+        webpki::Error::CertExpired { time, not_after } => Error::PeerExpired {
+            not_after: fmt_unix(not_after.as_secs()),
+            now: fmt_unix(time.as_secs()),
+        },
+        webpki::Error::CertNotValidYet { time, not_before } => Error::PeerNotYetValid {
+            not_before: fmt_unix(not_before.as_secs()),
+            now: fmt_unix(time.as_secs()),
+        },
+        // A CA of the same name whose key did not sign it is an untrusted chain too: roots
+        // made for the same trust domain (root rotation) share their subject name.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            Error::PeerUnknownIssuer
+        }
+        webpki::Error::RequiredEkuNotFoundContext(_) => Error::PeerBadEku {
+            role,
+            wanted: role.eku_name(),
+        },
+        #[expect(
+            deprecated,
+            reason = "older webpki paths may still report the bare variant"
+        )]
+        webpki::Error::RequiredEkuNotFound => Error::PeerBadEku {
+            role,
+            wanted: role.eku_name(),
+        },
+        other => Error::PeerRejected(other),
+    }
+}

@@ -1,0 +1,75 @@
+//! HBONE: TCP streams tunnelled as HTTP/2 CONNECT over mutual TLS between node agents, wire
+//! compatible with Istio ambient's ztunnel (docs/hbone.md).
+//!
+//! `server` terminates HBONE on a pod's port 15008; `client` keeps a pool of HBONE connections
+//! and opens one CONNECT stream per proxied TCP connection; `stream` copies between a TCP
+//! socket and an HTTP/2 stream; `tls` holds the TLS configurations and SPIFFE verification.
+
+pub mod client;
+pub mod server;
+pub mod stream;
+pub mod tls;
+
+use std::{net::SocketAddr, time::Duration};
+
+/// HTTP/2 settings, chosen to match ztunnel and measured in docs/hbone.md.
+pub mod settings {
+    /// Streams one HBONE connection carries at once (server SETTINGS).
+    pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+    /// Per-stream receive window: 4 MiB keeps one stream from stalling on a fast path.
+    pub const STREAM_WINDOW: u32 = 4 << 20;
+    /// Client connection window: 16 MiB, so several busy streams share a connection.
+    pub const CLIENT_CONNECTION_WINDOW: u32 = 16 << 20;
+    /// Server connection window.
+    pub const SERVER_CONNECTION_WINDOW: u32 = 16 << 20;
+    /// Largest DATA frame: 1 MiB, fewer frames per byte.
+    pub const MAX_FRAME: u32 = 1 << 20;
+    /// Send buffer per stream before backpressure.
+    pub const MAX_SEND_BUFFER: usize = 1 << 20;
+    /// Reset streams remembered; bounds the cost of reset floods.
+    pub const MAX_CONCURRENT_RESET_STREAMS: usize = 64;
+    /// Client PING interval and the time without an answer after which the connection is dropped.
+    pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+    pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+}
+
+/// Read buffer for the TCP side of a tunnelled stream.
+pub const COPY_BUFFER: usize = 64 * 1024;
+/// How long a TLS + HTTP/2 handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of HBONE, worded for the operator reading the log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("HBONE connect to {addr} failed: {source} (is port 15008 reachable between nodes?)")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HBONE connect to {addr} timed out: is port 15008 reachable between nodes?")]
+    Timeout { addr: SocketAddr },
+    #[error("TLS with {addr} failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[from] rustls::Error),
+    #[error("HBONE peer {addr} did not negotiate ALPN h2")]
+    Alpn { addr: SocketAddr },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("HBONE CONNECT to {authority} via {addr} answered {status}")]
+    Status {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: http::StatusCode,
+    },
+    #[error("cannot build a CONNECT request for {authority}: {message}")]
+    BadAuthority {
+        authority: SocketAddr,
+        message: String,
+    },
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::Error),
+}

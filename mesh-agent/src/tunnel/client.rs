@@ -1,0 +1,307 @@
+//! The HBONE client: a pool of mTLS HTTP/2 connections per (source identity, destination
+//! address, expected destination identity), multiplexing one CONNECT stream per proxied TCP
+//! connection. A connection takes new streams until it carries `max_streams` or is closing;
+//! then another one is opened. Connections idle longer than `idle` are closed.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn, Instrument as _};
+
+use super::{settings, tls, Error, HANDSHAKE_TIMEOUT};
+use crate::identity::SpiffeId;
+
+/// What a pooled connection is for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src: SpiffeId,
+    /// `<destination pod ip>:15008`.
+    pub dst: SocketAddr,
+    pub expected: SpiffeId,
+}
+
+/// Pool metrics, registered by the caller.
+#[derive(Clone, Debug, Default)]
+pub struct PoolMetrics {
+    /// HBONE connections opened (TLS handshakes made).
+    pub connections_opened: Counter,
+    /// HBONE connections currently pooled.
+    pub connections: Gauge,
+    /// CONNECT streams opened.
+    pub streams_opened: Counter,
+}
+
+/// Pool limits.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolConfig {
+    /// Streams per connection before another connection is opened.
+    pub max_streams: usize,
+    /// Idle time after which a connection without streams is closed.
+    pub idle: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: settings::MAX_CONCURRENT_STREAMS as usize,
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    send: h2::client::SendRequest<Bytes>,
+    active: AtomicUsize,
+    closed: AtomicBool,
+    idle_since: Mutex<Instant>,
+}
+
+/// A CONNECT stream; holding it keeps the connection's stream count.
+#[derive(Debug)]
+pub struct Stream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    /// Which pooled connection carries it (for logs).
+    pub conn_id: u64,
+    _guard: Guard,
+}
+
+#[derive(Debug)]
+struct Guard(Arc<Conn>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// The pool.
+#[derive(Debug)]
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
+    config: PoolConfig,
+    metrics: PoolMetrics,
+    next_id: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(config: PoolConfig, metrics: PoolMetrics) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            conns: Mutex::new(HashMap::new()),
+            config,
+            metrics,
+            next_id: AtomicU64::new(1),
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(config.idle / 2);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { break };
+                pool.expire_idle();
+            }
+        });
+        pool
+    }
+
+    /// Opens a CONNECT stream to `authority` through an HBONE connection for `key`, dialling a
+    /// new connection with `dial` (a TCP connect from the source pod) when none has room.
+    pub async fn open<D, DF>(
+        &self,
+        key: &PoolKey,
+        tls: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, Error>,
+        dial: D,
+        authority: SocketAddr,
+        forwarded_for: SocketAddr,
+    ) -> Result<Stream, Error>
+    where
+        D: FnOnce() -> DF,
+        DF: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        let conn = match self.checkout(key) {
+            Some(conn) => conn,
+            None => self.dial(key, tls, dial).await?,
+        };
+        let guard = Guard(conn.clone());
+        let addr = key.dst;
+        let h2_err = |source| Error::H2 { addr, source };
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .header("forwarded", format!("for=\"{forwarded_for}\""))
+            .body(())
+            .map_err(|e| Error::BadAuthority {
+                authority,
+                message: e.to_string(),
+            })?;
+        let mut send = conn.send.clone().ready().await.map_err(|e| {
+            conn.closed.store(true, Ordering::Release);
+            h2_err(e)
+        })?;
+        let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+        self.metrics.streams_opened.inc();
+        let response = response.await.map_err(h2_err)?;
+        if response.status() != StatusCode::OK {
+            return Err(Error::Status {
+                addr,
+                authority,
+                status: response.status(),
+            });
+        }
+        Ok(Stream {
+            send: stream,
+            recv: response.into_body(),
+            conn_id: conn.id,
+            _guard: guard,
+        })
+    }
+
+    /// A live connection for `key` with room for one more stream, counted in.
+    fn checkout(&self, key: &PoolKey) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(key)?;
+        let before = list.len();
+        list.retain(|c| !c.closed.load(Ordering::Acquire));
+        self.metrics
+            .connections
+            .dec_by(i64::try_from(before - list.len()).unwrap_or(0));
+        list.iter()
+            .find(|c| {
+                c.active
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.config.max_streams).then_some(n + 1)
+                    })
+                    .is_ok()
+            })
+            .cloned()
+    }
+
+    async fn dial<D, DF>(
+        &self,
+        key: &PoolKey,
+        tls: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, Error>,
+        dial: D,
+    ) -> Result<Arc<Conn>, Error>
+    where
+        D: FnOnce() -> DF,
+        DF: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        let addr = key.dst;
+        let config = tls()?;
+        let handshake = async {
+            let tcp = dial()
+                .await
+                .map_err(|source| Error::Connect { addr, source })?;
+            let _ = tcp.set_nodelay(true);
+            let server_name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = TlsConnector::from(config)
+                .connect(server_name, tcp)
+                .await
+                .map_err(|source| Error::Tls { addr, source })?;
+            if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+                return Err(Error::Alpn { addr });
+            }
+            h2::client::Builder::new()
+                .initial_window_size(settings::STREAM_WINDOW)
+                .initial_connection_window_size(settings::CLIENT_CONNECTION_WINDOW)
+                .max_frame_size(settings::MAX_FRAME)
+                .max_send_buffer_size(settings::MAX_SEND_BUFFER)
+                .max_concurrent_reset_streams(settings::MAX_CONCURRENT_RESET_STREAMS)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|source| Error::H2 { addr, source })
+        };
+        let (send, mut connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| Error::Timeout { addr })??;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            id,
+            send,
+            active: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        info!(conn = id, dst = %addr, src = %key.src, peer_identity = %key.expected, "HBONE connection opened");
+        self.metrics.connections_opened.inc();
+        self.metrics.connections.inc();
+        let ping = connection.ping_pong();
+        let driver_conn = conn.clone();
+        tokio::spawn(
+            async move {
+                let result = match ping {
+                    Some(ping) => tokio::select! {
+                        r = &mut connection => r.map_err(|e| e.to_string()),
+                        e = keepalive(ping) => Err(e),
+                    },
+                    None => connection.await.map_err(|e| e.to_string()),
+                };
+                driver_conn.closed.store(true, Ordering::Release);
+                match result {
+                    Ok(()) => debug!("HBONE connection closed"),
+                    Err(e) => warn!(error = %e, "HBONE connection ended"),
+                }
+            }
+            .instrument(tracing::debug_span!("hbone_conn", conn = id, dst = %addr)),
+        );
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
+    }
+
+    /// Closes connections without streams for longer than `idle` (dropping the last request
+    /// handle lets h2 close the connection).
+    fn expire_idle(&self) {
+        let now = Instant::now();
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut removed = 0i64;
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && now.duration_since(*c.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
+                        >= self.config.idle;
+                let keep = !idle && !c.closed.load(Ordering::Acquire);
+                if !keep {
+                    removed += 1;
+                    debug!(conn = c.id, "HBONE connection expired");
+                }
+                keep
+            });
+        }
+        conns.retain(|_, list| !list.is_empty());
+        self.metrics.connections.dec_by(removed);
+    }
+}
+
+/// Sends a PING every interval; returns an error when one is not answered in time.
+async fn keepalive(mut ping: h2::PingPong) -> String {
+    loop {
+        tokio::time::sleep(settings::PING_INTERVAL).await;
+        match tokio::time::timeout(settings::PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("PING failed: {e}"),
+            Err(_) => return format!("no PING answer within {:?}", settings::PING_TIMEOUT),
+        }
+    }
+}

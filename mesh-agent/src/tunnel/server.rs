@@ -1,0 +1,155 @@
+//! The HBONE server: TLS (client certificate required), HTTP/2, one CONNECT per stream.
+//! Everything in a request is untrusted input: only the verified peer certificate says who the
+//! client is; the authority only selects a port, and the proxy checks it names this pod.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream, SendStream};
+use http::{Method, Response, StatusCode};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+
+use super::{settings, tls, Error, HANDSHAKE_TIMEOUT};
+use crate::identity::SpiffeId;
+
+/// One CONNECT request on an authenticated HBONE connection.
+#[derive(Debug)]
+pub struct Request {
+    /// The client's identity, from its verified certificate.
+    pub peer: SpiffeId,
+    /// The address the HBONE connection reached (the pod's address, through sk_lookup).
+    pub local: SocketAddr,
+    /// The TCP peer of the HBONE connection (the client's node or pod address).
+    pub remote: SocketAddr,
+    /// `:authority`, parsed; `Err` says why it is unusable (answered 400 by `reject`).
+    pub authority: Result<SocketAddr, &'static str>,
+    /// `forwarded` header, informational only.
+    pub forwarded: Option<String>,
+    respond: SendResponse<Bytes>,
+    body: RecvStream,
+}
+
+impl Request {
+    /// Answers with an error status and ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        let _ = self.respond.send_response(response(status), true);
+    }
+
+    /// Answers 200 and returns the stream for copying.
+    pub fn accept(mut self) -> Result<(SendStream<Bytes>, RecvStream), h2::Error> {
+        let send = self
+            .respond
+            .send_response(response(StatusCode::OK), false)?;
+        Ok((send, self.body))
+    }
+}
+
+fn response(status: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = status;
+    r
+}
+
+/// Serves one HBONE connection: handshakes, then hands every CONNECT to `handle` (spawned per
+/// stream). Non-CONNECT requests get 400 here. Returns when the connection ends.
+pub async fn serve<F, Fut>(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    handle: F,
+) -> Result<(), Error>
+where
+    F: Fn(Request) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let remote = tcp.peer_addr().map_err(|source| Error::Connect {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    let local = tcp.local_addr().map_err(|source| Error::Connect {
+        addr: remote,
+        source,
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let handshake = async {
+        let tls = TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .map_err(|source| Error::Tls {
+                addr: remote,
+                source,
+            })?;
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(tls::ALPN_H2) {
+            return Err(Error::Alpn { addr: remote });
+        }
+        let peer = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(tls::identity_of)
+            .ok_or_else(|| Error::Tls {
+                addr: remote,
+                source: std::io::Error::other("verified peer has no SPIFFE id"),
+            })?;
+        let conn = h2::server::Builder::new()
+            .initial_window_size(settings::STREAM_WINDOW)
+            .initial_connection_window_size(settings::SERVER_CONNECTION_WINDOW)
+            .max_frame_size(settings::MAX_FRAME)
+            .max_concurrent_streams(settings::MAX_CONCURRENT_STREAMS)
+            .max_send_buffer_size(settings::MAX_SEND_BUFFER)
+            .max_concurrent_reset_streams(settings::MAX_CONCURRENT_RESET_STREAMS)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| Error::H2 {
+                addr: remote,
+                source,
+            })?;
+        Ok((peer, conn))
+    };
+    let (peer, mut conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| Error::Timeout { addr: remote })??;
+    debug!(%remote, %peer, "HBONE connection established");
+    while let Some(next) = conn.accept().await {
+        let (req, mut respond) = next.map_err(|source| Error::H2 {
+            addr: remote,
+            source,
+        })?;
+        if req.method() != Method::CONNECT {
+            debug!(%remote, method = %req.method(), "not a CONNECT: 400");
+            let _ = respond.send_response(response(StatusCode::BAD_REQUEST), true);
+            continue;
+        }
+        let authority = match req.uri().authority() {
+            None => Err("no :authority"),
+            Some(a) => a
+                .as_str()
+                .parse::<SocketAddr>()
+                .map_err(|_| "authority is not ip:port")
+                .and_then(|addr| {
+                    if addr.port() == 0 {
+                        Err("port 0")
+                    } else {
+                        Ok(addr)
+                    }
+                }),
+        };
+        let forwarded = req
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = req.into_body();
+        tokio::spawn(handle(Request {
+            peer: peer.clone(),
+            local,
+            remote,
+            authority,
+            forwarded,
+            respond,
+            body,
+        }));
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! TLS for HBONE: TLS 1.3 only, AES-GCM suites, X25519, ALPN `h2`, no SNI, no resumption, and
+//! SPIFFE verification on both sides. Certificates are resolved per handshake from the
+//! identity manager's current leaf, so rotation never touches established connections and new
+//! handshakes use the new certificate.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::{
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        ResolvesClientCert, Resumption,
+    },
+    crypto::{ring, CryptoProvider},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        ClientHello, NoServerSessionStorage, ResolvesServerCert,
+    },
+    sign::CertifiedKey,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme,
+};
+use tracing::warn;
+
+use crate::identity::{verify_peer, Leaf, PeerRole, SpiffeId, TrustBundle};
+
+/// ALPN of HBONE.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The crypto provider: ring, TLS 1.3 AES-GCM suites, X25519 (what ztunnel negotiates).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ],
+        kx_groups: vec![ring::kx_group::X25519],
+        ..ring::default_provider()
+    })
+}
+
+/// The server side of one pod: presents the pod's identity, requires a client certificate
+/// from the trust domain.
+pub fn server_config(
+    bundle: TrustBundle,
+    trust_domain: String,
+    leaf: Arc<ArcSwap<Leaf>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = SpiffeClientVerifier {
+        bundle,
+        trust_domain,
+        provider: provider.clone(),
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(LeafResolver(leaf)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// The client side: presents the source identity and accepts only a server whose SPIFFE id is
+/// one of `expected`.
+pub fn client_config(
+    bundle: TrustBundle,
+    leaf: Arc<ArcSwap<Leaf>>,
+    expected: Vec<SpiffeId>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = SpiffeServerVerifier {
+        bundle,
+        expected,
+        provider: provider.clone(),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(LeafResolver(leaf)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE id in a certificate already verified by the handshake (first URI SAN).
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => uri.parse().ok(),
+        _ => None,
+    })
+}
+
+/// Serves the current leaf of one identity to rustls, on both sides.
+#[derive(Debug)]
+struct LeafResolver(Arc<ArcSwap<Leaf>>);
+
+impl ResolvesServerCert for LeafResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load().certified_key())
+    }
+}
+
+impl ResolvesClientCert for LeafResolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load().certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Accepts clients whose chain leads to the bundle and whose SPIFFE id is in our trust
+/// domain. Authorization decides the rest.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    bundle: TrustBundle,
+    trust_domain: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        let id = verify_peer(
+            end_entity,
+            intermediates,
+            &self.bundle,
+            now,
+            PeerRole::Client,
+        )
+        .map_err(|e| {
+            warn!(error = %e, "HBONE client certificate rejected");
+            TlsError::from(e)
+        })?;
+        if id.trust_domain != self.trust_domain {
+            warn!(identity = %id, trust_domain = %self.trust_domain, "HBONE client from another trust domain rejected");
+            return Err(TlsError::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Accepts a server whose chain leads to the bundle and whose SPIFFE id is one of `expected`.
+/// The server name is not used: SPIFFE certificates carry no DNS names.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    bundle: TrustBundle,
+    expected: Vec<SpiffeId>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let id = verify_peer(
+            end_entity,
+            intermediates,
+            &self.bundle,
+            now,
+            PeerRole::Server,
+        )
+        .map_err(|e| {
+            warn!(error = %e, "HBONE server certificate rejected");
+            TlsError::from(e)
+        })?;
+        if !self.expected.contains(&id) {
+            let expected: Vec<String> = self.expected.iter().map(ToString::to_string).collect();
+            warn!(identity = %id, expected = %expected.join(" or "), "HBONE server identity mismatch: refused");
+            return Err(TlsError::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
