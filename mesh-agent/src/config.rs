@@ -132,9 +132,9 @@ impl Config {
                 self.state_poll_interval_ms
             ));
         }
-        if !(60..=366 * 24 * 3600).contains(&self.identity.leaf_lifetime_secs) {
+        if !(10..=366 * 24 * 3600).contains(&self.identity.leaf_lifetime_secs) {
             return Err(format!(
-                "`identity.leaf_lifetime_secs` is {}: use 60 s to one year",
+                "`identity.leaf_lifetime_secs` is {}: use 10 s to one year",
                 self.identity.leaf_lifetime_secs
             ));
         }

@@ -257,12 +257,12 @@ impl Issuer {
     /// The leaf: a fresh ECDSA P-256 key, `CA:false`, keyUsage digitalSignature, extended key
     /// usage serverAuth + clientAuth, an empty subject and exactly one (critical) URI SAN, the
     /// id; a random 128-bit serial.
-    pub fn issue_leaf_at(
+    fn sign_leaf(
         &self,
         id: &SpiffeId,
         lifetime: Duration,
         now: SystemTime,
-    ) -> Result<Leaf, Error> {
+    ) -> Result<SignedLeaf, Error> {
         if id.trust_domain != self.trust_domain {
             return Err(Error::TrustDomainMismatch {
                 what: format!("identity {id}"),
@@ -291,9 +291,33 @@ impl Issuer {
         let cert = params
             .signed_by(&key, &self.signer)
             .map_err(generate(what()))?;
-
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain_to_send());
+        Ok(SignedLeaf {
+            chain,
+            key,
+            issued_at,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Issues a leaf certificate for `id`, valid from `now - CLOCK_SKEW` for `lifetime`
+    /// (capped at the issuer's expiry).
+    pub fn issue_leaf_at(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<Leaf, Error> {
+        let what = || format!("identity {id}");
+        let SignedLeaf {
+            chain,
+            key,
+            issued_at,
+            not_before,
+            not_after,
+        } = self.sign_leaf(id, lifetime, now)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let provider = rustls::crypto::ring::default_provider();
         let certified =
@@ -311,6 +335,29 @@ impl Issuer {
             issued_at,
             certified_key: Arc::new(certified),
         })
+    }
+
+    /// Issues a leaf for `id` and writes it as files, for operators and tests (agents keep
+    /// their leaves in memory): `<dir>/<name>-cert.pem` (the leaf, then its chain without the
+    /// root) and `<dir>/<name>-key.pem` (mode 0600, never overwritten).
+    pub fn write_leaf(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+        now: SystemTime,
+        dir: &Path,
+        name: &str,
+    ) -> Result<(PathBuf, PathBuf), Error> {
+        let signed = self.sign_leaf(id, lifetime, now)?;
+        pem::ensure_dir(dir)?;
+        let (cert_path, key_path) = pem::pair_paths(dir, name);
+        let certs: String = signed
+            .chain
+            .iter()
+            .map(|der| pem::encode("CERTIFICATE", der))
+            .collect();
+        pem::write_pair(&cert_path, &certs, &key_path, &signed.key.serialize_pem())?;
+        Ok((cert_path, key_path))
     }
 
     /// The issuer certificate followed by its chain (not the root), as PEM.
@@ -380,6 +427,15 @@ impl fmt::Debug for Issuer {
 
 /// A leaf certificate and its key, as used by TLS. The private key exists only inside the
 /// rustls signing key; `Debug` shows no key material.
+/// A freshly signed leaf before it becomes a [`Leaf`] or files.
+struct SignedLeaf {
+    chain: Vec<CertificateDer<'static>>,
+    key: KeyPair,
+    issued_at: SystemTime,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
 pub struct Leaf {
     pub id: SpiffeId,
     /// The leaf first, then its issuer and the issuer's intermediates (not the root).

@@ -56,6 +56,26 @@ pub enum CaCommand {
         #[arg(long)]
         trust_domain: Option<String>,
     },
+    /// Issue a workload certificate to files, for debugging and tests (agents mint their own
+    /// in memory): <out>/<name>-cert.pem (leaf and chain) and <out>/<name>-key.pem.
+    IssueLeaf {
+        /// The SPIFFE id, spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        ca_cert: PathBuf,
+        #[arg(long)]
+        ca_key: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "workload")]
+        name: String,
+        #[arg(long, default_value_t = 3600)]
+        lifetime_secs: u64,
+        /// Make a certificate whose validity has already ended (to test that peers refuse it).
+        #[arg(long)]
+        expired: bool,
+    },
 }
 
 /// Runs a `ca` subcommand, printing the paths it wrote.
@@ -107,6 +127,34 @@ pub fn run(cmd: CaCommand) -> Result<(), Error> {
                 } else {
                     ""
                 }
+            );
+            println!("certificate: {}", cert.display());
+            println!("private key: {}", key.display());
+        }
+        CaCommand::IssueLeaf {
+            id,
+            ca_cert,
+            ca_key,
+            out,
+            name,
+            lifetime_secs,
+            expired,
+        } => {
+            check_node_name(&name)?;
+            let id: SpiffeId = id.parse()?;
+            let ca = Issuer::load(&ca_cert, &ca_key)?.with_trust_domain(&id.trust_domain)?;
+            let lifetime = Duration::from_secs(lifetime_secs);
+            let now = std::time::SystemTime::now();
+            // An expired certificate: issued long enough ago that it ended a lifetime ago.
+            let issued = if expired {
+                now - 2 * lifetime - super::ca::CLOCK_SKEW
+            } else {
+                now
+            };
+            let (cert, key) = ca.write_leaf(&id, lifetime, issued, &out, &name)?;
+            println!(
+                "certificate for {id}{}",
+                if expired { " (already expired)" } else { "" }
             );
             println!("certificate: {}", cert.display());
             println!("private key: {}", key.display());

@@ -96,6 +96,9 @@ impl Drop for Guard {
 #[derive(Debug)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
+    /// One dial at a time per key: a burst of new streams shares one new connection instead
+    /// of each making a TLS handshake.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     config: PoolConfig,
     metrics: PoolMetrics,
     next_id: AtomicU64,
@@ -105,6 +108,7 @@ impl Pool {
     pub fn new(config: PoolConfig, metrics: PoolMetrics) -> Arc<Self> {
         let pool = Arc::new(Self {
             conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
             config,
             metrics,
             next_id: AtomicU64::new(1),
@@ -137,7 +141,21 @@ impl Pool {
     {
         let conn = match self.checkout(key) {
             Some(conn) => conn,
-            None => self.dial(key, tls, dial).await?,
+            None => {
+                let gate = self
+                    .dialing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(key.clone())
+                    .or_default()
+                    .clone();
+                let _turn = gate.lock().await;
+                // Whoever dialled while we waited may have made room for us.
+                match self.checkout(key) {
+                    Some(conn) => conn,
+                    None => self.dial(key, tls, dial).await?,
+                }
+            }
         };
         let guard = Guard(conn.clone());
         let addr = key.dst;
@@ -290,6 +308,12 @@ impl Pool {
             });
         }
         conns.retain(|_, list| !list.is_empty());
+        drop(conns);
+        // Forget dial gates nobody holds or waits for.
+        self.dialing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, gate| Arc::strong_count(gate) > 1);
         self.metrics.connections.dec_by(removed);
     }
 }

@@ -52,8 +52,9 @@ fn response(status: StatusCode) -> Response<()> {
     r
 }
 
-/// Serves one HBONE connection: handshakes, then hands every CONNECT to `handle` (spawned per
-/// stream). Non-CONNECT requests get 400 here. Returns when the connection ends.
+/// Serves one HBONE connection: handshakes, then hands every request to `handle` (spawned per
+/// stream); a request that is not a usable CONNECT arrives with `authority: Err(why)`, for the
+/// handler to answer 400 and count. Returns when the connection ends.
 pub async fn serve<F, Fut>(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
@@ -84,14 +85,12 @@ where
         if session.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(Error::Alpn { addr: remote });
         }
-        let peer = session
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(tls::identity_of)
-            .ok_or_else(|| Error::Tls {
-                addr: remote,
-                source: std::io::Error::other("verified peer has no SPIFFE id"),
-            })?;
+        let leaf = session.peer_certificates().and_then(|c| c.first());
+        let peer = leaf.and_then(tls::identity_of).ok_or_else(|| Error::Tls {
+            addr: remote,
+            source: std::io::Error::other("verified peer has no SPIFFE id"),
+        })?;
+        let peer_not_after = leaf.and_then(tls::not_after_of).unwrap_or(0);
         let conn = h2::server::Builder::new()
             .initial_window_size(settings::STREAM_WINDOW)
             .initial_connection_window_size(settings::SERVER_CONNECTION_WINDOW)
@@ -105,23 +104,19 @@ where
                 addr: remote,
                 source,
             })?;
-        Ok((peer, conn))
+        Ok((peer, peer_not_after, conn))
     };
-    let (peer, mut conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let (peer, peer_not_after, mut conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| Error::Timeout { addr: remote })??;
-    debug!(%remote, %peer, "HBONE connection established");
+    debug!(%remote, %peer, peer_not_after, "HBONE connection established");
     while let Some(next) = conn.accept().await {
-        let (req, mut respond) = next.map_err(|source| Error::H2 {
+        let (req, respond) = next.map_err(|source| Error::H2 {
             addr: remote,
             source,
         })?;
-        if req.method() != Method::CONNECT {
-            debug!(%remote, method = %req.method(), "not a CONNECT: 400");
-            let _ = respond.send_response(response(StatusCode::BAD_REQUEST), true);
-            continue;
-        }
         let authority = match req.uri().authority() {
+            _ if req.method() != Method::CONNECT => Err("not a CONNECT request"),
             None => Err("no :authority"),
             Some(a) => a
                 .as_str()

@@ -96,6 +96,12 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
     })
 }
 
+/// When a certificate expires, in Unix seconds (for logs: which certificate a peer used).
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 /// Serves the current leaf of one identity to rustls, on both sides.
 #[derive(Debug)]
 struct LeafResolver(Arc<ArcSwap<Leaf>>);

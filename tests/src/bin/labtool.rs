@@ -12,6 +12,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+
+#[path = "labtool/hbone.rs"]
+mod hbone;
 use clap::{Parser, Subcommand};
 
 /// Size of the blocks the pseudo-random stream is generated in.
@@ -51,6 +54,9 @@ enum Cmd {
         /// Seed of the pseudo-random stream.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Send this text repeated instead of pseudo-random bytes.
+        #[arg(long)]
+        marker: Option<String>,
     },
     /// Long-lived connection: writes a chunk, checks its echo, repeats until stdin closes.
     Stream {
@@ -67,6 +73,9 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// An HBONE client: mTLS with the given certificate, then CONNECT requests on one
+    /// connection; prints each response, then echoes data through the accepted streams.
+    Hbone(hbone::Args),
     /// Connects and exits 0, or prints the error and exits 1.
     Connect {
         /// Server address.
@@ -78,7 +87,13 @@ enum Cmd {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::Serve { port, bind } => serve(SocketAddr::new(bind, port)),
-        Cmd::Send { to, bytes, seed } => send(to, bytes, seed),
+        Cmd::Send {
+            to,
+            bytes,
+            seed,
+            marker,
+        } => send(to, bytes, seed, marker.as_deref()),
+        Cmd::Hbone(args) => hbone::run(args),
         Cmd::Stream {
             to,
             chunk,
@@ -118,11 +133,13 @@ impl std::fmt::Display for Verdict {
 
 impl std::error::Error for Verdict {}
 
-/// A deterministic pseudo-random byte stream (xorshift64*), generated a block at a time.
+/// A deterministic pseudo-random byte stream (xorshift64*), generated a block at a time; or,
+/// with a marker, the marker text repeated (to look for it on the wire).
 struct Stream {
     state: u64,
     block: Box<[u8]>,
     pos: usize,
+    marker: Option<(Box<[u8]>, usize)>,
 }
 
 impl Stream {
@@ -133,10 +150,28 @@ impl Stream {
             state,
             block: vec![0; BLOCK].into_boxed_slice(),
             pos: BLOCK,
+            marker: None,
         }
     }
 
+    /// The stream for `seed`, or the marker repeated when one is given.
+    fn of(seed: u64, marker: Option<&str>) -> Stream {
+        let mut stream = Stream::new(seed);
+        stream.marker = marker
+            .filter(|m| !m.is_empty())
+            .map(|m| (m.as_bytes().into(), 0));
+        stream
+    }
+
     fn refill(&mut self) {
+        if let Some((marker, at)) = &mut self.marker {
+            for b in self.block.iter_mut() {
+                *b = marker[*at];
+                *at = (*at + 1) % marker.len();
+            }
+            self.pos = 0;
+            return;
+        }
         for word in self.block.chunks_exact_mut(8) {
             self.state ^= self.state >> 12;
             self.state ^= self.state << 25;
@@ -237,11 +272,11 @@ fn connect(to: SocketAddr) -> Result<TcpStream> {
     Ok(conn)
 }
 
-fn send(to: SocketAddr, bytes: u64, seed: u64) -> Result<()> {
+fn send(to: SocketAddr, bytes: u64, seed: u64, marker: Option<&str>) -> Result<()> {
     let conn = connect(to)?;
     let mut writer = conn.try_clone().context("cloning the socket")?;
+    let mut stream = Stream::of(seed, marker);
     let sender = std::thread::spawn(move || -> io::Result<()> {
-        let mut stream = Stream::new(seed);
         let mut left = bytes;
         while left > 0 {
             let chunk = stream.next(usize::try_from(left).unwrap_or(usize::MAX));
@@ -252,7 +287,7 @@ fn send(to: SocketAddr, bytes: u64, seed: u64) -> Result<()> {
     });
     let mut reader = conn;
     let mut verifier = Verifier {
-        expected: Stream::new(seed),
+        expected: Stream::of(seed, marker),
         offset: 0,
     };
     let mut buf = vec![0u8; BLOCK];
