@@ -474,8 +474,7 @@ fn certificates_rotate_under_a_live_connection() {
     let log = lab.agent_log("n1");
     let established = log
         .lines()
-        .filter(|l| l.contains("HBONE connection established") && l.contains("hbone{pod=shop/db"))
-        .next_back()
+        .rfind(|l| l.contains("HBONE connection established") && l.contains("hbone{pod=shop/db"))
         .unwrap_or_else(|| panic!("no HBONE connection to shop/db logged:\n{log}"));
     let not_after: f64 = established
         .split_whitespace()
