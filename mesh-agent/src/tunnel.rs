@@ -73,3 +73,6 @@ pub enum Error {
     #[error("identity: {0}")]
     Identity(#[from] crate::identity::Error),
 }
+
+#[cfg(test)]
+mod tests;

@@ -40,7 +40,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("  (the client's socket is connected to 127.0.0.1:15001: mesh_connect4 redirected it to the agent inside the pod)");
 
-    println!("\n== agent n1 (client side) ==");
+    println!("\n== agent n1 (client side): HBONE to shop/api, server identity checked ==");
     mesh_lab::wait_until(
         "the agents to log the connection",
         Duration::from_secs(10),
@@ -50,8 +50,20 @@ pub fn run() -> anyhow::Result<()> {
         },
     );
     print_matching(&lab.agent_log("n1"), "outbound{");
-    println!("\n== agent n2 (server side, inbound through mesh_sk_lookup) ==");
+    println!(
+        "\n== agent n2 (server side): HBONE through mesh_sk_lookup, client identity verified =="
+    );
     print_matching(&lab.agent_log("n2"), "inbound{");
+    let (n1, n2) = (lab.agent_log("n1"), lab.agent_log("n2"));
+    println!("\n== identities ==");
+    println!(
+        "  the client presented  {}  (verified by n2)",
+        field(&n2, "identity=")
+    );
+    println!(
+        "  the server presented  {}  (checked by n1)",
+        field(&n1, "peer_identity=")
+    );
 
     for (node, series) in [
         (
@@ -73,6 +85,12 @@ pub fn run() -> anyhow::Result<()> {
                     "mesh_tcp_sent_bytes_total",
                     vec![("direction", "outbound"), ("workload", "client")],
                 ),
+                (
+                    "mesh_outbound_routes_total",
+                    vec![("workload", "client"), ("transport", "hbone")],
+                ),
+                ("mesh_hbone_connections_opened_total", vec![]),
+                ("mesh_hbone_streams_opened_total", vec![]),
             ],
         ),
         (
@@ -111,4 +129,14 @@ fn print_matching(log: &str, needle: &str) {
     for line in log.lines().filter(|l| l.contains(needle)) {
         println!("  {line}");
     }
+}
+
+/// The value of `name=` in the first log field that has it (span fields end with `:` or `}`).
+fn field(log: &str, name: &str) -> String {
+    log.split_whitespace()
+        .find_map(|f| {
+            f.strip_prefix(name)
+                .map(|v| v.trim_end_matches([':', '}']).to_owned())
+        })
+        .unwrap_or_else(|| "(not logged)".into())
 }

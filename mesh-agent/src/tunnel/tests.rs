@@ -1,0 +1,902 @@
+//! In-process tests of HBONE: real rustls and h2 over loopback TCP, with a CA built in memory
+//! for each test (root -> node intermediate -> leaves). No mocks; waits have deadlines.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use h2::{client::SendRequest, RecvStream, SendStream};
+use http::{Method, StatusCode};
+use prometheus_client::metrics::family::Family;
+use rustls::{
+    client::ResolvesClientCert,
+    pki_types::{CertificateDer, ServerName},
+    sign::CertifiedKey,
+    AlertDescription, CertificateError, PeerIncompatible, SignatureScheme,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::TlsConnector;
+
+use super::{
+    client::{Pool, PoolConfig, PoolKey, PoolMetrics, Stream},
+    server::{self, Request},
+    stream, tls, Error,
+};
+use crate::identity::{CertManager, Issuer, Leaf, SpiffeId, TrustBundle};
+
+const DAY: Duration = Duration::from_secs(86_400);
+const DEADLINE: Duration = Duration::from_secs(20);
+const TD: &str = "cluster.local";
+const FORWARDED_FOR: &str = "10.1.0.5:40000";
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("no result within {DEADLINE:?}: {what}"))
+}
+
+fn id(td: &str, ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::new(td, ns, sa).unwrap_or_else(|e| panic!("test id: {e}"))
+}
+
+fn api() -> SpiffeId {
+    id(TD, "shop", "api")
+}
+
+fn client_id() -> SpiffeId {
+    id(TD, "shop", "client")
+}
+
+fn handle(leaf: Leaf) -> Arc<ArcSwap<Leaf>> {
+    Arc::new(ArcSwap::from_pointee(leaf))
+}
+
+/// A root and one node intermediate.
+struct Ca {
+    root: Issuer,
+    node: Issuer,
+}
+
+impl Ca {
+    fn new(td: &str) -> Ca {
+        let root = Issuer::generate_root(td, 10 * DAY).expect("root CA");
+        let node = root.issue_intermediate("node-1", DAY).expect("node CA");
+        Ca { root, node }
+    }
+
+    fn bundle(&self) -> TrustBundle {
+        TrustBundle::from_roots(vec![self.root.root_cert_der().expect("root DER")])
+    }
+
+    fn leaf(&self, id: &SpiffeId) -> Arc<ArcSwap<Leaf>> {
+        handle(self.node.issue_leaf(id, DAY).expect("leaf"))
+    }
+
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        tls::server_config(self.bundle(), TD.into(), self.leaf(&api())).expect("server config")
+    }
+
+    fn client_config(&self, expected: SpiffeId) -> Arc<rustls::ClientConfig> {
+        tls::client_config(self.bundle(), self.leaf(&client_id()), vec![expected])
+            .expect("client config")
+    }
+}
+
+/// What the test's inbound proxy saw of a CONNECT.
+#[derive(Debug)]
+struct Seen {
+    peer: SpiffeId,
+    authority: Result<SocketAddr, &'static str>,
+    forwarded: Option<String>,
+}
+
+/// An HBONE server on a loopback port, every connection served by `server::serve` with
+/// [`proxy`]; what the handler saw, copy results and `serve` results come out of the channels.
+struct Server {
+    addr: SocketAddr,
+    seen: mpsc::UnboundedReceiver<Seen>,
+    copied: mpsc::UnboundedReceiver<io::Result<(u64, u64)>>,
+    ended: mpsc::UnboundedReceiver<Result<(), Error>>,
+}
+
+impl Server {
+    async fn start(config: Arc<rustls::ServerConfig>) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HBONE");
+        let addr = listener.local_addr().expect("HBONE address");
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let (copied_tx, copied) = mpsc::unbounded_channel();
+        let (ended_tx, ended) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (config, seen, copied) = (config.clone(), seen_tx.clone(), copied_tx.clone());
+                let ended = ended_tx.clone();
+                tokio::spawn(async move {
+                    let handler = move |req| proxy(req, seen.clone(), copied.clone());
+                    let _ = ended.send(server::serve(tcp, config, handler).await);
+                });
+            }
+        });
+        Server {
+            addr,
+            seen,
+            copied,
+            ended,
+        }
+    }
+
+    async fn next_seen(&mut self) -> Seen {
+        within("CONNECT at the server", self.seen.recv())
+            .await
+            .expect("server gone")
+    }
+
+    async fn next_end(&mut self) -> Result<(), Error> {
+        within("serve to return", self.ended.recv())
+            .await
+            .expect("server gone")
+    }
+}
+
+/// The inbound proxy of the tests: 400 for an unusable authority (as the agent's proxy
+/// does), else connects to the authority and copies.
+async fn proxy(
+    req: Request,
+    seen: mpsc::UnboundedSender<Seen>,
+    copied: mpsc::UnboundedSender<io::Result<(u64, u64)>>,
+) {
+    let _ = seen.send(Seen {
+        peer: req.peer.clone(),
+        authority: req.authority,
+        forwarded: req.forwarded.clone(),
+    });
+    let Ok(dst) = req.authority else {
+        return req.reject(StatusCode::BAD_REQUEST);
+    };
+    let Ok(tcp) = TcpStream::connect(dst).await else {
+        return req.reject(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    if let Ok((send, recv)) = req.accept() {
+        let _ = copied.send(stream::copy(tcp, send, recv).await);
+    }
+}
+
+/// A TCP echo server. With `after_eof` it answers only once the client half-closed, so every
+/// byte of the answer proves that half-close crossed the tunnel.
+async fn echo_server(after_eof: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.into_split();
+                if after_eof {
+                    let mut all = Vec::new();
+                    if rd.read_to_end(&mut all).await.is_ok() {
+                        let _ = wr.write_all(&all).await;
+                    }
+                } else {
+                    let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                }
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn key(dst: SocketAddr, expected: SpiffeId) -> PoolKey {
+    PoolKey {
+        src: client_id(),
+        dst,
+        expected,
+    }
+}
+
+async fn open(
+    pool: &Pool,
+    key: &PoolKey,
+    config: Arc<rustls::ClientConfig>,
+    authority: SocketAddr,
+) -> Result<Stream, Error> {
+    let dst = key.dst;
+    let forwarded = FORWARDED_FOR.parse().expect("forwarded address");
+    let dial = move || TcpStream::connect(dst);
+    within(
+        "Pool::open",
+        pool.open(key, || Ok(config), dial, authority, forwarded),
+    )
+    .await
+}
+
+/// Sends `data` on an HTTP/2 stream and reads the same number of bytes back.
+async fn h2_echo(send: &mut SendStream<Bytes>, recv: &mut RecvStream, data: &[u8]) {
+    send.send_data(Bytes::copy_from_slice(data), false)
+        .expect("send DATA");
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let chunk = within("echoed DATA", recv.data())
+            .await
+            .expect("stream ended before the echo")
+            .expect("echoed DATA");
+        recv.flow_control()
+            .release_capacity(chunk.len())
+            .expect("release capacity");
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, data, "echo differs");
+}
+
+/// A TLS + HTTP/2 client connection made by hand; returns the request handle and the
+/// certificate chain the server presented.
+async fn h2_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> (SendRequest<Bytes>, Vec<CertificateDer<'static>>) {
+    let tcp = TcpStream::connect(addr).await.expect("TCP connect");
+    let tls = within(
+        "TLS handshake",
+        TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+    )
+    .await
+    .expect("TLS handshake");
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("server chain")
+        .to_vec();
+    let (send, conn) = within("h2 handshake", h2::client::handshake(tls))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    (send, certs)
+}
+
+/// Sends a request with an open body; returns the status and the stream.
+async fn request(
+    send: &mut SendRequest<Bytes>,
+    method: Method,
+    uri: &str,
+) -> Result<(StatusCode, SendStream<Bytes>, RecvStream), h2::Error> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .expect("request");
+    let mut ready = within("h2 ready", send.clone().ready()).await?;
+    let (response, body) = ready.send_request(req, false)?;
+    let response = within("response", response).await?;
+    Ok((response.status(), body, response.into_body()))
+}
+
+/// The rustls error inside an `Error::Tls` (tokio-rustls keeps it as the io::Error's inner).
+fn rustls_error(e: &Error) -> &rustls::Error {
+    match e {
+        Error::Tls { source, .. } => io_rustls_error(source),
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+}
+
+fn io_rustls_error(e: &io::Error) -> &rustls::Error {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref())
+        .unwrap_or_else(|| panic!("expected a rustls error inside {e:?}"))
+}
+
+/// Opens through a pool with a client config the server should refuse; returns the client's
+/// and the server's errors.
+async fn refused(
+    server_config: Arc<rustls::ServerConfig>,
+    client_config: Arc<rustls::ClientConfig>,
+) -> (Error, Error) {
+    let mut server = Server::start(server_config).await;
+    let echo = echo_server(false).await;
+    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
+    let client = open(&pool, &key(server.addr, api()), client_config, echo)
+        .await
+        .expect_err("the handshake should be refused");
+    let server = server.next_end().await.expect_err("serve should fail");
+    (client, server)
+}
+
+/// The client's view of a refused handshake: TLS 1.3 clients finish before the server checks
+/// their certificate, so the alert arrives on the HTTP/2 connection (as text: h2 keeps only
+/// the message of an I/O error).
+fn assert_client_alert(client: &Error, alert: AlertDescription) {
+    let text = client.to_string();
+    assert!(
+        text.contains(&format!("received fatal alert: {alert:?}")),
+        "client should see alert {alert:?}, got: {text}"
+    );
+}
+
+#[tokio::test]
+async fn tunnels_one_mebibyte_both_ways_with_half_close() {
+    let ca = Ca::new(TD);
+    let mut server = Server::start(ca.server_config()).await;
+    let echo = echo_server(true).await;
+    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
+    let stream = open(
+        &pool,
+        &key(server.addr, api()),
+        ca.client_config(api()),
+        echo,
+    )
+    .await
+    .expect("HBONE CONNECT");
+
+    let seen = server.next_seen().await;
+    assert_eq!(
+        seen.peer,
+        client_id(),
+        "server must see the client's identity"
+    );
+    assert_eq!(seen.authority, Ok(echo), "authority");
+    assert_eq!(seen.forwarded.as_deref(), Some("for=\"10.1.0.5:40000\""));
+
+    // The application's socket, bridged to the tunnel stream as the outbound proxy does.
+    let bridge = TcpListener::bind("127.0.0.1:0").await.expect("bind bridge");
+    let app = TcpStream::connect(bridge.local_addr().expect("bridge address"))
+        .await
+        .expect("connect bridge");
+    let (side, _) = bridge.accept().await.expect("accept bridge");
+    let Stream { send, recv, .. } = stream;
+    let client_copy = tokio::spawn(stream::copy(side, send, recv));
+
+    let data: Vec<u8> = (0..251u8).cycle().take(1 << 20).collect();
+    let (mut rd, mut wr) = app.into_split();
+    let write = async {
+        wr.write_all(&data).await.expect("write to the tunnel");
+        wr.shutdown().await.expect("half-close");
+    };
+    let read = async {
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.expect("read the echo");
+        got
+    };
+    let ((), got) = within("1 MiB echo", async { tokio::join!(write, read) }).await;
+    assert_eq!(got.len(), data.len(), "echo length");
+    assert!(got == data, "echo differs from what was sent");
+
+    let n = 1u64 << 20;
+    let client = within("client copy", client_copy).await.expect("task");
+    assert_eq!(client.expect("client copy"), (n, n), "client copy counts");
+    let copied = within("server copy", server.copied.recv())
+        .await
+        .expect("copied");
+    assert_eq!(copied.expect("server copy"), (n, n), "server copy counts");
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_with_another_identity() {
+    let ca = Ca::new(TD);
+    let db = id(TD, "shop", "db");
+    let (client, server) = refused(ca.server_config(), ca.client_config(db)).await;
+    assert!(matches!(client, Error::Tls { .. }), "client: {client:?}");
+    assert_eq!(
+        rustls_error(&client),
+        &rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+    );
+    assert!(client.to_string().contains("certificate"), "{client}");
+    assert_eq!(
+        rustls_error(&server),
+        &rustls::Error::AlertReceived(AlertDescription::AccessDenied),
+        "server: {server}"
+    );
+}
+
+#[tokio::test]
+async fn server_refuses_a_client_of_another_trust_domain() {
+    let ca = Ca::new(TD);
+    let other = Ca::new("other.domain");
+    let stranger = other.leaf(&id("other.domain", "x", "y"));
+    let client_config =
+        tls::client_config(ca.bundle(), stranger, vec![api()]).expect("client config");
+
+    // Its root unknown to the server: an unknown issuer.
+    let (client, server) = refused(ca.server_config(), client_config.clone()).await;
+    assert_eq!(
+        rustls_error(&server),
+        &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        "server: {server}"
+    );
+    assert_client_alert(&client, AlertDescription::UnknownCA);
+
+    // Its root trusted (a federated bundle), its trust domain still not ours.
+    let both = TrustBundle::from_roots(vec![
+        ca.root.root_cert_der().expect("root"),
+        other.root.root_cert_der().expect("root"),
+    ]);
+    let server_config =
+        tls::server_config(both, TD.into(), ca.leaf(&api())).expect("server config");
+    let (client, server) = refused(server_config, client_config).await;
+    assert_eq!(
+        rustls_error(&server),
+        &rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure),
+        "server: {server}"
+    );
+    assert_client_alert(&client, AlertDescription::AccessDenied);
+}
+
+#[tokio::test]
+async fn server_refuses_a_client_of_an_untrusted_root_of_the_same_domain() {
+    let ca = Ca::new(TD);
+    let rogue = Ca::new(TD);
+    let client_config = tls::client_config(ca.bundle(), rogue.leaf(&client_id()), vec![api()])
+        .expect("client config");
+    let (client, server) = refused(ca.server_config(), client_config).await;
+    assert_eq!(
+        rustls_error(&server),
+        &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        "server: {server}"
+    );
+    assert_client_alert(&client, AlertDescription::UnknownCA);
+}
+
+#[tokio::test]
+async fn server_refuses_an_expired_client_certificate() {
+    let ca = Ca::new(TD);
+    let past = SystemTime::now() - Duration::from_secs(7200);
+    let expired = ca
+        .node
+        .issue_leaf_at(&client_id(), Duration::from_secs(60), past)
+        .expect("expired leaf");
+    assert!(
+        expired.not_after < SystemTime::now(),
+        "leaf should be expired"
+    );
+    let client_config =
+        tls::client_config(ca.bundle(), handle(expired), vec![api()]).expect("client config");
+    let (client, server) = refused(ca.server_config(), client_config).await;
+    assert_eq!(
+        rustls_error(&server),
+        &rustls::Error::InvalidCertificate(CertificateError::Expired),
+        "server: {server}"
+    );
+    assert_client_alert(&client, AlertDescription::CertificateExpired);
+}
+
+/// What `ClientConfig::with_no_client_auth` installs: no certificate to offer.
+#[derive(Debug)]
+struct NoCert;
+
+impl ResolvesClientCert for NoCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test]
+async fn server_refuses_a_client_without_certificate_with_alert_116() {
+    let ca = Ca::new(TD);
+    let mut server = Server::start(ca.server_config()).await;
+    // The real client config (same provider, TLS 1.3, ALPN h2, SPIFFE server check), minus the
+    // client certificate.
+    let mut config = (*ca.client_config(api())).clone();
+    config.client_auth_cert_resolver = Arc::new(NoCert);
+    let tcp = TcpStream::connect(server.addr).await.expect("TCP connect");
+    let name = ServerName::IpAddress(server.addr.ip().into());
+    let mut tls = within(
+        "handshake",
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .expect("a TLS 1.3 client finishes before the server judges its certificate");
+    let mut buf = [0u8; 1];
+    let err = within("alert", tls.read(&mut buf))
+        .await
+        .expect_err("the server must refuse");
+    assert_eq!(
+        io_rustls_error(&err),
+        &rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+        "client should see certificate_required (116)"
+    );
+    assert_eq!(u8::from(AlertDescription::CertificateRequired), 116);
+    let server = server.next_end().await.expect_err("serve should fail");
+    assert_eq!(
+        rustls_error(&server),
+        &rustls::Error::NoCertificatesPresented
+    );
+}
+
+/// A minimal TLS 1.2 ClientHello (no supported_versions extension), written by hand: the
+/// rustls build here has no `tls12` feature, so no rustls client can speak TLS 1.2.
+fn tls12_client_hello() -> Vec<u8> {
+    let u16be = |n: usize| u16::try_from(n).expect("length").to_be_bytes();
+    let mut body = vec![0x03, 0x03]; // client_version TLS 1.2
+    body.extend([0x5a; 32]); // random
+    body.push(0); // no session id
+    body.extend([0x00, 0x02, 0xc0, 0x2b]); // TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+    body.extend([0x01, 0x00]); // null compression
+    let ext = [
+        0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x1d, // supported_groups: x25519
+        0x00, 0x0b, 0x00, 0x02, 0x01, 0x00, // ec_point_formats: uncompressed
+        0x00, 0x0d, 0x00, 0x04, 0x00, 0x02, 0x04, 0x03, // signature_algorithms: ecdsa p256
+        0x00, 0x10, 0x00, 0x05, 0x00, 0x03, 0x02, b'h', b'2', // ALPN: h2
+    ];
+    body.extend(u16be(ext.len()));
+    body.extend(ext);
+    let len = u32::try_from(body.len()).expect("length").to_be_bytes();
+    let mut handshake = vec![0x01, len[1], len[2], len[3]]; // ClientHello
+    handshake.extend(body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend(u16be(handshake.len()));
+    record.extend(handshake);
+    record
+}
+
+#[tokio::test]
+async fn server_refuses_tls12() {
+    let ca = Ca::new(TD);
+    let mut server = Server::start(ca.server_config()).await;
+    let mut tcp = TcpStream::connect(server.addr).await.expect("TCP connect");
+    tcp.write_all(&tls12_client_hello())
+        .await
+        .expect("send ClientHello");
+    let mut answer = Vec::new();
+    within("server answer", tcp.read_to_end(&mut answer))
+        .await
+        .expect("read answer");
+    // One plaintext alert record: fatal (2), protocol_version (70).
+    assert_eq!(answer.len(), 7, "one alert record: {answer:02x?}");
+    assert_eq!(answer[0], 0x15, "alert record: {answer:02x?}");
+    assert_eq!(
+        &answer[5..],
+        &[2, u8::from(AlertDescription::ProtocolVersion)]
+    );
+    let server = server.next_end().await.expect_err("serve should fail");
+    assert_eq!(
+        rustls_error(&server),
+        &rustls::Error::PeerIncompatible(PeerIncompatible::Tls12NotOfferedOrEnabled)
+    );
+}
+
+#[tokio::test]
+async fn alpn_other_than_h2_is_refused() {
+    let ca = Ca::new(TD);
+
+    // Offering only http/1.1: rustls refuses in the handshake (no_application_protocol).
+    let mut server = Server::start(ca.server_config()).await;
+    let mut config = (*ca.client_config(api())).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(server.addr).await.expect("TCP connect");
+    let name = ServerName::IpAddress(server.addr.ip().into());
+    let err = within(
+        "handshake",
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .expect_err("http/1.1 only must be refused");
+    assert_eq!(
+        io_rustls_error(&err),
+        &rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol)
+    );
+    let end = server.next_end().await.expect_err("serve should fail");
+    assert_eq!(rustls_error(&end), &rustls::Error::NoApplicationProtocol);
+
+    // Offering no ALPN at all: the handshake completes without a protocol, and both ends
+    // refuse with Error::Alpn.
+    let mut config = (*ca.client_config(api())).clone();
+    config.alpn_protocols.clear();
+    let (client, server) = refused(ca.server_config(), Arc::new(config)).await;
+    assert!(matches!(client, Error::Alpn { .. }), "client: {client:?}");
+    assert!(matches!(server, Error::Alpn { .. }), "server: {server:?}");
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        // Polls the pool's own timer-driven expiry; the deadline bounds the wait.
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pool_reuses_connections_and_expires_idle_ones() {
+    let ca = Ca::new(TD);
+    let server = Server::start(ca.server_config()).await;
+    let echo = echo_server(false).await;
+    let key = key(server.addr, api());
+    let idle = Duration::from_millis(200);
+
+    let metrics = PoolMetrics::default();
+    let pool = Pool::new(
+        PoolConfig {
+            idle,
+            ..PoolConfig::default()
+        },
+        metrics.clone(),
+    );
+    let mut a = open(&pool, &key, ca.client_config(api()), echo)
+        .await
+        .expect("open a");
+    let mut b = open(&pool, &key, ca.client_config(api()), echo)
+        .await
+        .expect("open b");
+    assert_eq!(
+        a.conn_id, b.conn_id,
+        "the second stream should share the connection"
+    );
+    assert_eq!(metrics.connections_opened.get(), 1);
+    assert_eq!(metrics.connections.get(), 1);
+    assert_eq!(metrics.streams_opened.get(), 2);
+    h2_echo(&mut a.send, &mut a.recv, b"stream a").await;
+    h2_echo(&mut b.send, &mut b.recv, b"stream b").await;
+    drop((a, b));
+    wait_for("idle expiry", || metrics.connections.get() == 0).await;
+
+    let metrics = PoolMetrics::default();
+    let config = PoolConfig {
+        max_streams: 1,
+        idle,
+    };
+    let pool = Pool::new(config, metrics.clone());
+    let mut a = open(&pool, &key, ca.client_config(api()), echo)
+        .await
+        .expect("open a");
+    let mut b = open(&pool, &key, ca.client_config(api()), echo)
+        .await
+        .expect("open b");
+    assert_ne!(
+        a.conn_id, b.conn_id,
+        "a full connection must not take another stream"
+    );
+    assert_eq!(metrics.connections_opened.get(), 2);
+    assert_eq!(metrics.connections.get(), 2);
+    h2_echo(&mut a.send, &mut a.recv, b"stream a").await;
+    h2_echo(&mut b.send, &mut b.recv, b"stream b").await;
+    drop((a, b));
+    wait_for("idle expiry", || metrics.connections.get() == 0).await;
+    let mut c = open(&pool, &key, ca.client_config(api()), echo)
+        .await
+        .expect("open c");
+    assert_eq!(
+        metrics.connections_opened.get(),
+        3,
+        "expired connections are not reused"
+    );
+    h2_echo(&mut c.send, &mut c.recv, b"stream c").await;
+}
+
+#[tokio::test]
+async fn pool_closes_the_connections_it_expires() {
+    let ca = Ca::new(TD);
+    let mut server = Server::start(ca.server_config()).await;
+    let echo = echo_server(false).await;
+    let metrics = PoolMetrics::default();
+    let idle = Duration::from_millis(200);
+    let pool = Pool::new(
+        PoolConfig {
+            idle,
+            ..PoolConfig::default()
+        },
+        metrics.clone(),
+    );
+    let key = key(server.addr, api());
+    let mut a = open(&pool, &key, ca.client_config(api()), echo)
+        .await
+        .expect("open");
+    h2_echo(&mut a.send, &mut a.recv, b"hello").await;
+    drop(a);
+    wait_for("idle expiry", || metrics.connections.get() == 0).await;
+    // The server sees the connection end once the pool lets go of it.
+    let end = tokio::time::timeout(Duration::from_secs(5), server.ended.recv()).await;
+    let end = end.expect("the expired HBONE connection is still open 5 s after its expiry");
+    end.expect("server gone").expect("serve should end cleanly");
+}
+
+#[tokio::test]
+async fn pool_burst_shares_one_new_connection() {
+    let ca = Ca::new(TD);
+    let server = Server::start(ca.server_config()).await;
+    let echo = echo_server(false).await;
+    let metrics = PoolMetrics::default();
+    let pool = Pool::new(PoolConfig::default(), metrics.clone());
+    let key = key(server.addr, api());
+    let config = ca.client_config(api());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (pool, key, config) = (pool.clone(), key.clone(), config.clone());
+        tasks.spawn(async move { open(&pool, &key, config, echo).await.expect("open") });
+    }
+    let streams = within("burst", tasks.join_all()).await;
+    assert_eq!(
+        metrics.connections_opened.get(),
+        1,
+        "one handshake for the burst"
+    );
+    assert!(streams.iter().all(|s| s.conn_id == streams[0].conn_id));
+}
+
+#[tokio::test]
+async fn malformed_requests_do_not_disturb_other_streams() {
+    let ca = Ca::new(TD);
+    let mut server = Server::start(ca.server_config()).await;
+    let echo = echo_server(false).await;
+    let (mut conn, _) = h2_connect(server.addr, ca.client_config(api())).await;
+    let (status, mut send, mut recv) = request(&mut conn, Method::CONNECT, &echo.to_string())
+        .await
+        .expect("good CONNECT");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(server.next_seen().await.authority, Ok(echo));
+    h2_echo(&mut send, &mut recv, b"before").await;
+
+    let get = request(&mut conn, Method::GET, "http://127.0.0.1:1/").await;
+    assert_eq!(get.expect("GET answered").0, StatusCode::BAD_REQUEST);
+    for (uri, why) in [
+        ("notanip:80", "authority is not ip:port"),
+        ("10.0.0.1:0", "port 0"),
+    ] {
+        let answer = request(&mut conn, Method::CONNECT, uri).await;
+        assert_eq!(answer.expect(uri).0, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(server.next_seen().await.authority, Err(why), "{uri}");
+    }
+    // No :authority: h2 (client or server) refuses it before server.rs sees it, so this can
+    // only be a stream error, never a connection error.
+    let no_authority = request(&mut conn, Method::CONNECT, "/").await;
+    let err = no_authority.expect_err("CONNECT without authority must fail");
+    eprintln!("CONNECT without authority: {err:?}");
+    assert!(
+        !err.is_go_away() && !err.is_io(),
+        "stream-level error: {err:?}"
+    );
+
+    h2_echo(&mut send, &mut recv, b"after the malformed requests").await;
+    let (status, mut send2, mut recv2) = request(&mut conn, Method::CONNECT, &echo.to_string())
+        .await
+        .expect("another good CONNECT on the same connection");
+    assert_eq!(status, StatusCode::OK);
+    h2_echo(&mut send2, &mut recv2, b"second").await;
+    assert!(
+        server.ended.try_recv().is_err(),
+        "the connection must stay up"
+    );
+}
+
+#[tokio::test]
+async fn pool_answers_status_errors() {
+    let ca = Ca::new(TD);
+    let server = Server::start(ca.server_config()).await;
+    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
+    let port0 = "10.0.0.1:0".parse().expect("address");
+    let err = open(
+        &pool,
+        &key(server.addr, api()),
+        ca.client_config(api()),
+        port0,
+    )
+    .await
+    .expect_err("port 0 is refused");
+    assert!(
+        matches!(
+            err,
+            Error::Status {
+                status: StatusCode::BAD_REQUEST,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn pool_sends_a_bare_connect() {
+    let ca = Ca::new(TD);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let config = ca.server_config();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .expect("TLS");
+        let mut conn = h2::server::handshake(tls).await.expect("h2");
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            let _ = tx.send((
+                req.method().clone(),
+                req.uri().clone(),
+                req.headers().clone(),
+            ));
+            let ok = http::Response::builder()
+                .status(200)
+                .body(())
+                .expect("response");
+            let _ = respond.send_response(ok, false);
+        }
+    });
+    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
+    let authority: SocketAddr = "10.0.0.7:8080".parse().expect("address");
+    let _stream = open(&pool, &key(addr, api()), ca.client_config(api()), authority)
+        .await
+        .expect("CONNECT");
+    let (method, uri, headers) = within("request", rx.recv()).await.expect("request");
+    assert_eq!(method, Method::CONNECT);
+    // h2's server rejects :scheme or :path on a CONNECT, so reaching here already proves it;
+    // the URI it rebuilt holds the authority alone.
+    assert_eq!(uri.scheme(), None, "{uri:?}");
+    assert_eq!(uri.path_and_query(), None, "{uri:?}");
+    assert_eq!(uri.authority().map(|a| a.as_str()), Some("10.0.0.7:8080"));
+    assert_eq!(headers["forwarded"], "for=\"10.1.0.5:40000\"");
+}
+
+fn unix(t: SystemTime) -> i64 {
+    let secs = t.duration_since(UNIX_EPOCH).expect("after 1970").as_secs();
+    i64::try_from(secs).expect("seconds")
+}
+
+#[tokio::test]
+async fn rotation_keeps_streams_and_new_connections_get_the_new_certificate() {
+    let ca = Ca::new(TD);
+    let other_node = ca.root.issue_intermediate("node-2", DAY).expect("node CA");
+    let lifetime = Duration::from_secs(4);
+    let bundle = ca.bundle();
+    let manager = CertManager::new(ca.node, bundle.clone(), lifetime, Family::default());
+    let current = manager.get(&api()).expect("server leaf");
+    let config = tls::server_config(bundle.clone(), TD.into(), current.clone()).expect("config");
+    let mut server = Server::start(config).await;
+    let echo = echo_server(false).await;
+    let client_config = tls::client_config(
+        bundle,
+        handle(
+            other_node
+                .issue_leaf(&client_id(), DAY)
+                .expect("client leaf"),
+        ),
+        vec![api()],
+    )
+    .expect("client config");
+
+    let old = current.load_full();
+    let (mut conn, certs) = h2_connect(server.addr, client_config.clone()).await;
+    assert_eq!(certs[0], old.chain[0], "first connection: the first leaf");
+    let (_, mut send, mut recv) = request(&mut conn, Method::CONNECT, &echo.to_string())
+        .await
+        .expect("CONNECT");
+    h2_echo(&mut send, &mut recv, b"before rotation").await;
+
+    let new = Arc::new(other_node.issue_leaf(&api(), lifetime).expect("new leaf"));
+    assert_ne!(new.chain[0], old.chain[0]);
+    current.store(new.clone());
+    h2_echo(&mut send, &mut recv, b"after rotation").await;
+
+    let (mut conn2, certs) = h2_connect(server.addr, client_config.clone()).await;
+    assert_eq!(certs[0], new.chain[0], "new connection: the new leaf");
+    assert_eq!(
+        certs[1],
+        other_node.cert_der().clone(),
+        "with its own chain"
+    );
+    assert_eq!(tls::not_after_of(&certs[0]), Some(unix(new.not_after)));
+    let (_, mut send2, mut recv2) = request(&mut conn2, Method::CONNECT, &echo.to_string())
+        .await
+        .expect("CONNECT on the new connection");
+    h2_echo(&mut send2, &mut recv2, b"new connection").await;
+    h2_echo(&mut send, &mut recv, b"old stream still fine").await;
+
+    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
+    let mut s = open(&pool, &key(server.addr, api()), client_config, echo)
+        .await
+        .expect("pool after rotation");
+    h2_echo(&mut s.send, &mut s.recv, b"pool").await;
+    for _ in 0..4 {
+        assert_eq!(server.next_seen().await.peer, client_id());
+    }
+}
