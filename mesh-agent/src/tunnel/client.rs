@@ -10,14 +10,14 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn, Instrument as _};
 
@@ -67,7 +67,9 @@ struct Conn {
     id: u64,
     send: h2::client::SendRequest<Bytes>,
     active: AtomicUsize,
-    closed: AtomicBool,
+    /// Set by the connection's driver task when it ends (the task holds only this, not the
+    /// request handle: h2 closes a connection once every request handle is dropped).
+    closed: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
 }
 
@@ -115,7 +117,7 @@ impl Pool {
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(config.idle / 2);
+            let mut tick = tokio::time::interval((config.idle / 2).max(Duration::from_millis(10)));
             loop {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { break };
@@ -130,16 +132,75 @@ impl Pool {
     pub async fn open<D, DF>(
         &self,
         key: &PoolKey,
-        tls: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, Error>,
+        tls: impl Fn() -> Result<Arc<rustls::ClientConfig>, Error>,
         dial: D,
         authority: SocketAddr,
         forwarded_for: SocketAddr,
     ) -> Result<Stream, Error>
     where
-        D: FnOnce() -> DF,
+        D: Fn() -> DF,
         DF: std::future::Future<Output = std::io::Result<TcpStream>>,
     {
-        let conn = match self.checkout(key) {
+        let addr = key.dst;
+        let h2_err = |source| Error::H2 { addr, source };
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .header("forwarded", format!("for=\"{forwarded_for}\""))
+            .body(())
+            .map_err(|e| Error::BadAuthority {
+                authority,
+                message: e.to_string(),
+            })?;
+        // A pooled connection the server is draining (GOAWAY) or that just failed refuses new
+        // streams: mark it closed and try once more, on another connection.
+        let mut retried = false;
+        let (conn, mut send) = loop {
+            let conn = self.acquire(key, &tls, &dial).await?;
+            match conn.send.clone().ready().await {
+                Ok(send) => break (conn, send),
+                Err(e) => {
+                    conn.closed.store(true, Ordering::Release);
+                    conn.active.fetch_sub(1, Ordering::AcqRel);
+                    if retried {
+                        return Err(h2_err(e));
+                    }
+                    retried = true;
+                    debug!(conn = conn.id, error = %e, "pooled HBONE connection refuses new streams; retrying");
+                }
+            }
+        };
+        let guard = Guard(conn.clone());
+        let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+        self.metrics.streams_opened.inc();
+        let response = response.await.map_err(h2_err)?;
+        if response.status() != StatusCode::OK {
+            return Err(Error::Status {
+                addr,
+                authority,
+                status: response.status(),
+            });
+        }
+        Ok(Stream {
+            send: stream,
+            recv: response.into_body(),
+            conn_id: conn.id,
+            _guard: guard,
+        })
+    }
+
+    /// A connection with room for one more stream (counted in): pooled, or dialled now.
+    async fn acquire<D, DF>(
+        &self,
+        key: &PoolKey,
+        tls: &impl Fn() -> Result<Arc<rustls::ClientConfig>, Error>,
+        dial: &D,
+    ) -> Result<Arc<Conn>, Error>
+    where
+        D: Fn() -> DF,
+        DF: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        Ok(match self.checkout(key) {
             Some(conn) => conn,
             None => {
                 let gate = self
@@ -156,38 +217,6 @@ impl Pool {
                     None => self.dial(key, tls, dial).await?,
                 }
             }
-        };
-        let guard = Guard(conn.clone());
-        let addr = key.dst;
-        let h2_err = |source| Error::H2 { addr, source };
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority.to_string())
-            .header("forwarded", format!("for=\"{forwarded_for}\""))
-            .body(())
-            .map_err(|e| Error::BadAuthority {
-                authority,
-                message: e.to_string(),
-            })?;
-        let mut send = conn.send.clone().ready().await.map_err(|e| {
-            conn.closed.store(true, Ordering::Release);
-            h2_err(e)
-        })?;
-        let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
-        self.metrics.streams_opened.inc();
-        let response = response.await.map_err(h2_err)?;
-        if response.status() != StatusCode::OK {
-            return Err(Error::Status {
-                addr,
-                authority,
-                status: response.status(),
-            });
-        }
-        Ok(Stream {
-            send: stream,
-            recv: response.into_body(),
-            conn_id: conn.id,
-            _guard: guard,
         })
     }
 
@@ -214,11 +243,11 @@ impl Pool {
     async fn dial<D, DF>(
         &self,
         key: &PoolKey,
-        tls: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, Error>,
-        dial: D,
+        tls: &impl Fn() -> Result<Arc<rustls::ClientConfig>, Error>,
+        dial: &D,
     ) -> Result<Arc<Conn>, Error>
     where
-        D: FnOnce() -> DF,
+        D: Fn() -> DF,
         DF: std::future::Future<Output = std::io::Result<TcpStream>>,
     {
         let addr = key.dst;
@@ -254,14 +283,14 @@ impl Pool {
             id,
             send,
             active: AtomicUsize::new(1),
-            closed: AtomicBool::new(false),
+            closed: Arc::new(AtomicBool::new(false)),
             idle_since: Mutex::new(Instant::now()),
         });
         info!(conn = id, dst = %addr, src = %key.src, peer_identity = %key.expected, "HBONE connection opened");
         self.metrics.connections_opened.inc();
         self.metrics.connections.inc();
         let ping = connection.ping_pong();
-        let driver_conn = conn.clone();
+        let driver_closed = conn.closed.clone();
         tokio::spawn(
             async move {
                 let result = match ping {
@@ -271,7 +300,7 @@ impl Pool {
                     },
                     None => connection.await.map_err(|e| e.to_string()),
                 };
-                driver_conn.closed.store(true, Ordering::Release);
+                driver_closed.store(true, Ordering::Release);
                 match result {
                     Ok(()) => debug!("HBONE connection closed"),
                     Err(e) => warn!(error = %e, "HBONE connection ended"),

@@ -194,12 +194,43 @@ async fn echo_server(after_eof: bool) -> SocketAddr {
     addr
 }
 
-fn key(dst: SocketAddr, expected: SpiffeId) -> PoolKey {
+/// A CA, an HBONE server presenting `api` (trusting the CA's root, trust domain `TD`) and an
+/// echo server behind it.
+struct Mesh {
+    ca: Ca,
+    server: Server,
+    echo: SocketAddr,
+}
+
+impl Mesh {
+    async fn up() -> Mesh {
+        let ca = Ca::new(TD);
+        let server = Server::start(ca.server_config()).await;
+        Mesh {
+            ca,
+            server,
+            echo: echo_server(false).await,
+        }
+    }
+
+    async fn open(&self, pool: &Pool) -> Result<Stream, Error> {
+        let config = self.ca.client_config(api());
+        open(pool, &key(self.server.addr), config, self.echo).await
+    }
+}
+
+fn key(dst: SocketAddr) -> PoolKey {
     PoolKey {
         src: client_id(),
         dst,
-        expected,
+        expected: api(),
     }
+}
+
+fn new_pool(max_streams: usize, idle: Duration) -> (Arc<Pool>, PoolMetrics) {
+    let metrics = PoolMetrics::default();
+    let pool = Pool::new(PoolConfig { max_streams, idle }, metrics.clone());
+    (pool, metrics)
 }
 
 async fn open(
@@ -211,11 +242,8 @@ async fn open(
     let dst = key.dst;
     let forwarded = FORWARDED_FOR.parse().expect("forwarded address");
     let dial = move || TcpStream::connect(dst);
-    within(
-        "Pool::open",
-        pool.open(key, || Ok(config), dial, authority, forwarded),
-    )
-    .await
+    let open = pool.open(key, || Ok(config.clone()), dial, authority, forwarded);
+    within("Pool::open", open).await
 }
 
 /// Sends `data` on an HTTP/2 stream and reads the same number of bytes back.
@@ -236,25 +264,27 @@ async fn h2_echo(send: &mut SendStream<Bytes>, recv: &mut RecvStream, data: &[u8
     assert_eq!(got, data, "echo differs");
 }
 
+async fn tls_connect(
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await.expect("TCP connect");
+    let name = ServerName::IpAddress(addr.ip().into());
+    let handshake = TlsConnector::from(Arc::new(config)).connect(name, tcp);
+    within("TLS handshake", handshake).await
+}
+
 /// A TLS + HTTP/2 client connection made by hand; returns the request handle and the
 /// certificate chain the server presented.
 async fn h2_connect(
     addr: SocketAddr,
-    config: Arc<rustls::ClientConfig>,
+    config: &rustls::ClientConfig,
 ) -> (SendRequest<Bytes>, Vec<CertificateDer<'static>>) {
-    let tcp = TcpStream::connect(addr).await.expect("TCP connect");
-    let tls = within(
-        "TLS handshake",
-        TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
-    )
-    .await
-    .expect("TLS handshake");
-    let certs = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .expect("server chain")
-        .to_vec();
+    let tls = tls_connect(addr, config.clone())
+        .await
+        .expect("TLS handshake");
+    let (_, session) = tls.get_ref();
+    let certs = session.peer_certificates().expect("chain").to_vec();
     let (send, conn) = within("h2 handshake", h2::client::handshake(tls))
         .await
         .expect("h2 handshake");
@@ -300,9 +330,9 @@ async fn refused(
     client_config: Arc<rustls::ClientConfig>,
 ) -> (Error, Error) {
     let mut server = Server::start(server_config).await;
+    let (pool, _) = new_pool(200, DAY);
     let echo = echo_server(false).await;
-    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
-    let client = open(&pool, &key(server.addr, api()), client_config, echo)
+    let client = open(&pool, &key(server.addr), client_config, echo)
         .await
         .expect_err("the handshake should be refused");
     let server = server.next_end().await.expect_err("serve should fail");
@@ -325,16 +355,10 @@ async fn tunnels_one_mebibyte_both_ways_with_half_close() {
     let ca = Ca::new(TD);
     let mut server = Server::start(ca.server_config()).await;
     let echo = echo_server(true).await;
-    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
-    let stream = open(
-        &pool,
-        &key(server.addr, api()),
-        ca.client_config(api()),
-        echo,
-    )
-    .await
-    .expect("HBONE CONNECT");
-
+    let (pool, _) = new_pool(200, DAY);
+    let stream = open(&pool, &key(server.addr), ca.client_config(api()), echo)
+        .await
+        .expect("HBONE CONNECT");
     let seen = server.next_seen().await;
     assert_eq!(
         seen.peer,
@@ -353,6 +377,7 @@ async fn tunnels_one_mebibyte_both_ways_with_half_close() {
     let Stream { send, recv, .. } = stream;
     let client_copy = tokio::spawn(stream::copy(side, send, recv));
 
+    // The echo server answers only after EOF: every byte back follows our END_STREAM.
     let data: Vec<u8> = (0..251u8).cycle().take(1 << 20).collect();
     let (mut rd, mut wr) = app.into_split();
     let write = async {
@@ -388,11 +413,8 @@ async fn client_refuses_a_server_with_another_identity() {
         &rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
     );
     assert!(client.to_string().contains("certificate"), "{client}");
-    assert_eq!(
-        rustls_error(&server),
-        &rustls::Error::AlertReceived(AlertDescription::AccessDenied),
-        "server: {server}"
-    );
+    let alert = rustls::Error::AlertReceived(AlertDescription::AccessDenied);
+    assert_eq!(rustls_error(&server), &alert, "server: {server}");
 }
 
 #[tokio::test]
@@ -405,26 +427,19 @@ async fn server_refuses_a_client_of_another_trust_domain() {
 
     // Its root unknown to the server: an unknown issuer.
     let (client, server) = refused(ca.server_config(), client_config.clone()).await;
-    assert_eq!(
-        rustls_error(&server),
-        &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
-        "server: {server}"
-    );
+    let unknown = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+    assert_eq!(rustls_error(&server), &unknown, "server: {server}");
     assert_client_alert(&client, AlertDescription::UnknownCA);
 
     // Its root trusted (a federated bundle), its trust domain still not ours.
-    let both = TrustBundle::from_roots(vec![
-        ca.root.root_cert_der().expect("root"),
-        other.root.root_cert_der().expect("root"),
-    ]);
+    let roots = [&ca.root, &other.root].map(|r| r.root_cert_der().expect("root"));
+    let both = TrustBundle::from_roots(roots.to_vec());
     let server_config =
         tls::server_config(both, TD.into(), ca.leaf(&api())).expect("server config");
     let (client, server) = refused(server_config, client_config).await;
-    assert_eq!(
-        rustls_error(&server),
-        &rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure),
-        "server: {server}"
-    );
+    let denied = CertificateError::ApplicationVerificationFailure;
+    let denied = rustls::Error::InvalidCertificate(denied);
+    assert_eq!(rustls_error(&server), &denied, "server: {server}");
     assert_client_alert(&client, AlertDescription::AccessDenied);
 }
 
@@ -435,11 +450,8 @@ async fn server_refuses_a_client_of_an_untrusted_root_of_the_same_domain() {
     let client_config = tls::client_config(ca.bundle(), rogue.leaf(&client_id()), vec![api()])
         .expect("client config");
     let (client, server) = refused(ca.server_config(), client_config).await;
-    assert_eq!(
-        rustls_error(&server),
-        &rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
-        "server: {server}"
-    );
+    let unknown = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+    assert_eq!(rustls_error(&server), &unknown, "server: {server}");
     assert_client_alert(&client, AlertDescription::UnknownCA);
 }
 
@@ -447,8 +459,7 @@ async fn server_refuses_a_client_of_an_untrusted_root_of_the_same_domain() {
 async fn server_refuses_an_expired_client_certificate() {
     let ca = Ca::new(TD);
     let past = SystemTime::now() - Duration::from_secs(7200);
-    let expired = ca
-        .node
+    let expired = (ca.node)
         .issue_leaf_at(&client_id(), Duration::from_secs(60), past)
         .expect("expired leaf");
     assert!(
@@ -458,11 +469,8 @@ async fn server_refuses_an_expired_client_certificate() {
     let client_config =
         tls::client_config(ca.bundle(), handle(expired), vec![api()]).expect("client config");
     let (client, server) = refused(ca.server_config(), client_config).await;
-    assert_eq!(
-        rustls_error(&server),
-        &rustls::Error::InvalidCertificate(CertificateError::Expired),
-        "server: {server}"
-    );
+    let expired = rustls::Error::InvalidCertificate(CertificateError::Expired);
+    assert_eq!(rustls_error(&server), &expired, "server: {server}");
     assert_client_alert(&client, AlertDescription::CertificateExpired);
 }
 
@@ -484,26 +492,21 @@ impl ResolvesClientCert for NoCert {
 async fn server_refuses_a_client_without_certificate_with_alert_116() {
     let ca = Ca::new(TD);
     let mut server = Server::start(ca.server_config()).await;
-    // The real client config (same provider, TLS 1.3, ALPN h2, SPIFFE server check), minus the
-    // client certificate.
+    // The real client config (same provider, TLS 1.3, ALPN h2, SPIFFE check of the server)
+    // without a client certificate.
     let mut config = (*ca.client_config(api())).clone();
     config.client_auth_cert_resolver = Arc::new(NoCert);
-    let tcp = TcpStream::connect(server.addr).await.expect("TCP connect");
-    let name = ServerName::IpAddress(server.addr.ip().into());
-    let mut tls = within(
-        "handshake",
-        TlsConnector::from(Arc::new(config)).connect(name, tcp),
-    )
-    .await
-    .expect("a TLS 1.3 client finishes before the server judges its certificate");
-    let mut buf = [0u8; 1];
-    let err = within("alert", tls.read(&mut buf))
+    let mut tls = tls_connect(server.addr, config)
+        .await
+        .expect("a TLS 1.3 client finishes before the server judges its certificate");
+    let err = within("alert", tls.read(&mut [0u8; 1]))
         .await
         .expect_err("the server must refuse");
+    let alert = rustls::Error::AlertReceived(AlertDescription::CertificateRequired);
     assert_eq!(
         io_rustls_error(&err),
-        &rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
-        "client should see certificate_required (116)"
+        &alert,
+        "certificate_required expected"
     );
     assert_eq!(u8::from(AlertDescription::CertificateRequired), 116);
     let server = server.next_end().await.expect_err("serve should fail");
@@ -531,11 +534,10 @@ fn tls12_client_hello() -> Vec<u8> {
     body.extend(u16be(ext.len()));
     body.extend(ext);
     let len = u32::try_from(body.len()).expect("length").to_be_bytes();
-    let mut handshake = vec![0x01, len[1], len[2], len[3]]; // ClientHello
-    handshake.extend(body);
     let mut record = vec![0x16, 0x03, 0x01];
-    record.extend(u16be(handshake.len()));
-    record.extend(handshake);
+    record.extend(u16be(body.len() + 4));
+    record.extend([0x01, len[1], len[2], len[3]]); // ClientHello
+    record.extend(body);
     record
 }
 
@@ -548,48 +550,39 @@ async fn server_refuses_tls12() {
         .await
         .expect("send ClientHello");
     let mut answer = Vec::new();
-    within("server answer", tcp.read_to_end(&mut answer))
+    within("answer", tcp.read_to_end(&mut answer))
         .await
         .expect("read answer");
     // One plaintext alert record: fatal (2), protocol_version (70).
     assert_eq!(answer.len(), 7, "one alert record: {answer:02x?}");
     assert_eq!(answer[0], 0x15, "alert record: {answer:02x?}");
     assert_eq!(
-        &answer[5..],
-        &[2, u8::from(AlertDescription::ProtocolVersion)]
+        answer[5..],
+        [2, u8::from(AlertDescription::ProtocolVersion)]
     );
     let server = server.next_end().await.expect_err("serve should fail");
-    assert_eq!(
-        rustls_error(&server),
-        &rustls::Error::PeerIncompatible(PeerIncompatible::Tls12NotOfferedOrEnabled)
-    );
+    let why = PeerIncompatible::SupportedVersionsExtensionRequired;
+    assert_eq!(rustls_error(&server), &rustls::Error::PeerIncompatible(why));
 }
 
 #[tokio::test]
 async fn alpn_other_than_h2_is_refused() {
     let ca = Ca::new(TD);
 
-    // Offering only http/1.1: rustls refuses in the handshake (no_application_protocol).
+    // Offering only http/1.1: rustls refuses in the handshake (no_application_protocol, 120).
     let mut server = Server::start(ca.server_config()).await;
     let mut config = (*ca.client_config(api())).clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(server.addr).await.expect("TCP connect");
-    let name = ServerName::IpAddress(server.addr.ip().into());
-    let err = within(
-        "handshake",
-        TlsConnector::from(Arc::new(config)).connect(name, tcp),
-    )
-    .await
-    .expect_err("http/1.1 only must be refused");
-    assert_eq!(
-        io_rustls_error(&err),
-        &rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol)
-    );
+    let err = tls_connect(server.addr, config)
+        .await
+        .expect_err("http/1.1 must be refused");
+    let alert = rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol);
+    assert_eq!(io_rustls_error(&err), &alert);
     let end = server.next_end().await.expect_err("serve should fail");
     assert_eq!(rustls_error(&end), &rustls::Error::NoApplicationProtocol);
 
-    // Offering no ALPN at all: the handshake completes without a protocol, and both ends
-    // refuse with Error::Alpn.
+    // Offering no ALPN at all: the handshake completes without a protocol, then both ends
+    // refuse with Error::Alpn (the server closes without an alert).
     let mut config = (*ca.client_config(api())).clone();
     config.alpn_protocols.clear();
     let (client, server) = refused(ca.server_config(), Arc::new(config)).await;
@@ -597,9 +590,9 @@ async fn alpn_other_than_h2_is_refused() {
     assert!(matches!(server, Error::Alpn { .. }), "server: {server:?}");
 }
 
+/// Polls for a state the pool reaches on its own timer; the deadline bounds the wait.
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     within(what, async {
-        // Polls the pool's own timer-driven expiry; the deadline bounds the wait.
         while !cond() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -607,28 +600,14 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     .await;
 }
 
+const IDLE: Duration = Duration::from_millis(200);
+
 #[tokio::test]
 async fn pool_reuses_connections_and_expires_idle_ones() {
-    let ca = Ca::new(TD);
-    let server = Server::start(ca.server_config()).await;
-    let echo = echo_server(false).await;
-    let key = key(server.addr, api());
-    let idle = Duration::from_millis(200);
-
-    let metrics = PoolMetrics::default();
-    let pool = Pool::new(
-        PoolConfig {
-            idle,
-            ..PoolConfig::default()
-        },
-        metrics.clone(),
-    );
-    let mut a = open(&pool, &key, ca.client_config(api()), echo)
-        .await
-        .expect("open a");
-    let mut b = open(&pool, &key, ca.client_config(api()), echo)
-        .await
-        .expect("open b");
+    let mesh = Mesh::up().await;
+    let (pool, metrics) = new_pool(200, IDLE);
+    let mut a = mesh.open(&pool).await.expect("open a");
+    let mut b = mesh.open(&pool).await.expect("open b");
     assert_eq!(
         a.conn_id, b.conn_id,
         "the second stream should share the connection"
@@ -641,18 +620,9 @@ async fn pool_reuses_connections_and_expires_idle_ones() {
     drop((a, b));
     wait_for("idle expiry", || metrics.connections.get() == 0).await;
 
-    let metrics = PoolMetrics::default();
-    let config = PoolConfig {
-        max_streams: 1,
-        idle,
-    };
-    let pool = Pool::new(config, metrics.clone());
-    let mut a = open(&pool, &key, ca.client_config(api()), echo)
-        .await
-        .expect("open a");
-    let mut b = open(&pool, &key, ca.client_config(api()), echo)
-        .await
-        .expect("open b");
+    let (pool, metrics) = new_pool(1, IDLE);
+    let mut a = mesh.open(&pool).await.expect("open a");
+    let mut b = mesh.open(&pool).await.expect("open b");
     assert_ne!(
         a.conn_id, b.conn_id,
         "a full connection must not take another stream"
@@ -663,9 +633,7 @@ async fn pool_reuses_connections_and_expires_idle_ones() {
     h2_echo(&mut b.send, &mut b.recv, b"stream b").await;
     drop((a, b));
     wait_for("idle expiry", || metrics.connections.get() == 0).await;
-    let mut c = open(&pool, &key, ca.client_config(api()), echo)
-        .await
-        .expect("open c");
+    let mut c = mesh.open(&pool).await.expect("open c");
     assert_eq!(
         metrics.connections_opened.get(),
         3,
@@ -676,44 +644,26 @@ async fn pool_reuses_connections_and_expires_idle_ones() {
 
 #[tokio::test]
 async fn pool_closes_the_connections_it_expires() {
-    let ca = Ca::new(TD);
-    let mut server = Server::start(ca.server_config()).await;
-    let echo = echo_server(false).await;
-    let metrics = PoolMetrics::default();
-    let idle = Duration::from_millis(200);
-    let pool = Pool::new(
-        PoolConfig {
-            idle,
-            ..PoolConfig::default()
-        },
-        metrics.clone(),
-    );
-    let key = key(server.addr, api());
-    let mut a = open(&pool, &key, ca.client_config(api()), echo)
-        .await
-        .expect("open");
+    let mut mesh = Mesh::up().await;
+    let (pool, metrics) = new_pool(200, IDLE);
+    let mut a = mesh.open(&pool).await.expect("open");
     h2_echo(&mut a.send, &mut a.recv, b"hello").await;
     drop(a);
     wait_for("idle expiry", || metrics.connections.get() == 0).await;
-    // The server sees the connection end once the pool lets go of it.
-    let end = tokio::time::timeout(Duration::from_secs(5), server.ended.recv()).await;
+    // Once the pool lets go of the connection, h2 closes it and the server's serve returns.
+    let end = tokio::time::timeout(Duration::from_secs(5), mesh.server.ended.recv()).await;
     let end = end.expect("the expired HBONE connection is still open 5 s after its expiry");
     end.expect("server gone").expect("serve should end cleanly");
 }
 
 #[tokio::test]
 async fn pool_burst_shares_one_new_connection() {
-    let ca = Ca::new(TD);
-    let server = Server::start(ca.server_config()).await;
-    let echo = echo_server(false).await;
-    let metrics = PoolMetrics::default();
-    let pool = Pool::new(PoolConfig::default(), metrics.clone());
-    let key = key(server.addr, api());
-    let config = ca.client_config(api());
+    let mesh = Arc::new(Mesh::up().await);
+    let (pool, metrics) = new_pool(200, DAY);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..8 {
-        let (pool, key, config) = (pool.clone(), key.clone(), config.clone());
-        tasks.spawn(async move { open(&pool, &key, config, echo).await.expect("open") });
+        let (pool, mesh) = (pool.clone(), mesh.clone());
+        tasks.spawn(async move { mesh.open(&pool).await.expect("open") });
     }
     let streams = within("burst", tasks.join_all()).await;
     assert_eq!(
@@ -726,10 +676,12 @@ async fn pool_burst_shares_one_new_connection() {
 
 #[tokio::test]
 async fn malformed_requests_do_not_disturb_other_streams() {
-    let ca = Ca::new(TD);
-    let mut server = Server::start(ca.server_config()).await;
-    let echo = echo_server(false).await;
-    let (mut conn, _) = h2_connect(server.addr, ca.client_config(api())).await;
+    let Mesh {
+        ca,
+        mut server,
+        echo,
+    } = Mesh::up().await;
+    let (mut conn, _) = h2_connect(server.addr, &ca.client_config(api())).await;
     let (status, mut send, mut recv) = request(&mut conn, Method::CONNECT, &echo.to_string())
         .await
         .expect("good CONNECT");
@@ -737,24 +689,23 @@ async fn malformed_requests_do_not_disturb_other_streams() {
     assert_eq!(server.next_seen().await.authority, Ok(echo));
     h2_echo(&mut send, &mut recv, b"before").await;
 
-    let get = request(&mut conn, Method::GET, "http://127.0.0.1:1/").await;
-    assert_eq!(get.expect("GET answered").0, StatusCode::BAD_REQUEST);
-    for (uri, why) in [
-        ("notanip:80", "authority is not ip:port"),
-        ("10.0.0.1:0", "port 0"),
+    for (method, uri, why) in [
+        (Method::GET, "http://127.0.0.1:1/", "not a CONNECT request"),
+        (Method::CONNECT, "notanip:80", "authority is not ip:port"),
+        (Method::CONNECT, "10.0.0.1:0", "port 0"),
     ] {
-        let answer = request(&mut conn, Method::CONNECT, uri).await;
+        let answer = request(&mut conn, method, uri).await;
         assert_eq!(answer.expect(uri).0, StatusCode::BAD_REQUEST, "{uri}");
         assert_eq!(server.next_seen().await.authority, Err(why), "{uri}");
     }
-    // No :authority: h2 (client or server) refuses it before server.rs sees it, so this can
-    // only be a stream error, never a connection error.
-    let no_authority = request(&mut conn, Method::CONNECT, "/").await;
-    let err = no_authority.expect_err("CONNECT without authority must fail");
-    eprintln!("CONNECT without authority: {err:?}");
+    // No :authority: h2's server resets the stream (PROTOCOL_ERROR) before server.rs sees it.
+    let err = request(&mut conn, Method::CONNECT, "/")
+        .await
+        .expect_err("no authority");
+    let protocol_error = Some(h2::Reason::PROTOCOL_ERROR);
     assert!(
-        !err.is_go_away() && !err.is_io(),
-        "stream-level error: {err:?}"
+        err.is_reset() && err.is_remote() && err.reason() == protocol_error,
+        "a stream reset, not a connection error: {err:?}"
     );
 
     h2_echo(&mut send, &mut recv, b"after the malformed requests").await;
@@ -767,32 +718,20 @@ async fn malformed_requests_do_not_disturb_other_streams() {
         server.ended.try_recv().is_err(),
         "the connection must stay up"
     );
-}
 
-#[tokio::test]
-async fn pool_answers_status_errors() {
-    let ca = Ca::new(TD);
-    let server = Server::start(ca.server_config()).await;
-    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
+    // Through the pool, a refused CONNECT is an Error::Status.
+    let (pool, _) = new_pool(200, DAY);
     let port0 = "10.0.0.1:0".parse().expect("address");
-    let err = open(
-        &pool,
-        &key(server.addr, api()),
-        ca.client_config(api()),
-        port0,
-    )
-    .await
-    .expect_err("port 0 is refused");
-    assert!(
-        matches!(
-            err,
-            Error::Status {
-                status: StatusCode::BAD_REQUEST,
-                ..
-            }
-        ),
-        "{err:?}"
+    let err = open(&pool, &key(server.addr), ca.client_config(api()), port0).await;
+    let err = err.expect_err("port 0 is refused");
+    let status = matches!(
+        err,
+        Error::Status {
+            status: StatusCode::BAD_REQUEST,
+            ..
+        }
     );
+    assert!(status, "{err:?}");
 }
 
 #[tokio::test]
@@ -815,22 +754,18 @@ async fn pool_sends_a_bare_connect() {
                 req.uri().clone(),
                 req.headers().clone(),
             ));
-            let ok = http::Response::builder()
-                .status(200)
-                .body(())
-                .expect("response");
-            let _ = respond.send_response(ok, false);
+            let _ = respond.send_response(http::Response::new(()), false);
         }
     });
-    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
-    let authority: SocketAddr = "10.0.0.7:8080".parse().expect("address");
-    let _stream = open(&pool, &key(addr, api()), ca.client_config(api()), authority)
+    let (pool, _) = new_pool(200, DAY);
+    let authority = "10.0.0.7:8080".parse().expect("address");
+    let _stream = open(&pool, &key(addr), ca.client_config(api()), authority)
         .await
         .expect("CONNECT");
     let (method, uri, headers) = within("request", rx.recv()).await.expect("request");
     assert_eq!(method, Method::CONNECT);
-    // h2's server rejects :scheme or :path on a CONNECT, so reaching here already proves it;
-    // the URI it rebuilt holds the authority alone.
+    // h2's server resets a CONNECT with :scheme or :path, so reaching here already proves
+    // they were absent; the URI it rebuilt holds the authority alone.
     assert_eq!(uri.scheme(), None, "{uri:?}");
     assert_eq!(uri.path_and_query(), None, "{uri:?}");
     assert_eq!(uri.authority().map(|a| a.as_str()), Some("10.0.0.7:8080"));
@@ -845,7 +780,7 @@ fn unix(t: SystemTime) -> i64 {
 #[tokio::test]
 async fn rotation_keeps_streams_and_new_connections_get_the_new_certificate() {
     let ca = Ca::new(TD);
-    let other_node = ca.root.issue_intermediate("node-2", DAY).expect("node CA");
+    let node2 = ca.root.issue_intermediate("node-2", DAY).expect("node CA");
     let lifetime = Duration::from_secs(4);
     let bundle = ca.bundle();
     let manager = CertManager::new(ca.node, bundle.clone(), lifetime, Family::default());
@@ -853,37 +788,25 @@ async fn rotation_keeps_streams_and_new_connections_get_the_new_certificate() {
     let config = tls::server_config(bundle.clone(), TD.into(), current.clone()).expect("config");
     let mut server = Server::start(config).await;
     let echo = echo_server(false).await;
-    let client_config = tls::client_config(
-        bundle,
-        handle(
-            other_node
-                .issue_leaf(&client_id(), DAY)
-                .expect("client leaf"),
-        ),
-        vec![api()],
-    )
-    .expect("client config");
+    let client_leaf = handle(node2.issue_leaf(&client_id(), DAY).expect("client leaf"));
+    let client = tls::client_config(bundle, client_leaf, vec![api()]).expect("client config");
 
     let old = current.load_full();
-    let (mut conn, certs) = h2_connect(server.addr, client_config.clone()).await;
+    let (mut conn, certs) = h2_connect(server.addr, &client).await;
     assert_eq!(certs[0], old.chain[0], "first connection: the first leaf");
     let (_, mut send, mut recv) = request(&mut conn, Method::CONNECT, &echo.to_string())
         .await
         .expect("CONNECT");
     h2_echo(&mut send, &mut recv, b"before rotation").await;
 
-    let new = Arc::new(other_node.issue_leaf(&api(), lifetime).expect("new leaf"));
+    let new = Arc::new(node2.issue_leaf(&api(), lifetime).expect("new leaf"));
     assert_ne!(new.chain[0], old.chain[0]);
     current.store(new.clone());
     h2_echo(&mut send, &mut recv, b"after rotation").await;
 
-    let (mut conn2, certs) = h2_connect(server.addr, client_config.clone()).await;
+    let (mut conn2, certs) = h2_connect(server.addr, &client).await;
     assert_eq!(certs[0], new.chain[0], "new connection: the new leaf");
-    assert_eq!(
-        certs[1],
-        other_node.cert_der().clone(),
-        "with its own chain"
-    );
+    assert_eq!(&certs[1], node2.cert_der(), "with its own chain");
     assert_eq!(tls::not_after_of(&certs[0]), Some(unix(new.not_after)));
     let (_, mut send2, mut recv2) = request(&mut conn2, Method::CONNECT, &echo.to_string())
         .await
@@ -891,12 +814,12 @@ async fn rotation_keeps_streams_and_new_connections_get_the_new_certificate() {
     h2_echo(&mut send2, &mut recv2, b"new connection").await;
     h2_echo(&mut send, &mut recv, b"old stream still fine").await;
 
-    let pool = Pool::new(PoolConfig::default(), PoolMetrics::default());
-    let mut s = open(&pool, &key(server.addr, api()), client_config, echo)
+    let (pool, _) = new_pool(200, DAY);
+    let mut s = open(&pool, &key(server.addr), client, echo)
         .await
-        .expect("pool after rotation");
+        .expect("pool");
     h2_echo(&mut s.send, &mut s.recv, b"pool").await;
-    for _ in 0..4 {
+    for _ in 0..3 {
         assert_eq!(server.next_seen().await.peer, client_id());
     }
 }
