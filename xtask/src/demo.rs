@@ -58,11 +58,11 @@ pub fn run() -> anyhow::Result<()> {
     println!("\n== identities ==");
     println!(
         "  the client presented  {}  (verified by n2)",
-        field(&n2, "identity=")
+        field(&n2, "inbound{", "identity=")
     );
     println!(
         "  the server presented  {}  (checked by n1)",
-        field(&n1, "peer_identity=")
+        field(&n1, "outbound{", "peer_identity=")
     );
 
     for (node, series) in [
@@ -116,7 +116,11 @@ pub fn run() -> anyhow::Result<()> {
         for (name, labels) in series {
             let value = metric_value(&text, name, &labels).unwrap_or(0.0);
             let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-            println!("  {name}{{{}}} {value}", shown.join(","));
+            if shown.is_empty() {
+                println!("  {name} {value}");
+            } else {
+                println!("  {name}{{{}}} {value}", shown.join(","));
+            }
         }
     }
     println!("\n== tearing down ==");
@@ -131,9 +135,12 @@ fn print_matching(log: &str, needle: &str) {
     }
 }
 
-/// The value of `name=` in the first log field that has it (span fields end with `:` or `}`).
-fn field(log: &str, name: &str) -> String {
-    log.split_whitespace()
+/// The value of `name=` in the first log line of span `span` that has it (span fields end with
+/// `:` or `}`).
+fn field(log: &str, span: &str, name: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains(span))
+        .flat_map(str::split_whitespace)
         .find_map(|f| {
             f.strip_prefix(name)
                 .map(|v| v.trim_end_matches([':', '}']).to_owned())
