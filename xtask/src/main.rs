@@ -1,5 +1,6 @@
 //! Developer commands. `cargo xtask --help` lists them.
 
+mod bench;
 mod build;
 mod demo;
 mod lab;
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Performance figures in the lab, each beside the direct path (markdown + JSON).
+    Bench(bench::BenchArgs),
     /// Build the eBPF object (installs rust-src and bpf-linker when missing).
     BuildEbpf,
     /// Build the eBPF object and the release binaries.
@@ -31,6 +34,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Bench(args) => bench::run(args),
         Command::BuildEbpf => build::ebpf(),
         Command::Build => build::all(),
         Command::Demo => demo::run(),

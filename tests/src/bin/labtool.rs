@@ -15,6 +15,8 @@ use anyhow::{bail, Context, Result};
 
 #[path = "labtool/hbone.rs"]
 mod hbone;
+#[path = "labtool/rr.rs"]
+mod rr;
 use clap::{Parser, Subcommand};
 
 /// Size of the blocks the pseudo-random stream is generated in.
@@ -76,6 +78,10 @@ enum Cmd {
     /// An HBONE client: mTLS with the given certificate, then CONNECT requests on one
     /// connection; prints each response, then echoes data through the accepted streams.
     Hbone(hbone::Args),
+    /// Request/response load against `serve`: open loop at a fixed rate (or closed loop), on
+    /// persistent connections or a new connection per request; prints one JSON line of latency
+    /// percentiles.
+    Rr(rr::Args),
     /// Connects and exits 0, or prints the error and exits 1.
     Connect {
         /// Server address.
@@ -101,6 +107,7 @@ fn main() -> ExitCode {
             seed,
         } => stream(to, chunk.max(1), Duration::from_millis(interval_ms), seed),
         Cmd::Connect { to } => connect(to).map(|_| ()),
+        Cmd::Rr(args) => rr::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
