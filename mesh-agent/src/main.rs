@@ -79,6 +79,10 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
     let bpf_dir = config.bpf_dir();
     let cgroup_root = preflight::check(&bpf_dir)?;
     let home = sys::Netns::current().context("cannot open the agent's own network namespace")?;
+    match sys::raise_nofile_limit() {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open file limit; connections may be capped"),
+    }
     let (snapshot, state_bytes) = discovery::file::load(&config.state_file)?;
     let id = &config.identity;
     let issuer = identity::Issuer::load(&id.issuer_cert, &id.issuer_key)?

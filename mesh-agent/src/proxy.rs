@@ -25,8 +25,6 @@ use crate::{
 
 /// How long an upstream connect may take before the client is reset.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction. Large enough for throughput on loopback and veth.
-pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// What every proxied connection needs, shared.
 #[derive(Debug)]

@@ -9,7 +9,7 @@ use std::{
     fs::File,
     io,
     mem::size_of,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
@@ -179,6 +179,81 @@ pub fn fs_magic(path: &Path) -> io::Result<i64> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Raises the soft limit on open files to the hard limit: every proxied connection holds two
+/// sockets (more with HBONE), and the default soft limit (often 1024) would cap a node at a few
+/// hundred connections. Returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: getrlimit/setrlimit read and write a properly sized, initialised struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(lim.rlim_cur)
+    }
+}
+
+/// The two ends of a pipe, for moving bytes between sockets with `splice(2)`.
+#[derive(Debug)]
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+}
+
+impl Pipe {
+    /// A non-blocking, close-on-exec pipe (64 KiB of capacity until [`Pipe::grow`]).
+    pub fn new() -> io::Result<Self> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        Ok(unsafe {
+            Self {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+
+    /// Raises the pipe's capacity (`F_SETPIPE_SZ`); returns the capacity the kernel granted.
+    pub fn grow(&self, bytes: usize) -> io::Result<usize> {
+        let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: fcntl on a descriptor we own, with an integer argument.
+        let rc = unsafe { libc::fcntl(self.write.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) };
+        usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+    }
+}
+
+/// `splice(2)` without offsets, non-blocking: moves up to `len` bytes from `from` to `to`, one
+/// of which must be a pipe. Returns 0 at end of file of `from`.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are borrowed for the call; null offsets are allowed for sockets
+    // and pipes.
+    let rc = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    usize::try_from(rc).map_err(|_| io::Error::last_os_error())
 }
 
 /// The effective user id.

@@ -34,7 +34,7 @@ pub mod settings {
 }
 
 /// Read buffer for the TCP side of a tunnelled stream.
-pub const COPY_BUFFER: usize = 64 * 1024;
+pub const COPY_BUFFER: usize = 256 * 1024;
 /// How long a TLS + HTTP/2 handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -1,21 +1,150 @@
-//! The byte copier: both directions at once, half-close preserved (EOF on one side becomes a
-//! shutdown of the other side's write half), one fixed buffer per direction.
+//! The byte copier between two TCP sockets (plaintext outbound and inbound): both directions at
+//! once, half-close preserved (EOF on one side becomes a write shutdown of the other).
+//!
+//! Bytes move with `splice(2)` through one pipe per direction: the kernel hands socket pages to
+//! the pipe and on to the other socket, so they never enter user space, and an idle connection
+//! holds no buffer at all. The pipe is created on the first byte (a connection that never
+//! carries data in a direction never has one) and starts at the kernel's 64 KiB; a splice that
+//! fills it marks a bulk transfer, and the pipe grows to [`PIPE_MAX`] so that each wake-up
+//! moves more. docs/performance.md has the measurements behind these choices.
 
-use tokio::net::TcpStream;
+use std::{
+    io,
+    net::Shutdown,
+    os::fd::{AsFd, BorrowedFd},
+};
 
-use super::COPY_BUFFER;
+use tokio::{io::Interest, net::TcpStream};
+
+use crate::sys::{self, Pipe};
+
+/// Capacity a pipe grows to once a transfer fills it (the kernel's default `pipe-max-size`).
+pub const PIPE_MAX: usize = 1 << 20;
+/// Capacity of a new pipe (the kernel's default).
+const PIPE_START: usize = 64 << 10;
 
 /// Copies until both directions have ended. `pod_side` is the pod's own connection; returns
 /// (bytes from the pod's side, bytes toward it).
-pub async fn bidirectional(
-    mut pod_side: TcpStream,
-    mut peer_side: TcpStream,
-) -> std::io::Result<(u64, u64)> {
-    tokio::io::copy_bidirectional_with_sizes(
-        &mut pod_side,
-        &mut peer_side,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    )
-    .await
+pub async fn bidirectional(pod_side: TcpStream, peer_side: TcpStream) -> io::Result<(u64, u64)> {
+    let up = one_way(&pod_side, &peer_side);
+    let down = one_way(&peer_side, &pod_side);
+    tokio::try_join!(up, down)
+}
+
+/// One direction: splices everything `src` receives into `dst`, then shuts `dst`'s write half.
+async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    let mut pipe: Option<(Pipe, usize)> = None;
+    let mut total = 0u64;
+    loop {
+        src.readable().await?;
+        let (pipe, capacity) = match &mut pipe {
+            Some(p) => p,
+            None => pipe.insert((Pipe::new()?, PIPE_START)),
+        };
+        // The pipe is empty here (every chunk is drained below), so EAGAIN can only mean the
+        // socket has nothing after all.
+        let n = match src.try_io(Interest::READABLE, || {
+            sys::splice(src.as_fd(), pipe.write.as_fd(), *capacity)
+        }) {
+            Ok(0) => {
+                sys_shutdown_write(dst)?;
+                return Ok(total);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        drain(pipe.read.as_fd(), dst, n).await?;
+        total += n as u64;
+        if n >= *capacity && *capacity < PIPE_MAX {
+            // A full pipe: a bulk transfer. Keep the old capacity if the kernel refuses.
+            *capacity = pipe.grow(PIPE_MAX).unwrap_or(*capacity);
+        }
+    }
+}
+
+/// Moves `n` bytes from the pipe into `dst`, waiting for `dst` to take them.
+async fn drain(pipe: BorrowedFd<'_>, dst: &TcpStream, mut n: usize) -> io::Result<()> {
+    while n > 0 {
+        dst.writable().await?;
+        match dst.try_io(Interest::WRITABLE, || sys::splice(pipe, dst.as_fd(), n)) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the socket accepted no bytes from the pipe",
+                ))
+            }
+            Ok(m) => n -= m.min(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn sys_shutdown_write(s: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(s).shutdown(Shutdown::Write) {
+        // The peer already closed both ways: nothing left to tell it.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.expect("connect"), b.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_with_half_close() {
+        // client <-> (pod_side | copier | peer_side) <-> server
+        let (mut client, pod_side) = pair().await;
+        let (peer_side, mut server) = pair().await;
+        let copier = tokio::spawn(bidirectional(pod_side, peer_side));
+        // 3 MiB one way: fills and grows the pipe; the other way stays open meanwhile.
+        let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.expect("write");
+            client.shutdown().await.expect("half-close");
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read to EOF");
+        assert!(got == data, "bytes arrive intact and in order");
+        let mut client = writer.await.expect("writer");
+        // The other direction still works after the half-close, then closes too.
+        server.write_all(b"reply").await.expect("reply");
+        server.shutdown().await.expect("server half-close");
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.expect("reply to EOF");
+        assert_eq!(reply, b"reply");
+        let (up, down) = copier.await.expect("join").expect("copy");
+        assert_eq!((up, down), (3 << 20, 5));
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_the_copy_with_an_error() {
+        let (client, pod_side) = pair().await;
+        let (peer_side, server) = pair().await;
+        let copier = tokio::spawn(bidirectional(pod_side, peer_side));
+        let std = server.into_std().expect("std");
+        sys::set_linger_zero(std.as_fd()).expect("linger");
+        drop(std);
+        let result = copier.await.expect("join");
+        assert!(result.is_err(), "a reset is an error: {result:?}");
+        drop(client);
+    }
 }

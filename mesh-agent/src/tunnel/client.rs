@@ -259,7 +259,10 @@ impl Pool {
             let _ = tcp.set_nodelay(true);
             let server_name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
             let tls = TlsConnector::from(config)
-                .connect(server_name, tcp)
+                .connect(
+                    server_name,
+                    tokio::io::BufReader::with_capacity(256 << 10, tcp),
+                )
                 .await
                 .map_err(|source| Error::Tls { addr, source })?;
             if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {

@@ -75,7 +75,7 @@ where
     let _ = tcp.set_nodelay(true);
     let handshake = async {
         let tls = TlsAcceptor::from(config)
-            .accept(tcp)
+            .accept(tokio::io::BufReader::with_capacity(256 << 10, tcp))
             .await
             .map_err(|source| Error::Tls {
                 addr: remote,
