@@ -15,6 +15,8 @@ use anyhow::{bail, Context, Result};
 
 #[path = "labtool/hbone.rs"]
 mod hbone;
+#[path = "labtool/idle.rs"]
+mod idle;
 #[path = "labtool/rr.rs"]
 mod rr;
 use clap::{Parser, Subcommand};
@@ -44,6 +46,10 @@ enum Cmd {
         /// Address to bind.
         #[arg(long, default_value = "0.0.0.0")]
         bind: std::net::IpAddr,
+        /// Serve thousands of mostly idle connections from one thread (no line per
+        /// connection) instead of a thread per connection.
+        #[arg(long)]
+        many: bool,
     },
     /// Sends N deterministic bytes, half-closes, and checks the echo byte for byte.
     Send {
@@ -82,6 +88,9 @@ enum Cmd {
     /// persistent connections or a new connection per request; prints one JSON line of latency
     /// percentiles.
     Rr(rr::Args),
+    /// Opens N connections (one echoed byte each), prints `held N`, keeps them idle until
+    /// stdin closes, then closes them.
+    Hold(idle::HoldArgs),
     /// Connects and exits 0, or prints the error and exits 1.
     Connect {
         /// Server address.
@@ -92,7 +101,17 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Cmd::Serve { port, bind } => serve(SocketAddr::new(bind, port)),
+        Cmd::Serve {
+            port,
+            bind,
+            many: false,
+        } => serve(SocketAddr::new(bind, port)),
+        Cmd::Serve {
+            port,
+            bind,
+            many: true,
+        } => idle::serve_many(SocketAddr::new(bind, port)),
+        Cmd::Hold(args) => idle::hold(args),
         Cmd::Send {
             to,
             bytes,

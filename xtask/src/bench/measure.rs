@@ -1,37 +1,77 @@
 //! Measurements: iperf3 and `mesh-labtool rr` runs inside lab pods, agent CPU and memory from
-//! /proc.
+//! /proc, and a description of the machine for the report.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use mesh_lab::{Lab, Running};
 
-/// CPU seconds (user + system) of both agents so far.
-pub fn agents_cpu(lab: &Lab) -> Result<f64> {
+/// Fails with what to install when a tool the benchmarks run is missing.
+pub fn require_tools() -> Result<()> {
+    if Command::new("iperf3").arg("--version").output().is_err() {
+        bail!(
+            "iperf3 is missing: the throughput scenario runs it (Debian: apt-get install iperf3)"
+        );
+    }
+    Ok(())
+}
+
+/// Kernel, CPU, cores and the commit measured, one line.
+pub fn environment() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let commit = Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(crate::build::root())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "kernel {}, {cpu}, {cores} cores, commit {commit}; both agents, clients and servers share the cores",
+        kernel.trim()
+    )
+}
+
+/// CPU seconds (user + system, exited threads included) of one process so far.
+pub fn process_cpu(pid: u32) -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // After the command name: state is field 3, utime 14, stime 15 (1-based).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let utime: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse().ok())
+        .context("utime")?;
+    let stime: f64 = fields
+        .get(12)
+        .and_then(|v| v.parse().ok())
+        .context("stime")?;
+    Ok((utime + stime) / ticks)
+}
+
+/// CPU seconds of both agents so far.
+pub fn agents_cpu(lab: &Lab) -> Result<f64> {
     let mut total = 0.0;
     for node in lab.nodes() {
         let pid = lab
             .agent_pid(&node.name)
             .with_context(|| format!("no agent on {}", node.name))?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        // After the command name: state is field 3, utime 14, stime 15 (1-based).
-        let utime: f64 = fields
-            .get(11)
-            .and_then(|v| v.parse().ok())
-            .context("utime")?;
-        let stime: f64 = fields
-            .get(12)
-            .and_then(|v| v.parse().ok())
-            .context("stime")?;
-        total += (utime + stime) / ticks;
+        total += process_cpu(pid)?;
     }
     Ok(total)
 }
@@ -89,42 +129,58 @@ pub fn iperf(lab: &Lab, client: &str, addr: &str, streams: u32, secs: u32) -> Re
     }
 }
 
-/// One `mesh-labtool rr` run; returns its JSON report.
-pub fn rr(
-    lab: &Lab,
-    client: &str,
-    addr: &str,
-    rate: u32,
-    secs: f64,
-    new_conn: bool,
-) -> Result<serde_json::Value> {
-    let mut cmd = lab.command(client, mesh_lab::labtool_bin());
-    cmd.args([
-        "rr",
-        "--to",
-        addr,
-        "--rate",
-        &rate.to_string(),
-        "--conns",
-        "4",
-        "--size",
-        "1024",
-    ]);
-    cmd.args([
-        "--duration-secs",
-        &format!("{secs}"),
-        "--warmup-secs",
-        if secs < 5.0 { "0" } else { "1" },
-    ]);
-    if new_conn {
+/// What one `mesh-labtool rr` run measures.
+#[derive(Clone, Copy, Debug)]
+pub struct RrRun<'a> {
+    pub client: &'a str,
+    pub addr: &'a str,
+    /// Requests (or new connections) per second; 0 for as fast as possible.
+    pub rate: u32,
+    pub secs: u32,
+    pub warmup_secs: u32,
+    pub new_conn: bool,
+}
+
+/// One `mesh-labtool rr` run (1 KiB requests, four connections or workers); its JSON report.
+pub fn rr(lab: &Lab, run: RrRun<'_>) -> Result<serde_json::Value> {
+    let mut cmd = lab.command(run.client, mesh_lab::labtool_bin());
+    cmd.args(["rr", "--to", run.addr, "--conns", "4", "--size", "1024"]);
+    cmd.args(["--rate", &run.rate.to_string()]);
+    cmd.args(["--duration-secs", &run.secs.to_string()]);
+    cmd.args(["--warmup-secs", &run.warmup_secs.to_string()]);
+    if run.new_conn {
         cmd.arg("--new-conn");
     }
-    let mut run = Running::spawn(&format!("rr from {client} to {addr}"), &mut cmd);
-    let out = run.wait_success(Duration::from_secs_f64(secs + 60.0));
+    let mut child = Running::spawn(&format!("rr from {} to {}", run.client, run.addr), &mut cmd);
+    let out = child.wait_success(Duration::from_secs(
+        u64::from(run.secs + run.warmup_secs) + 60,
+    ));
     let line = out
         .iter()
         .rev()
         .find(|l| l.starts_with('{'))
         .with_context(|| format!("rr printed no JSON: {out:?}"))?;
     Ok(serde_json::from_str(line)?)
+}
+
+/// A number from an rr report.
+pub fn num(v: &serde_json::Value, key: &str) -> Result<f64> {
+    v[key].as_f64().with_context(|| format!("no {key} in {v}"))
+}
+
+/// Lets a client pod open connections at a high rate: reuse of TIME_WAIT ports for new
+/// outgoing connections and the whole ephemeral port range (the kernel's defaults would run a
+/// sustained direct-path churn out of ports and measure port search instead of connections).
+pub fn tune_client(lab: &Lab, pod: &str) -> Result<()> {
+    let script = "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse && \
+                  echo '1024 65535' > /proc/sys/net/ipv4/ip_local_port_range";
+    let status = lab
+        .command(pod, "sh")
+        .args(["-c", script])
+        .status()
+        .with_context(|| format!("tuning {pod}"))?;
+    if !status.success() {
+        bail!("tuning the TCP port reuse of {pod} failed ({status})");
+    }
+    Ok(())
 }

@@ -1,0 +1,134 @@
+//! Many idle connections, for the memory figures of the benchmark: `mesh-labtool hold` opens
+//! connections and keeps them open, `mesh-labtool serve --many` echoes on any number of them
+//! from one thread.
+
+use std::{
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+/// How long each connection may take to open and answer its probe byte.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Arguments of `mesh-labtool hold`.
+#[derive(clap::Args, Debug)]
+pub struct HoldArgs {
+    /// The echo server, `IP:PORT`.
+    #[arg(long)]
+    to: SocketAddr,
+    /// How many connections to open and hold.
+    #[arg(long)]
+    conns: usize,
+}
+
+/// Opens `conns` connections one after another, each proven end to end by one echoed byte,
+/// prints `held N`, and keeps them open (idle) until stdin closes; then closes them and prints
+/// `released N`.
+pub fn hold(args: HoldArgs) -> Result<()> {
+    let limit = raise_nofile_limit();
+    if args.conns + 64 > limit {
+        bail!(
+            "--conns {} needs more open files than the limit allows ({limit})",
+            args.conns
+        );
+    }
+    let mut held = Vec::with_capacity(args.conns);
+    for i in 0..args.conns {
+        held.push(probe(args.to).with_context(|| format!("connection {i} to {}", args.to))?);
+    }
+    crate::say(&format!("held {}", held.len()));
+    // EOF or an error on stdin both mean: release.
+    let _ = io::copy(&mut io::stdin().lock(), &mut io::sink());
+    let n = held.len();
+    drop(held);
+    crate::say(&format!("released {n}"));
+    Ok(())
+}
+
+/// One connection with one byte echoed through it.
+fn probe(to: SocketAddr) -> io::Result<TcpStream> {
+    let mut conn = TcpStream::connect_timeout(&to, PROBE_TIMEOUT)?;
+    conn.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    conn.write_all(b"x")?;
+    let mut byte = [0u8; 1];
+    conn.read_exact(&mut byte)?;
+    Ok(conn)
+}
+
+/// Echo server on one thread (tokio): a task and a small buffer per connection, no output per
+/// connection. For thousands of connections; `serve` (a thread per connection) is the one with
+/// the lowest latency.
+pub fn serve_many(addr: SocketAddr) -> Result<()> {
+    raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        crate::say(&format!(
+            "listening {}",
+            listener.local_addr().context("getsockname")?
+        ));
+        loop {
+            let (mut conn, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    crate::say(&format!("accept error: {e}"));
+                    // Out of descriptors: let some connections close first.
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut buf = [0u8; 512];
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if conn.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = conn.shutdown().await;
+            });
+        }
+    })
+}
+
+/// Raises the soft (and, when allowed, the hard) limit on open files; returns the soft limit.
+fn raise_nofile_limit() -> usize {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(1 << 20);
+    // SAFETY: getrlimit/setrlimit read and write a properly sized, initialised struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        let want = nr_open.max(lim.rlim_max);
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return usize::try_from(want).unwrap_or(usize::MAX);
+        }
+        lim.rlim_cur = lim.rlim_max;
+        let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    }
+}

@@ -1,0 +1,71 @@
+//! Scenario 5, the control path at scale: a state of 10,000 services and 50,000 endpoints,
+//! built by the agent's own state code (`mesh-agent bench-state`), then single-service and
+//! single-workload updates applied through the incremental API the discovery sources use.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+use super::{measure::num, Figure};
+
+pub fn run(target: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    let (services, workloads) = if quick {
+        (1_000, 5_000)
+    } else {
+        (10_000, 50_000)
+    };
+    let bin = target.join("mesh-agent");
+    let output = Command::new(&bin)
+        .args([
+            "bench-state",
+            "--services",
+            &services.to_string(),
+            "--workloads",
+            &workloads.to_string(),
+        ])
+        .output()
+        .with_context(|| format!("running {} bench-state", bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "mesh-agent bench-state failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("bench-state printed no JSON: {stdout}"))?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let scale = format!("{services} services, {workloads} endpoints");
+    for (name, key, unit) in [
+        ("full build of the state", "build_ms", "ms"),
+        (
+            "single-service update applied, p50",
+            "update_one_service_us_p50",
+            "µs",
+        ),
+        (
+            "single-service update applied, max",
+            "update_one_service_us_max",
+            "µs",
+        ),
+        (
+            "single-workload update applied, p50",
+            "update_one_workload_us_p50",
+            "µs",
+        ),
+        ("state process RSS", "rss_mib", "MiB"),
+    ] {
+        out.push(Figure {
+            scenario: "control",
+            name: format!("{scale}: {name}"),
+            unit,
+            value: num(&v, key)?,
+            direct: None,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! Scenarios 2 and 3: request/response latency on persistent connections at fixed rates, and
+//! connection churn (a new connection per request) at a fixed rate and at the maximum. The load
+//! generator is `mesh-labtool rr`: open loop, corrected for coordinated omission.
+
+use anyhow::Result;
+use mesh_lab::Lab;
+
+use super::{
+    measure::{self, agents_cpu, num, RrRun},
+    Durations, Figure,
+};
+
+/// Echo servers of these scenarios listen here.
+const PORT: u16 = 7000;
+const PERCENTILES: [(&str, &str); 4] = [
+    ("p50", "p50_us"),
+    ("p90", "p90_us"),
+    ("p99", "p99_us"),
+    ("p99.9", "p999_us"),
+];
+
+/// The three paths, from the same client node to the same server node.
+struct Paths {
+    direct: (&'static str, String),
+    passthrough: (&'static str, String),
+    mesh: (&'static str, String),
+}
+
+fn paths(lab: &Lab) -> Paths {
+    let addr = |pod: &str| format!("{}:{PORT}", lab.pod(pod).ip);
+    Paths {
+        direct: ("legacy/client", addr("legacy/server")),
+        passthrough: ("shop/client", addr("legacy/server")),
+        mesh: ("shop/client", addr("shop/api")),
+    }
+}
+
+/// 1 KiB request/response on four persistent connections at 1000/s and 5000/s.
+pub fn persistent(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
+    let _servers = [
+        mesh_lab::traffic::serve(lab, "legacy/server", PORT),
+        mesh_lab::traffic::serve(lab, "shop/api", PORT),
+    ];
+    let p = paths(lab);
+    for rate in [1000, 5000] {
+        let run = |(client, addr): &(&str, String)| {
+            measure::rr(
+                lab,
+                RrRun {
+                    client,
+                    addr,
+                    rate,
+                    secs: d.rr_secs,
+                    warmup_secs: d.warmup_secs,
+                    new_conn: false,
+                },
+            )
+        };
+        let direct = run(&p.direct)?;
+        let passthrough = run(&p.passthrough)?;
+        let cpu0 = agents_cpu(lab)?;
+        let mesh = run(&p.mesh)?;
+        let cpu = agents_cpu(lab)? - cpu0;
+        for (label, key) in PERCENTILES {
+            let (m, dv) = (num(&mesh, key)?, num(&direct, key)?);
+            out.push(Figure {
+                scenario: "latency",
+                name: format!("{rate}/s, full mesh round trip {label}"),
+                unit: "µs",
+                value: m,
+                direct: Some(dv),
+            });
+            out.push(Figure {
+                scenario: "latency",
+                name: format!("{rate}/s, latency added by the mesh {label}"),
+                unit: "µs",
+                value: m - dv,
+                direct: None,
+            });
+        }
+        for (label, key) in [("p50", "p50_us"), ("p99", "p99_us")] {
+            out.push(Figure {
+                scenario: "latency",
+                name: format!("{rate}/s, capture-only passthrough round trip {label}"),
+                unit: "µs",
+                value: num(&passthrough, key)?,
+                direct: Some(num(&direct, key)?),
+            });
+        }
+        out.push(Figure {
+            scenario: "latency",
+            name: format!("{rate}/s, full mesh: agent CPU per 1000 requests (both agents)"),
+            unit: "CPU ms",
+            value: cpu * 1000.0 / (num(&mesh, "requests")? / 1000.0),
+            direct: None,
+        });
+    }
+    Ok(())
+}
+
+/// A new connection per 1 KiB request/response, at 1000/s and as fast as four workers go.
+pub fn churn(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
+    let _servers = [
+        mesh_lab::traffic::serve(lab, "legacy/server", PORT),
+        mesh_lab::traffic::serve(lab, "shop/api", PORT),
+    ];
+    for client in ["legacy/client", "shop/client"] {
+        measure::tune_client(lab, client)?;
+    }
+    let p = paths(lab);
+    for (label, rate) in [("1000/s", 1000), ("max", 0)] {
+        let run = |(client, addr): &(&str, String)| {
+            measure::rr(
+                lab,
+                RrRun {
+                    client,
+                    addr,
+                    rate,
+                    secs: d.rr_secs,
+                    warmup_secs: d.warmup_secs,
+                    new_conn: true,
+                },
+            )
+        };
+        let direct = run(&p.direct)?;
+        let cpu0 = agents_cpu(lab)?;
+        let mesh = run(&p.mesh)?;
+        let cpu = agents_cpu(lab)? - cpu0;
+        let conns = num(&mesh, "requests")?;
+        out.push(Figure {
+            scenario: "churn",
+            name: format!("{label}: new connections per second, full mesh"),
+            unit: "conn/s",
+            value: num(&mesh, "achieved_rate")?,
+            direct: Some(num(&direct, "achieved_rate")?),
+        });
+        for (pl, key) in [("p50", "p50_us"), ("p99", "p99_us")] {
+            out.push(Figure {
+                scenario: "churn",
+                name: format!("{label}: connection setup {pl}"),
+                unit: "µs",
+                value: num(&mesh, &format!("connect_{key}"))?,
+                direct: Some(num(&direct, &format!("connect_{key}"))?),
+            });
+            out.push(Figure {
+                scenario: "churn",
+                name: format!("{label}: connect + 1 KiB round trip {pl}"),
+                unit: "µs",
+                value: num(&mesh, key)?,
+                direct: Some(num(&direct, key)?),
+            });
+        }
+        out.push(Figure {
+            scenario: "churn",
+            name: format!("{label}: agent CPU per 1000 new connections (both agents)"),
+            unit: "CPU ms",
+            value: cpu * 1000.0 / (conns / 1000.0),
+            direct: None,
+        });
+        out.push(Figure {
+            scenario: "churn",
+            name: format!("{label}: new meshed connections per second per core of agent CPU"),
+            unit: "conn/s",
+            value: if cpu > 0.0 { conns / cpu } else { 0.0 },
+            direct: None,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! Scenario 4, memory: agent RSS when idle (n1 carries the bench lab's hundred extra captured
+//! pods), and the memory of many open, idle proxied connections: RSS before, with N
+//! connections held open (bytes per connection), and after they closed (memory that does not
+//! come back would grow with every burst of connections).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mesh_lab::{metric_value, Lab, Running};
+
+use super::{measure::agent_rss_mib, Durations, Figure};
+
+/// Port of the many-connection echo servers.
+const PORT: u16 = 7100;
+
+pub fn idle(lab: &Lab, out: &mut Vec<Figure>) -> Result<()> {
+    for node in lab.nodes() {
+        let pods = captured_pods(lab, &node.name)?;
+        out.push(Figure {
+            scenario: "memory",
+            name: format!("agent RSS, idle, {} with {pods} captured pods", node.name),
+            unit: "MiB",
+            value: agent_rss_mib(lab, &node.name)?,
+            direct: None,
+        });
+    }
+    Ok(())
+}
+
+/// Agent RSS once every scenario has run: memory that never returns to the system shows here.
+pub fn after_all(lab: &Lab, out: &mut Vec<Figure>) -> Result<()> {
+    for node in lab.nodes() {
+        out.push(Figure {
+            scenario: "memory",
+            name: format!("agent RSS after all scenarios, {}", node.name),
+            unit: "MiB",
+            value: agent_rss_mib(lab, &node.name)?,
+            direct: None,
+        });
+    }
+    Ok(())
+}
+
+fn captured_pods(lab: &Lab, node: &str) -> Result<f64> {
+    metric_value(&lab.metrics(node), "mesh_captured_pods", &[])
+        .context("no mesh_captured_pods metric")
+}
+
+pub fn connections(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
+    let _servers: Vec<Running> = ["shop/api", "legacy/server"]
+        .iter()
+        .map(|pod| {
+            let mut s = Running::spawn(
+                &format!("many-connection echo server in {pod}"),
+                lab.command(pod, mesh_lab::labtool_bin()).args([
+                    "serve",
+                    "--many",
+                    "--port",
+                    &PORT.to_string(),
+                ]),
+            );
+            s.wait_line("listening", Duration::from_secs(10));
+            s
+        })
+        .collect();
+    let n = d.idle_conns;
+    for (what, server, nodes) in [
+        ("full mesh", "shop/api", &["n1", "n2"][..]),
+        ("capture-only passthrough", "legacy/server", &["n1"][..]),
+    ] {
+        let before: Vec<f64> = nodes
+            .iter()
+            .map(|node| agent_rss_mib(lab, node))
+            .collect::<Result<_>>()?;
+        let addr = format!("{}:{PORT}", lab.pod(server).ip);
+        let mut hold = Running::spawn(
+            &format!("{n} idle connections to {addr}"),
+            lab.command("shop/client", mesh_lab::labtool_bin()).args([
+                "hold",
+                "--to",
+                &addr,
+                "--conns",
+                &n.to_string(),
+            ]),
+        );
+        hold.wait_line("held", Duration::from_secs(120));
+        for (node, before) in nodes.iter().zip(&before) {
+            let with = agent_rss_mib(lab, node)?;
+            out.push(Figure {
+                scenario: "memory",
+                name: format!("{what}: agent {node} memory per idle connection ({n} open)"),
+                unit: "KiB",
+                value: (with - before) * 1024.0 / n as f64,
+                direct: None,
+            });
+        }
+        hold.close_stdin();
+        hold.wait_line("released", Duration::from_secs(60));
+        for (node, before) in nodes.iter().zip(&before) {
+            wait_connections_closed(lab, node)?;
+            let after = agent_rss_mib(lab, node)?;
+            out.push(Figure {
+                scenario: "memory",
+                name: format!("{what}: agent {node} RSS before {n} connections"),
+                unit: "MiB",
+                value: *before,
+                direct: None,
+            });
+            out.push(Figure {
+                scenario: "memory",
+                name: format!("{what}: agent {node} RSS after they all closed"),
+                unit: "MiB",
+                value: after,
+                direct: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the agent of `node` has closed every proxied connection it opened.
+fn wait_connections_closed(lab: &Lab, node: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = lab.metrics(node);
+        let total = |name: &str| metric_value(&metrics, name, &[]).unwrap_or(0.0);
+        let open =
+            total("mesh_tcp_connections_opened_total") - total("mesh_tcp_connections_closed_total");
+        if open <= 0.0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "agent {node} still has {open} open connections a minute after the clients closed"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,84 @@
+//! Scenario 1, throughput: iperf3 with one and with four TCP streams, cross-node and same-node,
+//! on the direct path, through the client's agent only (capture-only passthrough: plain TCP to
+//! a pod outside the mesh) and on the full mesh path (capture + HBONE mTLS + the destination's
+//! agent). Also agent CPU per GiB moved.
+
+use anyhow::Result;
+use mesh_lab::Lab;
+
+use super::{
+    measure::{self, agents_cpu},
+    Durations, Figure,
+};
+
+/// One place of the comparison: the direct pair and the two meshed paths beside it.
+struct Place {
+    name: &'static str,
+    /// Outside the mesh: the direct path.
+    direct: (&'static str, &'static str),
+    passthrough: (&'static str, &'static str),
+    mesh: (&'static str, &'static str),
+}
+
+const PLACES: [Place; 2] = [
+    Place {
+        name: "cross-node",
+        direct: ("legacy/client", "legacy/server"),
+        passthrough: ("shop/client", "legacy/server"),
+        mesh: ("shop/client", "shop/api"),
+    },
+    Place {
+        name: "same-node",
+        direct: ("legacy/client", "legacy/local"),
+        passthrough: ("shop/client", "legacy/local"),
+        mesh: ("shop/client", "shop/db"),
+    },
+];
+
+pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
+    let _servers: Vec<_> = ["legacy/server", "legacy/local", "shop/api", "shop/db"]
+        .iter()
+        .map(|p| measure::iperf_server(lab, p))
+        .collect();
+    for streams in [1, 4] {
+        for place in &PLACES {
+            let ip = |pod: &str| lab.pod(pod).ip.to_string();
+            let (client, server) = place.direct;
+            let (direct_bps, _) = measure::iperf(lab, client, &ip(server), streams, d.iperf_secs)?;
+            let direct = direct_bps / 1e9;
+            out.push(Figure {
+                scenario: "throughput",
+                name: format!("{}, {streams} stream(s): direct", place.name),
+                unit: "Gbit/s",
+                value: direct,
+                direct: None,
+            });
+            for (what, (client, server)) in [
+                ("capture-only passthrough", place.passthrough),
+                ("full mesh (HBONE mTLS)", place.mesh),
+            ] {
+                let cpu0 = agents_cpu(lab)?;
+                let (bps, bytes) = measure::iperf(lab, client, &ip(server), streams, d.iperf_secs)?;
+                let cpu = agents_cpu(lab)? - cpu0;
+                out.push(Figure {
+                    scenario: "throughput",
+                    name: format!("{}, {streams} stream(s): {what}", place.name),
+                    unit: "Gbit/s",
+                    value: bps / 1e9,
+                    direct: Some(direct),
+                });
+                out.push(Figure {
+                    scenario: "throughput",
+                    name: format!(
+                        "{}, {streams} stream(s): {what}, agent CPU per GiB",
+                        place.name
+                    ),
+                    unit: "CPU s",
+                    value: cpu / (bytes / f64::from(1u32 << 30)),
+                    direct: None,
+                });
+            }
+        }
+    }
+    Ok(())
+}
