@@ -48,6 +48,28 @@ pub struct Config {
     pub capture: CaptureExclusions,
     /// Workload identity and mTLS.
     pub identity: IdentityConfig,
+    /// The HBONE client pool.
+    #[serde(default)]
+    pub hbone: HboneConfig,
+}
+
+/// The HBONE client pool.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HboneConfig {
+    /// HBONE connections per (source identity, destination pod) that concurrent streams are
+    /// spread over: each connection is encrypted by one task, so one connection caps a node
+    /// pair at one core. Default: one per core, at most four.
+    #[serde(default = "crate::tunnel::client::default_max_conns")]
+    pub connections_per_peer: usize,
+}
+
+impl Default for HboneConfig {
+    fn default() -> Self {
+        Self {
+            connections_per_peer: crate::tunnel::client::default_max_conns(),
+        }
+    }
 }
 
 /// Where the node's certificate authority and the trust bundle come from.
@@ -138,6 +160,12 @@ impl Config {
                 self.identity.leaf_lifetime_secs
             ));
         }
+        if !(1..=64).contains(&self.hbone.connections_per_peer) {
+            return Err(format!(
+                "`hbone.connections_per_peer` is {}: use 1 to 64",
+                self.hbone.connections_per_peer
+            ));
+        }
         self.capture.validate().map_err(|e| format!("capture.{e}"))
     }
 
@@ -212,6 +240,9 @@ mod tests {
         let e = parse("node: n1\nstate_file: /s\nidentity: {issuer_cert: /c, issuer_key: /k, trust_bundle: /r, leaf_lifetime_secs: 5}\n")
             .expect_err("short lifetime");
         assert!(e.contains("leaf_lifetime_secs"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\nhbone: {connections_per_peer: 0}\n")
+            .expect_err("no connections");
+        assert!(e.contains("hbone.connections_per_peer"), "{e}");
         let e = parse("node: n1\nstate_file: /s\nidentity: {issuer_cert: /c}\n")
             .expect_err("missing key");
         assert!(e.contains("issuer_key"), "{e}");

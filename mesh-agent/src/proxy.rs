@@ -212,7 +212,9 @@ pub fn spawn_listener(
                     return;
                 }
             };
-            let spawn = |(stream, peer)| {
+            let spawn = |(stream, peer): (tokio::net::TcpStream, SocketAddr)| {
+                // Bytes are forwarded as they come: never hold a small segment back (Nagle).
+                let _ = stream.set_nodelay(true);
                 let (pod, inputs) = (pod.clone(), inputs.clone());
                 match kind {
                     Listener::Outbound => {
@@ -277,7 +279,10 @@ async fn serve_connection(
             src = %peer,
             orig_dst = Empty,
             endpoint = Empty,
-            peer_identity = Empty
+            route = Empty,
+            transport = Empty,
+            peer_identity = Empty,
+            hbone_conn = Empty
         ),
         Direction::Inbound => {
             tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = Empty)

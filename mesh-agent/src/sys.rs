@@ -181,27 +181,40 @@ pub fn fs_magic(path: &Path) -> io::Result<i64> {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit: every proxied connection holds two
-/// sockets (more with HBONE), and the default soft limit (often 1024) would cap a node at a few
-/// hundred connections. Returns the new soft limit.
+/// Raises the limit on open files: every proxied connection holds two sockets and, while it
+/// carries data, two pipes (four descriptors). With the privilege to do so (root, or
+/// CAP_SYS_RESOURCE) both limits go to `/proc/sys/fs/nr_open`; otherwise the soft limit goes up
+/// to the hard one. Returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    // SAFETY: getrlimit/setrlimit read and write a properly sized, initialised struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(1 << 20);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a properly sized, initialised struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let want = nr_open.max(lim.rlim_max);
+    let raised = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want,
+    };
+    // SAFETY: setrlimit reads a properly sized, initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return Ok(want);
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        if lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(lim.rlim_cur)
     }
+    Ok(lim.rlim_cur)
 }
 
 /// The two ends of a pipe, for moving bytes between sockets with `splice(2)`.

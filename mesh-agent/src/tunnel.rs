@@ -3,9 +3,11 @@
 //!
 //! `server` terminates HBONE on a pod's port 15008; `client` keeps a pool of HBONE connections
 //! and opens one CONNECT stream per proxied TCP connection; `stream` copies between a TCP
-//! socket and an HTTP/2 stream; `tls` holds the TLS configurations and SPIFFE verification.
+//! socket and an HTTP/2 stream; `tls` holds the TLS configurations and SPIFFE verification;
+//! `record` makes the handshake with rustls and then protects the TLS records itself.
 
 pub mod client;
+pub mod record;
 pub mod server;
 pub mod stream;
 pub mod tls;
@@ -33,8 +35,6 @@ pub mod settings {
     pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 }
 
-/// Read buffer for the TCP side of a tunnelled stream.
-pub const COPY_BUFFER: usize = 256 * 1024;
 /// How long a TLS + HTTP/2 handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -237,15 +237,19 @@ fn cross_node_traffic_is_only_tls_and_both_sides_log_the_peer_identity() {
 }
 
 #[test]
-fn many_connections_between_one_pair_share_one_hbone_connection() {
-    if !mesh_lab::require_privileged("many_connections_between_one_pair_share_one_hbone_connection")
-    {
+fn many_connections_between_one_pair_share_a_few_hbone_connections() {
+    if !mesh_lab::require_privileged(
+        "many_connections_between_one_pair_share_a_few_hbone_connections",
+    ) {
         return;
     }
     let lab = Lab::up(LabOptions::default());
     let vip = lab.service_vip("shop/api");
     let _api = serve(&lab, "shop/api", 8080);
-    // 40 connections at once, from cold: they must share one handshake.
+    // 40 connections at once, from cold: they share a few handshakes, one per connection the
+    // pool spreads concurrent streams over (hbone.connections_per_peer: one per core, at most
+    // four), never one per connection.
+    let per_peer = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4));
     let mut senders: Vec<Running> = (0..40)
         .map(|i| {
             Running::spawn(
@@ -273,13 +277,16 @@ fn many_connections_between_one_pair_share_one_hbone_connection() {
         counter(&lab, "n1", "mesh_hbone_streams_opened_total", &[]),
         40.0
     );
-    assert_eq!(
-        counter(&lab, "n1", "mesh_hbone_connections_opened_total", &[]),
-        1.0,
-        "{}",
+    let handshakes = counter(&lab, "n1", "mesh_hbone_connections_opened_total", &[]);
+    assert!(
+        (1.0..=per_peer as f64).contains(&handshakes),
+        "{handshakes} handshakes for 40 streams (at most {per_peer}):\n{}",
         lab.metrics("n1")
     );
-    assert_eq!(counter(&lab, "n1", "mesh_hbone_connections", &[]), 1.0);
+    assert_eq!(
+        counter(&lab, "n1", "mesh_hbone_connections", &[]),
+        handshakes
+    );
     lab.down();
 }
 

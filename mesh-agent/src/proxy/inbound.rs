@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
-use tracing::info;
+use tracing::debug;
 
 use super::{connect_in_pod, copy, reset, Error, Inputs, Pod};
 use crate::tunnel;
@@ -30,7 +30,7 @@ pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64
             return Err(e);
         }
     };
-    info!("connection delivered");
+    debug!("connection delivered");
     // For inbound the pod's side is the application: bytes it sends are "sent".
     copy::bidirectional(app, stream)
         .await
@@ -119,7 +119,7 @@ async fn hbone_stream(
     let (send, recv) = req
         .accept()
         .map_err(|e| Error::Stream(std::io::Error::other(e)))?;
-    info!("connection delivered");
+    debug!("connection delivered");
     tunnel::stream::copy(app, send, recv)
         .await
         .map_err(Error::Stream)

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use mesh_common::{family, ports, ConnKey};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::{connect_in_pod, copy, pod_socket, reset, Error, Inputs, Pod};
 use crate::{
@@ -40,8 +40,11 @@ pub async fn proxy(
         .meshed_workload(target.ip())
         .map(|w| (w.namespace.clone(), w.service_account.clone()));
     drop(snap);
-    tracing::Span::current().record("endpoint", tracing::field::display(target));
     let transport = if peer.is_some() { "hbone" } else { "plaintext" };
+    let span = tracing::Span::current();
+    span.record("endpoint", tracing::field::display(target));
+    span.record("route", route);
+    span.record("transport", transport);
     inputs
         .metrics
         .routes
@@ -61,32 +64,36 @@ pub async fn proxy(
             let expected =
                 SpiffeId::new(inputs.certs.trust_domain(), &namespace, &service_account)?;
             tracing::Span::current().record("peer_identity", tracing::field::display(&expected));
-            let tunnel = match open_hbone(client, pod, inputs, target, expected).await {
+            // What the client has already sent travels with the CONNECT request. Never waited
+            // for: a server-speaks-first protocol sends nothing first.
+            let initial = initial_bytes(&stream);
+            let sent_first = initial.as_ref().map_or(0, |b| b.len() as u64);
+            // Boxed: opening a stream may dial and handshake, a future of many KiB that would
+            // otherwise stay allocated for the whole life of the connection.
+            let opened = open_hbone(client, pod, inputs, target, expected, initial);
+            let tunnel = match Box::pin(opened).await {
                 Ok(tunnel) => tunnel,
                 Err(e) => {
                     reset(stream);
                     return Err(e);
                 }
             };
-            info!(
-                route,
-                transport,
-                conn = tunnel.conn_id,
-                "connection proxied"
-            );
-            tunnel::stream::copy(stream, tunnel.send, tunnel.recv)
+            tracing::Span::current().record("hbone_conn", tunnel.conn_id);
+            debug!("connection proxied");
+            let (sent, received) = tunnel::stream::copy(stream, tunnel.send, tunnel.recv)
                 .await
-                .map_err(Error::Stream)
+                .map_err(Error::Stream)?;
+            Ok((sent + sent_first, received))
         }
         None => {
-            let upstream = match connect_in_pod(pod, &inputs.home, target).await {
+            let upstream = match Box::pin(connect_in_pod(pod, &inputs.home, target)).await {
                 Ok(upstream) => upstream,
                 Err(e) => {
                     reset(stream);
                     return Err(e);
                 }
             };
-            info!(route, transport, "connection proxied");
+            debug!("connection proxied");
             copy::bidirectional(stream, upstream)
                 .await
                 .map_err(Error::Stream)
@@ -102,6 +109,7 @@ async fn open_hbone(
     inputs: &Inputs,
     target: SocketAddr,
     expected: SpiffeId,
+    initial: Option<bytes::Bytes>,
 ) -> Result<tunnel::client::Stream, Error> {
     let key = PoolKey {
         src: pod.identity.clone(),
@@ -130,8 +138,23 @@ async fn open_hbone(
     );
     Ok(inputs
         .pool
-        .open(&key, tls, dial, target, forwarded_for)
+        .open(&key, tls, dial, target, forwarded_for, initial)
         .await?)
+}
+
+/// Bytes the client has already sent (up to one first read), without waiting for any. Read
+/// from the socket directly: the runtime has not seen the new socket's readiness yet.
+fn initial_bytes(stream: &TcpStream) -> Option<bytes::Bytes> {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; tunnel::stream::FIRST_READ];
+    match (&*socket2::SockRef::from(stream)).read(&mut buf) {
+        Ok(n) if n > 0 => {
+            buf.truncate(n);
+            Some(buf.into())
+        }
+        // Nothing yet, EOF (the copy sees it next) or an error (the copy reports it).
+        _ => None,
+    }
 }
 
 fn original_destination(

@@ -1,7 +1,11 @@
 //! The HBONE client: a pool of mTLS HTTP/2 connections per (source identity, destination
 //! address, expected destination identity), multiplexing one CONNECT stream per proxied TCP
-//! connection. A connection takes new streams until it carries `max_streams` or is closing;
-//! then another one is opened. Connections idle longer than `idle` are closed.
+//! connection. A new stream goes to the connection of the key carrying the fewest streams;
+//! while every connection is busy and the key has fewer than `max_conns`, another one is opened
+//! first, so that concurrent streams spread over several connections (each connection's
+//! encryption runs in one task, on one core at a time: one saturated connection must not cap
+//! a node pair). A connection takes at most `max_streams`. Connections idle longer than `idle`
+//! are closed.
 
 use std::{
     collections::HashMap,
@@ -18,10 +22,9 @@ use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{net::TcpStream, time::Instant};
-use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{settings, tls, Error, HANDSHAKE_TIMEOUT};
+use super::{record, settings, tls, Error, HANDSHAKE_TIMEOUT};
 use crate::identity::SpiffeId;
 
 /// What a pooled connection is for.
@@ -49,6 +52,8 @@ pub struct PoolMetrics {
 pub struct PoolConfig {
     /// Streams per connection before another connection is opened.
     pub max_streams: usize,
+    /// Connections per key that concurrent streams are spread over.
+    pub max_conns: usize,
     /// Idle time after which a connection without streams is closed.
     pub idle: Duration,
 }
@@ -57,9 +62,15 @@ impl Default for PoolConfig {
     fn default() -> Self {
         Self {
             max_streams: settings::MAX_CONCURRENT_STREAMS as usize,
+            max_conns: default_max_conns(),
             idle: Duration::from_secs(60),
         }
     }
+}
+
+/// Connections per key by default: one per core, at most four (each one costs a handshake).
+pub fn default_max_conns() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
 }
 
 #[derive(Debug)]
@@ -136,6 +147,7 @@ impl Pool {
         dial: D,
         authority: SocketAddr,
         forwarded_for: SocketAddr,
+        initial: Option<Bytes>,
     ) -> Result<Stream, Error>
     where
         D: Fn() -> DF,
@@ -171,8 +183,14 @@ impl Pool {
             }
         };
         let guard = Guard(conn.clone());
-        let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+        let (response, mut stream) = send.send_request(request, false).map_err(h2_err)?;
         self.metrics.streams_opened.inc();
+        // Bytes the client already sent go with the request (one write, one round trip less
+        // before the destination sees them); the peer discards them if it refuses the stream.
+        if let Some(initial) = initial.filter(|b| !b.is_empty()) {
+            stream.reserve_capacity(initial.len());
+            stream.send_data(initial, false).map_err(h2_err)?;
+        }
         let response = response.await.map_err(h2_err)?;
         if response.status() != StatusCode::OK {
             return Err(Error::Status {
@@ -214,13 +232,20 @@ impl Pool {
                 // Whoever dialled while we waited may have made room for us.
                 match self.checkout(key) {
                     Some(conn) => conn,
-                    None => self.dial(key, tls, dial).await?,
+                    // Boxed: the handshake futures are large and only this rare path needs them.
+                    None => match Box::pin(self.dial(key, tls, dial)).await {
+                        Ok(conn) => conn,
+                        // A failed extra connection must not fail a stream that an existing
+                        // connection can carry.
+                        Err(e) => self.checkout_any(key).ok_or(e)?,
+                    },
                 }
             }
         })
     }
 
-    /// A live connection for `key` with room for one more stream, counted in.
+    /// The live connection for `key` with the fewest streams, counted in; `None` when none has
+    /// room, or when all are busy and the key may still get another connection (spreading).
     fn checkout(&self, key: &PoolKey) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
@@ -229,7 +254,27 @@ impl Pool {
         self.metrics
             .connections
             .dec_by(i64::try_from(before - list.len()).unwrap_or(0));
-        list.iter()
+        let may_grow = list.len() < self.config.max_conns;
+        // Streams are only added under this lock; they may end concurrently, which only makes
+        // the choice conservative.
+        let conn = list
+            .iter()
+            .min_by_key(|c| c.active.load(Ordering::Acquire))?;
+        let active = conn.active.load(Ordering::Acquire);
+        if active >= self.config.max_streams || (active > 0 && may_grow) {
+            return None;
+        }
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        Some(conn.clone())
+    }
+
+    /// Any live connection for `key` with room, counted in (no spreading).
+    fn checkout_any(&self, key: &PoolKey) -> Option<Arc<Conn>> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns
+            .get(key)?
+            .iter()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
             .find(|c| {
                 c.active
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -258,14 +303,10 @@ impl Pool {
                 .map_err(|source| Error::Connect { addr, source })?;
             let _ = tcp.set_nodelay(true);
             let server_name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-            let tls = TlsConnector::from(config)
-                .connect(
-                    server_name,
-                    tokio::io::BufReader::with_capacity(256 << 10, tcp),
-                )
+            let tls = record::connect(config, server_name, tcp)
                 .await
                 .map_err(|source| Error::Tls { addr, source })?;
-            if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+            if tls.alpn_protocol() != Some(tls::ALPN_H2) {
                 return Err(Error::Alpn { addr });
             }
             h2::client::Builder::new()

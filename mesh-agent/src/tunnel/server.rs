@@ -8,10 +8,9 @@ use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream, SendStream};
 use http::{Method, Response, StatusCode};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use super::{settings, tls, Error, HANDSHAKE_TIMEOUT};
+use super::{record, settings, tls, Error, HANDSHAKE_TIMEOUT};
 use crate::identity::SpiffeId;
 
 /// One CONNECT request on an authenticated HBONE connection.
@@ -74,23 +73,22 @@ where
     })?;
     let _ = tcp.set_nodelay(true);
     let handshake = async {
-        let tls = TlsAcceptor::from(config)
-            .accept(tokio::io::BufReader::with_capacity(256 << 10, tcp))
+        let tls = record::accept(config, tcp)
             .await
             .map_err(|source| Error::Tls {
                 addr: remote,
                 source,
             })?;
-        let (_, session) = tls.get_ref();
-        if session.alpn_protocol() != Some(tls::ALPN_H2) {
+        if tls.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(Error::Alpn { addr: remote });
         }
-        let leaf = session.peer_certificates().and_then(|c| c.first());
+        let leaf = tls.peer_certificates().and_then(|c| c.first());
         let peer = leaf.and_then(tls::identity_of).ok_or_else(|| Error::Tls {
             addr: remote,
             source: std::io::Error::other("verified peer has no SPIFFE id"),
         })?;
         let peer_not_after = leaf.and_then(tls::not_after_of).unwrap_or(0);
+        let suite = tls.negotiated_cipher_suite().suite();
         let conn = h2::server::Builder::new()
             .initial_window_size(settings::STREAM_WINDOW)
             .initial_connection_window_size(settings::SERVER_CONNECTION_WINDOW)
@@ -104,12 +102,13 @@ where
                 addr: remote,
                 source,
             })?;
-        Ok((peer, peer_not_after, conn))
+        Ok((peer, peer_not_after, suite, conn))
     };
-    let (peer, peer_not_after, mut conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-        .await
-        .map_err(|_| Error::Timeout { addr: remote })??;
-    debug!(%remote, %peer, peer_not_after, "HBONE connection established");
+    let (peer, peer_not_after, suite, mut conn) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| Error::Timeout { addr: remote })??;
+    debug!(%remote, %peer, peer_not_after, ?suite, "HBONE connection established");
     while let Some(next) = conn.accept().await {
         let (req, respond) = next.map_err(|source| Error::H2 {
             addr: remote,

@@ -2,65 +2,95 @@
 //! empty DATA frame with END_STREAM; END_STREAM from the peer becomes a TCP write shutdown, so
 //! half-close crosses the tunnel. DATA is sent only within the peer's flow-control window and
 //! received capacity is released as bytes are written out.
+//!
+//! Memory: a connection holds no read buffer while it is idle. A buffer is taken only once the
+//! socket is readable and is given up as soon as the socket has nothing more; its size adapts,
+//! from [`FIRST_READ`] up to [`MAX_READ`] while reads keep filling it (a bulk transfer), so a
+//! request/response connection never holds more than a small buffer and a bulk one moves large
+//! DATA frames. The bytes read become the DATA frame without another copy.
 
 use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
-use super::COPY_BUFFER;
+/// First read of a burst: enough for a typical request or response in one DATA frame.
+pub const FIRST_READ: usize = 16 << 10;
+/// Largest read (and DATA frame) once a transfer keeps filling the buffer.
+pub const MAX_READ: usize = 256 << 10;
 
 /// Copies until both directions end; returns (bytes TCP to HTTP/2, bytes HTTP/2 to TCP).
 pub async fn copy(
     tcp: TcpStream,
-    mut send: SendStream<Bytes>,
-    mut recv: RecvStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
 ) -> io::Result<(u64, u64)> {
-    let (mut rd, mut wr) = tcp.into_split();
-    let up = async {
-        let mut buf = BytesMut::with_capacity(COPY_BUFFER);
-        let mut total = 0u64;
+    let (rd, wr) = tcp.into_split();
+    tokio::try_join!(up(rd, send), down(recv, wr))
+}
+
+/// TCP to HTTP/2.
+async fn up(rd: tokio::net::tcp::OwnedReadHalf, mut send: SendStream<Bytes>) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut size = FIRST_READ;
+    // Only held during a burst: dropped when the socket runs dry.
+    let mut buf = BytesMut::new();
+    loop {
+        rd.readable().await?;
         loop {
-            if buf.capacity() - buf.len() < COPY_BUFFER / 4 {
-                buf.reserve(COPY_BUFFER);
+            if buf.capacity() - buf.len() < size / 2 {
+                buf.reserve(size);
             }
-            let n = rd.read_buf(&mut buf).await?;
+            let n = match rd.try_read_buf(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
             if n == 0 {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                return Ok::<_, io::Error>(total);
+                return Ok(total);
             }
             total += n as u64;
-            let mut chunk = buf.split().freeze();
-            while !chunk.is_empty() {
-                send.reserve_capacity(chunk.len());
-                let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
-                    .await
-                    .ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer")
-                    })?
-                    .map_err(h2_io)?;
-                let part = chunk.split_to(granted.min(chunk.len()));
-                send.send_data(part, false).map_err(h2_io)?;
+            if n >= size && size < MAX_READ {
+                size = (size * 2).min(MAX_READ);
             }
+            send_all(&mut send, buf.split().freeze()).await?;
         }
-    };
-    let down = async {
-        let mut total = 0u64;
-        while let Some(data) = recv.data().await {
-            let data = data.map_err(h2_io)?;
-            let n = data.len();
-            wr.write_all(&data).await?;
-            total += n as u64;
-            recv.flow_control().release_capacity(n).map_err(h2_io)?;
-        }
-        wr.shutdown().await?;
-        Ok::<_, io::Error>(total)
-    };
-    tokio::try_join!(up, down)
+        // Idle again: give the buffer back and start the next burst small.
+        buf = BytesMut::new();
+        size = FIRST_READ;
+    }
+}
+
+/// Sends one chunk as DATA frames within the peer's flow-control window.
+async fn send_all(send: &mut SendStream<Bytes>, mut chunk: Bytes) -> io::Result<()> {
+    while !chunk.is_empty() {
+        send.reserve_capacity(chunk.len());
+        let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
+            .await
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer")
+            })?
+            .map_err(h2_io)?;
+        let part = chunk.split_to(granted.min(chunk.len()));
+        send.send_data(part, false).map_err(h2_io)?;
+    }
+    Ok(())
+}
+
+/// HTTP/2 to TCP.
+async fn down(mut recv: RecvStream, mut wr: tokio::net::tcp::OwnedWriteHalf) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(h2_io)?;
+        let n = data.len();
+        wr.write_all(&data).await?;
+        total += n as u64;
+        recv.flow_control().release_capacity(n).map_err(h2_io)?;
+    }
+    wr.shutdown().await?;
+    Ok(total)
 }
 
 fn h2_io(e: h2::Error) -> io::Error {

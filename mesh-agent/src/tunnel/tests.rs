@@ -36,10 +36,10 @@ use crate::identity::{CertManager, Issuer, Leaf, SpiffeId, TrustBundle};
 
 const DAY: Duration = Duration::from_secs(86_400);
 const DEADLINE: Duration = Duration::from_secs(20);
-const TD: &str = "cluster.local";
+pub(super) const TD: &str = "cluster.local";
 const FORWARDED_FOR: &str = "10.1.0.5:40000";
 
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+pub(super) async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, fut)
         .await
         .unwrap_or_else(|_| panic!("no result within {DEADLINE:?}: {what}"))
@@ -49,7 +49,7 @@ fn id(td: &str, ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new(td, ns, sa).unwrap_or_else(|e| panic!("test id: {e}"))
 }
 
-fn api() -> SpiffeId {
+pub(super) fn api() -> SpiffeId {
     id(TD, "shop", "api")
 }
 
@@ -62,13 +62,13 @@ fn handle(leaf: Leaf) -> Arc<ArcSwap<Leaf>> {
 }
 
 /// A root and one node intermediate.
-struct Ca {
+pub(super) struct Ca {
     root: Issuer,
     node: Issuer,
 }
 
 impl Ca {
-    fn new(td: &str) -> Ca {
+    pub(super) fn new(td: &str) -> Ca {
         let root = Issuer::generate_root(td, 10 * DAY).expect("root CA");
         let node = root.issue_intermediate("node-1", DAY).expect("node CA");
         Ca { root, node }
@@ -78,15 +78,15 @@ impl Ca {
         TrustBundle::from_roots(vec![self.root.root_cert_der().expect("root DER")])
     }
 
-    fn leaf(&self, id: &SpiffeId) -> Arc<ArcSwap<Leaf>> {
+    pub(super) fn leaf(&self, id: &SpiffeId) -> Arc<ArcSwap<Leaf>> {
         handle(self.node.issue_leaf(id, DAY).expect("leaf"))
     }
 
-    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+    pub(super) fn server_config(&self) -> Arc<rustls::ServerConfig> {
         tls::server_config(self.bundle(), TD.into(), self.leaf(&api())).expect("server config")
     }
 
-    fn client_config(&self, expected: SpiffeId) -> Arc<rustls::ClientConfig> {
+    pub(super) fn client_config(&self, expected: SpiffeId) -> Arc<rustls::ClientConfig> {
         tls::client_config(self.bundle(), self.leaf(&client_id()), vec![expected])
             .expect("client config")
     }
@@ -228,9 +228,21 @@ fn key(dst: SocketAddr) -> PoolKey {
 }
 
 fn new_pool(max_streams: usize, idle: Duration) -> (Arc<Pool>, PoolMetrics) {
+    spreading_pool(max_streams, 1, idle)
+}
+
+fn spreading_pool(
+    max_streams: usize,
+    max_conns: usize,
+    idle: Duration,
+) -> (Arc<Pool>, PoolMetrics) {
     let metrics = PoolMetrics::default();
-    let pool = Pool::new(PoolConfig { max_streams, idle }, metrics.clone());
-    (pool, metrics)
+    let config = PoolConfig {
+        max_streams,
+        max_conns,
+        idle,
+    };
+    (Pool::new(config, metrics.clone()), metrics)
 }
 
 async fn open(
@@ -242,7 +254,7 @@ async fn open(
     let dst = key.dst;
     let forwarded = FORWARDED_FOR.parse().expect("forwarded address");
     let dial = move || TcpStream::connect(dst);
-    let open = pool.open(key, || Ok(config.clone()), dial, authority, forwarded);
+    let open = pool.open(key, || Ok(config.clone()), dial, authority, forwarded, None);
     within("Pool::open", open).await
 }
 
@@ -340,12 +352,13 @@ async fn refused(
 }
 
 /// The client's view of a refused handshake: TLS 1.3 clients finish before the server checks
-/// their certificate, so the alert arrives on the HTTP/2 connection (as text: h2 keeps only
-/// the message of an I/O error).
+/// their certificate, so the alert arrives after the handshake, through the record layer, on
+/// the HTTP/2 connection (as text: h2 keeps only the message of an I/O error).
 fn assert_client_alert(client: &Error, alert: AlertDescription) {
     let text = client.to_string();
+    let code = u8::from(alert);
     assert!(
-        text.contains(&format!("received fatal alert: {alert:?}")),
+        text.contains(&format!("TLS: peer sent alert {alert:?} ({code})")),
         "client should see alert {alert:?}, got: {text}"
     );
 }
@@ -672,6 +685,72 @@ async fn pool_burst_shares_one_new_connection() {
         "one handshake for the burst"
     );
     assert!(streams.iter().all(|s| s.conn_id == streams[0].conn_id));
+}
+
+#[tokio::test]
+async fn pool_spreads_concurrent_streams_over_max_conns_connections() {
+    let mesh = Arc::new(Mesh::up().await);
+    let (pool, metrics) = spreading_pool(200, 2, DAY);
+    let mut a = mesh.open(&pool).await.expect("open a");
+    // `a` is busy: the next stream gets a connection of its own.
+    let mut b = mesh.open(&pool).await.expect("open b");
+    assert_ne!(a.conn_id, b.conn_id, "a busy connection: spread");
+    // Both connections are busy and the key has its two: the least loaded one is shared.
+    let mut c = mesh.open(&pool).await.expect("open c");
+    assert!(c.conn_id == a.conn_id || c.conn_id == b.conn_id);
+    assert_eq!(metrics.connections_opened.get(), 2);
+    for s in [&mut a, &mut b, &mut c] {
+        h2_echo(&mut s.send, &mut s.recv, b"spread").await;
+    }
+    drop((a, b, c));
+    // Idle again: a new stream reuses a connection instead of dialling.
+    let _d = mesh.open(&pool).await.expect("open d");
+    assert_eq!(metrics.connections_opened.get(), 2);
+
+    // A burst from cold: at most two handshakes, however many streams.
+    let (pool, metrics) = spreading_pool(200, 2, DAY);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (pool, mesh) = (pool.clone(), mesh.clone());
+        tasks.spawn(async move { mesh.open(&pool).await.expect("open") });
+    }
+    let streams = within("burst", tasks.join_all()).await;
+    assert_eq!(
+        metrics.connections_opened.get(),
+        2,
+        "one handshake per allowed connection"
+    );
+    assert_eq!(streams.len(), 8);
+}
+
+#[tokio::test]
+async fn pool_sends_initial_bytes_with_the_request() {
+    let mesh = Mesh::up().await;
+    let (pool, _metrics) = new_pool(200, DAY);
+    let config = mesh.ca.client_config(api());
+    let dst = mesh.server.addr;
+    let forwarded = FORWARDED_FOR.parse().expect("forwarded address");
+    let key = key(dst);
+    let open = pool.open(
+        &key,
+        || Ok(config.clone()),
+        move || TcpStream::connect(dst),
+        mesh.echo,
+        forwarded,
+        Some(Bytes::from_static(b"first bytes")),
+    );
+    let mut stream = within("Pool::open", open).await.expect("open");
+    // The echo of the initial bytes comes back before anything else is sent.
+    let mut got = Vec::new();
+    while got.len() < b"first bytes".len() {
+        let chunk = within("echo", stream.recv.data())
+            .await
+            .expect("stream ended")
+            .expect("DATA");
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"first bytes");
+    h2_echo(&mut stream.send, &mut stream.recv, b"then more").await;
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! TLS for HBONE: TLS 1.3 only, AES-GCM suites, X25519, ALPN `h2`, no SNI, no resumption, and
 //! SPIFFE verification on both sides. Certificates are resolved per handshake from the
 //! identity manager's current leaf, so rotation never touches established connections and new
-//! handshakes use the new certificate.
+//! handshakes use the new certificate. Secret extraction is enabled: rustls makes the
+//! handshake and `tunnel::record` protects the records after it.
 
 use std::sync::Arc;
 
@@ -59,6 +60,9 @@ pub fn server_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    // The record layer after the handshake is ours (tunnel::record): rustls hands over the
+    // traffic secrets.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -83,6 +87,8 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
     config.resumption = Resumption::disabled();
+    // See server_config: tunnel::record takes over after the handshake.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
