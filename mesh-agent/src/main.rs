@@ -48,6 +48,16 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/mesh")]
         bpf_dir: PathBuf,
     },
+    /// Measure the control path on a synthetic mesh in memory; prints one JSON line.
+    #[command(hide = true)]
+    BenchState {
+        /// Services of the synthetic mesh.
+        #[arg(long, default_value_t = 10_000)]
+        services: u32,
+        /// Workloads of the synthetic mesh.
+        #[arg(long, default_value_t = 50_000)]
+        workloads: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +81,23 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::BenchState {
+            services,
+            workloads,
+        } => {
+            let shape = state::bench::Shape {
+                services,
+                workloads,
+            };
+            anyhow::ensure!(
+                shape.fits(),
+                "too large: at most {} workloads and {} services",
+                state::bench::MAX_WORKLOADS,
+                state::bench::MAX_SERVICES
+            );
+            println!("{}", state::bench::run(shape)?.json());
+            Ok(())
+        }
     }
 }
 
@@ -80,6 +107,11 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
     let cgroup_root = preflight::check(&bpf_dir)?;
     let home = sys::Netns::current().context("cannot open the agent's own network namespace")?;
     match sys::raise_nofile_limit() {
+        // A proxied connection holds up to four descriptors while it moves data.
+        Ok(limit) if limit < 65_536 => warn!(
+            limit,
+            "the open file limit is low: proxied connections are capped at about a quarter of it"
+        ),
         Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(e) => warn!(error = %e, "cannot raise the open file limit; connections may be capped"),
     }
@@ -147,7 +179,11 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
             "HBONE CONNECT streams opened",
             pool_metrics.streams_opened.clone(),
         );
-        let pool = tunnel::client::Pool::new(tunnel::client::PoolConfig::default(), pool_metrics);
+        let pool_config = tunnel::client::PoolConfig {
+            max_conns: config.hbone.connections_per_peer,
+            ..tunnel::client::PoolConfig::default()
+        };
+        let pool = tunnel::client::Pool::new(pool_config, pool_metrics);
         let inputs = Arc::new(proxy::Inputs {
             store: store.clone(),
             metrics: metrics.clone(),

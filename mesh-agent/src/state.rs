@@ -1,20 +1,48 @@
-//! The mesh state the data path reads: workloads, namespaces and services, held in an
-//! immutable [`Snapshot`] that discovery replaces atomically. Readers never block writers.
+//! The mesh state the data path reads: namespaces, workloads and services, held in an
+//! immutable [`Snapshot`] that the control path replaces atomically. Readers never block
+//! writers.
+//!
+//! A snapshot is made of persistent maps (`imbl`): [`Snapshot::apply`] builds the next snapshot
+//! from the current one by changing only what a [`Changes`] names, sharing every other entry, so
+//! an update costs about what it changes, not the size of the mesh. Private indexes keep each
+//! step small: workloads by label (endpoint selection), by node (capture), and services by
+//! namespace (the services a workload change may affect).
+
+mod apply;
+pub mod bench;
+mod index;
+#[cfg(test)]
+pub(crate) mod tests;
+pub mod validate;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex,
     },
 };
 
 use arc_swap::ArcSwap;
+use imbl::{HashMap, OrdMap};
+use index::Index;
 use tokio::sync::watch;
+pub use validate::Problem;
 
 use crate::config::CaptureExclusions;
+
+/// `namespace/name`: how workloads and services are keyed.
+pub type Key = Arc<str>;
+
+/// A namespace and whether the mesh captures its pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    /// Capture the pods of this namespace.
+    pub enabled: bool,
+}
 
 /// A pod (or any workload with an address) as the mesh knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,24 +68,72 @@ impl Workload {
     }
 }
 
+/// A service: virtual addresses whose ports lead to the workloads its selector picks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<PortMapping>,
+    /// Endpoints: the workloads of the service's namespace with all these labels. An empty
+    /// selector selects nothing (as a Kubernetes Service without selector).
+    pub selector: BTreeMap<String, String>,
+}
+
+impl Service {
+    /// `namespace/name`, the service's name in logs and metrics.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the service selects a workload with these labels (in its namespace).
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        !self.selector.is_empty() && self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+
+    /// Whether the service selects `w`: same namespace, all the selector's labels.
+    pub fn selects_workload(&self, w: &Workload) -> bool {
+        w.namespace == self.namespace && self.selects(&w.labels)
+    }
+}
+
+/// One port of a service and the workload port it leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    pub port: u16,
+    pub target_port: u16,
+}
+
 /// A service port: where connections to `vip:port` go.
 #[derive(Debug)]
 pub struct ServicePort {
     /// `namespace/name` of the service.
     pub service: String,
-    /// Endpoint addresses with the target port.
+    /// Endpoint addresses with the target port, sorted.
     pub endpoints: Vec<SocketAddr>,
     /// Round-robin position.
     next: AtomicUsize,
 }
 
 impl ServicePort {
+    /// A service port whose round robin starts at the first endpoint.
     pub fn new(service: String, endpoints: Vec<SocketAddr>) -> Self {
+        Self::with_position(service, endpoints, 0)
+    }
+
+    /// A service port whose round robin goes on from `position` (that of the port it replaces,
+    /// so that an update does not send every agent's next connection to the first endpoint).
+    fn with_position(service: String, endpoints: Vec<SocketAddr>, position: usize) -> Self {
         Self {
             service,
             endpoints,
-            next: AtomicUsize::new(0),
+            next: AtomicUsize::new(position),
         }
+    }
+
+    /// The round-robin position (the count of picks so far, for a port never replaced).
+    fn position(&self) -> usize {
+        self.next.load(Ordering::Relaxed)
     }
 
     /// The next endpoint in round-robin order, if any.
@@ -70,15 +146,89 @@ impl ServicePort {
     }
 }
 
+/// Adds, changes and removals of objects, applied together or not at all. Removals are applied
+/// before upserts, so a change may move an address or a VIP port from one object to another.
+/// An upsert equal to the object in place is not a change.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    /// Namespaces added or changed.
+    pub namespaces: Vec<Namespace>,
+    /// Namespaces removed, by name.
+    pub removed_namespaces: Vec<String>,
+    /// Workloads added or changed.
+    pub workloads: Vec<Workload>,
+    /// Workloads removed, by `namespace/name`.
+    pub removed_workloads: Vec<String>,
+    /// Services added or changed.
+    pub services: Vec<Service>,
+    /// Services removed, by `namespace/name`.
+    pub removed_services: Vec<String>,
+}
+
+/// What an applied [`Changes`] really changed (upserts equal to the object in place and
+/// removals of unknown objects do not count).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Namespaces added, changed or removed.
+    pub namespaces: usize,
+    /// Workloads added, changed or removed.
+    pub workloads: usize,
+    /// Services added, changed or removed.
+    pub services: usize,
+    /// `vip:port` entries created, replaced (new endpoints) or removed.
+    pub service_ports: usize,
+}
+
+impl Applied {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The kind of an object of the state, in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Namespace,
+    Workload,
+    Service,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Namespace => "namespace",
+            Kind::Workload => "workload",
+            Kind::Service => "service",
+        })
+    }
+}
+
+/// Errors of the state: a change that breaks a rule. Nothing of such a change is applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// An object of the change is invalid or conflicts with another object.
+    #[error("{kind} ({key}){problem}")]
+    Invalid {
+        kind: Kind,
+        /// `namespace/name` (the name for a namespace).
+        key: String,
+        problem: Problem,
+    },
+}
+
 /// One consistent view of the mesh.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     /// Namespace name to whether capture is enabled.
     pub namespaces: HashMap<String, bool>,
-    pub workloads: Vec<Arc<Workload>>,
+    /// Workloads by `namespace/name`.
+    pub workloads: OrdMap<Key, Arc<Workload>>,
     /// Every workload address to its workload.
     pub workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Every `vip:port` of every service.
     pub services: HashMap<SocketAddr, Arc<ServicePort>>,
+    index: Index,
 }
 
 /// Where an outbound connection goes.
@@ -101,14 +251,18 @@ impl Snapshot {
         self.namespaces.get(namespace).copied().unwrap_or(false)
     }
 
-    /// The workloads of `node` in enabled namespaces: the pods the agent must capture.
+    /// The workloads of `node` in enabled namespaces, by key: the pods the agent must capture.
+    /// Costs the number of workloads of the node, not of the mesh.
     pub fn captured_on<'a>(
         &'a self,
         node: &'a str,
     ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
-        self.workloads
-            .iter()
-            .filter(move |w| w.node == node && self.namespace_enabled(&w.namespace))
+        self.index
+            .workloads_by_node
+            .get(node)
+            .into_iter()
+            .flat_map(|workloads| workloads.values())
+            .filter(move |w| self.namespace_enabled(&w.namespace))
     }
 
     /// The workload at `ip` if it is in the mesh (its namespace is enabled): traffic to it goes
@@ -117,6 +271,16 @@ impl Snapshot {
         self.workloads_by_ip
             .get(&ip)
             .filter(|w| self.namespace_enabled(&w.namespace))
+    }
+
+    /// The service `namespace/name`.
+    pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
+        self.index.services.get(key)
+    }
+
+    /// Every service, by key.
+    pub fn service_definitions(&self) -> impl Iterator<Item = (&Key, &Arc<Service>)> {
+        self.index.services.iter()
     }
 
     /// Resolves an original destination.
@@ -141,6 +305,8 @@ impl Snapshot {
 pub struct Store {
     current: ArcSwap<Snapshot>,
     generation: watch::Sender<u64>,
+    /// Serialises writers: each update is computed from the snapshot it replaces.
+    writer: Mutex<()>,
 }
 
 impl Store {
@@ -148,6 +314,7 @@ impl Store {
         Self {
             current: ArcSwap::from_pointee(Snapshot::default()),
             generation: watch::channel(0).0,
+            writer: Mutex::new(()),
         }
     }
 
@@ -158,51 +325,26 @@ impl Store {
 
     /// Replaces the snapshot and wakes subscribers.
     pub fn replace(&self, snapshot: Snapshot) {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.current.store(Arc::new(snapshot));
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Applies `changes` to the current snapshot and, if anything changed, makes the result
+    /// current and wakes subscribers. An invalid change is rejected as a whole: the current
+    /// snapshot stays.
+    pub fn apply(&self, changes: Changes) -> Result<Applied, Error> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, applied) = self.current.load().apply(changes)?;
+        if !applied.is_empty() {
+            self.current.store(Arc::new(next));
+            self.generation.send_modify(|g| *g += 1);
+        }
+        Ok(applied)
     }
 
     /// A receiver that changes whenever the snapshot is replaced.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_robin_over_endpoints() {
-        let a: SocketAddr = "10.0.0.1:8080".parse().expect("addr");
-        let b: SocketAddr = "10.0.0.2:8080".parse().expect("addr");
-        let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
-        let mut snap = Snapshot::default();
-        snap.services.insert(
-            vip,
-            Arc::new(ServicePort::new("shop/api".into(), vec![a, b])),
-        );
-        let picks: Vec<_> = (0..4).map(|_| snap.resolve(vip)).collect();
-        let ep = |e| Destination::Service {
-            service: "shop/api".into(),
-            endpoint: e,
-        };
-        assert_eq!(picks, vec![ep(a), ep(b), ep(a), ep(b)]);
-        let other: SocketAddr = "10.0.0.9:5432".parse().expect("addr");
-        assert_eq!(snap.resolve(other), Destination::Passthrough(other));
-    }
-
-    #[test]
-    fn service_without_endpoints() {
-        let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
-        let mut snap = Snapshot::default();
-        snap.services
-            .insert(vip, Arc::new(ServicePort::new("shop/api".into(), vec![])));
-        assert_eq!(
-            snap.resolve(vip),
-            Destination::NoEndpoints {
-                service: "shop/api".into()
-            }
-        );
     }
 }

@@ -1,15 +1,24 @@
 //! The file source: the mesh state as YAML (docs/formats.md), polled for changes. An invalid
 //! file is rejected with an error naming the entry and field, and the last good state keeps
 //! serving.
+//!
+//! A reload costs parse + diff + incremental apply: the file is parsed and checked whole (so
+//! that errors name the entry by its place in the file), compared by object key with the
+//! current snapshot, and only what differs is applied to the store.
+
+mod diff;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
+pub use diff::diff;
 use serde::Deserialize;
 use tracing::{error, info};
 
@@ -17,7 +26,7 @@ use super::Error;
 use crate::{
     config::CaptureExclusions,
     metrics::Metrics,
-    state::{ServicePort, Snapshot, Store, Workload},
+    state::{validate, Changes, Namespace, PortMapping, Service, Snapshot, Store, Workload},
 };
 
 /// The state file.
@@ -79,125 +88,147 @@ fn default_service_account() -> String {
     "default".into()
 }
 
-impl TryFrom<StateFile> for Snapshot {
+impl From<WorkloadSpec> for Workload {
+    fn from(w: WorkloadSpec) -> Self {
+        Workload {
+            namespace: w.namespace,
+            name: w.name,
+            service_account: w.service_account,
+            node: w.node,
+            ips: w.ips,
+            netns: w.netns,
+            cgroup: w.cgroup,
+            labels: w.labels,
+            capture: w.capture,
+        }
+    }
+}
+
+impl From<ServiceSpec> for Service {
+    fn from(s: ServiceSpec) -> Self {
+        Service {
+            namespace: s.namespace,
+            name: s.name,
+            vips: s.vips,
+            ports: s
+                .ports
+                .into_iter()
+                .map(|p| PortMapping {
+                    port: p.port,
+                    target_port: p.target_port,
+                })
+                .collect(),
+            selector: s.selector,
+        }
+    }
+}
+
+/// A valid state file: its objects in file order, each workload and service with its key
+/// (`namespace/name`), keys unique within each kind.
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub namespaces: Vec<Namespace>,
+    pub workloads: Vec<(String, Workload)>,
+    pub services: Vec<(String, Service)>,
+}
+
+impl Desired {
+    /// Every object as an upsert: the change that builds this state from nothing.
+    pub fn into_changes(self) -> Changes {
+        Changes {
+            namespaces: self.namespaces,
+            workloads: self.workloads.into_iter().map(|(_, w)| w).collect(),
+            services: self.services.into_iter().map(|(_, s)| s).collect(),
+            ..Changes::default()
+        }
+    }
+}
+
+/// Checks the whole file in file order, so that the first broken rule is reported with the
+/// entry's place in the file (`workloads[3] (legacy/client).ips: ...`). The rules are the
+/// store's ([`validate`]); the file adds that no object is listed twice.
+impl TryFrom<StateFile> for Desired {
     type Error = String;
 
     fn try_from(file: StateFile) -> Result<Self, String> {
-        let mut snap = Snapshot::default();
-        for (i, ns) in file.namespaces.iter().enumerate() {
+        let mut desired = Desired::default();
+        let mut names = HashSet::new();
+        for (i, ns) in file.namespaces.into_iter().enumerate() {
             if ns.name.is_empty() {
                 return Err(format!("namespaces[{i}].name is empty"));
             }
-            if snap
-                .namespaces
-                .insert(ns.name.clone(), ns.enabled)
-                .is_some()
-            {
+            if !names.insert(ns.name.clone()) {
                 return Err(format!(
                     "namespaces[{i}]: namespace {} is listed twice",
                     ns.name
                 ));
             }
-        }
-        let mut names = HashSet::new();
-        let mut ips = HashMap::new();
-        for (i, w) in file.workloads.into_iter().enumerate() {
-            let key = format!("{}/{}", w.namespace, w.name);
-            let at = format!("workloads[{i}] ({key})");
-            if w.name.is_empty() || w.namespace.is_empty() {
-                return Err(format!(
-                    "workloads[{i}]: name and namespace must not be empty"
-                ));
-            }
-            if !names.insert(key.clone()) {
-                return Err(format!("{at}: listed twice"));
-            }
-            if w.ips.is_empty() {
-                return Err(format!("{at}.ips: a workload needs at least one address"));
-            }
-            for ip in &w.ips {
-                if let Some(other) = ips.insert(*ip, key.clone()) {
-                    return Err(format!("{at}.ips: {ip} is also the address of {other}"));
-                }
-            }
-            if !w.netns.is_absolute() {
-                return Err(format!(
-                    "{at}.netns: {} is not an absolute path",
-                    w.netns.display()
-                ));
-            }
-            if !w.cgroup.is_absolute() {
-                return Err(format!(
-                    "{at}.cgroup: {} is not an absolute path",
-                    w.cgroup.display()
-                ));
-            }
-            w.capture
-                .validate()
-                .map_err(|e| format!("{at}.capture.{e}"))?;
-            let workload = Arc::new(Workload {
-                namespace: w.namespace,
-                name: w.name,
-                service_account: w.service_account,
-                node: w.node,
-                ips: w.ips,
-                netns: w.netns,
-                cgroup: w.cgroup,
-                labels: w.labels,
-                capture: w.capture,
+            desired.namespaces.push(Namespace {
+                name: ns.name,
+                enabled: ns.enabled,
             });
-            for ip in &workload.ips {
-                snap.workloads_by_ip.insert(*ip, workload.clone());
-            }
-            snap.workloads.push(workload);
         }
-        for (i, s) in file.services.iter().enumerate() {
-            let key = format!("{}/{}", s.namespace, s.name);
-            let at = format!("services[{i}] ({key})");
-            if s.vips.is_empty() {
-                return Err(format!("{at}.vips: a service needs at least one address"));
+        let mut keys = HashSet::new();
+        // Who has each address: the index of a workload in `desired.workloads`.
+        let mut ips = HashMap::new();
+        for (i, spec) in file.workloads.into_iter().enumerate() {
+            let w = Workload::from(spec);
+            let key = w.key();
+            validate::workload_name(&w).map_err(|p| format!("workloads[{i}]{p}"))?;
+            if !keys.insert(key.clone()) {
+                return Err(format!("workloads[{i}] ({key}): listed twice"));
             }
-            for (j, p) in s.ports.iter().enumerate() {
-                if p.port == 0 || p.target_port == 0 {
-                    return Err(format!("{at}.ports[{j}]: port 0 is not a valid port"));
-                }
-                let endpoints: Vec<SocketAddr> = snap
-                    .workloads
-                    .iter()
-                    .filter(|w| w.namespace == s.namespace && selects(&s.selector, &w.labels))
-                    .flat_map(|w| w.ips.iter().map(|ip| SocketAddr::new(*ip, p.target_port)))
-                    .collect();
-                for vip in &s.vips {
-                    let vip_port = SocketAddr::new(*vip, p.port);
-                    let port = Arc::new(ServicePort::new(key.clone(), endpoints.clone()));
-                    if let Some(other) = snap.services.insert(vip_port, port) {
-                        return Err(format!(
-                            "{at}: {vip_port} is also a port of {}",
-                            other.service
-                        ));
-                    }
-                }
-            }
+            let seen = &desired.workloads;
+            validate::workload(&w, |ip| {
+                ips.insert(ip, i)
+                    .map(|other| seen.get(other).map_or(key.clone(), |(k, _)| k.clone()))
+            })
+            .map_err(|p| format!("workloads[{i}] ({key}){p}"))?;
+            desired.workloads.push((key, w));
         }
-        Ok(snap)
+        let mut keys = HashSet::new();
+        // Who has each `vip:port`: the index of a service in `desired.services`.
+        let mut vip_ports = HashMap::new();
+        for (i, spec) in file.services.into_iter().enumerate() {
+            let s = Service::from(spec);
+            let key = s.key();
+            if !keys.insert(key.clone()) {
+                return Err(format!("services[{i}] ({key}): listed twice"));
+            }
+            let seen = &desired.services;
+            validate::service(&s, |vip_port: SocketAddr| {
+                vip_ports
+                    .insert(vip_port, i)
+                    .map(|other| seen.get(other).map_or(key.clone(), |(k, _)| k.clone()))
+            })
+            .map_err(|p| format!("services[{i}] ({key}){p}"))?;
+            desired.services.push((key, s));
+        }
+        Ok(desired)
     }
 }
 
-/// An empty selector selects nothing (as a Kubernetes Service without selector).
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
-/// Parses state file text.
-pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
+/// Parses and checks state file text.
+pub fn parse(path: &Path, text: &str) -> Result<Desired, Error> {
     let file: StateFile = serde_yaml::from_str(text).map_err(|source| Error::Parse {
         path: path.to_owned(),
         source,
     })?;
-    Snapshot::try_from(file).map_err(|message| Error::Invalid {
+    Desired::try_from(file).map_err(|message| Error::Invalid {
         path: path.to_owned(),
         message,
     })
+}
+
+/// The snapshot of a state, built from nothing.
+pub fn build(path: &Path, desired: Desired) -> Result<Snapshot, Error> {
+    Snapshot::default()
+        .apply(desired.into_changes())
+        .map(|(snap, _)| snap)
+        .map_err(|e| Error::Invalid {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
 }
 
 /// Loads the file once (the agent refuses to start on an invalid first state).
@@ -206,8 +237,62 @@ pub fn load(path: &Path) -> Result<(Snapshot, Vec<u8>), Error> {
         path: path.to_owned(),
         source,
     })?;
-    let snap = parse(path, &String::from_utf8_lossy(&bytes))?;
+    let started = Instant::now();
+    let desired = parse(path, &String::from_utf8_lossy(&bytes))?;
+    let parse_ms = millis(started.elapsed());
+    let started = Instant::now();
+    let snap = build(path, desired)?;
+    info!(
+        path = %path.display(),
+        parse_ms,
+        build_ms = millis(started.elapsed()),
+        namespaces = snap.namespaces.len(),
+        workloads = snap.workloads.len(),
+        services = snap.service_definitions().count(),
+        service_ports = snap.services.len(),
+        "state loaded"
+    );
     Ok((snap, bytes))
+}
+
+/// Milliseconds, to 0.1 ms, for logs.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// Applies changed file content: parse, diff with the current snapshot, incremental apply.
+/// Records the parse time (also of an invalid file) and the apply time.
+fn reload(path: &Path, bytes: &[u8], store: &Store, metrics: &Metrics) -> Result<(), Error> {
+    let started = Instant::now();
+    let parsed = parse(path, &String::from_utf8_lossy(bytes));
+    let parse_time = started.elapsed();
+    metrics.state_parse.observe(parse_time.as_secs_f64());
+    let desired = parsed?;
+    let started = Instant::now();
+    let changes = diff(&store.load(), desired);
+    let diff_time = started.elapsed();
+    let started = Instant::now();
+    let applied = store.apply(changes).map_err(|e| Error::Invalid {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let apply_time = started.elapsed();
+    metrics.state_apply.observe(apply_time.as_secs_f64());
+    let snap = store.load();
+    info!(
+        path = %path.display(),
+        parse_ms = millis(parse_time),
+        diff_ms = millis(diff_time),
+        apply_us = u64::try_from(apply_time.as_micros()).unwrap_or(u64::MAX),
+        namespaces_changed = applied.namespaces,
+        workloads_changed = applied.workloads,
+        services_changed = applied.services,
+        service_ports_changed = applied.service_ports,
+        workloads = snap.workloads.len(),
+        service_ports = snap.services.len(),
+        "state reloaded"
+    );
+    Ok(())
 }
 
 /// Polls the file and applies each valid change; an invalid change is logged and counted once
@@ -241,10 +326,8 @@ pub async fn watch(
         if bytes == last || last_bad.as_ref() == Some(&bytes) {
             continue;
         }
-        match parse(&path, &String::from_utf8_lossy(&bytes)) {
-            Ok(snap) => {
-                info!(path = %path.display(), workloads = snap.workloads.len(), services = snap.services.len(), "state reloaded");
-                store.replace(snap);
+        match reload(&path, &bytes, &store, &metrics) {
+            Ok(()) => {
                 metrics
                     .state_reloads
                     .get_or_create(&crate::metrics::Result::ok())
@@ -260,57 +343,6 @@ pub async fn watch(
                     .inc();
                 last_bad = Some(bytes);
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
-namespaces: [{name: shop, enabled: true}, {name: legacy}]
-workloads:
-  - {name: api, namespace: shop, node: n2, ips: [10.240.2.2], netns: /run/netns/a, cgroup: /cg/a, labels: {app: api}}
-  - {name: api2, namespace: shop, node: n1, ips: [10.240.1.9], netns: /run/netns/b, cgroup: /cg/b, labels: {app: api}}
-  - {name: client, namespace: legacy, node: n1, ips: [10.240.1.3], netns: /run/netns/c, cgroup: /cg/c, labels: {app: api}}
-services:
-  - {name: api, namespace: shop, vips: [10.240.100.10], ports: [{port: 80, target_port: 8080}], selector: {app: api}}
-"#;
-
-    fn parse_str(text: &str) -> Result<Snapshot, String> {
-        parse(Path::new("state.yaml"), text).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn parses_and_selects_endpoints_in_the_service_namespace() {
-        let snap = parse_str(GOOD).expect("valid");
-        assert!(snap.namespace_enabled("shop"));
-        assert!(!snap.namespace_enabled("legacy"));
-        assert!(!snap.namespace_enabled("unknown"));
-        let vip: SocketAddr = "10.240.100.10:80".parse().expect("addr");
-        let port = snap.services.get(&vip).expect("service port");
-        let eps: Vec<String> = port.endpoints.iter().map(|e| e.to_string()).collect();
-        assert_eq!(eps, ["10.240.2.2:8080", "10.240.1.9:8080"]);
-        let on_n1: Vec<String> = snap.captured_on("n1").map(|w| w.key()).collect();
-        assert_eq!(on_n1, ["shop/api2"]);
-        assert_eq!(snap.workloads[0].service_account, "default");
-    }
-
-    #[test]
-    fn errors_name_the_entry_and_field() {
-        let cases = [
-            (GOOD.replace("ips: [10.240.1.3]", "ips: [10.240.2.2]"), "workloads[2] (legacy/client).ips: 10.240.2.2 is also the address of shop/api"),
-            (GOOD.replace("netns: /run/netns/b", "netns: rel/b"), "workloads[1] (shop/api2).netns"),
-            (GOOD.replace("target_port: 8080", "target_port: 0"), "services[0] (shop/api).ports[0]"),
-            (GOOD.replace("ips: [10.240.2.2]", "ips: [10.240.2.300]"), "ips"),
-            (GOOD.replace("labels: {app: api}}", "labels: {app: api}, colour: red}"), "colour"),
-            (GOOD.replace("ips: [10.240.1.9]", "ips: []"), "workloads[1] (shop/api2).ips"),
-            (format!("{GOOD}\n  - {{name: api, namespace: shop, vips: [10.240.100.10], ports: [{{port: 80, target_port: 1}}]}}"), "10.240.100.10:80 is also a port of shop/api"),
-        ];
-        for (text, want) in cases {
-            let err = parse_str(&text).expect_err(want);
-            assert!(err.contains(want), "error {err:?} should contain {want:?}");
         }
     }
 }

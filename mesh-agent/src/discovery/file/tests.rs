@@ -1,0 +1,171 @@
+use std::net::SocketAddr;
+
+use super::*;
+use crate::state::{tests::canonical, Applied};
+
+const GOOD: &str = r#"
+namespaces: [{name: shop, enabled: true}, {name: legacy}]
+workloads:
+  - {name: api, namespace: shop, node: n2, ips: [10.240.2.2], netns: /run/netns/a, cgroup: /cg/a, labels: {app: api}}
+  - {name: api2, namespace: shop, node: n1, ips: [10.240.1.9], netns: /run/netns/b, cgroup: /cg/b, labels: {app: api}}
+  - {name: client, namespace: legacy, node: n1, ips: [10.240.1.3], netns: /run/netns/c, cgroup: /cg/c, labels: {app: api}}
+services:
+  - {name: api, namespace: shop, vips: [10.240.100.10], ports: [{port: 80, target_port: 8080}], selector: {app: api}}
+"#;
+
+fn parse_str(text: &str) -> Result<Snapshot, String> {
+    let path = Path::new("state.yaml");
+    parse(path, text)
+        .and_then(|desired| build(path, desired))
+        .map_err(|e| e.to_string())
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+fn endpoints(snap: &Snapshot, vip: &str) -> Vec<String> {
+    let port = snap.services.get(&addr(vip)).expect("service port");
+    port.endpoints.iter().map(|e| e.to_string()).collect()
+}
+
+/// Reloads `text` over `store` as the watcher does (parse, diff, apply).
+fn reload_str(store: &Store, text: &str) -> Result<Applied, String> {
+    let desired = parse(Path::new("state.yaml"), text).map_err(|e| e.to_string())?;
+    store
+        .apply(diff(&store.load(), desired))
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn parses_and_selects_endpoints_in_the_service_namespace() {
+    let snap = parse_str(GOOD).expect("valid");
+    assert!(snap.namespace_enabled("shop"));
+    assert!(!snap.namespace_enabled("legacy"));
+    assert!(!snap.namespace_enabled("unknown"));
+    // Endpoints are sorted by address.
+    assert_eq!(
+        endpoints(&snap, "10.240.100.10:80"),
+        ["10.240.1.9:8080", "10.240.2.2:8080"]
+    );
+    let on_n1: Vec<String> = snap.captured_on("n1").map(|w| w.key()).collect();
+    assert_eq!(on_n1, ["shop/api2"]);
+    let api = snap.workloads.get("shop/api").expect("shop/api");
+    assert_eq!(api.service_account, "default");
+}
+
+#[test]
+fn errors_name_the_entry_and_field() {
+    let cases = [
+        (GOOD.replace("ips: [10.240.1.3]", "ips: [10.240.2.2]"), "workloads[2] (legacy/client).ips: 10.240.2.2 is also the address of shop/api"),
+        // The later entry is blamed, whichever entry changed.
+        (GOOD.replace("ips: [10.240.2.2]", "ips: [10.240.1.3]"), "workloads[2] (legacy/client).ips: 10.240.1.3 is also the address of shop/api"),
+        (GOOD.replace("ips: [10.240.1.9]", "ips: [10.240.1.9, 10.240.1.9]"), "workloads[1] (shop/api2).ips: 10.240.1.9 is also the address of shop/api2"),
+        (GOOD.replace("netns: /run/netns/b", "netns: rel/b"), "workloads[1] (shop/api2).netns: rel/b is not an absolute path"),
+        (GOOD.replace("cgroup: /cg/b", "cgroup: cg/b"), "workloads[1] (shop/api2).cgroup: cg/b is not an absolute path"),
+        (GOOD.replace("cgroup: /cg/b,", "cgroup: /cg/b, capture: {exclude_inbound_ports: [0]},"), "workloads[1] (shop/api2).capture.exclude_inbound_ports: port 0 is not a valid port"),
+        (GOOD.replace("target_port: 8080", "target_port: 0"), "services[0] (shop/api).ports[0]: port 0 is not a valid port"),
+        (GOOD.replace("vips: [10.240.100.10]", "vips: []"), "services[0] (shop/api).vips: a service needs at least one address"),
+        (GOOD.replace("ips: [10.240.2.2]", "ips: [10.240.2.300]"), "ips"),
+        (GOOD.replace("labels: {app: api}}", "labels: {app: api}, colour: red}"), "colour"),
+        (GOOD.replace("ips: [10.240.1.9]", "ips: []"), "workloads[1] (shop/api2).ips: a workload needs at least one address"),
+        (GOOD.replace("name: api2, namespace: shop", "name: '', namespace: shop"), "workloads[1]: name and namespace must not be empty"),
+        (GOOD.replace("name: api2", "name: api"), "workloads[1] (shop/api): listed twice"),
+        (GOOD.replace("{name: legacy}", "{name: shop}"), "namespaces[1]: namespace shop is listed twice"),
+        (GOOD.replace("{name: legacy}", "{name: ''}"), "namespaces[1].name is empty"),
+        (format!("{GOOD}\n  - {{name: api, namespace: shop, vips: [10.240.100.10], ports: [{{port: 80, target_port: 1}}]}}"), "services[1] (shop/api): listed twice"),
+        (format!("{GOOD}\n  - {{name: api3, namespace: shop, vips: [10.240.100.10], ports: [{{port: 80, target_port: 1}}]}}"), "services[1] (shop/api3): 10.240.100.10:80 is also a port of shop/api"),
+        (format!("{GOOD}\n  - {{name: api3, namespace: shop, vips: [10.240.100.11], ports: [{{port: 80, target_port: 1}}, {{port: 80, target_port: 2}}]}}"), "services[1] (shop/api3): 10.240.100.11:80 is also a port of shop/api3"),
+    ];
+    for (text, want) in cases {
+        let err = parse_str(&text).expect_err(want);
+        assert!(err.contains(want), "error {err:?} should contain {want:?}");
+    }
+}
+
+#[test]
+fn an_invalid_reload_is_rejected_whole_and_the_last_good_state_serves() {
+    let store = Store::new();
+    reload_str(&store, GOOD).expect("valid");
+    let before = canonical(&store.load());
+    // Enable legacy and, in the same change, give legacy/client the address of shop/api.
+    let bad = GOOD
+        .replace("{name: legacy}", "{name: legacy, enabled: true}")
+        .replace("ips: [10.240.1.3]", "ips: [10.240.2.2]");
+    let err = reload_str(&store, &bad).expect_err("duplicate address");
+    assert!(
+        err.contains(
+            "workloads[2] (legacy/client).ips: 10.240.2.2 is also the address of shop/api"
+        ),
+        "{err}"
+    );
+    assert_eq!(canonical(&store.load()), before);
+    assert!(!store.load().namespace_enabled("legacy"));
+}
+
+/// Service ports and their expected endpoints.
+type Endpoints<'a> = &'a [(&'a str, &'a [&'a str])];
+
+#[test]
+fn a_reload_applies_only_what_changed() {
+    let relabel = GOOD.replace(
+        "cgroup: /cg/b, labels: {app: api}",
+        "cgroup: /cg/b, labels: {app: web}",
+    );
+    let added = format!(
+        "{GOOD}\n  - {{name: web, namespace: shop, vips: [10.240.100.11], ports: [{{port: 80, target_port: 80}}], selector: {{app: web}}}}"
+    );
+    let cases: [(&str, &str, Applied, Endpoints); 5] = [
+        ("same content", GOOD, Applied::default(), &[("10.240.100.10:80", &["10.240.1.9:8080", "10.240.2.2:8080"])]),
+        (
+            "relabel a workload",
+            &relabel,
+            Applied { workloads: 1, service_ports: 1, ..Applied::default() },
+            &[("10.240.100.10:80", &["10.240.2.2:8080"])],
+        ),
+        (
+            "enable a namespace",
+            &GOOD.replace("{name: legacy}", "{name: legacy, enabled: true}"),
+            Applied { namespaces: 1, ..Applied::default() },
+            &[],
+        ),
+        (
+            "remove a workload",
+            &GOOD.replace("  - {name: api2, namespace: shop, node: n1, ips: [10.240.1.9], netns: /run/netns/b, cgroup: /cg/b, labels: {app: api}}\n", ""),
+            Applied { workloads: 1, service_ports: 1, ..Applied::default() },
+            &[("10.240.100.10:80", &["10.240.2.2:8080"])],
+        ),
+        (
+            "add a service",
+            &added,
+            Applied { services: 1, service_ports: 1, ..Applied::default() },
+            &[("10.240.100.11:80", &[])],
+        ),
+    ];
+    for (name, text, want, eps) in cases {
+        let store = Store::new();
+        reload_str(&store, GOOD).expect("valid");
+        let vip = addr("10.240.100.10:80");
+        let port_before = store.load().services.get(&vip).cloned().expect("port");
+        let applied = reload_str(&store, text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(applied, want, "{name}");
+        let snap = store.load();
+        for (vip, want) in eps {
+            assert_eq!(endpoints(&snap, vip), *want, "{name}: endpoints of {vip}");
+        }
+        // The incremental result is the state a fresh build of the file gives.
+        assert_eq!(
+            canonical(&snap),
+            canonical(&parse_str(text).expect("valid")),
+            "{name}"
+        );
+        // A port whose endpoints did not change is kept as it is (its round robin goes on).
+        let port_after = snap.services.get(&vip).expect("port");
+        if port_after.endpoints == port_before.endpoints {
+            assert!(
+                Arc::ptr_eq(port_after, &port_before),
+                "{name}: port rebuilt"
+            );
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The rules every object of the state obeys, shared by the store and the sources so that an
+//! object is judged the same whichever way it arrives. A rule returns a [`Problem`] that says
+//! what is wrong and in which field; the caller says where the object is (`workloads[3]
+//! (legacy/client)` in the state file, `workload (legacy/client)` for the store).
+//!
+//! Conflicts between objects (an address or a VIP port used twice) are decided by the caller's
+//! `owner` function, which claims the address for the object being checked and returns the
+//! object that already had it.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use super::{Service, Workload};
+
+/// What is wrong with one object, displayed as the rest of a message after the object's
+/// location: `.ips: 10.0.0.7 is also the address of shop/api`, or `: listed twice`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The field, relative to the object (`ips`, `ports[0]`, `capture.exclude_inbound_ports`);
+    /// `None` when the object as a whole is at fault.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Problem {
+    fn new(field: Option<String>, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+
+    fn field(field: &str, message: impl Into<String>) -> Self {
+        Self::new(Some(field.to_owned()), message)
+    }
+
+    /// The object is listed twice (in a file or in one change).
+    pub fn listed_twice() -> Self {
+        Self::new(None, "listed twice")
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, ".{field}: {}", self.message),
+            None => write!(f, ": {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for Problem {}
+
+/// A workload needs a name and a namespace (checked before anything else: without them the
+/// workload has no key).
+pub fn workload_name(w: &Workload) -> Result<(), Problem> {
+    if w.name.is_empty() || w.namespace.is_empty() {
+        return Err(Problem::new(None, "name and namespace must not be empty"));
+    }
+    Ok(())
+}
+
+/// The rules of a workload's fields, in order: at least one address, each address its own
+/// (`owner` claims it and returns who had it), absolute netns and cgroup paths, valid
+/// exclusions.
+pub fn workload(
+    w: &Workload,
+    mut owner: impl FnMut(IpAddr) -> Option<String>,
+) -> Result<(), Problem> {
+    if w.ips.is_empty() {
+        return Err(Problem::field(
+            "ips",
+            "a workload needs at least one address",
+        ));
+    }
+    for ip in &w.ips {
+        if let Some(other) = owner(*ip) {
+            return Err(Problem::field(
+                "ips",
+                format!("{ip} is also the address of {other}"),
+            ));
+        }
+    }
+    if !w.netns.is_absolute() {
+        return Err(Problem::field(
+            "netns",
+            format!("{} is not an absolute path", w.netns.display()),
+        ));
+    }
+    if !w.cgroup.is_absolute() {
+        return Err(Problem::field(
+            "cgroup",
+            format!("{} is not an absolute path", w.cgroup.display()),
+        ));
+    }
+    w.capture.validate().map_err(|e| match e.split_once(": ") {
+        Some((field, message)) => Problem::field(&format!("capture.{field}"), message),
+        None => Problem::field("capture", e),
+    })
+}
+
+/// The rules of a service, in order: at least one VIP; then per port, no port 0 and each
+/// `vip:port` its own (`owner` claims it and returns who had it).
+pub fn service(
+    s: &Service,
+    mut owner: impl FnMut(SocketAddr) -> Option<String>,
+) -> Result<(), Problem> {
+    if s.vips.is_empty() {
+        return Err(Problem::field(
+            "vips",
+            "a service needs at least one address",
+        ));
+    }
+    for (j, p) in s.ports.iter().enumerate() {
+        if p.port == 0 || p.target_port == 0 {
+            return Err(Problem::field(
+                &format!("ports[{j}]"),
+                "port 0 is not a valid port",
+            ));
+        }
+        for vip in &s.vips {
+            let vip_port = SocketAddr::new(*vip, p.port);
+            if let Some(other) = owner(vip_port) {
+                return Err(Problem::new(
+                    None,
+                    format!("{vip_port} is also a port of {other}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A namespace needs a name.
+pub fn namespace_name(name: &str) -> Result<(), Problem> {
+    if name.is_empty() {
+        return Err(Problem::new(None, "the name is empty"));
+    }
+    Ok(())
+}
