@@ -120,9 +120,21 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
     let issuer = identity::Issuer::load(&id.issuer_cert, &id.issuer_key)?
         .with_trust_domain(&id.trust_domain)?;
     let bundle = identity::TrustBundle::load(&id.trust_bundle)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // MESH_WORKER_THREADS: data path threads (default: one per core), as ztunnel's
+    // ZTUNNEL_WORKER_THREADS.
+    if let Some(n) = std::env::var("MESH_WORKER_THREADS")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        let n: usize = n
+            .parse()
+            .ok()
+            .filter(|n| (1..=256).contains(n))
+            .with_context(|| format!("MESH_WORKER_THREADS={n}: use a number from 1 to 256"))?;
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         let metrics = Arc::new(metrics::Metrics::new());
         let store = Arc::new(state::Store::new());

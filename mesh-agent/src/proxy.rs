@@ -218,22 +218,10 @@ pub fn spawn_listener(
                 let (pod, inputs) = (pod.clone(), inputs.clone());
                 match kind {
                     Listener::Outbound => {
-                        tokio::spawn(serve_connection(
-                            Direction::Outbound,
-                            stream,
-                            peer,
-                            pod,
-                            inputs,
-                        ));
+                        tokio::spawn(serve_outbound(stream, peer, pod, inputs));
                     }
                     Listener::Inbound => {
-                        tokio::spawn(serve_connection(
-                            Direction::Inbound,
-                            stream,
-                            peer,
-                            pod,
-                            inputs,
-                        ));
+                        tokio::spawn(serve_inbound(stream, peer, pod, inputs));
                     }
                     Listener::Hbone => {
                         tokio::spawn(inbound::serve_hbone(stream, peer, pod, inputs));
@@ -262,39 +250,45 @@ pub fn spawn_listener(
     );
 }
 
-/// One proxied connection: a span with its addresses, the counters, one log line at the end.
-/// (HBONE streams get the same treatment in `inbound::serve_hbone`.)
-async fn serve_connection(
-    direction: Direction,
+/// One outbound connection: a span with its addresses, the counters, one log line at the end.
+/// Outbound and inbound are separate tasks, not one `match` over both: a future is as large as
+/// everything it might await, and an idle connection keeps its whole future allocated.
+async fn serve_outbound(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     pod: Arc<Pod>,
     inputs: Arc<Inputs>,
 ) {
     use tracing::{field::Empty, Instrument as _};
-    let span = match direction {
-        Direction::Outbound => tracing::info_span!(
-            "outbound",
-            pod = %pod.key,
-            src = %peer,
-            orig_dst = Empty,
-            endpoint = Empty,
-            route = Empty,
-            transport = Empty,
-            peer_identity = Empty,
-            hbone_conn = Empty
-        ),
-        Direction::Inbound => {
-            tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = Empty)
-        }
-    };
-    let work = async {
-        match direction {
-            Direction::Outbound => outbound::proxy(stream, peer, &pod, &inputs).await,
-            Direction::Inbound => inbound::proxy(stream, &pod, &inputs).await,
-        }
-    };
-    account(direction, &pod, &inputs, work)
+    let span = tracing::info_span!(
+        "outbound",
+        pod = %pod.key,
+        src = %peer,
+        orig_dst = Empty,
+        endpoint = Empty,
+        route = Empty,
+        transport = Empty,
+        peer_identity = Empty,
+        hbone_conn = Empty
+    );
+    let work = outbound::proxy(stream, peer, &pod, &inputs);
+    account(Direction::Outbound, &pod, &inputs, work)
+        .instrument(span)
+        .await;
+}
+
+/// One plaintext inbound connection, as [`serve_outbound`]. (HBONE streams get the same
+/// treatment in `inbound::serve_hbone`.)
+async fn serve_inbound(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    pod: Arc<Pod>,
+    inputs: Arc<Inputs>,
+) {
+    use tracing::{field::Empty, Instrument as _};
+    let span = tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = Empty);
+    let work = inbound::proxy(stream, &pod, &inputs);
+    account(Direction::Inbound, &pod, &inputs, work)
         .instrument(span)
         .await;
 }

@@ -1,17 +1,19 @@
 //! The byte copier between two TCP sockets (plaintext outbound and inbound): both directions at
 //! once, half-close preserved (EOF on one side becomes a write shutdown of the other).
 //!
-//! Bytes move with `splice(2)` through one pipe per direction: the kernel hands socket pages to
-//! the pipe and on to the other socket, so they never enter user space, and an idle connection
-//! holds no buffer at all. The pipe is created on the first byte (a connection that never
-//! carries data in a direction never has one) and starts at the kernel's 64 KiB; a splice that
-//! fills it marks a bulk transfer, and the pipe grows to [`PIPE_MAX`] so that each wake-up
-//! moves more. docs/performance.md has the measurements behind these choices.
+//! Bytes move with `splice(2)` through a pipe: the kernel hands socket pages to the pipe and on
+//! to the other socket, so they never enter user space. A connection holds no pipe while it is
+//! idle: a transfer takes one from a small shared pool when the socket turns readable and
+//! gives it back once the pipe is drained, so ten thousand idle connections hold two
+//! descriptors each, not six. A pipe starts at the kernel's 64 KiB; a splice that fills it marks
+//! a bulk transfer, and the pipe grows to [`PIPE_MAX`] so that each wake-up moves more (it keeps
+//! that size in the pool). docs/performance.md has the measurements behind these choices.
 
 use std::{
     io,
     net::Shutdown,
     os::fd::{AsFd, BorrowedFd},
+    sync::Mutex,
 };
 
 use tokio::{io::Interest, net::TcpStream};
@@ -22,6 +24,28 @@ use crate::sys::{self, Pipe};
 pub const PIPE_MAX: usize = 1 << 20;
 /// Capacity of a new pipe (the kernel's default).
 const PIPE_START: usize = 64 << 10;
+/// Empty pipes kept for the next transfers; more are closed.
+const POOL_MAX: usize = 64;
+
+/// Empty pipes and their capacities, shared by all connections.
+static POOL: Mutex<Vec<(Pipe, usize)>> = Mutex::new(Vec::new());
+
+/// An empty pipe from the pool, or a new one.
+fn take_pipe() -> io::Result<(Pipe, usize)> {
+    let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    match pooled {
+        Some(p) => Ok(p),
+        None => Ok((Pipe::new()?, PIPE_START)),
+    }
+}
+
+/// Returns an empty pipe to the pool (or closes it when the pool is full).
+fn give_back(pipe: (Pipe, usize)) {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < POOL_MAX {
+        pool.push(pipe);
+    }
+}
 
 /// Copies until both directions have ended. `pod_side` is the pod's own connection; returns
 /// (bytes from the pod's side, bytes toward it).
@@ -33,33 +57,36 @@ pub async fn bidirectional(pod_side: TcpStream, peer_side: TcpStream) -> io::Res
 
 /// One direction: splices everything `src` receives into `dst`, then shuts `dst`'s write half.
 async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
-    let mut pipe: Option<(Pipe, usize)> = None;
     let mut total = 0u64;
     loop {
         src.readable().await?;
-        let (pipe, capacity) = match &mut pipe {
-            Some(p) => p,
-            None => pipe.insert((Pipe::new()?, PIPE_START)),
-        };
+        let (pipe, mut capacity) = take_pipe()?;
         // The pipe is empty here (every chunk is drained below), so EAGAIN can only mean the
         // socket has nothing after all.
         let n = match src.try_io(Interest::READABLE, || {
-            sys::splice(src.as_fd(), pipe.write.as_fd(), *capacity)
+            sys::splice(src.as_fd(), pipe.write.as_fd(), capacity)
         }) {
             Ok(0) => {
+                give_back((pipe, capacity));
                 sys_shutdown_write(dst)?;
                 return Ok(total);
             }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give_back((pipe, capacity));
+                continue;
+            }
+            // A pipe with bytes of unknown count in it is not reusable: it is closed here.
             Err(e) => return Err(e),
         };
+        // On error the pipe (maybe not empty) is dropped, never pooled.
         drain(pipe.read.as_fd(), dst, n).await?;
         total += n as u64;
-        if n >= *capacity && *capacity < PIPE_MAX {
+        if n >= capacity && capacity < PIPE_MAX {
             // A full pipe: a bulk transfer. Keep the old capacity if the kernel refuses.
-            *capacity = pipe.grow(PIPE_MAX).unwrap_or(*capacity);
+            capacity = pipe.grow(PIPE_MAX).unwrap_or(capacity);
         }
+        give_back((pipe, capacity));
     }
 }
 

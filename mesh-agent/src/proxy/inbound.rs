@@ -23,7 +23,7 @@ pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64
         reset(stream);
         return Err(Error::Loop { addr: dst });
     }
-    let app = match connect_in_pod(pod, &inputs.home, dst).await {
+    let app = match Box::pin(connect_in_pod(pod, &inputs.home, dst)).await {
         Ok(app) => app,
         Err(e) => {
             reset(stream);
@@ -32,7 +32,7 @@ pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64
     };
     debug!("connection delivered");
     // For inbound the pod's side is the application: bytes it sends are "sent".
-    copy::bidirectional(app, stream)
+    Box::pin(copy::bidirectional(app, stream))
         .await
         .map_err(Error::Stream)
 }
@@ -109,7 +109,7 @@ async fn hbone_stream(
     }
     let dst = SocketAddr::new(req.local.ip().to_canonical(), authority.port());
     tracing::Span::current().record("dst", tracing::field::display(dst));
-    let app = match connect_in_pod(pod, &inputs.home, dst).await {
+    let app = match Box::pin(connect_in_pod(pod, &inputs.home, dst)).await {
         Ok(app) => app,
         Err(e) => {
             req.reject(StatusCode::SERVICE_UNAVAILABLE);
@@ -120,7 +120,8 @@ async fn hbone_stream(
         .accept()
         .map_err(|e| Error::Stream(std::io::Error::other(e)))?;
     debug!("connection delivered");
-    tunnel::stream::copy(app, send, recv)
+    // Boxed (as the connect above): an idle connection keeps only what it still awaits.
+    Box::pin(tunnel::stream::copy(app, send, recv))
         .await
         .map_err(Error::Stream)
 }

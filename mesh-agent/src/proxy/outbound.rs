@@ -80,9 +80,9 @@ pub async fn proxy(
             };
             tracing::Span::current().record("hbone_conn", tunnel.conn_id);
             debug!("connection proxied");
-            let (sent, received) = tunnel::stream::copy(stream, tunnel.send, tunnel.recv)
-                .await
-                .map_err(Error::Stream)?;
+            // Boxed, as the plaintext copy below: only the branch taken stays allocated.
+            let copy = Box::pin(tunnel::stream::copy(stream, tunnel.send, tunnel.recv));
+            let (sent, received) = copy.await.map_err(Error::Stream)?;
             Ok((sent + sent_first, received))
         }
         None => {
@@ -94,7 +94,7 @@ pub async fn proxy(
                 }
             };
             debug!("connection proxied");
-            copy::bidirectional(stream, upstream)
+            Box::pin(copy::bidirectional(stream, upstream))
                 .await
                 .map_err(Error::Stream)
         }

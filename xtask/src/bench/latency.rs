@@ -104,8 +104,11 @@ pub fn churn(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
         mesh_lab::traffic::serve(lab, "legacy/server", PORT),
         mesh_lab::traffic::serve(lab, "shop/api", PORT),
     ];
-    for client in ["legacy/client", "shop/client"] {
-        measure::tune_client(lab, client)?;
+    // Clients, and the servers too: the destination agent connects to the application from
+    // the pod's own address, so in the mesh the TIME_WAIT of each closed connection lands in the
+    // server pod (docs/performance.md, "Connection churn").
+    for pod in ["legacy/client", "shop/client", "legacy/server", "shop/api"] {
+        measure::tune_ports(lab, pod)?;
     }
     let p = paths(lab);
     for (label, rate) in [("1000/s", 1000), ("max", 0)] {

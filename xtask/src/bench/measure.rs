@@ -168,10 +168,11 @@ pub fn num(v: &serde_json::Value, key: &str) -> Result<f64> {
     v[key].as_f64().with_context(|| format!("no {key} in {v}"))
 }
 
-/// Lets a client pod open connections at a high rate: reuse of TIME_WAIT ports for new
-/// outgoing connections and the whole ephemeral port range (the kernel's defaults would run a
-/// sustained direct-path churn out of ports and measure port search instead of connections).
-pub fn tune_client(lab: &Lab, pod: &str) -> Result<()> {
+/// Lets a pod open connections at a high rate: reuse of TIME_WAIT ports for new outgoing
+/// connections and the whole ephemeral port range (with the kernel's defaults a sustained churn
+/// runs out of ports, about 470 new connections per second to one destination, and measures
+/// the port search instead of connections).
+pub fn tune_ports(lab: &Lab, pod: &str) -> Result<()> {
     let script = "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse && \
                   echo '1024 65535' > /proc/sys/net/ipv4/ip_local_port_range";
     let status = lab

@@ -63,11 +63,21 @@ pub fn connections(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()
             s
         })
         .collect();
-    let n = d.idle_conns;
-    for (what, server, nodes) in [
-        ("full mesh", "shop/api", &["n1", "n2"][..]),
-        ("capture-only passthrough", "legacy/server", &["n1"][..]),
+    for (what, server, nodes, fds_per_conn) in [
+        ("full mesh", "shop/api", &["n1", "n2"][..], 1),
+        ("capture-only passthrough", "legacy/server", &["n1"][..], 2),
     ] {
+        // As many as the client agent's open file limit allows (each connection holds
+        // `fds_per_conn` descriptors there; the limit is what this machine grants).
+        let room = fd_room(lab, "n1")?;
+        let n = d.idle_conns.min(room / fds_per_conn);
+        if n < d.idle_conns {
+            eprintln!(
+                "bench: {what}: {n} idle connections instead of {}: agent n1 has room for {room} \
+                 more open files (raise its RLIMIT_NOFILE for more)",
+                d.idle_conns
+            );
+        }
         let before: Vec<f64> = nodes
             .iter()
             .map(|node| agent_rss_mib(lab, node))
@@ -116,6 +126,22 @@ pub fn connections(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()
         }
     }
     Ok(())
+}
+
+/// How many more descriptors the agent of `node` may open, keeping 512 spare.
+fn fd_room(lab: &Lab, node: &str) -> Result<usize> {
+    let pid = lab
+        .agent_pid(node)
+        .with_context(|| format!("no agent on {node}"))?;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let limit: usize = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .context("no open file limit in /proc/PID/limits")?;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    Ok(limit.saturating_sub(open + 512))
 }
 
 /// Waits until the agent of `node` has closed every proxied connection it opened.
