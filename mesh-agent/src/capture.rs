@@ -198,6 +198,7 @@ impl Capture {
             .metrics
             .captured_pods
             .set(i64::try_from(self.pods.len()).unwrap_or(i64::MAX));
+        self.publish_local();
         // Certificates are kept only for identities of pods still captured here.
         let keep = self.pods.values().map(|p| p.identity().clone()).collect();
         self.inputs.certs.retain(&keep);
@@ -210,6 +211,18 @@ impl Capture {
             pod.release(&mut self.loaded);
             info!(pod = %key, "pod released");
         }
+        self.publish_local();
+    }
+
+    /// Tells the proxy which pods are captured here, by address (same-node delivery).
+    fn publish_local(&self) {
+        let local = self
+            .pods
+            .values()
+            .filter_map(|p| p.proxy())
+            .flat_map(|p| p.workload.ips.iter().map(move |ip| (*ip, p.clone())))
+            .collect();
+        self.inputs.local.store(Arc::new(local));
     }
 }
 

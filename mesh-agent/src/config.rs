@@ -62,12 +62,23 @@ pub struct HboneConfig {
     /// pair at one core. Default: one per core, at most four.
     #[serde(default = "crate::tunnel::client::default_max_conns")]
     pub connections_per_peer: usize,
+    /// Traffic between two pods this agent captures stays on the node: the agent, which holds
+    /// both identities, connects the source straight to the destination pod instead of
+    /// tunnelling to itself through HBONE (the bytes never leave the node's kernel). `false`
+    /// sends same-node traffic through HBONE as well.
+    #[serde(default = "default_true")]
+    pub same_node_fast_path: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for HboneConfig {
     fn default() -> Self {
         Self {
             connections_per_peer: crate::tunnel::client::default_max_conns(),
+            same_node_fast_path: true,
         }
     }
 }

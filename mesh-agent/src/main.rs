@@ -204,6 +204,8 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
             node: config.node.clone(),
             certs,
             pool,
+            local: proxy::LocalPods::default(),
+            same_node_fast_path: config.hbone.same_node_fast_path,
         });
         let capture = capture::Capture::new(loaded, config.node.clone(), cgroup_root, inputs);
         tokio::spawn(discovery::file::watch(

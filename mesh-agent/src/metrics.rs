@@ -42,7 +42,8 @@ pub struct RouteLabels {
     pub workload: String,
     /// `service` (a VIP resolved to an endpoint) or `direct` (the original destination).
     pub route: &'static str,
-    /// `hbone` (the destination is in the mesh: mTLS) or `plaintext` (outside the mesh).
+    /// `hbone` (the destination is in the mesh: mTLS), `local` (in the mesh and captured by this
+    /// agent too: the same-node fast path) or `plaintext` (outside the mesh).
     pub transport: &'static str,
 }
 

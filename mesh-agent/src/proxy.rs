@@ -10,7 +10,11 @@ mod copy;
 mod inbound;
 mod outbound;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::sync::watch;
 
@@ -40,7 +44,15 @@ pub struct Inputs {
     pub certs: Arc<CertManager>,
     /// Outbound HBONE connections.
     pub pool: Arc<tunnel::client::Pool>,
+    /// The pods this agent captures, by address (capture keeps it current): destinations the
+    /// same-node fast path delivers to directly.
+    pub local: LocalPods,
+    /// Whether the same-node fast path is on (`hbone.same_node_fast_path`).
+    pub same_node_fast_path: bool,
 }
+
+/// The captured pods of this node by address, replaced as a whole when capture changes.
+pub type LocalPods = arc_swap::ArcSwap<std::collections::HashMap<IpAddr, Arc<Pod>>>;
 
 /// A captured pod as the proxy sees it.
 #[derive(Debug)]
@@ -131,6 +143,8 @@ pub enum Error {
     BadRequest { peer: SpiffeId, why: String },
     #[error("tunnelled stream: {0}")]
     Stream(std::io::Error),
+    #[error("same-node delivery to {pod} failed (its inbound log line says why)")]
+    LocalDelivery { pod: String },
 }
 
 impl Error {
@@ -150,6 +164,7 @@ impl Error {
             Error::Identity(_) => "identity",
             Error::BadRequest { .. } => "bad_request",
             Error::Stream(_) => "stream",
+            Error::LocalDelivery { .. } => "local_delivery",
         }
     }
 }
@@ -294,28 +309,32 @@ async fn serve_inbound(
 }
 
 /// Counts and logs one proxied connection (or HBONE stream) around its work.
+/// Returns the byte counts, or `None` when the connection failed (already logged and counted).
 async fn account(
     direction: Direction,
     pod: &Pod,
     inputs: &Inputs,
     work: impl std::future::Future<Output = Result<(u64, u64), Error>>,
-) {
+) -> Option<(u64, u64)> {
     let counters = pod.counters(direction);
     counters.opened.inc();
     let start = std::time::Instant::now();
-    match work.await {
+    let result = match work.await {
         Ok((sent, received)) => {
             counters.sent.inc_by(sent);
             counters.received.inc_by(received);
             let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
             tracing::info!(sent, received, duration_ms, "connection closed");
+            Some((sent, received))
         }
         Err(e) => {
             pod.count_failure(&inputs.metrics, direction, &e);
             tracing::warn!(error = %e, "connection failed");
+            None
         }
-    }
+    };
     counters.closed.inc();
+    result
 }
 
 /// Creates a TCP socket inside the pod's network namespace and connects it to `addr`.

@@ -47,6 +47,9 @@ pub struct LabOptions {
     pub ready_timeout: Duration,
     /// Lifetime of workload certificates (the agents renew them at half-life).
     pub leaf_lifetime_secs: u64,
+    /// The agents' `hbone.same_node_fast_path`: `false` tunnels same-node traffic through
+    /// HBONE too.
+    pub same_node_fast_path: bool,
 }
 
 impl Default for LabOptions {
@@ -59,6 +62,7 @@ impl Default for LabOptions {
             global_capture: CaptureExclusions::default(),
             ready_timeout: Duration::from_secs(30),
             leaf_lifetime_secs: 24 * 3600,
+            same_node_fast_path: true,
         }
     }
 }
@@ -165,6 +169,7 @@ impl Lab {
                 &node.name,
                 &opts.global_capture,
                 opts.leaf_lifetime_secs,
+                opts.same_node_fast_path,
             )?;
             sys::write_atomic(&layout.agent_config_path(&node.name), config.as_bytes())?;
         }

@@ -169,6 +169,33 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
         1.0,
         "n1 did not capture the inbound side of db"
     );
+    // Same node: the fast path (no HBONE to itself), and the destination's own log line names
+    // the source identity.
+    assert_eq!(
+        counter(
+            &lab,
+            "n1",
+            "mesh_outbound_routes_total",
+            &[("workload", "client"), ("transport", "local")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &lab,
+            "n1",
+            "mesh_tcp_received_bytes_total",
+            &[("direction", "inbound"), ("workload", "db")]
+        ),
+        MIB_64 as f64
+    );
+    let log = lab.agent_log("n1");
+    assert!(
+        log.lines().any(|l| l.contains("inbound{pod=shop/db")
+            && l.contains("identity=spiffe://cluster.local/ns/shop/sa/client")
+            && l.contains("connection closed")),
+        "no inbound line for shop/db with the client's identity:\n{log}"
+    );
     assert!(capture_events(&lab, "n2", "sk_lookup", "steered") >= 1.0);
     assert_eq!(
         counter(

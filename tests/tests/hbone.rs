@@ -425,6 +425,8 @@ fn certificates_rotate_under_a_live_connection() {
     }
     let lab = Lab::up(LabOptions {
         leaf_lifetime_secs: 10,
+        // The new HBONE connection below goes to a pod of the same node.
+        same_node_fast_path: false,
         ..LabOptions::default()
     });
     let vip = lab.service_vip("shop/api");

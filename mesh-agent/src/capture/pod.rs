@@ -45,6 +45,8 @@ pub struct CapturedPod {
     listener_keys: Vec<ListenerKey>,
     /// Tells the accept loops to drain and stop.
     stop: watch::Sender<bool>,
+    /// What the proxy knows of the pod (listeners, counters, TLS); `None` until captured.
+    proxy: Option<Arc<proxy::Pod>>,
 }
 
 impl CapturedPod {
@@ -54,6 +56,11 @@ impl CapturedPod {
 
     pub fn netns_cookie(&self) -> u64 {
         self.netns_cookie
+    }
+
+    /// The proxy's view of the pod (for same-node delivery).
+    pub fn proxy(&self) -> Option<&Arc<proxy::Pod>> {
+        self.proxy.as_ref()
     }
 
     /// Whether the workload still attaches the same way (same namespace file, cgroup, addresses,
@@ -125,6 +132,7 @@ impl CapturedPod {
             links: Links::default(),
             listener_keys: Vec::new(),
             stop,
+            proxy: None,
         };
         if let Err(e) = captured.install(loaded, &cgroup, &netns, &listeners) {
             captured.release(loaded);
@@ -154,6 +162,7 @@ impl CapturedPod {
                 proxy::spawn_listener(l, kind, ctx.clone(), inputs.clone(), stopped.clone());
             }
         }
+        captured.proxy = Some(ctx);
         Ok(captured)
     }
 

@@ -37,6 +37,59 @@ pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64
         .map_err(Error::Stream)
 }
 
+/// The same-node fast path: `client`, a connection of `src` (a pod this agent captures) to
+/// `target` in `dst` (another one), delivered straight to the destination application from
+/// inside its network namespace. This is the HBONE server's delivery (`hbone_stream`) without
+/// the tunnel: the agent knows the source identity because the connection came in on the
+/// source pod's own listener, the very knowledge the certificate it mints for that pod
+/// carries, and the bytes never leave the node's kernel. The destination pod gets its inbound
+/// counters and its own log line, with the source identity, as for an HBONE stream.
+pub async fn deliver_local(
+    client: TcpStream,
+    src: &Pod,
+    dst: &Pod,
+    target: SocketAddr,
+    inputs: &Inputs,
+) -> Result<(u64, u64), Error> {
+    use tracing::Instrument as _;
+    let from = src.workload.ips.first().map(|ip| SocketAddr::new(*ip, 0));
+    let span = tracing::info_span!(
+        "inbound",
+        pod = %dst.key,
+        src = %from.map_or_else(String::new, |a| a.ip().to_string()),
+        identity = %src.identity,
+        dst = %target,
+        local = true
+    );
+    let work = async {
+        if mesh_common::ports::RESERVED.contains(&target.port()) {
+            reset(client);
+            return Err(Error::Loop { addr: target });
+        }
+        let app = match Box::pin(connect_in_pod(dst, &inputs.home, target)).await {
+            Ok(app) => app,
+            Err(e) => {
+                reset(client);
+                return Err(e);
+            }
+        };
+        debug!("connection delivered");
+        Box::pin(copy::bidirectional(app, client))
+            .await
+            .map_err(Error::Stream)
+    };
+    match super::account(super::Direction::Inbound, dst, inputs, work)
+        .instrument(span)
+        .await
+    {
+        // The destination's "sent" is what the source received.
+        Some((app_sent, app_received)) => Ok((app_received, app_sent)),
+        None => Err(Error::LocalDelivery {
+            pod: dst.key.clone(),
+        }),
+    }
+}
+
 /// One HBONE connection to this pod's port 15008: TLS with the pod's identity, then one
 /// tunnelled connection per CONNECT stream.
 pub async fn serve_hbone(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<Inputs>) {

@@ -40,7 +40,16 @@ pub async fn proxy(
         .meshed_workload(target.ip())
         .map(|w| (w.namespace.clone(), w.service_account.clone()));
     drop(snap);
-    let transport = if peer.is_some() { "hbone" } else { "plaintext" };
+    // A meshed destination this agent captures too: the same-node fast path.
+    let local = match &peer {
+        Some(_) if inputs.same_node_fast_path => inputs.local.load().get(&target.ip()).cloned(),
+        _ => None,
+    };
+    let transport = match (&local, &peer) {
+        (Some(_), _) => "local",
+        (None, Some(_)) => "hbone",
+        (None, None) => "plaintext",
+    };
     let span = tracing::Span::current();
     span.record("endpoint", tracing::field::display(target));
     span.record("route", route);
@@ -58,6 +67,14 @@ pub async fn proxy(
     if target.ip().is_loopback() {
         reset(stream);
         return Err(Error::Loop { addr: target });
+    }
+    if let Some(dst) = local {
+        tracing::Span::current().record("peer_identity", tracing::field::display(&dst.identity));
+        debug!("connection proxied");
+        return Box::pin(super::inbound::deliver_local(
+            stream, pod, &dst, target, inputs,
+        ))
+        .await;
     }
     match peer {
         Some((namespace, service_account)) => {

@@ -64,6 +64,13 @@ struct AgentConfig<'a> {
     state_poll_interval_ms: u64,
     capture: &'a CaptureExclusions,
     identity: Identity,
+    hbone: Hbone,
+}
+
+/// The `hbone` block of an agent config.
+#[derive(Debug, Serialize)]
+struct Hbone {
+    same_node_fast_path: bool,
 }
 
 /// The `identity` block of an agent config: the node's intermediate CA made by `up`.
@@ -116,6 +123,7 @@ pub(crate) fn agent_config_yaml(
     node: &str,
     capture: &CaptureExclusions,
     leaf_lifetime_secs: u64,
+    same_node_fast_path: bool,
 ) -> Result<String> {
     let bpf_dir = layout
         .nodes
@@ -137,6 +145,9 @@ pub(crate) fn agent_config_yaml(
             issuer_key: layout.ca_dir().join(format!("{node}-key.pem")),
             trust_bundle: layout.ca_dir().join("root-cert.pem"),
             leaf_lifetime_secs,
+        },
+        hbone: Hbone {
+            same_node_fast_path,
         },
     };
     serde_yaml::to_string(&config).context("serialising an agent config")
@@ -241,7 +252,7 @@ mod tests {
             exclude_outbound_ports: vec![22],
             ..Default::default()
         };
-        let yaml = agent_config_yaml(&layout, "n2", &capture, 3600).expect("serialises");
+        let yaml = agent_config_yaml(&layout, "n2", &capture, 3600, false).expect("serialises");
         let v: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("parses");
         assert_eq!(v["node"].as_str(), Some("n2"));
         assert_eq!(
@@ -253,5 +264,6 @@ mod tests {
         assert_eq!(v["readiness_addr"].as_str(), Some("0.0.0.0:15021"));
         assert_eq!(v["state_poll_interval_ms"].as_u64(), Some(100));
         assert_eq!(v["capture"]["exclude_outbound_ports"][0].as_u64(), Some(22));
+        assert_eq!(v["hbone"]["same_node_fast_path"].as_bool(), Some(false));
     }
 }

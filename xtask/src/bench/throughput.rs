@@ -1,7 +1,8 @@
 //! Scenario 1, throughput: iperf3 with one and with four TCP streams, cross-node and same-node,
 //! on the direct path, through the client's agent only (capture-only passthrough: plain TCP to
-//! a pod outside the mesh) and on the full mesh path (capture + HBONE mTLS + the destination's
-//! agent). Also agent CPU per GiB moved.
+//! a pod outside the mesh) and on the full mesh path: cross-node, capture + HBONE mTLS + the
+//! destination's agent; same-node, capture + the same-node fast path (one agent connects the
+//! two pods, no tunnel: docs/hbone.md). Also agent CPU per GiB moved.
 
 use anyhow::Result;
 use mesh_lab::Lab;
@@ -18,6 +19,8 @@ struct Place {
     direct: (&'static str, &'static str),
     passthrough: (&'static str, &'static str),
     mesh: (&'static str, &'static str),
+    /// What the full mesh path is at this place.
+    mesh_label: &'static str,
 }
 
 const PLACES: [Place; 2] = [
@@ -26,12 +29,14 @@ const PLACES: [Place; 2] = [
         direct: ("legacy/client", "legacy/server"),
         passthrough: ("shop/client", "legacy/server"),
         mesh: ("shop/client", "shop/api"),
+        mesh_label: "full mesh (HBONE mTLS)",
     },
     Place {
         name: "same-node",
         direct: ("legacy/client", "legacy/local"),
         passthrough: ("shop/client", "legacy/local"),
         mesh: ("shop/client", "shop/db"),
+        mesh_label: "full mesh (same-node fast path)",
     },
 ];
 
@@ -55,7 +60,7 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
             });
             for (what, (client, server)) in [
                 ("capture-only passthrough", place.passthrough),
-                ("full mesh (HBONE mTLS)", place.mesh),
+                (place.mesh_label, place.mesh),
             ] {
                 let cpu0 = agents_cpu(lab)?;
                 let (bps, bytes) = measure::iperf(lab, client, &ip(server), streams, d.iperf_secs)?;
