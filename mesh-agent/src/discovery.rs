@@ -1,5 +1,7 @@
-//! Sources that fill the [`crate::state::Store`]. Off Kubernetes: a YAML file watched for
-//! changes (`file`). The Kubernetes source comes later and produces the same snapshot.
+//! Sources that fill the [`crate::state::Store`] with changes (upserts and deletes of
+//! namespaces, workloads and services), applied incrementally. Off Kubernetes: a YAML file
+//! watched for changes (`file`), which applies the difference between two versions of the file.
+//! The Kubernetes source comes later and feeds the same changes, one object per watch event.
 
 pub mod file;
 

@@ -71,6 +71,13 @@ pub fn connections(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()
         // `fds_per_conn` descriptors there; the limit is what this machine grants).
         let room = fd_room(lab, "n1")?;
         let n = d.idle_conns.min(room / fds_per_conn);
+        if n < 100 {
+            eprintln!(
+                "bench: {what}: skipping the idle connections: agent n1 may open only {room} \
+                 more files (raise its RLIMIT_NOFILE)"
+            );
+            continue;
+        }
         if n < d.idle_conns {
             eprintln!(
                 "bench: {what}: {n} idle connections instead of {}: agent n1 has room for {room} \
