@@ -669,16 +669,21 @@ async fn pool_closes_the_connections_it_expires() {
     end.expect("server gone").expect("serve should end cleanly");
 }
 
+/// Opens `n` streams at once, from as many tasks.
+async fn burst(mesh: &Arc<Mesh>, pool: &Arc<Pool>, n: usize) -> Vec<Stream> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (pool, mesh) = (pool.clone(), mesh.clone());
+        tasks.spawn(async move { mesh.open(&pool).await.expect("open") });
+    }
+    within("burst", tasks.join_all()).await
+}
+
 #[tokio::test]
 async fn pool_burst_shares_one_new_connection() {
     let mesh = Arc::new(Mesh::up().await);
     let (pool, metrics) = new_pool(200, DAY);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let (pool, mesh) = (pool.clone(), mesh.clone());
-        tasks.spawn(async move { mesh.open(&pool).await.expect("open") });
-    }
-    let streams = within("burst", tasks.join_all()).await;
+    let streams = burst(&mesh, &pool, 8).await;
     assert_eq!(
         metrics.connections_opened.get(),
         1,
@@ -709,12 +714,7 @@ async fn pool_spreads_concurrent_streams_over_max_conns_connections() {
 
     // A burst from cold: at most two handshakes, however many streams.
     let (pool, metrics) = spreading_pool(200, 2, DAY);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let (pool, mesh) = (pool.clone(), mesh.clone());
-        tasks.spawn(async move { mesh.open(&pool).await.expect("open") });
-    }
-    let streams = within("burst", tasks.join_all()).await;
+    let streams = burst(&mesh, &pool, 8).await;
     assert_eq!(
         metrics.connections_opened.get(),
         2,

@@ -35,6 +35,27 @@ fn paths(lab: &Lab) -> Paths {
     }
 }
 
+/// One rr run from `path`'s client to its address.
+fn rr(
+    lab: &Lab,
+    d: &Durations,
+    (client, addr): &(&str, String),
+    rate: u32,
+    new_conn: bool,
+) -> Result<serde_json::Value> {
+    measure::rr(
+        lab,
+        RrRun {
+            client,
+            addr,
+            rate,
+            secs: d.rr_secs,
+            warmup_secs: d.warmup_secs,
+            new_conn,
+        },
+    )
+}
+
 /// 1 KiB request/response on four persistent connections at 1000/s and 5000/s.
 pub fn persistent(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
     let _servers = [
@@ -43,19 +64,7 @@ pub fn persistent(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()>
     ];
     let p = paths(lab);
     for rate in [1000, 5000] {
-        let run = |(client, addr): &(&str, String)| {
-            measure::rr(
-                lab,
-                RrRun {
-                    client,
-                    addr,
-                    rate,
-                    secs: d.rr_secs,
-                    warmup_secs: d.warmup_secs,
-                    new_conn: false,
-                },
-            )
-        };
+        let run = |path: &(&str, String)| rr(lab, d, path, rate, false);
         let direct = run(&p.direct)?;
         let passthrough = run(&p.passthrough)?;
         let cpu0 = agents_cpu(lab)?;
@@ -112,19 +121,7 @@ pub fn churn(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
     }
     let p = paths(lab);
     for (label, rate) in [("1000/s", 1000), ("max", 0)] {
-        let run = |(client, addr): &(&str, String)| {
-            measure::rr(
-                lab,
-                RrRun {
-                    client,
-                    addr,
-                    rate,
-                    secs: d.rr_secs,
-                    warmup_secs: d.warmup_secs,
-                    new_conn: true,
-                },
-            )
-        };
+        let run = |path: &(&str, String)| rr(lab, d, path, rate, true);
         let direct = run(&p.direct)?;
         let cpu0 = agents_cpu(lab)?;
         let mesh = run(&p.mesh)?;
