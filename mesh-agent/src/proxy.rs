@@ -351,6 +351,24 @@ async fn connect_in_pod(
     }
 }
 
+/// Connects to `addr` from inside the pod's network namespace on behalf of `client`, which is
+/// reset when that fails (a refused upstream shows as a reset, not as an empty success).
+/// Returns both. Boxed: the connect future is large and done long before the connection.
+async fn connect_for(
+    client: tokio::net::TcpStream,
+    pod: &Pod,
+    home: &Netns,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpStream, tokio::net::TcpStream), Error> {
+    match Box::pin(connect_in_pod(pod, home, addr)).await {
+        Ok(upstream) => Ok((client, upstream)),
+        Err(e) => {
+            reset(client);
+            Err(e)
+        }
+    }
+}
+
 /// A non-blocking TCP socket for `addr`, created inside the pod's network namespace.
 fn pod_socket(pod: &Pod, home: &Netns, addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = pod.netns.run(home, || {

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{connect_in_pod, copy, reset, Error, Inputs, Pod};
+use super::{connect_for, connect_in_pod, copy, reset, Error, Inputs, Pod};
 use crate::tunnel;
 
 pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64, u64), Error> {
@@ -19,20 +19,29 @@ pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64
     // sk_lookup never steers the agent's ports; a connection to one here would loop.
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     tracing::Span::current().record("dst", tracing::field::display(dst));
-    if mesh_common::ports::RESERVED.contains(&dst.port()) || !pod.workload.ips.contains(&dst.ip()) {
+    if !pod.workload.ips.contains(&dst.ip()) {
         reset(stream);
         return Err(Error::Loop { addr: dst });
     }
-    let app = match Box::pin(connect_in_pod(pod, &inputs.home, dst)).await {
-        Ok(app) => app,
-        Err(e) => {
-            reset(stream);
-            return Err(e);
-        }
-    };
+    deliver(stream, pod, dst, inputs).await
+}
+
+/// Connects `client` to the application at `dst` from inside the pod and copies both ways;
+/// never to an agent port (a loop). For inbound the pod's side is the application: bytes it
+/// sends are "sent".
+async fn deliver(
+    client: TcpStream,
+    pod: &Pod,
+    dst: SocketAddr,
+    inputs: &Inputs,
+) -> Result<(u64, u64), Error> {
+    if mesh_common::ports::RESERVED.contains(&dst.port()) {
+        reset(client);
+        return Err(Error::Loop { addr: dst });
+    }
+    let (client, app) = connect_for(client, pod, &inputs.home, dst).await?;
     debug!("connection delivered");
-    // For inbound the pod's side is the application: bytes it sends are "sent".
-    Box::pin(copy::bidirectional(app, stream))
+    Box::pin(copy::bidirectional(app, client))
         .await
         .map_err(Error::Stream)
 }
@@ -52,32 +61,15 @@ pub async fn deliver_local(
     inputs: &Inputs,
 ) -> Result<(u64, u64), Error> {
     use tracing::Instrument as _;
-    let from = src.workload.ips.first().map(|ip| SocketAddr::new(*ip, 0));
     let span = tracing::info_span!(
         "inbound",
         pod = %dst.key,
-        src = %from.map_or_else(String::new, |a| a.ip().to_string()),
+        src = %src.workload.ips.first().map_or_else(String::new, ToString::to_string),
         identity = %src.identity,
         dst = %target,
         local = true
     );
-    let work = async {
-        if mesh_common::ports::RESERVED.contains(&target.port()) {
-            reset(client);
-            return Err(Error::Loop { addr: target });
-        }
-        let app = match Box::pin(connect_in_pod(dst, &inputs.home, target)).await {
-            Ok(app) => app,
-            Err(e) => {
-                reset(client);
-                return Err(e);
-            }
-        };
-        debug!("connection delivered");
-        Box::pin(copy::bidirectional(app, client))
-            .await
-            .map_err(Error::Stream)
-    };
+    let work = deliver(client, dst, target, inputs);
     match super::account(super::Direction::Inbound, dst, inputs, work)
         .instrument(span)
         .await

@@ -6,7 +6,7 @@ use mesh_common::{family, ports, ConnKey};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{connect_in_pod, copy, pod_socket, reset, Error, Inputs, Pod};
+use super::{connect_for, copy, pod_socket, reset, Error, Inputs, Pod};
 use crate::{
     capture::mapped_words,
     identity::SpiffeId,
@@ -69,7 +69,7 @@ pub async fn proxy(
         return Err(Error::Loop { addr: target });
     }
     if let Some(dst) = local {
-        tracing::Span::current().record("peer_identity", tracing::field::display(&dst.identity));
+        span.record("peer_identity", tracing::field::display(&dst.identity));
         debug!("connection proxied");
         return Box::pin(super::inbound::deliver_local(
             stream, pod, &dst, target, inputs,
@@ -80,7 +80,7 @@ pub async fn proxy(
         Some((namespace, service_account)) => {
             let expected =
                 SpiffeId::new(inputs.certs.trust_domain(), &namespace, &service_account)?;
-            tracing::Span::current().record("peer_identity", tracing::field::display(&expected));
+            span.record("peer_identity", tracing::field::display(&expected));
             // What the client has already sent travels with the CONNECT request. Never waited
             // for: a server-speaks-first protocol sends nothing first.
             let initial = initial_bytes(&stream);
@@ -95,7 +95,7 @@ pub async fn proxy(
                     return Err(e);
                 }
             };
-            tracing::Span::current().record("hbone_conn", tunnel.conn_id);
+            span.record("hbone_conn", tunnel.conn_id);
             debug!("connection proxied");
             // Boxed, as the plaintext copy below: only the branch taken stays allocated.
             let copy = Box::pin(tunnel::stream::copy(stream, tunnel.send, tunnel.recv));
@@ -103,13 +103,7 @@ pub async fn proxy(
             Ok((sent + sent_first, received))
         }
         None => {
-            let upstream = match Box::pin(connect_in_pod(pod, &inputs.home, target)).await {
-                Ok(upstream) => upstream,
-                Err(e) => {
-                    reset(stream);
-                    return Err(e);
-                }
-            };
+            let (stream, upstream) = connect_for(stream, pod, &inputs.home, target).await?;
             debug!("connection proxied");
             Box::pin(copy::bidirectional(stream, upstream))
                 .await

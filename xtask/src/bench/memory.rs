@@ -16,13 +16,11 @@ const PORT: u16 = 7100;
 pub fn idle(lab: &Lab, out: &mut Vec<Figure>) -> Result<()> {
     for node in lab.nodes() {
         let pods = captured_pods(lab, &node.name)?;
-        out.push(Figure {
-            scenario: "memory",
-            name: format!("agent RSS, idle, {} with {pods} captured pods", node.name),
-            unit: "MiB",
-            value: agent_rss_mib(lab, &node.name)?,
-            direct: None,
-        });
+        out.push(rss(
+            lab,
+            &node.name,
+            format!("agent RSS, idle, {} with {pods} captured pods", node.name),
+        )?);
     }
     Ok(())
 }
@@ -30,15 +28,21 @@ pub fn idle(lab: &Lab, out: &mut Vec<Figure>) -> Result<()> {
 /// Agent RSS once every scenario has run: memory that never returns to the system shows here.
 pub fn after_all(lab: &Lab, out: &mut Vec<Figure>) -> Result<()> {
     for node in lab.nodes() {
-        out.push(Figure {
-            scenario: "memory",
-            name: format!("agent RSS after all scenarios, {}", node.name),
-            unit: "MiB",
-            value: agent_rss_mib(lab, &node.name)?,
-            direct: None,
-        });
+        let name = format!("agent RSS after all scenarios, {}", node.name);
+        out.push(rss(lab, &node.name, name)?);
     }
     Ok(())
+}
+
+/// The agent RSS of `node` now, as a figure.
+fn rss(lab: &Lab, node: &str, name: String) -> Result<Figure> {
+    Ok(Figure {
+        scenario: "memory",
+        name,
+        unit: "MiB",
+        value: agent_rss_mib(lab, node)?,
+        direct: None,
+    })
 }
 
 fn captured_pods(lab: &Lab, node: &str) -> Result<f64> {
@@ -115,7 +119,6 @@ pub fn connections(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()
         hold.wait_line("released", Duration::from_secs(60));
         for (node, before) in nodes.iter().zip(&before) {
             wait_connections_closed(lab, node)?;
-            let after = agent_rss_mib(lab, node)?;
             out.push(Figure {
                 scenario: "memory",
                 name: format!("{what}: agent {node} RSS before {n} connections"),
@@ -123,13 +126,8 @@ pub fn connections(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()
                 value: *before,
                 direct: None,
             });
-            out.push(Figure {
-                scenario: "memory",
-                name: format!("{what}: agent {node} RSS after they all closed"),
-                unit: "MiB",
-                value: after,
-                direct: None,
-            });
+            let name = format!("{what}: agent {node} RSS after they all closed");
+            out.push(rss(lab, node, name)?);
         }
     }
     Ok(())
