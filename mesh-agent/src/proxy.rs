@@ -286,7 +286,7 @@ async fn serve_outbound(
         peer_identity = Empty,
         hbone_conn = Empty
     );
-    let work = outbound::proxy(stream, peer, &pod, &inputs);
+    let work = std::pin::pin!(outbound::proxy(stream, peer, &pod, &inputs));
     account(Direction::Outbound, &pod, &inputs, work)
         .instrument(span)
         .await;
@@ -302,7 +302,7 @@ async fn serve_inbound(
 ) {
     use tracing::{field::Empty, Instrument as _};
     let span = tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = Empty);
-    let work = inbound::proxy(stream, &pod, &inputs);
+    let work = std::pin::pin!(inbound::proxy(stream, &pod, &inputs));
     account(Direction::Inbound, &pod, &inputs, work)
         .instrument(span)
         .await;
@@ -310,11 +310,15 @@ async fn serve_inbound(
 
 /// Counts and logs one proxied connection (or HBONE stream) around its work.
 /// Returns the byte counts, or `None` when the connection failed (already logged and counted).
+///
+/// `work` comes pinned in the caller's future: a future passed by value to an async fn is
+/// stored twice (as the argument and as the value awaited), and an idle connection would keep
+/// both copies of its largest state allocated.
 async fn account(
     direction: Direction,
     pod: &Pod,
     inputs: &Inputs,
-    work: impl std::future::Future<Output = Result<(u64, u64), Error>>,
+    work: std::pin::Pin<&mut impl std::future::Future<Output = Result<(u64, u64), Error>>>,
 ) -> Option<(u64, u64)> {
     let counters = pod.counters(direction);
     counters.opened.inc();

@@ -70,6 +70,7 @@ pub async fn deliver_local(
         local = true
     );
     let work = deliver(client, dst, target, inputs);
+    let work = std::pin::pin!(work);
     match super::account(super::Direction::Inbound, dst, inputs, work)
         .instrument(span)
         .await
@@ -100,7 +101,7 @@ pub async fn serve_hbone(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs
                 forwarded = req.forwarded.as_deref().unwrap_or("")
             );
             async move {
-                let work = hbone_stream(req, &pod, &inputs);
+                let work = std::pin::pin!(hbone_stream(req, &pod, &inputs));
                 super::account(super::Direction::Inbound, &pod, &inputs, work).await;
             }
             .instrument(span)
