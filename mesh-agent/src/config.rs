@@ -51,6 +51,31 @@ pub struct Config {
     /// The HBONE client pool.
     #[serde(default)]
     pub hbone: HboneConfig,
+    /// Authorization policy.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// Authorization policy settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The namespace whose policies apply to the workloads of every namespace (Istio's root
+    /// namespace). Default `mesh-system`.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+}
+
+fn default_root_namespace() -> String {
+    crate::state::DEFAULT_ROOT_NAMESPACE.to_owned()
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            root_namespace: default_root_namespace(),
+        }
+    }
 }
 
 /// The HBONE client pool.
@@ -158,6 +183,12 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         if self.node.is_empty() {
             return Err("`node` must not be empty".into());
+        }
+        let root = &self.policy.root_namespace;
+        if root.is_empty() || root.contains('/') {
+            return Err(format!(
+                "`policy.root_namespace` {root:?} is not a namespace name"
+            ));
         }
         if !(10..=60_000).contains(&self.state_poll_interval_ms) {
             return Err(format!(

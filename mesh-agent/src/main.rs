@@ -8,6 +8,7 @@ mod config;
 mod discovery;
 mod identity;
 mod metrics;
+mod policy;
 mod preflight;
 mod proxy;
 mod state;
@@ -42,6 +43,9 @@ enum Command {
     /// Certificate authority tools: a root CA, node intermediates.
     #[command(subcommand)]
     Ca(identity::cli::CaCommand),
+    /// Authorization policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Check that this machine and these privileges can run the agent, then exit.
     Check {
         /// The pin directory that would be used.
@@ -60,6 +64,13 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Check the policies of a state file as the agent applies them (invalid ones, L7
+    /// warnings) and, with --to and --port, decide one connection and name the deciding policy.
+    Check(policy::cli::CheckArgs),
+}
+
 fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -72,6 +83,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Node { config } => run_node(&config),
         Command::Ca(cmd) => Ok(identity::cli::run(cmd)?),
+        Command::Policy(PolicyCommand::Check(args)) => {
+            print!("{}", policy::cli::check(&args)?);
+            Ok(())
+        }
         Command::Check { bpf_dir } => {
             let cgroup = preflight::check(&bpf_dir)?;
             println!(
@@ -115,7 +130,8 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(e) => warn!(error = %e, "cannot raise the open file limit; connections may be capped"),
     }
-    let (snapshot, state_bytes) = discovery::file::load(&config.state_file)?;
+    let (snapshot, state_bytes, rejected_policies) =
+        discovery::file::load(&config.state_file, &config.policy.root_namespace)?;
     let id = &config.identity;
     let issuer = identity::Issuer::load(&id.issuer_cert, &id.issuer_key)?
         .with_trust_domain(&id.trust_domain)?;
@@ -139,6 +155,7 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
         let metrics = Arc::new(metrics::Metrics::new());
         let store = Arc::new(state::Store::new());
         store.replace(snapshot);
+        discovery::file::report(&rejected_policies, &metrics);
         let readiness = Arc::new(admin::Readiness::new("starting: pods not yet captured"));
         admin::serve(
             config.metrics_addr,

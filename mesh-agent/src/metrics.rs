@@ -62,6 +62,33 @@ impl Result {
     }
 }
 
+/// Labels of authorization decisions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `allow`, `deny` or `audit` (an AUDIT policy matched; counted besides the verdict).
+    pub action: &'static str,
+    /// The deciding policy (`namespace/name`; several, comma-separated, when no ALLOW policy
+    /// matched); empty when no policy decided.
+    pub policy: String,
+    /// A fixed reason string (see `policy::Reason`).
+    pub reason: &'static str,
+}
+
+/// Labels of established connections closed because a policy change denies them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevokedLabels {
+    pub policy: String,
+    pub reason: &'static str,
+}
+
+/// Labels of invalid policies.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectedLabels {
+    pub policy: String,
+    /// `fail_closed`, `kept_last_good` or `not_applied`.
+    pub outcome: &'static str,
+}
+
 /// Labels naming one pod.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodLabels {
@@ -97,6 +124,16 @@ pub struct Metrics {
     pub state_parse: Histogram,
     pub captured_pods: Gauge,
     pub capture_failures: Family<PodLabels, Counter>,
+    /// Inbound authorization decisions, by action and policy.
+    pub decisions: Family<DecisionLabels, Counter>,
+    /// The decisions without any policy (the common case), as a handle: no lookup per connection.
+    pub allowed_without_policy: Counter,
+    /// Established connections closed because a policy change denies them.
+    pub revoked: Family<RevokedLabels, Counter>,
+    /// Invalid policies found by a load or reload, by what became of them.
+    pub policy_rejected: Family<RejectedLabels, Counter>,
+    /// Invalid policies in the current state source.
+    pub policies_invalid: Gauge,
 }
 
 impl Metrics {
@@ -114,7 +151,24 @@ impl Metrics {
             state_parse: Histogram::new(PARSE_BUCKETS),
             captured_pods: Gauge::default(),
             capture_failures: Family::default(),
+            decisions: Family::default(),
+            allowed_without_policy: Counter::default(),
+            revoked: Family::default(),
+            policy_rejected: Family::default(),
+            policies_invalid: Gauge::default(),
             registry: Mutex::new(Registry::default()),
+        };
+        let allowed_without_policy = m
+            .decisions
+            .get_or_create(&DecisionLabels {
+                action: "allow",
+                policy: String::new(),
+                reason: crate::policy::Reason::NoPolicy.as_str(),
+            })
+            .clone();
+        let m = Self {
+            allowed_without_policy,
+            ..m
         };
         registry.register(
             "mesh_tcp_connections_opened",
@@ -170,6 +224,26 @@ impl Metrics {
             "mesh_pod_capture_failures",
             "Failed attempts to capture a pod",
             m.capture_failures.clone(),
+        );
+        registry.register(
+            "mesh_policy_decisions",
+            "Inbound connections decided by L4 authorization, by action, policy and reason",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "mesh_policy_connections_closed",
+            "Established connections closed because a policy change denies them",
+            m.revoked.clone(),
+        );
+        registry.register(
+            "mesh_policy_rejected",
+            "Invalid policies found when the state was loaded, by what became of them",
+            m.policy_rejected.clone(),
+        );
+        registry.register(
+            "mesh_policies_invalid",
+            "Invalid policies in the current state",
+            m.policies_invalid.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m

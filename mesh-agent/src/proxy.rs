@@ -6,6 +6,7 @@
 //! HBONE connections on its HBONE listener, both through sk_lookup, and are delivered to the
 //! application port inside the pod.
 
+mod authz;
 mod copy;
 mod inbound;
 mod outbound;
@@ -145,6 +146,20 @@ pub enum Error {
     Stream(std::io::Error),
     #[error("same-node delivery to {pod} failed (its inbound log line says why)")]
     LocalDelivery { pod: String },
+    #[error(
+        "denied by policy {} rule {} ({})",
+        .0.policy_str(),
+        .0.rule_str(),
+        .0.reason
+    )]
+    Denied(Box<crate::policy::Decision>),
+    #[error(
+        "closed: after a policy change, policy {} rule {} denies it ({})",
+        .0.policy_str(),
+        .0.rule_str(),
+        .0.reason
+    )]
+    Revoked(Box<crate::policy::Decision>),
 }
 
 impl Error {
@@ -158,6 +173,12 @@ impl Error {
             Error::Connect { .. } => "connect",
             Error::ConnectTimeout { .. } => "connect_timeout",
             Error::Socket(_) => "socket",
+            // The destination's agent denied it: its log line names the policy.
+            Error::Hbone(tunnel::Error::Status { status, .. })
+                if *status == http::StatusCode::FORBIDDEN =>
+            {
+                "hbone_forbidden"
+            }
             Error::Hbone(tunnel::Error::Status { .. }) => "hbone_status",
             Error::Hbone(tunnel::Error::Tls { .. } | tunnel::Error::Alpn { .. }) => "hbone_tls",
             Error::Hbone(_) => "hbone",
@@ -165,6 +186,8 @@ impl Error {
             Error::BadRequest { .. } => "bad_request",
             Error::Stream(_) => "stream",
             Error::LocalDelivery { .. } => "local_delivery",
+            Error::Denied(_) => "policy_denied",
+            Error::Revoked(_) => "policy_revoked",
         }
     }
 }
@@ -301,8 +324,17 @@ async fn serve_inbound(
     inputs: Arc<Inputs>,
 ) {
     use tracing::{field::Empty, Instrument as _};
-    let span = tracing::info_span!("inbound", pod = %pod.key, src = %peer, dst = Empty);
-    let work = std::pin::pin!(inbound::proxy(stream, &pod, &inputs));
+    let span = tracing::info_span!(
+        "inbound",
+        pod = %pod.key,
+        src = %peer,
+        dst = Empty,
+        decision = Empty,
+        policy = Empty,
+        rule = Empty,
+        audit = Empty
+    );
+    let work = std::pin::pin!(inbound::proxy(stream, peer, &pod, &inputs));
     account(Direction::Inbound, &pod, &inputs, work)
         .instrument(span)
         .await;
@@ -333,7 +365,17 @@ async fn account(
         }
         Err(e) => {
             pod.count_failure(&inputs.metrics, direction, &e);
-            tracing::warn!(error = %e, "connection failed");
+            match &e {
+                // Decisions, not faults: the span says which policy and rule.
+                Error::Denied(d) => tracing::info!(reason = %d.reason, "connection denied"),
+                Error::Revoked(d) => tracing::info!(
+                    policy = %d.policy_str(),
+                    rule = %d.rule_str(),
+                    reason = %d.reason,
+                    "connection closed by a policy change"
+                ),
+                _ => tracing::warn!(error = %e, "connection failed"),
+            }
             None
         }
     };

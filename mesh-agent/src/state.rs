@@ -11,6 +11,7 @@
 mod apply;
 pub mod bench;
 mod index;
+mod policies;
 #[cfg(test)]
 pub(crate) mod tests;
 pub mod validate;
@@ -31,7 +32,10 @@ use index::Index;
 use tokio::sync::watch;
 pub use validate::Problem;
 
-use crate::config::CaptureExclusions;
+use crate::{
+    config::CaptureExclusions,
+    policy::{Policy, Selected},
+};
 
 /// `namespace/name`: how workloads and services are keyed.
 pub type Key = Arc<str>;
@@ -163,6 +167,10 @@ pub struct Changes {
     pub services: Vec<Service>,
     /// Services removed, by `namespace/name`.
     pub removed_services: Vec<String>,
+    /// Authorization policies added or changed.
+    pub policies: Vec<Policy>,
+    /// Policies removed, by `namespace/name`.
+    pub removed_policies: Vec<String>,
 }
 
 /// What an applied [`Changes`] really changed (upserts equal to the object in place and
@@ -177,6 +185,10 @@ pub struct Applied {
     pub services: usize,
     /// `vip:port` entries created, replaced (new endpoints) or removed.
     pub service_ports: usize,
+    /// Policies added, changed or removed.
+    pub policies: usize,
+    /// Workloads whose set of selecting policies changed.
+    pub authz: usize,
 }
 
 impl Applied {
@@ -192,6 +204,7 @@ pub enum Kind {
     Namespace,
     Workload,
     Service,
+    Policy,
 }
 
 impl std::fmt::Display for Kind {
@@ -200,6 +213,7 @@ impl std::fmt::Display for Kind {
             Kind::Namespace => "namespace",
             Kind::Workload => "workload",
             Kind::Service => "service",
+            Kind::Policy => "policy",
         })
     }
 }
@@ -228,7 +242,34 @@ pub struct Snapshot {
     pub workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// Every `vip:port` of every service.
     pub services: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// Authorization policies by `namespace/name`.
+    pub policies: OrdMap<Key, Arc<Policy>>,
+    /// Policies by namespace.
+    policies_by_namespace: HashMap<String, OrdMap<Key, Arc<Policy>>>,
+    /// Workload `namespace/name` to the policies that select it (absent: none).
+    authz: HashMap<Key, Arc<Selected>>,
+    root_namespace: RootNamespace,
     index: Index,
+}
+
+/// The namespace whose policies apply mesh-wide (`policy.root_namespace` of the agent).
+#[derive(Debug, Clone)]
+struct RootNamespace(Arc<str>);
+
+/// The root namespace when none is configured.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "mesh-system";
+
+impl Default for RootNamespace {
+    fn default() -> Self {
+        RootNamespace(Arc::from(DEFAULT_ROOT_NAMESPACE))
+    }
+}
+
+impl std::ops::Deref for RootNamespace {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Where an outbound connection goes.
@@ -246,6 +287,14 @@ pub enum Destination {
 }
 
 impl Snapshot {
+    /// An empty snapshot whose root namespace (policies that apply mesh-wide) is `root`.
+    pub fn with_root_namespace(root: &str) -> Self {
+        Snapshot {
+            root_namespace: RootNamespace(Arc::from(root)),
+            ..Snapshot::default()
+        }
+    }
+
     /// Whether capture is enabled for a namespace (unknown namespaces are not).
     pub fn namespace_enabled(&self, namespace: &str) -> bool {
         self.namespaces.get(namespace).copied().unwrap_or(false)
@@ -305,6 +354,8 @@ impl Snapshot {
 pub struct Store {
     current: ArcSwap<Snapshot>,
     generation: watch::Sender<u64>,
+    /// Bumped when the policies selecting some workload change.
+    authz_generation: watch::Sender<u64>,
     /// Serialises writers: each update is computed from the snapshot it replaces.
     writer: Mutex<()>,
 }
@@ -314,6 +365,7 @@ impl Store {
         Self {
             current: ArcSwap::from_pointee(Snapshot::default()),
             generation: watch::channel(0).0,
+            authz_generation: watch::channel(0).0,
             writer: Mutex::new(()),
         }
     }
@@ -328,6 +380,7 @@ impl Store {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.current.store(Arc::new(snapshot));
         self.generation.send_modify(|g| *g += 1);
+        self.authz_generation.send_modify(|g| *g += 1);
     }
 
     /// Applies `changes` to the current snapshot and, if anything changed, makes the result
@@ -339,6 +392,9 @@ impl Store {
         if !applied.is_empty() {
             self.current.store(Arc::new(next));
             self.generation.send_modify(|g| *g += 1);
+            if applied.authz > 0 {
+                self.authz_generation.send_modify(|g| *g += 1);
+            }
         }
         Ok(applied)
     }
@@ -346,5 +402,11 @@ impl Store {
     /// A receiver that changes whenever the snapshot is replaced.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// A receiver that changes whenever the policies selecting some workload change: the
+    /// proxy's established connections decide again then.
+    pub fn subscribe_authz(&self) -> watch::Receiver<u64> {
+        self.authz_generation.subscribe()
     }
 }

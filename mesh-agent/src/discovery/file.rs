@@ -7,6 +7,7 @@
 //! current snapshot, and only what differs is applied to the store.
 
 mod diff;
+pub mod policies;
 #[cfg(test)]
 mod tests;
 
@@ -19,13 +20,15 @@ use std::{
 };
 
 pub use diff::diff;
+use policies::Rejection;
 use serde::Deserialize;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::Error;
 use crate::{
     config::CaptureExclusions,
     metrics::Metrics,
+    policy::{Invalid, Policy},
     state::{validate, Changes, Namespace, PortMapping, Service, Snapshot, Store, Workload},
 };
 
@@ -39,6 +42,9 @@ pub struct StateFile {
     pub workloads: Vec<WorkloadSpec>,
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// AuthorizationPolicy objects, each checked on its own (`policies` module).
+    #[serde(default)]
+    pub policies: Vec<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +136,10 @@ pub struct Desired {
     pub namespaces: Vec<Namespace>,
     pub workloads: Vec<(String, Workload)>,
     pub services: Vec<(String, Service)>,
+    /// Valid policies, and (after [`Desired::settle`]) the stand-ins of invalid ones.
+    pub policies: Vec<(String, Policy)>,
+    /// Invalid policies, until [`Desired::settle`] decides what becomes of them.
+    pub invalid_policies: Vec<Invalid>,
 }
 
 impl Desired {
@@ -139,8 +149,18 @@ impl Desired {
             namespaces: self.namespaces,
             workloads: self.workloads.into_iter().map(|(_, w)| w).collect(),
             services: self.services.into_iter().map(|(_, s)| s).collect(),
+            policies: self.policies.into_iter().map(|(_, p)| p).collect(),
             ..Changes::default()
         }
+    }
+
+    /// Decides what each invalid policy becomes against the state in force (`policies::settle`)
+    /// and returns the rejections, for the log and the metrics.
+    pub fn settle(&mut self, current: &Snapshot) -> Vec<Rejection> {
+        let (in_force, rejections) =
+            policies::settle(current, std::mem::take(&mut self.invalid_policies));
+        self.policies.extend(in_force);
+        rejections
     }
 }
 
@@ -204,6 +224,17 @@ impl TryFrom<StateFile> for Desired {
             .map_err(|p| format!("services[{i}] ({key}){p}"))?;
             desired.services.push((key, s));
         }
+        let mut keys = HashSet::new();
+        for (i, value) in file.policies.into_iter().enumerate() {
+            let (key, policy) = policies::entry(i, value)?;
+            if !keys.insert(key.clone()) {
+                return Err(format!("policies[{i}] ({key}): listed twice"));
+            }
+            match policy {
+                Ok(p) => desired.policies.push((key, p)),
+                Err(invalid) => desired.invalid_policies.push(invalid),
+            }
+        }
         Ok(desired)
     }
 }
@@ -220,10 +251,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Desired, Error> {
     })
 }
 
-/// The snapshot of a state, built from nothing.
-pub fn build(path: &Path, desired: Desired) -> Result<Snapshot, Error> {
-    Snapshot::default()
-        .apply(desired.into_changes())
+/// The snapshot of a state, built on `base` (empty, with the root namespace).
+pub fn build(path: &Path, desired: Desired, base: &Snapshot) -> Result<Snapshot, Error> {
+    base.apply(desired.into_changes())
         .map(|(snap, _)| snap)
         .map_err(|e| Error::Invalid {
             path: path.to_owned(),
@@ -231,17 +261,23 @@ pub fn build(path: &Path, desired: Desired) -> Result<Snapshot, Error> {
         })
 }
 
-/// Loads the file once (the agent refuses to start on an invalid first state).
-pub fn load(path: &Path) -> Result<(Snapshot, Vec<u8>), Error> {
+/// Loads the file once (the agent refuses to start on an invalid first state; invalid policies
+/// are settled as on a reload and returned). `root_namespace`: policies there apply mesh-wide.
+pub fn load(
+    path: &Path,
+    root_namespace: &str,
+) -> Result<(Snapshot, Vec<u8>, Vec<Rejection>), Error> {
     let bytes = std::fs::read(path).map_err(|source| Error::Read {
         path: path.to_owned(),
         source,
     })?;
     let started = Instant::now();
-    let desired = parse(path, &String::from_utf8_lossy(&bytes))?;
+    let mut desired = parse(path, &String::from_utf8_lossy(&bytes))?;
     let parse_ms = millis(started.elapsed());
     let started = Instant::now();
-    let snap = build(path, desired)?;
+    let base = Snapshot::with_root_namespace(root_namespace);
+    let rejections = desired.settle(&base);
+    let snap = build(path, desired, &base)?;
     info!(
         path = %path.display(),
         parse_ms,
@@ -250,9 +286,37 @@ pub fn load(path: &Path) -> Result<(Snapshot, Vec<u8>), Error> {
         workloads = snap.workloads.len(),
         services = snap.service_definitions().count(),
         service_ports = snap.services.len(),
+        policies = snap.policies.len(),
         "state loaded"
     );
-    Ok((snap, bytes))
+    for p in snap.policies.values() {
+        warn_l7(p);
+    }
+    Ok((snap, bytes, rejections))
+}
+
+/// Logs what a policy asks that L4 cannot evaluate.
+fn warn_l7(p: &Policy) {
+    for warning in &p.warnings {
+        warn!(policy = %p.key, "{warning}");
+    }
+}
+
+/// Logs and counts invalid policies (at load and at each reload that finds them).
+pub fn report(rejections: &[Rejection], metrics: &Metrics) {
+    for r in rejections {
+        error!(policy = %r.invalid.key(), outcome = %r.outcome.as_str(), "policy rejected: {r}");
+        metrics
+            .policy_rejected
+            .get_or_create(&crate::metrics::RejectedLabels {
+                policy: r.invalid.key(),
+                outcome: r.outcome.as_str(),
+            })
+            .inc();
+    }
+    metrics
+        .policies_invalid
+        .set(i64::try_from(rejections.len()).unwrap_or(i64::MAX));
 }
 
 /// Milliseconds, to 0.1 ms, for logs.
@@ -267,10 +331,13 @@ fn reload(path: &Path, bytes: &[u8], store: &Store, metrics: &Metrics) -> Result
     let parsed = parse(path, &String::from_utf8_lossy(bytes));
     let parse_time = started.elapsed();
     metrics.state_parse.observe(parse_time.as_secs_f64());
-    let desired = parsed?;
+    let mut desired = parsed?;
     let started = Instant::now();
-    let changes = diff(&store.load(), desired);
+    let current = store.load();
+    let rejections = desired.settle(&current);
+    let changes = diff(&current, desired);
     let diff_time = started.elapsed();
+    let upserted: Vec<Policy> = changes.policies.clone();
     let started = Instant::now();
     let applied = store.apply(changes).map_err(|e| Error::Invalid {
         path: path.to_owned(),
@@ -288,10 +355,15 @@ fn reload(path: &Path, bytes: &[u8], store: &Store, metrics: &Metrics) -> Result
         workloads_changed = applied.workloads,
         services_changed = applied.services,
         service_ports_changed = applied.service_ports,
+        policies_changed = applied.policies,
+        workloads_reauthorized = applied.authz,
         workloads = snap.workloads.len(),
         service_ports = snap.services.len(),
+        policies = snap.policies.len(),
         "state reloaded"
     );
+    upserted.iter().for_each(warn_l7);
+    report(&rejections, metrics);
     Ok(())
 }
 

@@ -6,10 +6,20 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{connect_for, connect_in_pod, copy, reset, Error, Inputs, Pod};
+use super::{
+    authz::{self, Peer},
+    connect_for, connect_in_pod, copy, reset, Error, Inputs, Pod,
+};
 use crate::tunnel;
 
-pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64, u64), Error> {
+/// A plaintext connection from `peer`: authorized on its address alone (it has no identity),
+/// reset when denied.
+pub async fn proxy(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pod: &Pod,
+    inputs: &Inputs,
+) -> Result<(u64, u64), Error> {
     let Ok(dst) = stream.local_addr() else {
         reset(stream);
         return Err(Error::Socket(std::io::Error::other(
@@ -23,17 +33,29 @@ pub async fn proxy(stream: TcpStream, pod: &Pod, inputs: &Inputs) -> Result<(u64
         reset(stream);
         return Err(Error::Loop { addr: dst });
     }
-    deliver(stream, pod, dst, inputs).await
+    let peer = Peer {
+        identity: None,
+        src: peer.ip().to_canonical(),
+    };
+    let grant = match authz::authorize(pod, inputs, peer, dst) {
+        Ok(grant) => grant,
+        Err(denied) => {
+            reset(stream);
+            return Err(denied);
+        }
+    };
+    deliver(stream, pod, dst, inputs, grant).await
 }
 
-/// Connects `client` to the application at `dst` from inside the pod and copies both ways;
-/// never to an agent port (a loop). For inbound the pod's side is the application: bytes it
-/// sends are "sent".
+/// Connects an authorized `client` to the application at `dst` from inside the pod and copies
+/// both ways while the grant holds; never to an agent port (a loop). For inbound the pod's side
+/// is the application: bytes it sends are "sent".
 async fn deliver(
     client: TcpStream,
     pod: &Pod,
     dst: SocketAddr,
     inputs: &Inputs,
+    grant: authz::Grant,
 ) -> Result<(u64, u64), Error> {
     if mesh_common::ports::RESERVED.contains(&dst.port()) {
         reset(client);
@@ -41,9 +63,8 @@ async fn deliver(
     }
     let (client, app) = connect_for(client, pod, &inputs.home, dst).await?;
     debug!("connection delivered");
-    Box::pin(copy::bidirectional(app, client))
-        .await
-        .map_err(Error::Stream)
+    let copy = Box::pin(copy::bidirectional(app, client));
+    authz::enforce(pod, inputs, grant, copy).await
 }
 
 /// The same-node fast path: `client`, a connection of `src` (a pod this agent captures) to
@@ -67,9 +88,26 @@ pub async fn deliver_local(
         src = %src.workload.ips.first().map_or_else(String::new, ToString::to_string),
         identity = %src.identity,
         dst = %target,
-        local = true
+        local = true,
+        decision = tracing::field::Empty,
+        policy = tracing::field::Empty,
+        rule = tracing::field::Empty,
+        audit = tracing::field::Empty
     );
-    let work = deliver(client, dst, target, inputs);
+    let work = async {
+        let peer = Peer {
+            identity: Some(std::sync::Arc::new(src.identity.clone())),
+            src: src.workload.ips.first().copied().unwrap_or(target.ip()),
+        };
+        let grant = match authz::authorize(dst, inputs, peer, target) {
+            Ok(grant) => grant,
+            Err(denied) => {
+                reset(client);
+                return Err(denied);
+            }
+        };
+        deliver(client, dst, target, inputs, grant).await
+    };
     let work = std::pin::pin!(work);
     match super::account(super::Direction::Inbound, dst, inputs, work)
         .instrument(span)
@@ -98,7 +136,11 @@ pub async fn serve_hbone(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs
                 src = %req.remote,
                 identity = %req.peer,
                 dst = tracing::field::Empty,
-                forwarded = req.forwarded.as_deref().unwrap_or("")
+                forwarded = req.forwarded.as_deref().unwrap_or(""),
+                decision = tracing::field::Empty,
+                policy = tracing::field::Empty,
+                rule = tracing::field::Empty,
+                audit = tracing::field::Empty
             );
             async move {
                 let work = std::pin::pin!(hbone_stream(req, &pod, &inputs));
@@ -125,7 +167,7 @@ async fn hbone_stream(
 ) -> Result<(u64, u64), Error> {
     use http::StatusCode;
     let bad = |req: tunnel::server::Request, why: String| {
-        let peer = req.peer.clone();
+        let peer = (*req.peer).clone();
         req.reject(StatusCode::BAD_REQUEST);
         Err(Error::BadRequest { peer, why })
     };
@@ -155,6 +197,18 @@ async fn hbone_stream(
     }
     let dst = SocketAddr::new(req.local.ip().to_canonical(), authority.port());
     tracing::Span::current().record("dst", tracing::field::display(dst));
+    // Authorized before the application is connected: a denied client never reaches it.
+    let peer = Peer {
+        identity: Some(req.peer.clone()),
+        src: req.remote.ip().to_canonical(),
+    };
+    let grant = match authz::authorize(pod, inputs, peer, dst) {
+        Ok(grant) => grant,
+        Err(denied) => {
+            req.reject(StatusCode::FORBIDDEN);
+            return Err(denied);
+        }
+    };
     let app = match Box::pin(connect_in_pod(pod, &inputs.home, dst)).await {
         Ok(app) => app,
         Err(e) => {
@@ -167,7 +221,6 @@ async fn hbone_stream(
         .map_err(|e| Error::Stream(std::io::Error::other(e)))?;
     debug!("connection delivered");
     // Boxed (as the connect above): an idle connection keeps only what it still awaits.
-    Box::pin(tunnel::stream::copy(app, send, recv))
-        .await
-        .map_err(Error::Stream)
+    let copy = Box::pin(tunnel::stream::copy(app, send, recv));
+    authz::enforce(pod, inputs, grant, copy).await
 }

@@ -27,9 +27,9 @@ const PATCH_MAX: usize = if cfg!(test) { 2 } else { 32 };
 
 /// A workload that changed: its version before and after the change (`None`: absent).
 #[derive(Debug)]
-struct Moved {
-    old: Option<Arc<Workload>>,
-    new: Option<Arc<Workload>>,
+pub(super) struct Moved {
+    pub old: Option<Arc<Workload>>,
+    pub new: Option<Arc<Workload>>,
 }
 
 fn invalid(kind: Kind, key: &str, problem: Problem) -> Error {
@@ -53,6 +53,8 @@ impl Snapshot {
             removed_workloads,
             services,
             removed_services,
+            policies,
+            removed_policies,
         } = changes;
         let mut next = self.clone();
         let mut applied = Applied::default();
@@ -60,6 +62,7 @@ impl Snapshot {
         let moved = next.apply_workloads(workloads, &removed_workloads, &mut applied)?;
         let redone = next.apply_services(services, &removed_services, &mut applied)?;
         next.follow_workloads(&moved, &redone, &mut applied);
+        next.apply_policies(policies, &removed_policies, &moved, &mut applied)?;
         Ok((next, applied))
     }
 

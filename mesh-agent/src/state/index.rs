@@ -9,6 +9,7 @@
 //! near one entry per label value.
 
 use std::{
+    collections::BTreeMap,
     hash::{DefaultHasher, Hash, Hasher},
     sync::Arc,
 };
@@ -206,12 +207,25 @@ impl Index {
     /// The workloads `s` selects, by key: the candidates of its selector's rarest label,
     /// checked. Costs the number of workloads of the namespace with that label.
     pub fn selected<'a>(&'a self, s: &'a Service) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        (!s.selector.is_empty())
+            .then(|| self.with_labels(&s.namespace, &s.selector))
+            .into_iter()
+            .flatten()
+    }
+
+    /// The workloads of `namespace` that have every label of a non-empty `selector`, found
+    /// through its rarest label.
+    pub fn with_labels<'a>(
+        &'a self,
+        namespace: &'a str,
+        selector: &'a BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
         let mut rarest: Option<&Members<Workload>> = None;
-        let mut none = s.selector.is_empty();
-        for (label, value) in &s.selector {
+        let mut none = selector.is_empty();
+        for (label, value) in selector {
             match self
                 .workloads_by_label
-                .get(&label_hash(&s.namespace, label, value))
+                .get(&label_hash(namespace, label, value))
             {
                 Some(members) if rarest.is_none_or(|r| members.len() < r.len()) => {
                     rarest = Some(members);
@@ -225,7 +239,9 @@ impl Index {
             .into_iter()
             .flat_map(Members::iter)
             .map(|(_, w)| w)
-            .filter(move |w| s.selects_workload(w))
+            .filter(move |w| {
+                w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            })
     }
 }
 

@@ -19,6 +19,9 @@ pub(crate) struct Canonical {
     services_by_label: BTreeMap<u64, Vec<String>>,
     workloads_by_node: BTreeMap<String, Vec<String>>,
     workloads_by_label: BTreeMap<u64, Vec<String>>,
+    policies: BTreeMap<String, Policy>,
+    /// Workload to the keys of the policies that select it (deny, allow, audit).
+    authz: BTreeMap<String, Vec<String>>,
 }
 
 /// The comparable form of `snap`; panics if its maps and indexes disagree.
@@ -95,6 +98,36 @@ pub(crate) fn canonical(snap: &Snapshot) -> Canonical {
         .collect();
     let want_selectors: usize = snap.index.services.values().map(|s| s.selector.len()).sum();
     assert_eq!(selectors, want_selectors, "selector labels indexed");
+    let by_namespace: usize = snap.policies_by_namespace.values().map(|p| p.len()).sum();
+    assert_eq!(by_namespace, snap.policies.len(), "policies by namespace");
+    // Each workload's selection is what selecting from scratch gives.
+    let mut authz = BTreeMap::new();
+    for (key, w) in &snap.workloads {
+        let root = &*snap.root_namespace;
+        let want = crate::policy::Selected::new(
+            snap.policies
+                .values()
+                .filter(|p| crate::policy::selects(p, root, &w.namespace, &w.labels)),
+        );
+        let got = snap.authorization(key);
+        if want.is_empty() {
+            assert!(got.is_none(), "{key}: selection kept without policies");
+            continue;
+        }
+        let got = got.unwrap_or_else(|| panic!("{key}: no selection"));
+        assert_eq!(**got, want, "{key}: stale selection");
+        for p in got.deny.iter().chain(&got.allow).chain(&got.audit) {
+            let current = snap.policies.get(&p.key).expect("selected policy exists");
+            assert!(Arc::ptr_eq(current, p), "{key}: stale policy {}", p.key);
+        }
+        let keys = [&got.deny, &got.allow, &got.audit]
+            .into_iter()
+            .flatten()
+            .map(|p| p.key.to_string())
+            .collect();
+        authz.insert(key.to_string(), keys);
+    }
+    assert_eq!(authz.len(), snap.authz.len(), "selections of no workload");
     Canonical {
         namespaces: snap
             .namespaces
@@ -134,6 +167,12 @@ pub(crate) fn canonical(snap: &Snapshot) -> Canonical {
             })
             .collect(),
         workloads_by_label,
+        policies: snap
+            .policies
+            .iter()
+            .map(|(k, p)| (k.to_string(), Policy::clone(p)))
+            .collect(),
+        authz,
     }
 }
 
@@ -412,6 +451,7 @@ struct Model {
     namespaces: BTreeMap<String, bool>,
     workloads: BTreeMap<String, Workload>,
     services: BTreeMap<String, Service>,
+    policies: BTreeMap<String, Policy>,
 }
 
 impl Model {
@@ -427,6 +467,7 @@ impl Model {
                 .collect(),
             workloads: self.workloads.values().cloned().collect(),
             services: self.services.values().cloned().collect(),
+            policies: self.policies.values().cloned().collect(),
             ..Changes::default()
         }
     }
@@ -449,8 +490,14 @@ impl Model {
         for w in &changes.workloads {
             next.workloads.insert(w.key(), w.clone());
         }
+        for key in &changes.removed_policies {
+            next.policies.remove(key);
+        }
         for s in &changes.services {
             next.services.insert(s.key(), s.clone());
+        }
+        for p in &changes.policies {
+            next.policies.insert(p.key.to_string(), p.clone());
         }
         next
     }
@@ -493,6 +540,24 @@ fn random_workload(rng: &mut StdRng) -> Workload {
     w
 }
 
+/// A policy of one of the namespaces or the root namespace, selecting by `app` or everything.
+fn random_policy(rng: &mut StdRng) -> Policy {
+    let ns = pick(rng, &["a", "b", "mesh-system"]);
+    let name = format!("p{}", rng.random_range(0..4));
+    let action = pick(rng, &["ALLOW", "DENY", "AUDIT"]);
+    let selector = if rng.random_bool(0.7) {
+        format!("selector: {{matchLabels: {{app: {}}}}}, ", pick(rng, &APPS))
+    } else {
+        String::new()
+    };
+    let port = rng.random_range(1..4);
+    let spec = format!(
+        "{{{selector}action: {action}, rules: [{{to: [{{operation: {{ports: [{port}]}}}}]}}]}}"
+    );
+    crate::policy::compile(ns, &name, serde_yaml::from_str(&spec).expect("yaml"))
+        .expect("valid policy")
+}
+
 fn random_service(rng: &mut StdRng) -> Service {
     let name = format!("s{}", rng.random_range(0..5));
     let mut s = service(pick(rng, &NAMESPACES), &name, &[], &[], "");
@@ -516,7 +581,18 @@ fn random_change(rng: &mut StdRng, model: &Model) -> Changes {
         (!keys.is_empty()).then(|| keys[rng.random_range(0..keys.len())].clone())
     };
     for _ in 0..rng.random_range(1..=4) {
-        match rng.random_range(0..8) {
+        match rng.random_range(0..10) {
+            8 => {
+                let p = random_policy(rng);
+                if c.policies.iter().all(|o| o.key != p.key) {
+                    c.policies.push(p);
+                }
+            }
+            9 => {
+                if let Some(key) = existing(model.policies.keys().collect(), rng) {
+                    c.removed_policies.push(key);
+                }
+            }
             0 | 1 => {
                 let w = random_workload(rng);
                 if c.workloads.iter().all(|o| o.key() != w.key()) {

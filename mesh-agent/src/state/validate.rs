@@ -37,6 +37,11 @@ impl Problem {
         Self::new(Some(field.to_owned()), message)
     }
 
+    /// The object as a whole is at fault.
+    pub fn whole(message: impl Into<String>) -> Self {
+        Self::new(None, message)
+    }
+
     /// The object is listed twice (in a file or in one change).
     pub fn listed_twice() -> Self {
         Self::new(None, "listed twice")

@@ -16,8 +16,8 @@ use crate::identity::SpiffeId;
 /// One CONNECT request on an authenticated HBONE connection.
 #[derive(Debug)]
 pub struct Request {
-    /// The client's identity, from its verified certificate.
-    pub peer: SpiffeId,
+    /// The client's identity, from its verified certificate (shared by the connection's streams).
+    pub peer: Arc<SpiffeId>,
     /// The address the HBONE connection reached (the pod's address, through sk_lookup).
     pub local: SocketAddr,
     /// The TCP peer of the HBONE connection (the client's node or pod address).
@@ -109,6 +109,7 @@ where
             .await
             .map_err(|_| Error::Timeout { addr: remote })??;
     debug!(%remote, %peer, peer_not_after, ?suite, "HBONE connection established");
+    let peer = Arc::new(peer);
     while let Some(next) = conn.accept().await {
         let (req, respond) = next.map_err(|source| Error::H2 {
             addr: remote,

@@ -155,7 +155,7 @@ async fn proxy(
     copied: mpsc::UnboundedSender<io::Result<(u64, u64)>>,
 ) {
     let _ = seen.send(Seen {
-        peer: req.peer.clone(),
+        peer: (*req.peer).clone(),
         authority: req.authority,
         forwarded: req.forwarded.clone(),
     });

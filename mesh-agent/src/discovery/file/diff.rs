@@ -64,5 +64,20 @@ pub fn diff(current: &Snapshot, desired: Desired) -> Changes {
         .map(|(_, s)| s)
         .collect();
 
+    let keys: HashSet<&str> = desired.policies.iter().map(|(k, _)| k.as_str()).collect();
+    changes.removed_policies = current
+        .policies
+        .keys()
+        .filter(|key| !keys.contains(&***key))
+        .map(|key| key.to_string())
+        .collect();
+    drop(keys);
+    changes.policies = desired
+        .policies
+        .into_iter()
+        .filter(|(key, p)| current.policy(key).is_none_or(|old| **old != *p))
+        .map(|(_, p)| p)
+        .collect();
+
     changes
 }

@@ -16,7 +16,7 @@ services:
 fn parse_str(text: &str) -> Result<Snapshot, String> {
     let path = Path::new("state.yaml");
     parse(path, text)
-        .and_then(|desired| build(path, desired))
+        .and_then(|desired| build(path, desired, &Snapshot::default()))
         .map_err(|e| e.to_string())
 }
 
@@ -29,12 +29,19 @@ fn endpoints(snap: &Snapshot, vip: &str) -> Vec<String> {
     port.endpoints.iter().map(|e| e.to_string()).collect()
 }
 
-/// Reloads `text` over `store` as the watcher does (parse, diff, apply).
+/// Reloads `text` over `store` as the watcher does (parse, settle, diff, apply).
 fn reload_str(store: &Store, text: &str) -> Result<Applied, String> {
-    let desired = parse(Path::new("state.yaml"), text).map_err(|e| e.to_string())?;
-    store
+    reload_policies(store, text).map(|(applied, _)| applied)
+}
+
+/// As [`reload_str`], also returning the rejected policies.
+fn reload_policies(store: &Store, text: &str) -> Result<(Applied, Vec<Rejection>), String> {
+    let mut desired = parse(Path::new("state.yaml"), text).map_err(|e| e.to_string())?;
+    let rejections = desired.settle(&store.load());
+    let applied = store
         .apply(diff(&store.load(), desired))
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok((applied, rejections))
 }
 
 #[test]
@@ -168,4 +175,188 @@ fn a_reload_applies_only_what_changed() {
             );
         }
     }
+}
+
+/// GOOD plus `policies` (YAML list items, indented for the file).
+fn with_policies(policies: &str) -> String {
+    format!("{GOOD}policies:\n{policies}")
+}
+
+const ALLOW_CLIENT: &str = r#"
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: allow-client, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: api}}
+      rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+"#;
+
+const ALLOW_CLIENT_BROKEN: &str = r#"
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: allow-client, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: api}}
+      rules: [{from: [{source: {principal: [cluster.local/ns/shop/sa/client]}}]}]
+"#;
+
+const DENY_BROKEN: &str = r#"
+  - metadata: {name: deny-range, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: api}}
+      action: DENY
+      rules: [{to: [{operation: {ports: ["80a"]}}]}]
+"#;
+
+#[test]
+fn policies_select_workloads_of_their_namespace() {
+    let store = Store::new();
+    reload_str(&store, &with_policies(ALLOW_CLIENT)).expect("valid");
+    let snap = store.load();
+    let selected = snap
+        .authorization("shop/api")
+        .expect("shop/api is selected");
+    assert_eq!(selected.allow.len(), 1);
+    assert_eq!(&*selected.allow[0].key, "shop/allow-client");
+    assert!(snap.authorization("shop/api2").is_some(), "same labels");
+    assert!(
+        snap.authorization("legacy/client").is_none(),
+        "another namespace, though app=api"
+    );
+}
+
+#[test]
+fn an_invalid_policy_is_rejected_alone_and_the_rest_applies() {
+    let store = Store::new();
+    reload_str(&store, GOOD).expect("valid");
+    let (applied, rejections) = reload_policies(
+        &store,
+        &with_policies(&format!("{ALLOW_CLIENT_BROKEN}{DENY_BROKEN}")),
+    )
+    .expect("the file is applied");
+    let described: Vec<String> = rejections.iter().map(ToString::to_string).collect();
+    assert_eq!(rejections.len(), 2, "{described:#?}");
+    assert_eq!(rejections[0].outcome, policies::Outcome::NotApplied);
+    assert!(
+        described[0].starts_with(
+            "policy shop/allow-client: spec.rules[0].from[0].source.principal: unknown field `principal`"
+        ),
+        "{}",
+        described[0]
+    );
+    assert_eq!(rejections[1].outcome, policies::Outcome::FailClosed);
+    assert!(
+        described[1].starts_with(
+            "policy shop/deny-range: spec.rules[0].to[0].operation.ports[0]: \"80a\" is not a port"
+        ),
+        "{}",
+        described[1]
+    );
+    // The invalid DENY stands in as a DENY of everything for the workloads it selects.
+    assert_eq!(applied.policies, 1);
+    let snap = store.load();
+    let selected = snap.authorization("shop/api").expect("selected");
+    assert!(
+        selected.allow.is_empty(),
+        "the invalid ALLOW is not applied"
+    );
+    assert_eq!(selected.deny.len(), 1);
+    assert!(selected.deny[0].invalid.is_some());
+    assert_eq!(
+        selected.deny[0].selector.get("app").map(String::as_str),
+        Some("api")
+    );
+}
+
+#[test]
+fn an_invalid_allow_keeps_its_last_good_version() {
+    let store = Store::new();
+    reload_str(&store, &with_policies(ALLOW_CLIENT)).expect("valid");
+    let before = store
+        .load()
+        .authorization("shop/api")
+        .cloned()
+        .expect("selected");
+    let (applied, rejections) =
+        reload_policies(&store, &with_policies(ALLOW_CLIENT_BROKEN)).expect("applied");
+    assert_eq!(rejections.len(), 1);
+    assert_eq!(rejections[0].outcome, policies::Outcome::KeptLastGood);
+    assert!(applied.is_empty(), "nothing changed: {applied:?}");
+    let after = store
+        .load()
+        .authorization("shop/api")
+        .cloned()
+        .expect("selected");
+    assert!(
+        Arc::ptr_eq(&before, &after),
+        "the same selection stays in force"
+    );
+    // Fixed again: no change either (it is the version in force).
+    let applied = reload_str(&store, &with_policies(ALLOW_CLIENT)).expect("valid");
+    assert!(applied.is_empty());
+    // Removed: the workloads are selected by nothing.
+    let applied = reload_str(&store, GOOD).expect("valid");
+    assert_eq!((applied.policies, applied.authz), (1, 2));
+    assert!(store.load().authorization("shop/api").is_none());
+}
+
+#[test]
+fn policy_entries_that_cannot_be_named_reject_the_file() {
+    let nameless = with_policies("  - metadata: {namespace: shop}\n    spec: {}\n");
+    let e = parse_str(&nameless).expect_err("no name");
+    assert!(e.contains("policies[0].metadata.name is missing"), "{e}");
+    let twice = with_policies(&format!("{ALLOW_CLIENT}{ALLOW_CLIENT}"));
+    let e = parse_str(&twice).expect_err("twice");
+    assert!(
+        e.contains("policies[1] (shop/allow-client): listed twice"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_object_around_the_spec_is_checked_too() {
+    let cases = [
+        ("kind: Policy\n", "shop/p: kind: "),
+        ("apiVersion: v1\n", "shop/p: apiVersion: "),
+        ("extra: 1\n", "shop/p: extra: unknown field"),
+    ];
+    for (line, want) in cases {
+        let text = with_policies(&format!(
+            "  - metadata: {{name: p, namespace: shop}}\n    spec: {{action: DENY}}\n    {line}"
+        ));
+        let mut desired = parse(Path::new("state.yaml"), &text).expect("the file parses");
+        assert_eq!(desired.invalid_policies.len(), 1, "{line}");
+        let rejections = desired.settle(&Snapshot::default());
+        let shown = rejections[0].to_string();
+        assert!(shown.contains(want), "{line}: {shown}");
+        // A DENY around a broken object still fails closed.
+        assert_eq!(
+            rejections[0].outcome,
+            policies::Outcome::FailClosed,
+            "{line}"
+        );
+    }
+}
+
+/// Every policy in docs/policy.md is valid (the page's examples stay true).
+#[test]
+fn the_documented_policies_are_valid() {
+    let doc = include_str!("../../../../docs/policy.md");
+    let mut checked = 0;
+    for block in doc.split("```yaml\n").skip(1) {
+        let block = block.split("```").next().unwrap_or_default();
+        for part in block.split("\n---\n") {
+            let v: serde_yaml::Value = serde_yaml::from_str(part).expect("the example is YAML");
+            let entries = match v.get("policies") {
+                Some(serde_yaml::Value::Sequence(list)) => list.clone(),
+                _ => vec![v],
+            };
+            for e in entries {
+                let (key, p) = policies::entry(0, e).expect("named");
+                p.unwrap_or_else(|e| panic!("docs/policy.md, {key}: {e}"));
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 7, "only {checked} examples found");
 }

@@ -1,0 +1,454 @@
+//! From the resource as written to a [`Policy`]: every field checked, errors naming the field
+//! (`spec.rules[0].to[0].operation.ports[1]: "80a" is not a port (1-65535)`), L7 attributes
+//! turned into their L4 meaning with a warning.
+//!
+//! An invalid policy still yields what is known of it ([`Invalid`]): its action and selector
+//! when they could be read, so that the caller can fail closed on an invalid DENY.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr, sync::Arc};
+
+use ipnet::IpNet;
+
+use super::{
+    spec::{AuthorizationPolicySpec, ConditionSpec, OperationSpec, PortSpec, SourceSpec},
+    Action, Condition, Error, Operation, Pattern, Policy, Rule, Source,
+};
+use crate::identity::SpiffeId;
+
+/// A policy that could not be compiled, with what could still be read of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub namespace: String,
+    pub name: String,
+    pub error: Error,
+    /// The action, if `spec.action` could be read and is a known one.
+    pub action: Option<Action>,
+    /// `spec.selector.matchLabels`, if it could be read.
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl Invalid {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The stand-in that keeps an invalid policy from failing open: for a DENY (or a policy
+    /// whose action cannot be read) a DENY of every connection to the workloads it selects
+    /// (all of its namespace when the selector cannot be read either). `None` for an ALLOW or
+    /// AUDIT, which the caller keeps at its last good version or leaves out.
+    pub fn fail_closed(&self) -> Option<Policy> {
+        if matches!(self.action, Some(Action::Allow | Action::Audit)) {
+            return None;
+        }
+        Some(Policy {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            key: Arc::from(self.key()),
+            selector: self.selector.clone().unwrap_or_default(),
+            action: Action::Deny,
+            rules: vec![Rule::default()],
+            warnings: Vec::new(),
+            invalid: Some(self.error.to_string()),
+        })
+    }
+}
+
+/// Compiles a policy from its `spec` as a YAML (or JSON-converted) value: unknown fields,
+/// wrong types and bad values are errors naming the field.
+#[expect(
+    clippy::result_large_err,
+    reason = "an invalid policy carries what could be read of it; a rare path"
+)]
+pub fn compile(namespace: &str, name: &str, spec: serde_yaml::Value) -> Result<Policy, Invalid> {
+    let action = hint_action(&spec);
+    let selector = hint_selector(&spec);
+    let invalid = |field: String, message: String| Invalid {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        error: Error::Invalid {
+            policy: format!("{namespace}/{name}"),
+            field,
+            message,
+        },
+        action,
+        selector: selector.clone(),
+    };
+    let spec: AuthorizationPolicySpec = serde_path_to_error::deserialize(spec).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "spec".to_owned()
+        } else {
+            format!("spec.{path}")
+        };
+        invalid(field, e.into_inner().to_string())
+    })?;
+    compile_spec(namespace, name, &spec).map_err(|mut e| {
+        // A typed error knows the action only if it could be parsed; keep the hints.
+        e.action = e.action.or(action);
+        e.selector = e.selector.or(selector.clone());
+        e
+    })
+}
+
+/// Compiles a typed spec (the Kubernetes source's entry point; `compile` goes through it).
+#[expect(
+    clippy::result_large_err,
+    reason = "an invalid policy carries what could be read of it; a rare path"
+)]
+pub fn compile_spec(
+    namespace: &str,
+    name: &str,
+    spec: &AuthorizationPolicySpec,
+) -> Result<Policy, Invalid> {
+    let key = format!("{namespace}/{name}");
+    let selector = spec
+        .selector
+        .as_ref()
+        .map(|s| s.match_labels.clone())
+        .unwrap_or_default();
+    let parsed = parse_action(spec.action.as_deref());
+    let hint = parsed.as_ref().ok().copied();
+    let invalid = |field: &str, message: String| Invalid {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        error: Error::Invalid {
+            policy: key.clone(),
+            field: field.to_owned(),
+            message,
+        },
+        action: hint,
+        selector: Some(selector.clone()),
+    };
+    let action = parsed.map_err(|m| invalid("spec.action", m))?;
+    if let Some(k) = selector.keys().find(|k| k.is_empty()) {
+        return Err(invalid(
+            "spec.selector.matchLabels",
+            format!("label key {k:?} is empty"),
+        ));
+    }
+    if spec.provider.is_some() {
+        return Err(invalid(
+            "spec.provider",
+            "external authorizers (action CUSTOM) are not supported".into(),
+        ));
+    }
+    for (field, set) in [
+        ("spec.targetRef", spec.target_ref.is_some()),
+        ("spec.targetRefs", spec.target_refs.is_some()),
+    ] {
+        if set {
+            return Err(invalid(
+                field,
+                "policies bound to a gateway or waypoint are not supported; use selector".into(),
+            ));
+        }
+    }
+    let mut rules = Vec::with_capacity(spec.rules.len());
+    let mut warnings = Vec::new();
+    for (i, r) in spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        let mut l7 = Vec::new();
+        let mut rule = Rule::default();
+        for (j, f) in r.from.iter().enumerate() {
+            let at = format!("{at}.from[{j}].source");
+            let source = source(&f.source, &mut l7)
+                .map_err(|(field, m)| invalid(&format!("{at}.{field}"), m))?;
+            rule.from.push(source);
+        }
+        for (j, t) in r.to.iter().enumerate() {
+            let at = format!("{at}.to[{j}].operation");
+            let op = operation(&t.operation, &mut l7)
+                .map_err(|(field, m)| invalid(&format!("{at}.{field}"), m))?;
+            rule.to.push(op);
+        }
+        for (j, c) in r.when.iter().enumerate() {
+            let at = format!("{at}.when[{j}]");
+            if let Some(c) =
+                condition(c, &mut l7).map_err(|(field, m)| invalid(&format!("{at}.{field}"), m))?
+            {
+                rule.when.push(c);
+            }
+        }
+        if !l7.is_empty() {
+            // Each attribute once, in the order written.
+            let mut seen = std::collections::HashSet::new();
+            l7.retain(|a| seen.insert(*a));
+            let what = l7.join(", ");
+            warnings.push(match action {
+                Action::Allow => {
+                    rule.never = true;
+                    format!(
+                        "rules[{i}] needs L7 attributes ({what}): at L4 this ALLOW rule matches \
+                         no connection (a waypoint can evaluate it)"
+                    )
+                }
+                Action::Deny => format!(
+                    "rules[{i}] needs L7 attributes ({what}): at L4 this DENY rule denies every \
+                     connection that its other attributes match (fail closed)"
+                ),
+                Action::Audit => format!(
+                    "rules[{i}] needs L7 attributes ({what}): at L4 this AUDIT rule logs every \
+                     connection that its other attributes match"
+                ),
+            });
+        }
+        rules.push(rule);
+    }
+    Ok(Policy {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        key: Arc::from(key.as_str()),
+        selector,
+        action,
+        rules,
+        warnings,
+        invalid: None,
+    })
+}
+
+fn parse_action(action: Option<&str>) -> Result<Action, String> {
+    match action {
+        None | Some("ALLOW") => Ok(Action::Allow),
+        Some("DENY") => Ok(Action::Deny),
+        Some("AUDIT") => Ok(Action::Audit),
+        Some("CUSTOM") => Err("action CUSTOM (an external authorizer) is not supported".into()),
+        Some(other) => Err(format!(
+            "unknown action {other:?}: expected ALLOW, DENY or AUDIT"
+        )),
+    }
+}
+
+/// `spec.action`, read leniently from a spec that may not parse; `None` when unreadable (a
+/// spec that is not a mapping included).
+fn hint_action(spec: &serde_yaml::Value) -> Option<Action> {
+    if !(spec.is_mapping() || spec.is_null()) {
+        return None;
+    }
+    match spec.get("action") {
+        None => Some(Action::Allow),
+        Some(v) => v.as_str().and_then(|a| parse_action(Some(a)).ok()),
+    }
+}
+
+/// `spec.selector.matchLabels`, read leniently; `None` when it is there but unreadable.
+fn hint_selector(spec: &serde_yaml::Value) -> Option<BTreeMap<String, String>> {
+    let Some(selector) = spec.get("selector") else {
+        return Some(BTreeMap::new());
+    };
+    let Some(labels) = selector.get("matchLabels") else {
+        return selector.as_mapping().map(|_| BTreeMap::new());
+    };
+    serde_yaml::from_value(labels.clone()).ok()
+}
+
+/// A field error: the field (relative to its parent) and what is wrong.
+type FieldError = (String, String);
+
+fn source(s: &SourceSpec, l7: &mut Vec<&'static str>) -> Result<Source, FieldError> {
+    for (name, values) in [
+        ("requestPrincipals", &s.request_principals),
+        ("notRequestPrincipals", &s.not_request_principals),
+        ("remoteIpBlocks", &s.remote_ip_blocks),
+        ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+    ] {
+        if !values.is_empty() {
+            l7.push(name);
+        }
+    }
+    Ok(Source {
+        principals: list("principals", &s.principals, principal)?,
+        not_principals: list("notPrincipals", &s.not_principals, principal)?,
+        namespaces: list("namespaces", &s.namespaces, namespace)?,
+        not_namespaces: list("notNamespaces", &s.not_namespaces, namespace)?,
+        ip_blocks: list("ipBlocks", &s.ip_blocks, ip_block)?,
+        not_ip_blocks: list("notIpBlocks", &s.not_ip_blocks, ip_block)?,
+    })
+}
+
+fn operation(o: &OperationSpec, l7: &mut Vec<&'static str>) -> Result<Operation, FieldError> {
+    for (name, values) in [
+        ("hosts", &o.hosts),
+        ("notHosts", &o.not_hosts),
+        ("methods", &o.methods),
+        ("notMethods", &o.not_methods),
+        ("paths", &o.paths),
+        ("notPaths", &o.not_paths),
+    ] {
+        if !values.is_empty() {
+            l7.push(name);
+        }
+    }
+    Ok(Operation {
+        ports: list("ports", &o.ports, port)?,
+        not_ports: list("notPorts", &o.not_ports, port)?,
+    })
+}
+
+/// A `when` condition: `None` for an L7 key (recorded in `l7`).
+fn condition(
+    c: &ConditionSpec,
+    l7: &mut Vec<&'static str>,
+) -> Result<Option<Condition>, FieldError> {
+    if c.values.is_empty() && c.not_values.is_empty() {
+        return Err((
+            "values".into(),
+            format!("condition {:?} needs values or notValues", c.key),
+        ));
+    }
+    let key = c.key.as_str();
+    if key.starts_with("request.") || key.starts_with("experimental.") || key == "remote.ip" {
+        l7.push("when");
+        return Ok(None);
+    }
+    Ok(Some(match key {
+        "source.ip" => {
+            let (values, not) = values_of(c, ip_block)?;
+            Condition::SourceIp { values, not }
+        }
+        "destination.ip" => {
+            let (values, not) = values_of(c, ip_block)?;
+            Condition::DestinationIp { values, not }
+        }
+        "source.principal" => {
+            let (values, not) = values_of(c, principal)?;
+            Condition::SourcePrincipal { values, not }
+        }
+        "source.namespace" => {
+            let (values, not) = values_of(c, namespace)?;
+            Condition::SourceNamespace { values, not }
+        }
+        "destination.port" => {
+            let (values, not) = values_of(c, |s: &String| port(&PortSpec::Text(s.clone())))?;
+            Condition::DestinationPort { values, not }
+        }
+        other => {
+            return Err((
+                "key".into(),
+                format!(
+                    "condition key {other:?} is not supported: at L4 the keys are source.ip, \
+                     source.principal, source.namespace, destination.ip and destination.port \
+                     (request.* and remote.ip are L7)"
+                ),
+            ))
+        }
+    }))
+}
+
+fn values_of<T>(
+    c: &ConditionSpec,
+    parse: impl Fn(&String) -> Result<T, String>,
+) -> Result<(Vec<T>, Vec<T>), FieldError> {
+    Ok((
+        list("values", &c.values, &parse)?,
+        list("notValues", &c.not_values, &parse)?,
+    ))
+}
+
+/// Parses each element of a list field; an error names `field[i]`.
+fn list<S, T>(
+    field: &str,
+    values: &[S],
+    parse: impl Fn(&S) -> Result<T, String>,
+) -> Result<Vec<T>, FieldError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| parse(v).map_err(|m| (format!("{field}[{i}]"), m)))
+        .collect()
+}
+
+/// Characters a principal or namespace pattern may contain besides one leading or trailing `*`.
+fn allowed(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/')
+}
+
+/// A `*` only at the start or the end, the rest in `allowed`.
+fn pattern(s: &str) -> Result<Pattern, String> {
+    if s.is_empty() {
+        return Err("is empty".into());
+    }
+    if s == "*" {
+        return Ok(Pattern::Any);
+    }
+    let (p, body) = if let Some(rest) = s.strip_prefix('*') {
+        (Pattern::Suffix(rest.to_owned()), rest)
+    } else if let Some(rest) = s.strip_suffix('*') {
+        (Pattern::Prefix(rest.to_owned()), rest)
+    } else {
+        (Pattern::Exact(s.to_owned()), s)
+    };
+    if body.contains('*') {
+        return Err(format!(
+            "{s:?}: a `*` may only stand alone, at the start or at the end"
+        ));
+    }
+    if let Some(c) = body.chars().find(|c| !allowed(*c)) {
+        return Err(format!("{s:?}: character {c:?} is not allowed"));
+    }
+    Ok(p)
+}
+
+/// A principal: `<trust domain>/ns/<namespace>/sa/<account>` (`spiffe://` optional), or a
+/// pattern. An exact principal must be a valid SPIFFE id: one that is not can never match.
+fn principal(s: &String) -> Result<Pattern, String> {
+    let body = s.strip_prefix("spiffe://").unwrap_or(s);
+    let p = pattern(body).map_err(|m| format!("principal {m}"))?;
+    if let Pattern::Exact(exact) = &p {
+        SpiffeId::from_str(&format!("spiffe://{exact}")).map_err(|e| {
+            format!(
+                "principal {s:?} is not <trust-domain>/ns/<namespace>/sa/<service-account>: {e}"
+            )
+        })?;
+    }
+    Ok(p)
+}
+
+fn namespace(s: &String) -> Result<Pattern, String> {
+    let p = pattern(s).map_err(|m| format!("namespace {m}"))?;
+    if s.contains('/') {
+        return Err(format!("namespace {s:?} contains `/`"));
+    }
+    Ok(p)
+}
+
+/// `10.0.0.0/8` or a single address. An IPv4-mapped IPv6 block (`::ffff:10.0.0.0/104`) is
+/// taken as the IPv4 block it maps, as connections' addresses are: written either way, it
+/// matches the same connections.
+fn ip_block(s: &String) -> Result<IpNet, String> {
+    let net = match IpNet::from_str(s) {
+        Ok(net) => net.trunc(),
+        Err(_) => IpAddr::from_str(s)
+            .map(IpNet::from)
+            .map_err(|_| format!("{s:?} is not an address or CIDR block"))?,
+    };
+    Ok(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    })
+}
+
+fn port(p: &PortSpec) -> Result<u16, String> {
+    let n = match p {
+        PortSpec::Number(n) => Some(*n),
+        PortSpec::Text(s) => s.trim().parse::<i64>().ok().filter(|_| !s.is_empty()),
+    };
+    n.and_then(|n| u16::try_from(n).ok())
+        .filter(|n| *n != 0)
+        .ok_or_else(|| {
+            let shown = match p {
+                PortSpec::Number(n) => n.to_string(),
+                PortSpec::Text(s) => format!("{s:?}"),
+            };
+            format!("{shown} is not a port (1-65535)")
+        })
+}

@@ -1,0 +1,303 @@
+//! Selecting a workload's policies and deciding a connection.
+//!
+//! The order is Istio's: a matching DENY denies; AUDIT policies that match are noted; with no
+//! ALLOW policy selecting the workload the connection is allowed; otherwise it must match one
+//! of them. A plaintext connection has no identity: a principal or namespace it is required to
+//! have cannot match, and a `not` of one excludes only connections that have it.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
+
+use ipnet::IpNet;
+
+use super::{Action, Condition, Operation, Pattern, Policy, Rule, Source};
+use crate::identity::SpiffeId;
+
+/// What a connection looks like to L4 policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn<'a> {
+    /// The verified peer identity; `None` for plaintext.
+    pub identity: Option<&'a SpiffeId>,
+    /// The source address.
+    pub src: IpAddr,
+    /// The destination (workload) address.
+    pub dst: IpAddr,
+    /// The destination (workload) port.
+    pub port: u16,
+}
+
+/// The policies that select one workload, by action, each list in key order. Computed when
+/// the state changes, so that a decision costs the policies of the workload only.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Selected {
+    pub deny: Vec<Arc<Policy>>,
+    pub allow: Vec<Arc<Policy>>,
+    pub audit: Vec<Arc<Policy>>,
+}
+
+impl Selected {
+    /// Sorts `policies` (already selected) by action.
+    pub fn new<'a>(policies: impl IntoIterator<Item = &'a Arc<Policy>>) -> Self {
+        let mut s = Selected::default();
+        for p in policies {
+            match p.action {
+                Action::Deny => s.deny.push(p.clone()),
+                Action::Allow => s.allow.push(p.clone()),
+                Action::Audit => s.audit.push(p.clone()),
+            }
+        }
+        for list in [&mut s.deny, &mut s.allow, &mut s.audit] {
+            list.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        s
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
+    }
+
+    /// Whether both hold the very same policies (pointer equality): a connection decided
+    /// under one need not be decided again under the other.
+    pub fn same(&self, other: &Selected) -> bool {
+        let eq = |a: &[Arc<Policy>], b: &[Arc<Policy>]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+        };
+        eq(&self.deny, &other.deny)
+            && eq(&self.allow, &other.allow)
+            && eq(&self.audit, &other.audit)
+    }
+}
+
+/// Whether `policy` selects a workload of `namespace` with `labels`; a policy in
+/// `root_namespace` selects in every namespace.
+pub fn selects(
+    policy: &Policy,
+    root_namespace: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    (policy.namespace == namespace || policy.namespace == root_namespace)
+        && policy
+            .selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Why a connection was allowed or denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No ALLOW or DENY policy selects the workload.
+    NoPolicy,
+    /// A rule of an ALLOW policy matched.
+    AllowRule,
+    /// A rule of a DENY policy matched.
+    DenyRule,
+    /// The workload is selected by an invalid DENY policy, which denies everything until fixed.
+    InvalidPolicy,
+    /// ALLOW policies select the workload and none matched.
+    NoAllowMatch,
+}
+
+impl Reason {
+    /// For logs and the metric's `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoPolicy => "no_policy",
+            Reason::AllowRule => "allow_rule",
+            Reason::DenyRule => "deny_rule",
+            Reason::InvalidPolicy => "invalid_policy",
+            Reason::NoAllowMatch => "no_allow_match",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The verdict on one connection and what decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: Reason,
+    /// The deciding policy (`namespace/name`); for [`Reason::NoAllowMatch`] the ALLOW policies
+    /// that select the workload, comma-separated; `None` without policy.
+    pub policy: Option<Arc<str>>,
+    /// The index of the deciding rule in its policy.
+    pub rule: Option<usize>,
+    /// AUDIT policies that matched, with their rule.
+    pub audited: Vec<(Arc<str>, usize)>,
+}
+
+impl Decision {
+    /// `allow` or `deny`.
+    pub fn verdict(&self) -> &'static str {
+        if self.allowed {
+            "allow"
+        } else {
+            "deny"
+        }
+    }
+
+    /// The deciding policy, `-` when none.
+    pub fn policy_str(&self) -> &str {
+        self.policy.as_deref().unwrap_or("-")
+    }
+
+    /// The deciding rule, `-` when none.
+    pub fn rule_str(&self) -> String {
+        self.rule.map_or_else(|| "-".to_owned(), |r| r.to_string())
+    }
+
+    /// The matched AUDIT policies as `ns/name#rule,...`, empty when none.
+    pub fn audited_str(&self) -> String {
+        self.audited
+            .iter()
+            .map(|(p, r)| format!("{p}#{r}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Decides `conn` under the policies of its destination workload.
+pub fn evaluate(selected: Option<&Selected>, conn: &Conn<'_>) -> Decision {
+    let no_policy = Decision {
+        allowed: true,
+        reason: Reason::NoPolicy,
+        policy: None,
+        rule: None,
+        audited: Vec::new(),
+    };
+    let Some(selected) = selected else {
+        return no_policy;
+    };
+    let attrs = Attrs::new(conn);
+    // AUDIT first, as Istio does: a connection that a DENY denies is still audited.
+    let audited: Vec<_> = selected
+        .audit
+        .iter()
+        .filter_map(|p| first_match(p, &attrs).map(|r| (p.key.clone(), r)))
+        .collect();
+    for p in &selected.deny {
+        if let Some(rule) = first_match(p, &attrs) {
+            let reason = if p.invalid.is_some() {
+                Reason::InvalidPolicy
+            } else {
+                Reason::DenyRule
+            };
+            return Decision {
+                allowed: false,
+                reason,
+                policy: Some(p.key.clone()),
+                rule: Some(rule),
+                audited,
+            };
+        }
+    }
+    if selected.allow.is_empty() {
+        return Decision {
+            audited,
+            ..no_policy
+        };
+    }
+    for p in &selected.allow {
+        if let Some(rule) = first_match(p, &attrs) {
+            return Decision {
+                allowed: true,
+                reason: Reason::AllowRule,
+                policy: Some(p.key.clone()),
+                rule: Some(rule),
+                audited,
+            };
+        }
+    }
+    let policy = match selected.allow.as_slice() {
+        [one] => one.key.clone(),
+        many => Arc::from(many.iter().map(|p| &*p.key).collect::<Vec<_>>().join(",")),
+    };
+    Decision {
+        allowed: false,
+        reason: Reason::NoAllowMatch,
+        policy: Some(policy),
+        rule: None,
+        audited,
+    }
+}
+
+/// The connection's attributes, the principal rendered once (as Istio writes principals:
+/// without `spiffe://`).
+struct Attrs<'a> {
+    conn: &'a Conn<'a>,
+    principal: Option<String>,
+}
+
+impl<'a> Attrs<'a> {
+    fn new(conn: &'a Conn<'a>) -> Self {
+        let principal = conn.identity.map(|id| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                id.trust_domain, id.namespace, id.service_account
+            )
+        });
+        Attrs { conn, principal }
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.conn.identity.map(|id| id.namespace.as_str())
+    }
+}
+
+fn first_match(p: &Policy, a: &Attrs<'_>) -> Option<usize> {
+    p.rules.iter().position(|r| rule_matches(r, a))
+}
+
+fn rule_matches(r: &Rule, a: &Attrs<'_>) -> bool {
+    !r.never
+        && (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, a)))
+        && (r.to.is_empty() || r.to.iter().any(|o| operation_matches(o, a)))
+        && r.when.iter().all(|c| condition_matches(c, a))
+}
+
+/// Positive values: empty, or one matches. Negative values: none matches. For an attribute
+/// the connection lacks (no identity), positive values never match and negative ones exclude
+/// nothing.
+fn one_of<T>(values: &[T], not: &[T], have: Option<impl Fn(&T) -> bool>) -> bool {
+    match have {
+        Some(m) => (values.is_empty() || values.iter().any(&m)) && !not.iter().any(&m),
+        None => values.is_empty(),
+    }
+}
+
+fn patterns(values: &[Pattern], not: &[Pattern], value: Option<&str>) -> bool {
+    one_of(values, not, value.map(|v| move |p: &Pattern| p.matches(v)))
+}
+
+fn nets(values: &[IpNet], not: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    one_of(values, not, Some(|n: &IpNet| n.contains(&ip)))
+}
+
+fn ports(values: &[u16], not: &[u16], port: u16) -> bool {
+    one_of(values, not, Some(|p: &u16| *p == port))
+}
+
+fn source_matches(s: &Source, a: &Attrs<'_>) -> bool {
+    patterns(&s.principals, &s.not_principals, a.principal.as_deref())
+        && patterns(&s.namespaces, &s.not_namespaces, a.namespace())
+        && nets(&s.ip_blocks, &s.not_ip_blocks, a.conn.src)
+}
+
+fn operation_matches(o: &Operation, a: &Attrs<'_>) -> bool {
+    ports(&o.ports, &o.not_ports, a.conn.port)
+}
+
+fn condition_matches(c: &Condition, a: &Attrs<'_>) -> bool {
+    match c {
+        Condition::SourceIp { values, not } => nets(values, not, a.conn.src),
+        Condition::DestinationIp { values, not } => nets(values, not, a.conn.dst),
+        Condition::DestinationPort { values, not } => ports(values, not, a.conn.port),
+        Condition::SourcePrincipal { values, not } => patterns(values, not, a.principal.as_deref()),
+        Condition::SourceNamespace { values, not } => patterns(values, not, a.namespace()),
+    }
+}
