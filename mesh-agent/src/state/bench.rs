@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{Changes, Error, Namespace, PortMapping, Service, Snapshot, Store, Workload};
-use crate::config::CaptureExclusions;
+use crate::{config::CaptureExclusions, policy::Policy};
 
 /// Nodes of the synthetic mesh.
 const NODES: u32 = 100;
@@ -141,6 +141,33 @@ impl Shape {
     }
 }
 
+/// The `k`th namespace policy: an ALLOW on one service's workloads for one identity, its port
+/// changing with `k` (so that each one is a change).
+fn namespace_policy(shape: &Shape, k: u32) -> Option<Policy> {
+    let i = k.wrapping_mul(31).checked_rem(shape.services)?;
+    let spec = format!(
+        "{{selector: {{matchLabels: {{app: app-{i}}}}}, rules: [{{from: [{{source: \
+         {{principals: [cluster.local/ns/{}/sa/sa-{i}]}}}}], to: [{{operation: {{ports: [{}]}}}}]}}]}}",
+        shape.namespace_of(i),
+        1 + k % 1000
+    );
+    compiled(&shape.namespace_of(i), &format!("allow-{i}"), &spec)
+}
+
+/// A mesh-wide DENY in the root namespace, its port changing with `k`.
+fn root_policy(k: u32) -> Option<Policy> {
+    let spec = format!(
+        "{{action: DENY, rules: [{{from: [{{source: {{notPrincipals: ['*']}}}}], \
+         to: [{{operation: {{ports: [{}]}}}}]}}]}}",
+        1 + k % 1000
+    );
+    compiled(super::DEFAULT_ROOT_NAMESPACE, "deny-plaintext", &spec)
+}
+
+fn compiled(namespace: &str, name: &str, spec: &str) -> Option<Policy> {
+    crate::policy::compile(namespace, name, serde_yaml::from_str(spec).ok()?).ok()
+}
+
 /// What `bench-state` measures.
 #[derive(Debug)]
 pub struct Report {
@@ -149,6 +176,12 @@ pub struct Report {
     pub build: Duration,
     pub service_updates: Vec<Duration>,
     pub workload_updates: Vec<Duration>,
+    /// A namespace policy added or changed (its namespace's workloads selected again).
+    pub policy_updates: Vec<Duration>,
+    /// The root namespace's policy changed (every workload selected again).
+    pub root_policy_updates: Vec<Duration>,
+    /// Mean time of one decision (a workload selected by a namespace and a root policy).
+    pub decide: Duration,
     pub rss_mib: Option<f64>,
     /// Mean time of [`Snapshot::resolve`] on a service port.
     pub resolve: Duration,
@@ -165,6 +198,8 @@ impl Report {
                 "{{\"services\":{},\"workloads\":{},\"service_ports\":{},\"build_ms\":{:.1},",
                 "\"update_one_service_us_p50\":{:.1},\"update_one_service_us_max\":{:.1},",
                 "\"update_one_workload_us_p50\":{:.1},\"update_one_workload_us_max\":{:.1},",
+                "\"update_one_policy_us_p50\":{:.1},\"update_one_policy_us_max\":{:.1},",
+                "\"update_root_policy_ms_p50\":{:.2},\"decide_ns\":{:.0},",
                 "\"resolve_ns\":{:.0},\"rss_mib\":{}}}"
             ),
             self.shape.services,
@@ -175,6 +210,10 @@ impl Report {
             max(&self.service_updates),
             p50(&self.workload_updates),
             max(&self.workload_updates),
+            p50(&self.policy_updates),
+            max(&self.policy_updates),
+            p50(&self.root_policy_updates) / 1e3,
+            self.decide.as_secs_f64() * 1e9,
             self.resolve.as_secs_f64() * 1e9,
             self.rss_mib
                 .map_or_else(|| "null".to_owned(), |m| format!("{m:.1}")),
@@ -215,7 +254,35 @@ pub fn run(shape: Shape) -> Result<Report, Error> {
     }
     service_updates.sort_unstable();
     workload_updates.sort_unstable();
+    let mut policy_updates = Vec::new();
+    let mut root_policy_updates = Vec::new();
+    for k in 0..UPDATES {
+        if let Some(p) = namespace_policy(&shape, k) {
+            policy_updates.push(timed(
+                &store,
+                Changes {
+                    policies: vec![p],
+                    ..Changes::default()
+                },
+            )?);
+        }
+        // Each one re-selects every workload: fewer of them.
+        if k % 10 == 0 {
+            if let Some(p) = root_policy(k) {
+                root_policy_updates.push(timed(
+                    &store,
+                    Changes {
+                        policies: vec![p],
+                        ..Changes::default()
+                    },
+                )?);
+            }
+        }
+    }
+    policy_updates.sort_unstable();
+    root_policy_updates.sort_unstable();
     let snap = store.load();
+    let decide = time_decisions(&shape, &snap);
     let vips: Vec<SocketAddr> = snap.services.keys().copied().collect();
     let rounds = (1_000_000 / vips.len().max(1)).max(1);
     let started = Instant::now();
@@ -233,9 +300,45 @@ pub fn run(shape: Shape) -> Result<Report, Error> {
         build,
         service_updates,
         workload_updates,
+        policy_updates,
+        root_policy_updates,
+        decide,
         rss_mib,
         resolve: started.elapsed() / lookups,
     })
+}
+
+/// Mean time of a decision on a workload selected by a namespace policy and the root policy,
+/// as the proxy makes it: the workload's selection from the snapshot, then `evaluate`.
+fn time_decisions(shape: &Shape, snap: &Snapshot) -> Duration {
+    let Some(i) = 0u32.checked_rem(shape.services) else {
+        return Duration::ZERO;
+    };
+    let namespace = shape.namespace_of(i);
+    let Some(w) = snap
+        .workloads
+        .values()
+        .find(|w| w.namespace == namespace && snap.authorization(&w.key()).is_some())
+    else {
+        return Duration::ZERO;
+    };
+    let key = w.key();
+    let Ok(identity) = crate::identity::SpiffeId::new("cluster.local", &namespace, "sa-0") else {
+        return Duration::ZERO;
+    };
+    let rounds: u32 = 1_000_000;
+    let started = Instant::now();
+    for n in 0..rounds {
+        let conn = crate::policy::Conn {
+            identity: Some(&identity),
+            src: IpAddr::V4(Ipv4Addr::from(WORKLOAD_BASE + 2)),
+            dst: w.ips[0],
+            port: u16::try_from(1 + n % 1000).unwrap_or(1),
+        };
+        let selected = snap.authorization(&key);
+        std::hint::black_box(crate::policy::evaluate(selected.map(|s| &**s), &conn));
+    }
+    started.elapsed() / rounds
 }
 
 fn timed(store: &Store, changes: Changes) -> Result<Duration, Error> {

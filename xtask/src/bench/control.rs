@@ -57,6 +57,21 @@ pub fn run(target: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
             "update_one_workload_us_p50",
             "µs",
         ),
+        (
+            "single namespace policy update applied, p50",
+            "update_one_policy_us_p50",
+            "µs",
+        ),
+        (
+            "root-namespace (mesh-wide) policy update applied, p50",
+            "update_root_policy_ms_p50",
+            "ms",
+        ),
+        (
+            "one authorization decision (2 policies select the workload)",
+            "decide_ns",
+            "ns",
+        ),
         ("state process RSS", "rss_mib", "MiB"),
     ] {
         out.push(Figure {
