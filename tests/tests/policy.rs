@@ -196,9 +196,21 @@ fn policies_allow_deny_and_name_the_deciding_policy() {
              rules: [{{from: [{{source: {{principals: [\"{CLIENT}\"]}}}}]}}]}}"
         ),
     );
+    // AUDIT never changes a verdict; it is logged and counted.
+    let audit_db = policy(
+        "shop",
+        "audit-db",
+        "{selector: {matchLabels: {app: db}}, action: AUDIT, \
+         rules: [{from: [{source: {notNamespaces: [shop]}}]}]}",
+    );
     set_policies(
         &lab,
-        &[allow_client(), deny_9090.clone(), deny_client_to_db.clone()],
+        &[
+            allow_client(),
+            deny_9090.clone(),
+            deny_client_to_db.clone(),
+            audit_db,
+        ],
     );
     denied(&lab, "shop/client", &api_9090);
     allowed(&lab, "shop/client", &api_8080);
@@ -221,6 +233,29 @@ fn policies_allow_deny_and_name_the_deciding_policy() {
             "local=true",
             "policy=shop/deny-client-to-db rule=0",
         ],
+    );
+    assert_logged(
+        &lab,
+        "n1",
+        &[
+            "connection closed",
+            "pod=shop/db",
+            "decision=allow policy=- rule=- audit=shop/audit-db#0",
+        ],
+    );
+    assert_eq!(
+        counter(
+            &lab,
+            "n1",
+            "mesh_policy_decisions_total",
+            &[
+                ("action", "audit"),
+                ("policy", "shop/audit-db"),
+                ("reason", "audit_rule")
+            ]
+        ),
+        1.0,
+        "legacy/client's connection to shop/db"
     );
     assert_eq!(
         counter(
