@@ -8,6 +8,8 @@
 pub mod cli;
 mod compile;
 mod eval;
+#[cfg(test)]
+mod fuzz;
 pub mod spec;
 #[cfg(test)]
 mod tests;
