@@ -47,16 +47,27 @@ impl Invalid {
         if matches!(self.action, Some(Action::Allow | Action::Audit)) {
             return None;
         }
-        Some(Policy {
+        Some(self.stand_in(Action::Deny, vec![Rule::default()]))
+    }
+
+    /// For an invalid ALLOW whose last good version is unknown (at start): an ALLOW that
+    /// matches nothing, so that the workloads it selects accept only what their other ALLOW
+    /// policies allow. `None` for other actions.
+    pub fn allow_nothing(&self) -> Option<Policy> {
+        (self.action == Some(Action::Allow)).then(|| self.stand_in(Action::Allow, Vec::new()))
+    }
+
+    fn stand_in(&self, action: Action, rules: Vec<Rule>) -> Policy {
+        Policy {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             key: Arc::from(self.key()),
             selector: self.selector.clone().unwrap_or_default(),
-            action: Action::Deny,
-            rules: vec![Rule::default()],
+            action,
+            rules,
             warnings: Vec::new(),
             invalid: Some(self.error.to_string()),
-        })
+        }
     }
 }
 

@@ -91,7 +91,9 @@ pub enum Reason {
     AllowRule,
     /// A rule of a DENY policy matched.
     DenyRule,
-    /// The workload is selected by an invalid DENY policy, which denies everything until fixed.
+    /// An invalid policy fails closed: a DENY that denies everything until fixed, or (at start,
+    /// its last good version unknown) an ALLOW that allows nothing and kept the connection from
+    /// matching an ALLOW.
     InvalidPolicy,
     /// ALLOW policies select the workload and none matched.
     NoAllowMatch,
@@ -212,13 +214,27 @@ pub fn evaluate(selected: Option<&Selected>, conn: &Conn<'_>) -> Decision {
             };
         }
     }
-    let policy = match selected.allow.as_slice() {
+    // An invalid ALLOW that stands in (allowing nothing) is what denied, if there is one.
+    let invalid: Vec<&Arc<Policy>> = selected
+        .allow
+        .iter()
+        .filter(|p| p.invalid.is_some())
+        .collect();
+    let (reason, named) = if invalid.is_empty() {
+        (
+            Reason::NoAllowMatch,
+            selected.allow.iter().collect::<Vec<_>>(),
+        )
+    } else {
+        (Reason::InvalidPolicy, invalid)
+    };
+    let policy = match named.as_slice() {
         [one] => one.key.clone(),
         many => Arc::from(many.iter().map(|p| &*p.key).collect::<Vec<_>>().join(",")),
     };
     Decision {
         allowed: false,
-        reason: Reason::NoAllowMatch,
+        reason,
         policy: Some(policy),
         rule: None,
         audited,

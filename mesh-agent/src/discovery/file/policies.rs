@@ -2,28 +2,37 @@
 //! (`apiVersion`, `kind`, `metadata`, `spec`), so that a policy can be pasted from a cluster.
 //!
 //! Each policy is checked on its own: an invalid one does not reject the file. What happens to
-//! it is decided against the state in force ([`settle`]): an invalid DENY fails closed (a DENY
-//! of everything for the workloads it selects), an invalid ALLOW or AUDIT keeps its last good
-//! version, or is left out when it has none. Only an entry that cannot even be named (no
-//! `metadata.name` or `metadata.namespace`) rejects the whole file, as any broken entry does.
+//! it is decided against the state in force ([`settle`]), so that an invalid policy never
+//! widens what the last good state allowed:
+//! - an invalid DENY fails closed (a DENY of everything for the workloads it selects);
+//! - an invalid ALLOW or AUDIT keeps what is in force for it (its last good version, or the
+//!   stand-in it already has);
+//! - with nothing in force: at start, when the last good version is unknown, an invalid ALLOW
+//!   stands in as an ALLOW of nothing (fail closed); on a reload it is left out (the state in
+//!   force stays as it is), and so is an AUDIT.
+//!
+//! Only an entry that cannot even be named (no `metadata.name` or `metadata.namespace`) rejects
+//! the whole file, as any broken entry does.
 
 use std::fmt;
 
 use serde_yaml::Value;
 
 use crate::{
-    policy::{self, Invalid, Policy},
+    policy::{self, Action, Invalid, Policy},
     state::Snapshot,
 };
 
 /// What became of an invalid policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// An invalid DENY (or unreadable action): the workloads it selects deny every connection.
+    /// A stand-in denies: an invalid DENY (or unreadable action) denies every connection to
+    /// the workloads it selects; an invalid ALLOW at start allows nothing.
     FailClosed,
     /// An invalid ALLOW or AUDIT with a valid version in force: that version stays.
     KeptLastGood,
-    /// An invalid ALLOW or AUDIT never valid before: not applied.
+    /// An invalid ALLOW or AUDIT with nothing in force on a reload, or an AUDIT at start: not
+    /// applied.
     NotApplied,
 }
 
@@ -47,13 +56,17 @@ pub struct Rejection {
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.outcome {
-            Outcome::FailClosed => {
+        let what = match (self.outcome, self.invalid.action) {
+            (Outcome::FailClosed, Some(Action::Allow)) => {
+                "an invalid ALLOW fails closed: the workloads it selects accept only what their \
+                 other ALLOW policies allow until it is fixed (its last good version is not known)"
+            }
+            (Outcome::FailClosed, _) => {
                 "an invalid DENY fails closed: the workloads it selects deny every connection \
                  until it is fixed"
             }
-            Outcome::KeptLastGood => "its last good version stays in force",
-            Outcome::NotApplied => "it is not applied (it has no earlier valid version)",
+            (Outcome::KeptLastGood, _) => "its last good version stays in force",
+            (Outcome::NotApplied, _) => "it is not applied (it has no earlier valid version)",
         };
         write!(f, "{}; {what}", self.invalid)
     }
@@ -138,10 +151,12 @@ pub fn entry(i: usize, value: Value) -> Result<(String, Result<Policy, Invalid>)
 }
 
 /// Decides, against the state in force, what each invalid policy becomes: returns the policies
-/// to put in force in their place, with what became of each.
+/// to put in force in their place, with what became of each. `start`: the state in force is
+/// not the last good one (the agent is starting), so nothing is known of earlier versions.
 pub fn settle(
     current: &Snapshot,
     invalid: Vec<Invalid>,
+    start: bool,
 ) -> (Vec<(String, Policy)>, Vec<Rejection>) {
     let mut in_force = Vec::new();
     let mut rejections = Vec::with_capacity(invalid.len());
@@ -150,9 +165,18 @@ pub fn settle(
         let outcome = if let Some(stand_in) = inv.fail_closed() {
             in_force.push((key, stand_in));
             Outcome::FailClosed
-        } else if let Some(good) = current.policy(&key).filter(|p| p.invalid.is_none()) {
-            in_force.push((key, Policy::clone(good)));
-            Outcome::KeptLastGood
+        } else if let Some(kept) = current.policy(&key) {
+            // What is in force stays: the last good version, or the stand-in it has already.
+            let outcome = if kept.invalid.is_none() {
+                Outcome::KeptLastGood
+            } else {
+                Outcome::FailClosed
+            };
+            in_force.push((key, Policy::clone(kept)));
+            outcome
+        } else if let Some(stand_in) = inv.allow_nothing().filter(|_| start) {
+            in_force.push((key, stand_in));
+            Outcome::FailClosed
         } else {
             Outcome::NotApplied
         };

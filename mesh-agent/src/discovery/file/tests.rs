@@ -37,7 +37,7 @@ fn reload_str(store: &Store, text: &str) -> Result<Applied, String> {
 /// As [`reload_str`], also returning the rejected policies.
 fn reload_policies(store: &Store, text: &str) -> Result<(Applied, Vec<Rejection>), String> {
     let mut desired = parse(Path::new("state.yaml"), text).map_err(|e| e.to_string())?;
-    let rejections = desired.settle(&store.load());
+    let rejections = desired.settle(&store.load(), false);
     let applied = store
         .apply(diff(&store.load(), desired))
         .map_err(|e| e.to_string())?;
@@ -326,7 +326,7 @@ fn the_object_around_the_spec_is_checked_too() {
         ));
         let mut desired = parse(Path::new("state.yaml"), &text).expect("the file parses");
         assert_eq!(desired.invalid_policies.len(), 1, "{line}");
-        let rejections = desired.settle(&Snapshot::default());
+        let rejections = desired.settle(&Snapshot::default(), false);
         let shown = rejections[0].to_string();
         assert!(shown.contains(want), "{line}: {shown}");
         // A DENY around a broken object still fails closed.
@@ -359,4 +359,47 @@ fn the_documented_policies_are_valid() {
         }
     }
     assert!(checked >= 7, "only {checked} examples found");
+}
+
+#[test]
+fn at_start_an_invalid_allow_fails_closed_until_fixed() {
+    let path = Path::new("state.yaml");
+    let mut desired = parse(path, &with_policies(ALLOW_CLIENT_BROKEN)).expect("parses");
+    let base = Snapshot::default();
+    let rejections = desired.settle(&base, true);
+    assert_eq!(rejections[0].outcome, policies::Outcome::FailClosed);
+    assert!(
+        rejections[0]
+            .to_string()
+            .contains("an invalid ALLOW fails closed"),
+        "{}",
+        rejections[0]
+    );
+    let store = Store::new();
+    store.replace(build(path, desired, &base).expect("valid"));
+    let snap = store.load();
+    let selected = snap.authorization("shop/api").expect("selected");
+    assert!(selected.allow[0].invalid.is_some() && selected.allow[0].rules.is_empty());
+    let client = crate::identity::SpiffeId::new("cluster.local", "shop", "client").expect("id");
+    let conn = crate::policy::Conn {
+        identity: Some(&client),
+        src: "10.240.1.2".parse().expect("ip"),
+        dst: "10.240.2.2".parse().expect("ip"),
+        port: 8080,
+    };
+    let d = crate::policy::evaluate(Some(selected), &conn);
+    assert!(!d.allowed);
+    assert_eq!(d.reason, crate::policy::Reason::InvalidPolicy);
+    assert_eq!(d.policy.as_deref(), Some("shop/allow-client"));
+    // A reload that still has it keeps the stand-in: it never turns into "no policy".
+    let (applied, rejections) =
+        reload_policies(&store, &with_policies(ALLOW_CLIENT_BROKEN)).expect("applied");
+    assert_eq!(rejections[0].outcome, policies::Outcome::FailClosed);
+    assert!(applied.is_empty(), "{applied:?}");
+    // Fixed: the valid version replaces the stand-in, and the client is allowed.
+    reload_str(&store, &with_policies(ALLOW_CLIENT)).expect("valid");
+    let snap = store.load();
+    let selected = snap.authorization("shop/api").expect("selected");
+    assert!(selected.allow[0].invalid.is_none());
+    assert!(crate::policy::evaluate(Some(selected), &conn).allowed);
 }
