@@ -37,30 +37,31 @@ pub async fn proxy(
         identity: None,
         src: peer.ip().to_canonical(),
     };
-    let grant = match authz::authorize(pod, inputs, peer, dst) {
-        Ok(grant) => grant,
-        Err(denied) => {
-            reset(stream);
-            return Err(denied);
-        }
-    };
-    deliver(stream, pod, dst, inputs, grant).await
+    deliver(stream, peer, pod, dst, inputs).await
 }
 
-/// Connects an authorized `client` to the application at `dst` from inside the pod and copies
-/// both ways while the grant holds; never to an agent port (a loop). For inbound the pod's side
-/// is the application: bytes it sends are "sent".
+/// Decides `client`'s connection from `peer` (reset when denied), then connects it to the
+/// application at `dst` from inside the pod and copies both ways while the grant holds; never
+/// to an agent port (a loop). For inbound the pod's side is the application: bytes it sends are
+/// "sent".
 async fn deliver(
     client: TcpStream,
+    peer: Peer,
     pod: &Pod,
     dst: SocketAddr,
     inputs: &Inputs,
-    grant: authz::Grant,
 ) -> Result<(u64, u64), Error> {
     if mesh_common::ports::RESERVED.contains(&dst.port()) {
         reset(client);
         return Err(Error::Loop { addr: dst });
     }
+    let grant = match authz::authorize(pod, inputs, peer, dst) {
+        Ok(grant) => grant,
+        Err(denied) => {
+            reset(client);
+            return Err(denied);
+        }
+    };
     let (client, app) = connect_for(client, pod, &inputs.home, dst).await?;
     debug!("connection delivered");
     let copy = Box::pin(copy::bidirectional(app, client));
@@ -94,21 +95,11 @@ pub async fn deliver_local(
         rule = tracing::field::Empty,
         audit = tracing::field::Empty
     );
-    let work = async {
-        let peer = Peer {
-            identity: Some(std::sync::Arc::new(src.identity.clone())),
-            src: src.workload.ips.first().copied().unwrap_or(target.ip()),
-        };
-        let grant = match authz::authorize(dst, inputs, peer, target) {
-            Ok(grant) => grant,
-            Err(denied) => {
-                reset(client);
-                return Err(denied);
-            }
-        };
-        deliver(client, dst, target, inputs, grant).await
+    let peer = Peer {
+        identity: Some(std::sync::Arc::new(src.identity.clone())),
+        src: src.workload.ips.first().copied().unwrap_or(target.ip()),
     };
-    let work = std::pin::pin!(work);
+    let work = std::pin::pin!(deliver(client, peer, dst, target, inputs));
     match super::account(super::Direction::Inbound, dst, inputs, work)
         .instrument(span)
         .await
