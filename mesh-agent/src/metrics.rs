@@ -62,6 +62,52 @@ impl Result {
     }
 }
 
+/// Route counters of one pod's outbound connections. Each (route, transport) counter is made on
+/// first use, so only the kinds a pod uses appear, and after that a connection counts without
+/// building labels or looking them up.
+#[derive(Debug)]
+pub struct RouteCounters {
+    namespace: String,
+    workload: String,
+    /// By [`RouteCounters::slot`].
+    counters: [std::sync::OnceLock<Counter>; 6],
+}
+
+impl RouteCounters {
+    pub fn new(namespace: &str, workload: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            workload: workload.to_owned(),
+            counters: Default::default(),
+        }
+    }
+
+    /// Counts one outbound connection: `route` is `service` or `direct`, `transport` `hbone`,
+    /// `local` or `plaintext`.
+    pub fn inc(&self, metrics: &Metrics, route: &'static str, transport: &'static str) {
+        let labels = || RouteLabels {
+            namespace: self.namespace.clone(),
+            workload: self.workload.clone(),
+            route,
+            transport,
+        };
+        match Self::slot(route, transport) {
+            Some(i) => self.counters[i]
+                .get_or_init(|| metrics.routes.get_or_create(&labels()).clone())
+                .inc(),
+            None => metrics.routes.get_or_create(&labels()).inc(),
+        };
+    }
+
+    fn slot(route: &str, transport: &str) -> Option<usize> {
+        let r = ["service", "direct"].iter().position(|x| *x == route)?;
+        let t = ["hbone", "local", "plaintext"]
+            .iter()
+            .position(|x| *x == transport)?;
+        Some(r * 3 + t)
+    }
+}
+
 /// Labels of authorization decisions.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::{
     capture::ebpf::OrigDstMap,
     identity::{CertManager, SpiffeId},
-    metrics::{ConnCounters, FailureLabels, Metrics},
+    metrics::{ConnCounters, FailureLabels, Metrics, RouteCounters},
     state::{Store, Workload},
     sys::Netns,
     tunnel,
@@ -68,6 +68,8 @@ pub struct Pod {
     pub server_tls: Arc<rustls::ServerConfig>,
     pub outbound: ConnCounters,
     pub inbound: ConnCounters,
+    /// `mesh_outbound_routes_total` of this pod.
+    pub routes: RouteCounters,
 }
 
 impl Pod {
@@ -85,6 +87,7 @@ impl Pod {
             key: workload.key(),
             outbound: metrics.conn_counters("outbound", &workload.namespace, &workload.name),
             inbound: metrics.conn_counters("inbound", &workload.namespace, &workload.name),
+            routes: RouteCounters::new(&workload.namespace, &workload.name),
             workload,
             netns,
             netns_cookie,

@@ -10,7 +10,6 @@ use super::{connect_for, copy, pod_socket, reset, Error, Inputs, Pod};
 use crate::{
     capture::mapped_words,
     identity::SpiffeId,
-    metrics::RouteLabels,
     state::Destination,
     tunnel::{self, client::PoolKey},
 };
@@ -54,16 +53,7 @@ pub async fn proxy(
     span.record("endpoint", tracing::field::display(target));
     span.record("route", route);
     span.record("transport", transport);
-    inputs
-        .metrics
-        .routes
-        .get_or_create(&RouteLabels {
-            namespace: pod.workload.namespace.clone(),
-            workload: pod.workload.name.clone(),
-            route,
-            transport,
-        })
-        .inc();
+    pod.routes.inc(&inputs.metrics, route, transport);
     if target.ip().is_loopback() {
         reset(stream);
         return Err(Error::Loop { addr: target });

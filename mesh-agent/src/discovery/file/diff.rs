@@ -1,10 +1,10 @@
 //! The difference between the state in force and a new state file, by object key: what the
 //! store must upsert and remove to make the file's state current, and nothing else.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use super::Desired;
-use crate::state::{Changes, Snapshot};
+use crate::state::{Changes, Key, Snapshot};
 
 /// The changes that turn `current` into `desired`: upserts of the objects that are new or
 /// differ, in file order, and removals of those no longer in the file. Costs a lookup per
@@ -30,54 +30,41 @@ pub fn diff(current: &Snapshot, desired: Desired) -> Changes {
         .filter(|ns| current.namespaces.get(&ns.name) != Some(&ns.enabled))
         .collect();
 
-    let keys: HashSet<&str> = desired.workloads.iter().map(|(k, _)| k.as_str()).collect();
-    changes.removed_workloads = current
-        .workloads
-        .keys()
-        .filter(|key| !keys.contains(&***key))
-        .map(|key| key.to_string())
-        .collect();
-    drop(keys);
-    changes.workloads = desired
-        .workloads
-        .into_iter()
-        .filter(|(key, w)| {
-            current
-                .workloads
-                .get(key.as_str())
-                .is_none_or(|old| **old != *w)
-        })
-        .map(|(_, w)| w)
-        .collect();
-
-    let keys: HashSet<&str> = desired.services.iter().map(|(k, _)| k.as_str()).collect();
-    changes.removed_services = current
-        .service_definitions()
-        .filter(|(key, _)| !keys.contains(&***key))
-        .map(|(key, _)| key.to_string())
-        .collect();
-    drop(keys);
-    changes.services = desired
-        .services
-        .into_iter()
-        .filter(|(key, s)| current.service(key).is_none_or(|old| **old != *s))
-        .map(|(_, s)| s)
-        .collect();
-
-    let keys: HashSet<&str> = desired.policies.iter().map(|(k, _)| k.as_str()).collect();
-    changes.removed_policies = current
-        .policies
-        .keys()
-        .filter(|key| !keys.contains(&***key))
-        .map(|key| key.to_string())
-        .collect();
-    drop(keys);
-    changes.policies = desired
-        .policies
-        .into_iter()
-        .filter(|(key, p)| current.policy(key).is_none_or(|old| **old != *p))
-        .map(|(_, p)| p)
-        .collect();
-
+    (changes.workloads, changes.removed_workloads) = by_key(
+        current.workloads.keys(),
+        |key| current.workloads.get(key),
+        desired.workloads,
+    );
+    (changes.services, changes.removed_services) = by_key(
+        current.service_definitions().map(|(key, _)| key),
+        |key| current.service(key),
+        desired.services,
+    );
+    (changes.policies, changes.removed_policies) = by_key(
+        current.policies.keys(),
+        |key| current.policy(key),
+        desired.policies,
+    );
     changes
+}
+
+/// For one kind of object: the desired objects that are new or differ from the current ones
+/// (upserts, in the desired order), and the current keys no longer desired (removals).
+fn by_key<'a, T: PartialEq + 'a>(
+    current_keys: impl Iterator<Item = &'a Key>,
+    current: impl Fn(&str) -> Option<&'a Arc<T>>,
+    desired: Vec<(String, T)>,
+) -> (Vec<T>, Vec<String>) {
+    let keys: HashSet<&str> = desired.iter().map(|(k, _)| k.as_str()).collect();
+    let removed = current_keys
+        .filter(|key| !keys.contains(&***key))
+        .map(|key| key.to_string())
+        .collect();
+    drop(keys);
+    let upserts = desired
+        .into_iter()
+        .filter(|(key, new)| current(key).is_none_or(|old| **old != *new))
+        .map(|(_, new)| new)
+        .collect();
+    (upserts, removed)
 }
