@@ -251,6 +251,16 @@ pub fn sweep() -> Result<Vec<String>> {
         }
     }
 
+    // The shared parents, once no lab is left in them (rmdir fails on a non-empty one). Not
+    // reported: they are created again by the next lab, not leftovers of a broken one.
+    let mut roots = vec![PathBuf::from(RUN_ROOT), PathBuf::from(BPF_ROOT)];
+    if let Ok(mount) = sys::cgroup2_mount() {
+        roots.push(mount.join(CGROUP_DIR));
+    }
+    for root in roots {
+        let _ = std::fs::remove_dir(root);
+    }
+
     if errors.is_empty() {
         Ok(removed)
     } else {
