@@ -126,6 +126,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             memory::after_all(&lab, &mut figures)?;
         }
         lab.try_down()?;
+        // Leaves nothing behind, not even the empty shared lab directories.
+        mesh_lab::sweep()?;
     }
     let expected: Vec<&str> = ["throughput", "latency", "churn", "memory", "control"]
         .into_iter()
