@@ -62,6 +62,13 @@ enum Command {
         #[arg(long, default_value_t = 50_000)]
         workloads: u32,
     },
+    /// Measure the record layer's AES-128-GCM on one core; prints one JSON line.
+    #[command(hide = true)]
+    BenchCrypto {
+        /// How long to seal (then as many records are opened).
+        #[arg(long, default_value_t = 1000)]
+        millis: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -111,6 +118,11 @@ fn main() -> anyhow::Result<()> {
                 state::bench::MAX_SERVICES
             );
             println!("{}", state::bench::run(shape)?.json());
+            Ok(())
+        }
+        Command::BenchCrypto { millis } => {
+            let bench = tunnel::record::bench::run(std::time::Duration::from_millis(millis))?;
+            println!("{}", bench.json());
             Ok(())
         }
     }

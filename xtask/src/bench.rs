@@ -100,6 +100,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if wanted("control") {
         control::run(&target, args.quick, &mut figures).context("control path scenario")?;
     }
+    if wanted("throughput") {
+        throughput::crypto(&target, args.quick, &mut figures).context("TLS record floor")?;
+    }
     let lab_scenarios = ["throughput", "latency", "churn", "memory"];
     if lab_scenarios.iter().any(|s| wanted(s)) {
         let lab = Lab::try_up(LabOptions {

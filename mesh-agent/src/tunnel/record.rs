@@ -7,6 +7,7 @@
 //! two halves of the record stream without I/O, and `conn`'s [`TlsStream`] puts them on the
 //! socket.
 
+pub mod bench;
 mod cipher;
 mod conn;
 mod handshake;

@@ -88,12 +88,22 @@ pub fn persistent(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()>
             });
         }
         for (label, key) in [("p50", "p50_us"), ("p99", "p99_us")] {
+            let (pt, dv) = (num(&passthrough, key)?, num(&direct, key)?);
             out.push(Figure {
                 scenario: "latency",
                 name: format!("{rate}/s, capture-only passthrough round trip {label}"),
                 unit: "µs",
-                value: num(&passthrough, key)?,
-                direct: Some(num(&direct, key)?),
+                value: pt,
+                direct: Some(dv),
+            });
+            // One agent that only splices: what a single agent hop costs on this machine
+            // before any TLS or HTTP/2 (the full mesh has two agents on the path).
+            out.push(Figure {
+                scenario: "latency",
+                name: format!("{rate}/s, latency added by one passthrough agent {label}"),
+                unit: "µs",
+                value: pt - dv,
+                direct: None,
             });
         }
         out.push(Figure {
@@ -123,6 +133,28 @@ pub fn churn(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
     for (label, rate) in [("1000/s", 1000), ("max", 0)] {
         let run = |path: &(&str, String)| rr(lab, d, path, rate, true);
         let direct = run(&p.direct)?;
+        // One agent that accepts, connects and splices, no TLS or HTTP/2: the per-connection
+        // floor of one agent on this machine (the full mesh has two on each connection).
+        let cpu0 = agents_cpu(lab)?;
+        let passthrough = run(&p.passthrough)?;
+        let cpu = agents_cpu(lab)? - cpu0;
+        let conns = num(&passthrough, "requests")?;
+        out.push(Figure {
+            scenario: "churn",
+            name: format!("{label}: new connections per second, capture-only passthrough"),
+            unit: "conn/s",
+            value: num(&passthrough, "achieved_rate")?,
+            direct: Some(num(&direct, "achieved_rate")?),
+        });
+        out.push(Figure {
+            scenario: "churn",
+            name: format!(
+                "{label}: capture-only passthrough: agent CPU per 1000 new connections (one agent)"
+            ),
+            unit: "CPU ms",
+            value: cpu * 1000.0 / (conns / 1000.0),
+            direct: None,
+        });
         let cpu0 = agents_cpu(lab)?;
         let mesh = run(&p.mesh)?;
         let cpu = agents_cpu(lab)? - cpu0;

@@ -64,6 +64,28 @@ pub fn process_cpu(pid: u32) -> Result<f64> {
     Ok((utime + stime) / ticks)
 }
 
+/// Busy CPU seconds of the whole machine so far (every CPU: user, nice, system, irq, softirq
+/// and steal; idle and iowait left out), from the first line of /proc/stat.
+pub fn machine_cpu() -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("/proc/stat has no cpu line")?
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| fields.get(i).copied().unwrap_or(0.0))
+        .sum();
+    Ok(busy / ticks)
+}
+
 /// CPU seconds of both agents so far.
 pub fn agents_cpu(lab: &Lab) -> Result<f64> {
     let mut total = 0.0;

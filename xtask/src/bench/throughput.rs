@@ -4,7 +4,9 @@
 //! destination's agent; same-node, capture + the same-node fast path (one agent connects the
 //! two pods, no tunnel: docs/hbone.md). Also agent CPU per GiB moved.
 
-use anyhow::Result;
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
 use mesh_lab::Lab;
 
 use super::{
@@ -49,13 +51,28 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
         for place in &PLACES {
             let ip = |pod: &str| lab.pod(pod).ip.to_string();
             let (client, server) = place.direct;
-            let (direct_bps, _) = measure::iperf(lab, client, &ip(server), streams, d.iperf_secs)?;
+            let machine0 = measure::machine_cpu()?;
+            let (direct_bps, direct_bytes) =
+                measure::iperf(lab, client, &ip(server), streams, d.iperf_secs)?;
+            let machine = measure::machine_cpu()? - machine0;
             let direct = direct_bps / 1e9;
             out.push(Figure {
                 scenario: "throughput",
                 name: format!("{}, {streams} stream(s): direct", place.name),
                 unit: "Gbit/s",
                 value: direct,
+                direct: None,
+            });
+            // What the application and the kernel spend per GiB without any agent: with the
+            // agents' CPU per GiB below, it bounds what the machine's cores can carry.
+            out.push(Figure {
+                scenario: "throughput",
+                name: format!(
+                    "{}, {streams} stream(s): direct, machine CPU per GiB (iperf3 and kernel)",
+                    place.name
+                ),
+                unit: "CPU s",
+                value: machine / (direct_bytes / f64::from(1u32 << 30)),
                 direct: None,
             });
             for (what, (client, server)) in [
@@ -84,6 +101,50 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// The TLS floor: the record layer's AES-128-GCM on one core (`mesh-agent bench-crypto`), no
+/// lab needed. Every byte crossing nodes is sealed once and opened once, so seal plus open per
+/// GiB is CPU the two agents spend per GiB whatever else they do.
+pub fn crypto(target: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    let bin = target.join("mesh-agent");
+    let millis = if quick { "200" } else { "2000" };
+    let output = Command::new(&bin)
+        .args(["bench-crypto", "--millis", millis])
+        .output()
+        .with_context(|| format!("running {} bench-crypto", bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "mesh-agent bench-crypto failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("bench-crypto printed no JSON: {stdout}"))?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    for (name, key, unit) in [
+        ("seal, one core", "seal_gbyte_per_s", "GB/s"),
+        ("open, one core", "open_gbyte_per_s", "GB/s"),
+        (
+            "seal + open CPU per GiB (both agents' crypto floor)",
+            "seal_open_cpu_s_per_gib",
+            "CPU s",
+        ),
+    ] {
+        out.push(Figure {
+            scenario: "throughput",
+            name: format!("TLS records (AES-128-GCM, 16 KiB): {name}"),
+            unit,
+            value: measure::num(&v, key)?,
+            direct: None,
+        });
     }
     Ok(())
 }

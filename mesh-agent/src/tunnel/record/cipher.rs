@@ -38,8 +38,18 @@ impl Protection {
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
             _ => return Err(Error::UnsupportedCipherSuite),
         };
-        let key = UnboundKey::new(algorithm, key.as_ref()).map_err(|_| Error::BadKeyMaterial)?;
-        let iv = iv.as_ref().try_into().map_err(|_| Error::BadKeyMaterial)?;
+        Self::from_parts(seq, algorithm, key.as_ref(), iv.as_ref())
+    }
+
+    /// Protection with `algorithm`, raw `key` and `iv` bytes, starting at sequence number `seq`.
+    pub(super) fn from_parts(
+        seq: u64,
+        algorithm: &'static aead::Algorithm,
+        key: &[u8],
+        iv: &[u8],
+    ) -> Result<Self, Error> {
+        let key = UnboundKey::new(algorithm, key).map_err(|_| Error::BadKeyMaterial)?;
+        let iv = iv.try_into().map_err(|_| Error::BadKeyMaterial)?;
         Ok(Self {
             key: LessSafeKey::new(key),
             iv,
