@@ -9,7 +9,11 @@
 //! request/response connection never holds more than a small buffer and a bulk one moves large
 //! DATA frames. The bytes read become the DATA frame without another copy.
 
-use std::io;
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, Waker},
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -31,7 +35,10 @@ pub async fn copy(
 }
 
 /// TCP to HTTP/2.
-async fn up(rd: tokio::net::tcp::OwnedReadHalf, mut send: SendStream<Bytes>) -> io::Result<u64> {
+async fn up(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut send: SendStream<Bytes>,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut size = FIRST_READ;
     // Only held during a burst: dropped when the socket runs dry.
@@ -42,10 +49,19 @@ async fn up(rd: tokio::net::tcp::OwnedReadHalf, mut send: SendStream<Bytes>) -> 
             if buf.capacity() - buf.len() < size / 2 {
                 buf.reserve(size);
             }
-            let n = match rd.try_read_buf(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+            // Polled once, never waited on here: Pending means the socket has nothing more
+            // and the loop goes back to waiting without a buffer. Through `poll_read` a read
+            // that does not fill the buffer marks the socket drained (edge-triggered epoll),
+            // so a request costs one read, not a read and a second one that would block.
+            let polled = tokio_util::io::poll_read_buf(
+                Pin::new(&mut rd),
+                &mut Context::from_waker(Waker::noop()),
+                &mut buf,
+            );
+            let n = match polled {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
             };
             if n == 0 {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
