@@ -421,13 +421,13 @@ async fn connect_for(
 /// A non-blocking TCP socket for `addr`, created inside the pod's network namespace.
 fn pod_socket(pod: &Pod, home: &Netns, addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = pod.netns.run(home, || {
+        // Non-blocking from the start (SOCK_NONBLOCK): no fcntl calls per connection.
         socket2::Socket::new(
             socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
+            socket2::Type::STREAM.nonblocking(),
             Some(socket2::Protocol::TCP),
         )
     })??;
-    socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;
     Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
 }
