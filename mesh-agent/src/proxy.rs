@@ -133,6 +133,16 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// EADDRNOTAVAIL: every local port of the pod toward `addr` is taken. Connections the agent
+    /// closes first leave their TIME_WAIT in the pod, so fast churn to one application port
+    /// runs the pod out of ports under the kernel's defaults.
+    #[error(
+        "connecting to {addr} failed: the pod has no free local port toward it (its ephemeral \
+         ports are in use or in TIME_WAIT from recent connections); with many short connections \
+         set net.ipv4.tcp_tw_reuse=1 or widen net.ipv4.ip_local_port_range in the pod \
+         (docs/performance.md, \"Connection churn and TIME_WAIT\")"
+    )]
+    NoLocalPort { addr: SocketAddr },
     #[error(
         "connecting to {addr} timed out after {CONNECT_TIMEOUT:?}: is it reachable from the pod?"
     )]
@@ -174,6 +184,7 @@ impl Error {
             Error::NoEndpoints { .. } => "no_endpoints",
             Error::Loop { .. } => "loop",
             Error::Connect { .. } => "connect",
+            Error::NoLocalPort { .. } => "no_local_port",
             Error::ConnectTimeout { .. } => "connect_timeout",
             Error::Socket(_) => "socket",
             // The destination's agent denied it: its log line names the policy.
@@ -395,6 +406,9 @@ async fn connect_in_pod(
     let socket = pod_socket(pod, home, addr).map_err(Error::Socket)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
         Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(source)) if source.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            Err(Error::NoLocalPort { addr })
+        }
         Ok(Err(source)) => Err(Error::Connect { addr, source }),
         Err(_) => Err(Error::ConnectTimeout { addr }),
     }

@@ -291,6 +291,72 @@ fn many_connections_between_one_pair_share_a_few_hbone_connections() {
 }
 
 #[test]
+fn a_server_pod_out_of_local_ports_is_named_in_the_log_and_the_metric() {
+    if !mesh_lab::require_privileged(
+        "a_server_pod_out_of_local_ports_is_named_in_the_log_and_the_metric",
+    ) {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let vip = lab.service_vip("shop/api");
+    let _api = serve(&lab, "shop/api", 8080);
+    // Two ephemeral ports in the server pod. The destination agent connects to the application
+    // from the pod's address and closes first, so each connection keeps one of them in
+    // TIME_WAIT for a minute (docs/performance.md, "Connection churn and TIME_WAIT").
+    let status = lab
+        .command("shop/api", "sysctl")
+        .args(["-qw", "net.ipv4.ip_local_port_range=40000 40001"])
+        .status()
+        .expect("running sysctl in shop/api");
+    assert!(status.success(), "sysctl in shop/api: {status}");
+    let mut first_failure = None;
+    for i in 0..6 {
+        let mut sender = Running::spawn(
+            &format!("sender {i}"),
+            lab.command("shop/client", mesh_lab::labtool_bin()).args([
+                "send",
+                "--to",
+                &format!("{vip}:80"),
+                "--bytes",
+                "1000",
+            ]),
+        );
+        if !sender.wait(Duration::from_secs(30)).success() {
+            first_failure = Some(i);
+            break;
+        }
+    }
+    assert_eq!(
+        first_failure,
+        Some(2),
+        "with two local ports, two connections pass and the third fails"
+    );
+    wait_until("n2 to log the failure", WAIT, || {
+        lab.agent_log("n2")
+            .contains("the pod has no free local port")
+    });
+    let log = lab.agent_log("n2");
+    assert!(
+        log.lines().any(|l| l.contains("inbound{pod=shop/api")
+            && l.contains("the pod has no free local port")
+            && l.contains("net.ipv4.tcp_tw_reuse=1")),
+        "n2 did not name the cause:\n{log}"
+    );
+    assert_eq!(
+        counter(
+            &lab,
+            "n2",
+            "mesh_tcp_connection_failures_total",
+            &[("workload", "api"), ("reason", "no_local_port")]
+        ),
+        1.0,
+        "{}",
+        lab.metrics("n2")
+    );
+    lab.down();
+}
+
+#[test]
 fn the_hbone_endpoint_refuses_bad_certificates_and_malformed_requests() {
     if !mesh_lab::require_privileged(
         "the_hbone_endpoint_refuses_bad_certificates_and_malformed_requests",
