@@ -2,11 +2,14 @@
 //! built by the agent's own state code (`mesh-agent bench-state`), then single-service and
 //! single-workload updates applied through the incremental API the discovery sources use.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 
-use super::{measure::num, Figure};
+use super::{
+    measure::{self, num},
+    Figure,
+};
 
 pub fn run(target: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let (services, workloads) = if quick {
@@ -14,31 +17,16 @@ pub fn run(target: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     } else {
         (10_000, 50_000)
     };
-    let bin = target.join("mesh-agent");
-    let output = Command::new(&bin)
-        .args([
+    let v = measure::agent_json(
+        target,
+        &[
             "bench-state",
             "--services",
             &services.to_string(),
             "--workloads",
             &workloads.to_string(),
-        ])
-        .output()
-        .with_context(|| format!("running {} bench-state", bin.display()))?;
-    if !output.status.success() {
-        bail!(
-            "mesh-agent bench-state failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .with_context(|| format!("bench-state printed no JSON: {stdout}"))?;
-    let v: serde_json::Value = serde_json::from_str(line)?;
+        ],
+    )?;
     let scale = format!("{services} services, {workloads} endpoints");
     for (name, key, unit) in [
         ("full build of the state", "build_ms", "ms"),

@@ -1,7 +1,7 @@
 //! Measurements: iperf3 and `mesh-labtool rr` runs inside lab pods, agent CPU and memory from
 //! /proc, and a description of the machine for the report.
 
-use std::{process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use mesh_lab::{Lab, Running};
@@ -206,4 +206,29 @@ pub fn tune_ports(lab: &Lab, pod: &str) -> Result<()> {
         bail!("tuning the TCP port reuse of {pod} failed ({status})");
     }
     Ok(())
+}
+
+/// Runs `mesh-agent <args>` (one of its hidden bench commands, from `target`) and parses the
+/// JSON line it prints last.
+pub fn agent_json(target: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let bin = target.join("mesh-agent");
+    let what = args.first().copied().unwrap_or("");
+    let output = Command::new(&bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {} {what}", bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "mesh-agent {what} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("{what} printed no JSON: {stdout}"))?;
+    Ok(serde_json::from_str(line)?)
 }

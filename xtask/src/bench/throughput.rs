@@ -4,9 +4,9 @@
 //! destination's agent; same-node, capture + the same-node fast path (one agent connects the
 //! two pods, no tunnel: docs/hbone.md). Also agent CPU per GiB moved.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use mesh_lab::Lab;
 
 use super::{
@@ -109,26 +109,8 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
 /// lab needed. Every byte crossing nodes is sealed once and opened once, so seal plus open per
 /// GiB is CPU the two agents spend per GiB whatever else they do.
 pub fn crypto(target: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
-    let bin = target.join("mesh-agent");
     let millis = if quick { "200" } else { "2000" };
-    let output = Command::new(&bin)
-        .args(["bench-crypto", "--millis", millis])
-        .output()
-        .with_context(|| format!("running {} bench-crypto", bin.display()))?;
-    if !output.status.success() {
-        bail!(
-            "mesh-agent bench-crypto failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .with_context(|| format!("bench-crypto printed no JSON: {stdout}"))?;
-    let v: serde_json::Value = serde_json::from_str(line)?;
+    let v = measure::agent_json(target, &["bench-crypto", "--millis", millis])?;
     for (name, key, unit) in [
         ("seal, one core", "seal_gbyte_per_s", "GB/s"),
         ("open, one core", "open_gbyte_per_s", "GB/s"),
