@@ -2,11 +2,13 @@
 //! the pods of this node, fixed reason strings. Per-pod counter handles are created once at
 //! capture time so the data path never allocates for metrics.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -115,7 +117,7 @@ pub struct DecisionLabels {
     pub action: &'static str,
     /// The deciding policy (`namespace/name`; several, comma-separated, when no ALLOW policy
     /// matched); empty when no policy decided.
-    pub policy: String,
+    pub policy: PolicyLabel,
     /// A fixed reason string (see `policy::Reason`).
     pub reason: &'static str,
 }
@@ -123,8 +125,19 @@ pub struct DecisionLabels {
 /// Labels of established connections closed because a policy change denies them.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RevokedLabels {
-    pub policy: String,
+    pub policy: PolicyLabel,
     pub reason: &'static str,
+}
+
+/// A policy's name as a label value, sharing the policy's own `Arc<str>`: counting a decision
+/// does not allocate.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PolicyLabel(pub Arc<str>);
+
+impl EncodeLabelValue for PolicyLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
 }
 
 /// Labels of invalid policies.
@@ -208,7 +221,7 @@ impl Metrics {
             .decisions
             .get_or_create(&DecisionLabels {
                 action: "allow",
-                policy: String::new(),
+                policy: PolicyLabel(Arc::from("")),
                 reason: crate::policy::Reason::NoPolicy.as_str(),
             })
             .clone();

@@ -21,7 +21,24 @@ pub fn serve(lab: &Lab, pod: &str, port: u16) -> Running {
 /// Sends `bytes` from `client` to `addr`, half-closes, checks the echo byte for byte, and
 /// returns the tool's output (`connected local=.. peer=..`, `ok sent=N received=N`).
 pub fn send(lab: &Lab, client: &str, addr: &str, bytes: u64) -> Vec<String> {
-    let mut sender = Running::spawn(
+    let out = spawn_send(lab, client, addr, bytes).wait_success(Duration::from_secs(60));
+    let ok = format!("ok sent={bytes} received={bytes}");
+    assert!(
+        out.contains(&ok),
+        "send from {client} to {addr}: expected {ok:?} in {out:?}"
+    );
+    out
+}
+
+/// As [`send`], for a transfer that may be refused: whether the echo came back whole.
+pub fn send_succeeds(lab: &Lab, client: &str, addr: &str, bytes: u64) -> bool {
+    spawn_send(lab, client, addr, bytes)
+        .wait(Duration::from_secs(30))
+        .success()
+}
+
+fn spawn_send(lab: &Lab, client: &str, addr: &str, bytes: u64) -> Running {
+    Running::spawn(
         &format!("send from {client} to {addr}"),
         lab.command(client, labtool_bin()).args([
             "send",
@@ -30,14 +47,7 @@ pub fn send(lab: &Lab, client: &str, addr: &str, bytes: u64) -> Vec<String> {
             "--bytes",
             &bytes.to_string(),
         ]),
-    );
-    let out = sender.wait_success(Duration::from_secs(60));
-    let ok = format!("ok sent={bytes} received={bytes}");
-    assert!(
-        out.contains(&ok),
-        "send from {client} to {addr}: expected {ok:?} in {out:?}"
-    );
-    out
+    )
 }
 
 /// The `peer=` of a `connected` or `accepted` line: what the socket is connected to.

@@ -9,7 +9,7 @@ use std::{
 
 use mesh_lab::{
     metric_value,
-    traffic::{connected, peer_of, send, serve, WAIT},
+    traffic::{connected, peer_of, send, send_succeeds, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
 };
 
@@ -311,17 +311,7 @@ fn a_server_pod_out_of_local_ports_is_named_in_the_log_and_the_metric() {
     assert!(status.success(), "sysctl in shop/api: {status}");
     let mut first_failure = None;
     for i in 0..6 {
-        let mut sender = Running::spawn(
-            &format!("sender {i}"),
-            lab.command("shop/client", mesh_lab::labtool_bin()).args([
-                "send",
-                "--to",
-                &format!("{vip}:80"),
-                "--bytes",
-                "1000",
-            ]),
-        );
-        if !sender.wait(Duration::from_secs(30)).success() {
+        if !send_succeeds(&lab, "shop/client", &format!("{vip}:80"), 1000) {
             first_failure = Some(i);
             break;
         }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use mesh_lab::{
     metric_value,
-    traffic::{serve, WAIT},
+    traffic::{send_succeeds, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
 };
 use serde_yaml::Value;
@@ -38,12 +38,7 @@ fn set_policies(lab: &Lab, policies: &[Value]) {
 
 /// Sends 64 KiB from `client` to `addr` and says whether the echo came back whole.
 fn transfer(lab: &Lab, client: &str, addr: &str) -> bool {
-    let mut sender = Running::spawn(
-        &format!("send from {client} to {addr}"),
-        lab.command(client, mesh_lab::labtool_bin())
-            .args(["send", "--to", addr, "--bytes", "65536"]),
-    );
-    sender.wait(Duration::from_secs(30)).success()
+    send_succeeds(lab, client, addr, 65536)
 }
 
 fn allowed(lab: &Lab, client: &str, addr: &str) {

@@ -147,6 +147,11 @@ impl Decision {
         self.policy.as_deref().unwrap_or("-")
     }
 
+    /// The deciding policy as a metric label: the decision's own `Arc` (no copy), `-` when none.
+    pub fn policy_label(&self) -> Arc<str> {
+        self.policy.clone().unwrap_or_else(|| Arc::from("-"))
+    }
+
     /// The deciding rule, `-` when none.
     pub fn rule_str(&self) -> String {
         self.rule.map_or_else(|| "-".to_owned(), |r| r.to_string())

@@ -18,7 +18,7 @@ use tracing::{field::display, Span};
 use super::{Error, Inputs, Pod};
 use crate::{
     identity::SpiffeId,
-    metrics::{DecisionLabels, RevokedLabels},
+    metrics::{DecisionLabels, PolicyLabel, RevokedLabels},
     policy::{self, Decision, Reason, Selected},
 };
 
@@ -121,7 +121,7 @@ where
                     .metrics
                     .revoked
                     .get_or_create(&RevokedLabels {
-                        policy: decision.policy_str().to_owned(),
+                        policy: PolicyLabel(decision.policy_label()),
                         reason: decision.reason.as_str(),
                     })
                     .inc();
@@ -149,7 +149,7 @@ fn count(inputs: &Inputs, d: &Decision) {
         m.decisions
             .get_or_create(&DecisionLabels {
                 action: "audit",
-                policy: policy.to_string(),
+                policy: PolicyLabel(policy.clone()),
                 reason: "audit_rule",
             })
             .inc();
@@ -161,7 +161,7 @@ fn count(inputs: &Inputs, d: &Decision) {
     m.decisions
         .get_or_create(&DecisionLabels {
             action: d.verdict(),
-            policy: d.policy_str().to_owned(),
+            policy: PolicyLabel(d.policy_label()),
             reason: d.reason.as_str(),
         })
         .inc();
