@@ -85,10 +85,27 @@ pub mod maps {
 
 /// Names of the load-time globals (`EbpfLoader::override_global`).
 pub mod globals {
-    /// `u32`: the agent's thread-group id; its own sockets are never redirected.
-    pub const AGENT_TGID: &str = "MESH_AGENT_TGID";
     /// `u16`: the outbound listener port (host order).
     pub const OUTBOUND_PORT: &str = "MESH_OUTBOUND_PORT";
+}
+
+/// Version of this ABI: the map layouts and meanings above and below, and the pin layout of
+/// [`pins`]. Pinned state outlives the agent process, so an agent only adopts pins of its own
+/// ABI version; any change to a layout, a map, a reason or the pin layout bumps it (the
+/// `abi_fingerprint_is_recorded` test fails until it is bumped).
+pub const ABI_VERSION: u32 = 1;
+
+/// How the agent lays out what it pins under its bpffs directory (`bpf_dir`): everything of
+/// one ABI version lives in [`pins::ABI_DIR`]; maps and programs by their names directly in it;
+/// the links that attach the programs to one pod in [`pins::PODS_DIR`]`/<pod dir>/<program>`.
+pub mod pins {
+    /// The directory of this ABI version under `bpf_dir` (`v` + [`crate::ABI_VERSION`]).
+    pub const ABI_DIR: &str = "v1";
+    /// The directory (under [`ABI_DIR`]) with one directory of link pins per captured pod.
+    pub const PODS_DIR: &str = "pods";
+    /// Separates the fields of a pod directory's name: `<netns cookie>_<namespace>_<name>`
+    /// (Kubernetes names cannot contain it, so the name parses back).
+    pub const POD_DIR_SEPARATOR: char = '_';
 }
 
 /// Map sizes. LRU maps bound kernel memory under connection churn.
@@ -231,49 +248,48 @@ pub enum Reason {
     ConnectSkipNotTcp = 1,
     /// connect: loopback destination.
     ConnectSkipLoopback = 2,
-    /// connect: the agent's own socket.
-    ConnectSkipAgent = 3,
     /// connect: the network namespace is not a captured pod.
-    ConnectSkipNotCaptured = 4,
+    ConnectSkipNotCaptured = 3,
     /// connect: excluded destination port.
-    ConnectSkipExcludedPort = 5,
+    ConnectSkipExcludedPort = 4,
     /// connect: excluded destination CIDR.
-    ConnectSkipExcludedCidr = 6,
-    /// connect: the pending map refused the entry; the connection goes direct (fail-open is
-    /// visible here; later issues can make it fail closed).
-    ConnectErrPendingFull = 7,
+    ConnectSkipExcludedCidr = 5,
+    /// connect: the pending map refused the entry: the connect fails with EPERM (fail
+    /// closed: a captured connection never goes direct).
+    ConnectErrPendingFull = 6,
     /// sock_ops: original destination recorded for the agent.
-    SockOpsRecorded = 8,
+    SockOpsRecorded = 7,
     /// sock_ops: an established connection that was not redirected by us.
-    SockOpsNotRedirected = 9,
-    /// sock_ops: the original destination map refused the entry.
-    SockOpsErrOrigDstFull = 10,
+    SockOpsNotRedirected = 8,
+    /// sock_ops: the original destination map refused the entry (the agent resets the
+    /// connection: it cannot tell where it was going).
+    SockOpsErrOrigDstFull = 9,
     /// sk_lookup: steered to the pod's inbound listener (plaintext or HBONE).
-    LookupSteered = 11,
+    LookupSteered = 10,
     /// sk_lookup: loopback or pod-local source (includes the agent's own delivery).
-    LookupSkipLocal = 12,
+    LookupSkipLocal = 11,
     /// sk_lookup: excluded or reserved destination port.
-    LookupSkipExcludedPort = 13,
+    LookupSkipExcludedPort = 12,
     /// sk_lookup: the network namespace is not a captured pod.
-    LookupSkipNotCaptured = 14,
-    /// sk_lookup: the pod is captured but its listener is missing: dropped (fail closed).
-    LookupErrNoListener = 15,
-    /// sk_lookup: `bpf_sk_assign` failed: dropped (fail closed).
-    LookupErrAssign = 16,
+    LookupSkipNotCaptured = 13,
+    /// sk_lookup: the pod is captured but no agent listener serves it (no agent runs, or
+    /// it has not opened the pod's listeners yet): refused (fail closed).
+    LookupErrNoListener = 14,
+    /// sk_lookup: `bpf_sk_assign` failed: refused (fail closed).
+    LookupErrAssign = 15,
     /// sk_lookup: not TCP.
-    LookupSkipNotTcp = 17,
+    LookupSkipNotTcp = 16,
 }
 
 impl Reason {
     /// Number of reasons; the size of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 17;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::ConnectRedirected,
         Reason::ConnectSkipNotTcp,
         Reason::ConnectSkipLoopback,
-        Reason::ConnectSkipAgent,
         Reason::ConnectSkipNotCaptured,
         Reason::ConnectSkipExcludedPort,
         Reason::ConnectSkipExcludedCidr,
@@ -296,7 +312,6 @@ impl Reason {
             Reason::ConnectRedirected => ("connect", "redirected"),
             Reason::ConnectSkipNotTcp => ("connect", "skip_not_tcp"),
             Reason::ConnectSkipLoopback => ("connect", "skip_loopback"),
-            Reason::ConnectSkipAgent => ("connect", "skip_agent"),
             Reason::ConnectSkipNotCaptured => ("connect", "skip_not_captured"),
             Reason::ConnectSkipExcludedPort => ("connect", "skip_excluded_port"),
             Reason::ConnectSkipExcludedCidr => ("connect", "skip_excluded_cidr"),
@@ -343,6 +358,87 @@ mod tests {
         assert_eq!(size_of::<CidrKey>(), 20);
         assert_eq!(size_of::<ListenerKey>(), 20);
         assert_eq!(size_of::<PodAddr>(), 16);
+    }
+
+    /// FNV-1a over everything [`ABI_VERSION`] covers.
+    fn abi_fingerprint() -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes.iter().chain(&[0xff]) {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for size in [
+            size_of::<OrigDst>(),
+            size_of::<ConnKey>(),
+            size_of::<PodConfig>(),
+            size_of::<PortKey>(),
+            size_of::<CidrKey>(),
+            size_of::<ListenerKey>(),
+            size_of::<PodAddr>(),
+        ] {
+            eat(&size.to_le_bytes());
+        }
+        for n in [
+            sizes::PENDING,
+            sizes::ORIG_DST,
+            sizes::PODS,
+            sizes::EXCLUDED_PORTS,
+            sizes::EXCLUDED_CIDRS,
+            sizes::POD_ADDRS,
+            sizes::LISTENERS,
+            listener::INBOUND_PLAINTEXT,
+            listener::HBONE,
+            GLOBAL_SCOPE,
+        ] {
+            eat(&n.to_le_bytes());
+        }
+        for name in maps::ALL.iter().chain(&programs::ALL) {
+            eat(name.as_bytes());
+        }
+        eat(globals::OUTBOUND_PORT.as_bytes());
+        eat(pins::ABI_DIR.as_bytes());
+        eat(pins::PODS_DIR.as_bytes());
+        for r in Reason::ALL {
+            let (program, reason) = r.labels();
+            eat(program.as_bytes());
+            eat(reason.as_bytes());
+        }
+        h
+    }
+
+    #[test]
+    fn abi_fingerprint_is_recorded() {
+        // Changing a layout, a name, a size or a reason changes what pinned state means: bump
+        // ABI_VERSION (and pins::ABI_DIR), then record the new fingerprint here.
+        const RECORDED: (u32, u64) = (1, 6_618_067_825_274_545_202);
+        assert_eq!(
+            (ABI_VERSION, abi_fingerprint()),
+            RECORDED,
+            "the eBPF ABI changed: bump ABI_VERSION and pins::ABI_DIR, then record the new \
+             (version, fingerprint)"
+        );
+    }
+
+    #[test]
+    fn abi_dir_names_the_version() {
+        let mut buf = [0u8; 12];
+        let digits = {
+            let mut n = ABI_VERSION;
+            let mut i = buf.len();
+            loop {
+                i -= 1;
+                buf[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            &buf[i..]
+        };
+        assert_eq!(pins::ABI_DIR.as_bytes()[0], b'v');
+        assert_eq!(&pins::ABI_DIR.as_bytes()[1..], digits);
     }
 
     #[test]

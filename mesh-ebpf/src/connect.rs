@@ -5,7 +5,7 @@
 use core::ptr::{addr_of_mut, write_volatile};
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext as _,
@@ -14,29 +14,39 @@ use mesh_common::{direction, family, OrigDst, Reason};
 
 use crate::maps::{
     cidr_excluded, count, is_loopback4, is_loopback6, is_v4_mapped, port_excluded, v4_mapped,
-    MESH_AGENT_TGID, MESH_OUTBOUND_PORT, PENDING, PODS,
+    MESH_OUTBOUND_PORT, PENDING, PODS,
 };
 
 const IPPROTO_TCP: u32 = 6;
-/// Allow the connect (possibly rewritten); 0 would fail it with EPERM.
+/// Allow the connect (possibly rewritten).
 const ALLOW: i32 = 1;
+/// Fail the connect with EPERM.
+const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    let reason = match try_connect4(&ctx) {
-        Ok(reason) | Err(reason) => reason,
-    };
-    count(reason);
-    ALLOW
+    verdict(try_connect4(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    let reason = match try_connect6(&ctx) {
-        Ok(reason) | Err(reason) => reason,
-    };
-    count(reason);
-    ALLOW
+    verdict(try_connect6(&ctx))
+}
+
+/// A connect that should be redirected but cannot be is refused, never let through to its
+/// original destination: a captured pod's traffic never leaves without the agent.
+#[inline(always)]
+fn verdict(result: Result<Reason, Reason>) -> i32 {
+    match result {
+        Ok(reason) => {
+            count(reason);
+            ALLOW
+        }
+        Err(reason) => {
+            count(reason);
+            REFUSE
+        }
+    }
 }
 
 /// `Ok(reason)`: decided (redirected or skipped by rule). `Err(reason)`: could not redirect.
@@ -132,10 +142,10 @@ fn should_skip(
     if loopback {
         return Some(Reason::ConnectSkipLoopback);
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if tgid == MESH_AGENT_TGID.load() {
-        return Some(Reason::ConnectSkipAgent);
-    }
+    // No exemption for the agent's own sockets: they are created in the agent's cgroup, which
+    // is never a captured pod's (the agent refuses to capture a cgroup it runs in), so these
+    // programs never see them. (An exemption by process id would let any process that gets
+    // the agent's pid after the agent died go around capture.)
     // SAFETY: the context is a valid sock_addr context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(pod) = PODS.get_ptr(netns) else {

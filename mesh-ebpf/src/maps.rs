@@ -11,10 +11,6 @@ use mesh_common::{
     GLOBAL_SCOPE,
 };
 
-/// The agent's thread-group id (init pid namespace): its sockets are never redirected.
-#[unsafe(no_mangle)]
-pub static MESH_AGENT_TGID: Global<u32> = Global::new(0);
-
 /// The outbound listener port, host byte order.
 #[unsafe(no_mangle)]
 pub static MESH_OUTBOUND_PORT: Global<u16> = Global::new(mesh_common::ports::OUTBOUND);

@@ -2,7 +2,9 @@
 //! pod's address to the agent's in-pod inbound listener, except local sources (the agent's own
 //! delivery to the application, which connects from the pod's address), loopback, and
 //! reserved or excluded ports. Port 15008 (HBONE) goes to the pod's HBONE listener. A captured
-//! pod without a listener drops: the mesh never fails open.
+//! pod without a listener (no agent runs, or it has not opened the pod's listeners yet) is
+//! refused: SK_DROP makes the socket lookup fail, and TCP answers the SYN with a reset. The
+//! mesh never fails open.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{direction, listener, ports, ListenerKey, PodAddr, Reason};

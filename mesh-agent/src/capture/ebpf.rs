@@ -62,10 +62,8 @@ pub fn load(
         path: dir.to_owned(),
         source,
     })?;
-    let tgid = std::process::id();
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
-        .override_global(globals::AGENT_TGID, &tgid, true)
         .override_global(globals::OUTBOUND_PORT, &mesh_common::ports::OUTBOUND, true)
         .load(OBJECT)
         .map_err(|e| Error::Load(super::chain(&e)))?;
