@@ -220,6 +220,12 @@ fn run_node(config_path: &std::path::Path) -> anyhow::Result<()> {
             "HBONE CONNECT streams opened",
             pool_metrics.streams_opened.clone(),
         );
+        metrics.register(
+            "mesh_hbone_streams_retried",
+            "HBONE CONNECT streams a draining peer refused unprocessed, opened again on another \
+             connection",
+            pool_metrics.streams_retried.clone(),
+        );
         let pool_config = tunnel::client::PoolConfig {
             max_conns: config.hbone.connections_per_peer,
             ..tunnel::client::PoolConfig::default()

@@ -140,7 +140,9 @@ pub async fn serve_hbone(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs
             .instrument(span)
         }
     };
-    let result = tunnel::server::serve(tcp, pod.server_tls.clone(), handler)
+    // Draining comes with the agent's restarts; until then a connection is never drained.
+    let drain = std::future::pending::<()>();
+    let result = tunnel::server::serve(tcp, pod.server_tls.clone(), handler, drain)
         .instrument(span.clone())
         .await;
     if let Err(e) = result {

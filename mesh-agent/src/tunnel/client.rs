@@ -45,6 +45,8 @@ pub struct PoolMetrics {
     pub connections: Gauge,
     /// CONNECT streams opened.
     pub streams_opened: Counter,
+    /// CONNECT streams the server refused unprocessed (draining) and that were opened again.
+    pub streams_retried: Counter,
 }
 
 /// Pool limits.
@@ -154,6 +156,39 @@ impl Pool {
         DF: std::future::Future<Output = std::io::Result<TcpStream>>,
     {
         let addr = key.dst;
+        // A stream the server refused without processing it (REFUSED_STREAM, or beyond the
+        // last stream of a graceful GOAWAY: its agent is handing over to a successor) is
+        // opened again on another connection; nothing of it reached an application.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let opened = self.try_open(key, &tls, &dial, authority, forwarded_for, initial.clone());
+            match opened.await {
+                Err(Error::H2 { source, .. })
+                    if attempt < MAX_ATTEMPTS && refused_unprocessed(&source) =>
+                {
+                    debug!(dst = %addr, attempt, error = %source, "HBONE stream refused unprocessed; opening it again");
+                    self.metrics.streams_retried.inc();
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_open<D, DF>(
+        &self,
+        key: &PoolKey,
+        tls: &impl Fn() -> Result<Arc<rustls::ClientConfig>, Error>,
+        dial: &D,
+        authority: SocketAddr,
+        forwarded_for: SocketAddr,
+        initial: Option<Bytes>,
+    ) -> Result<Stream, Error>
+    where
+        D: Fn() -> DF,
+        DF: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        let addr = key.dst;
         let h2_err = |source| Error::H2 { addr, source };
         let request = Request::builder()
             .method(Method::CONNECT)
@@ -168,7 +203,7 @@ impl Pool {
         // streams: mark it closed and try once more, on another connection.
         let mut retried = false;
         let (conn, mut send) = loop {
-            let conn = self.acquire(key, &tls, &dial).await?;
+            let conn = self.acquire(key, tls, dial).await?;
             match conn.send.clone().ready().await {
                 Ok(send) => break (conn, send),
                 Err(e) => {
@@ -191,7 +226,16 @@ impl Pool {
             stream.reserve_capacity(initial.len());
             stream.send_data(initial, false).map_err(h2_err)?;
         }
-        let response = response.await.map_err(h2_err)?;
+        let response = match response.await {
+            Ok(response) => response,
+            Err(e) => {
+                if e.is_go_away() {
+                    // The connection takes no more streams.
+                    conn.closed.store(true, Ordering::Release);
+                }
+                return Err(h2_err(e));
+            }
+        };
         if response.status() != StatusCode::OK {
             return Err(Error::Status {
                 addr,
@@ -389,6 +433,18 @@ impl Pool {
             .retain(|_, gate| Arc::strong_count(gate) > 1);
         self.metrics.connections.dec_by(removed);
     }
+}
+
+/// How often one stream is opened before a refusal is returned to the caller.
+const MAX_ATTEMPTS: u32 = 3;
+
+/// Whether the server refused a stream without processing it (RFC 9113 section 8.7): reset
+/// with REFUSED_STREAM, or above the last stream id of a graceful GOAWAY (NO_ERROR). Only
+/// these are safe to open again: anything else may have reached the application.
+fn refused_unprocessed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.reason() == Some(h2::Reason::REFUSED_STREAM)
+            || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR)))
 }
 
 /// Sends a PING every interval; returns an error when one is not answered in time.

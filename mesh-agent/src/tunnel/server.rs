@@ -53,11 +53,15 @@ fn response(status: StatusCode) -> Response<()> {
 
 /// Serves one HBONE connection: handshakes, then hands every request to `handle` (spawned per
 /// stream); a request that is not a usable CONNECT arrives with `authority: Err(why)`, for the
-/// handler to answer 400 and count. Returns when the connection ends.
+/// handler to answer 400 and count. When `drain` completes (the agent hands its work to a
+/// successor), the connection is shut down gracefully: GOAWAY (h2 sends two, a PING apart, so
+/// that no stream in flight is lost), the streams already open go on, the client opens its
+/// next streams on a new connection. Returns when the connection ends.
 pub async fn serve<F, Fut>(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     handle: F,
+    drain: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error>
 where
     F: Fn(Request) -> Fut,
@@ -110,7 +114,21 @@ where
             .map_err(|_| Error::Timeout { addr: remote })??;
     debug!(%remote, %peer, peer_not_after, ?suite, "HBONE connection established");
     let peer = Arc::new(peer);
-    while let Some(next) = conn.accept().await {
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    loop {
+        // `accept` also drives the connection (the open streams' data): it runs until the
+        // connection ends, draining or not.
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = &mut drain, if !draining => {
+                draining = true;
+                debug!(%remote, "draining: GOAWAY");
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (req, respond) = next.map_err(|source| Error::H2 {
             addr: remote,
             source,

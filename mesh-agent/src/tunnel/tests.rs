@@ -104,6 +104,8 @@ struct Seen {
 /// [`proxy`]; what the handler saw, copy results and `serve` results come out of the channels.
 struct Server {
     addr: SocketAddr,
+    /// Set to true: every connection drains (GOAWAY), as when the agent hands over.
+    drain: tokio::sync::watch::Sender<bool>,
     seen: mpsc::UnboundedReceiver<Seen>,
     copied: mpsc::UnboundedReceiver<io::Result<(u64, u64)>>,
     ended: mpsc::UnboundedReceiver<Result<(), Error>>,
@@ -116,18 +118,26 @@ impl Server {
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let (copied_tx, copied) = mpsc::unbounded_channel();
         let (ended_tx, ended) = mpsc::unbounded_channel();
+        let (drain, draining) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (config, seen, copied) = (config.clone(), seen_tx.clone(), copied_tx.clone());
                 let ended = ended_tx.clone();
+                let mut draining = draining.clone();
                 tokio::spawn(async move {
                     let handler = move |req| proxy(req, seen.clone(), copied.clone());
-                    let _ = ended.send(server::serve(tcp, config, handler).await);
+                    let drain = async move {
+                        if draining.wait_for(|d| *d).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    let _ = ended.send(server::serve(tcp, config, handler, drain).await);
                 });
             }
         });
         Server {
             addr,
+            drain,
             seen,
             copied,
             ended,
@@ -901,4 +911,85 @@ async fn rotation_keeps_streams_and_new_connections_get_the_new_certificate() {
     for _ in 0..3 {
         assert_eq!(server.next_seen().await.peer, client_id());
     }
+}
+
+#[tokio::test]
+async fn a_draining_server_keeps_open_streams_and_new_ones_go_to_a_new_connection() {
+    let mut mesh = Mesh::up().await;
+    let (pool, metrics) = new_pool(100, DAY);
+    let mut first = mesh.open(&pool).await.expect("first stream");
+    h2_echo(&mut first.send, &mut first.recv, b"before the drain").await;
+    mesh.server.drain.send_replace(true);
+    // Streams opened from now on never fail: until the client has seen the GOAWAY they may
+    // still go to the draining connection (the server takes them), then to a new one.
+    let mut second = within("a stream on a new connection", async {
+        loop {
+            let mut stream = mesh.open(&pool).await.expect("a stream while draining");
+            h2_echo(&mut stream.send, &mut stream.recv, b"while draining").await;
+            if stream.conn_id != first.conn_id {
+                break stream;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(metrics.connections_opened.get(), 2);
+    h2_echo(&mut second.send, &mut second.recv, b"after").await;
+    // The stream opened before the drain still carries data both ways.
+    h2_echo(&mut first.send, &mut first.recv, b"still flowing").await;
+    first
+        .send
+        .send_data(Bytes::new(), true)
+        .expect("end of stream");
+    drop(first);
+    // With its last stream done, the drained connection ends cleanly.
+    assert!(
+        mesh.server.next_end().await.is_ok(),
+        "serve ends without error"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_refused_unprocessed_is_opened_again() {
+    let ca = Ca::new(TD);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let config = ca.server_config();
+    // A server (rustls and h2 by hand) that refuses its first stream with REFUSED_STREAM, as a
+    // peer that cannot take it does, and echoes the next one.
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .expect("TLS");
+        let mut conn = h2::server::handshake(tls).await.expect("h2");
+        let mut first = true;
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            if std::mem::take(&mut first) {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .expect("200");
+            let mut body = req.into_body();
+            tokio::spawn(async move {
+                while let Some(Ok(data)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(data.len());
+                    if send.send_data(data, false).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let (pool, metrics) = new_pool(100, DAY);
+    let echo = "127.0.0.1:9".parse().expect("authority");
+    let mut stream = open(&pool, &key(addr), ca.client_config(api()), echo)
+        .await
+        .expect("opened on the second attempt");
+    h2_echo(&mut stream.send, &mut stream.recv, b"after a refusal").await;
+    assert_eq!(metrics.streams_retried.get(), 1);
+    assert_eq!(metrics.streams_opened.get(), 2);
 }
