@@ -54,6 +54,39 @@ pub struct Config {
     /// Authorization policy.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Restarts and upgrades.
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
+}
+
+/// How the agent hands over to a successor and stops.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// The Unix socket over which a new agent of this node takes the listening sockets over
+    /// from the running one (and `mesh-agent node --uninstall` reaches it); default
+    /// `/run/mesh-agent/<node>/handover.sock`. Both agents must see the same path (in
+    /// Kubernetes, a hostPath).
+    #[serde(default)]
+    pub handover_socket: Option<PathBuf>,
+    /// How long an agent that has handed over (or was told to stop) keeps serving its
+    /// established connections, in seconds; connections still open then are reset. Default
+    /// 300 (5 minutes).
+    #[serde(default = "default_drain_secs")]
+    pub drain_timeout_secs: u64,
+}
+
+fn default_drain_secs() -> u64 {
+    300
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            handover_socket: None,
+            drain_timeout_secs: default_drain_secs(),
+        }
+    }
 }
 
 /// Authorization policy settings.
@@ -208,7 +241,35 @@ impl Config {
                 self.hbone.connections_per_peer
             ));
         }
+        if self.lifecycle.drain_timeout_secs > 24 * 3600 {
+            return Err(format!(
+                "`lifecycle.drain_timeout_secs` is {}: use 0 to 86400",
+                self.lifecycle.drain_timeout_secs
+            ));
+        }
+        if let Some(path) = &self.lifecycle.handover_socket {
+            if !path.is_absolute() || path.as_os_str().len() > 100 {
+                return Err(format!(
+                    "`lifecycle.handover_socket` {} must be an absolute path of at most 100 bytes",
+                    path.display()
+                ));
+            }
+        }
         self.capture.validate().map_err(|e| format!("capture.{e}"))
+    }
+
+    /// The handover socket.
+    pub fn handover_socket(&self) -> PathBuf {
+        self.lifecycle.handover_socket.clone().unwrap_or_else(|| {
+            PathBuf::from("/run/mesh-agent")
+                .join(&self.node)
+                .join("handover.sock")
+        })
+    }
+
+    /// How long to drain.
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lifecycle.drain_timeout_secs)
     }
 
     /// The directory for pins.
@@ -261,6 +322,11 @@ mod tests {
         assert_eq!(c.readiness_addr.port(), 15021);
         assert_eq!(c.bpf_dir(), PathBuf::from("/sys/fs/bpf/mesh/n1"));
         assert_eq!(c.state_poll_interval_ms, 500);
+        assert_eq!(
+            c.handover_socket(),
+            PathBuf::from("/run/mesh-agent/n1/handover.sock")
+        );
+        assert_eq!(c.drain_timeout(), std::time::Duration::from_secs(300));
     }
 
     #[test]
@@ -285,6 +351,12 @@ mod tests {
         let e = parse("node: n1\nstate_file: /s\nhbone: {connections_per_peer: 0}\n")
             .expect_err("no connections");
         assert!(e.contains("hbone.connections_per_peer"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\nlifecycle: {handover_socket: rel.sock}\n")
+            .expect_err("relative socket");
+        assert!(e.contains("lifecycle.handover_socket"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\nlifecycle: {drain_timeout_secs: 100000}\n")
+            .expect_err("long drain");
+        assert!(e.contains("lifecycle.drain_timeout_secs"), "{e}");
         let e = parse("node: n1\nstate_file: /s\nidentity: {issuer_cert: /c}\n")
             .expect_err("missing key");
         assert!(e.contains("issuer_key"), "{e}");

@@ -49,6 +49,21 @@ pub struct RouteLabels {
     pub transport: &'static str,
 }
 
+/// `change` label of `mesh_capture_pod_changes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabels {
+    pub change: &'static str,
+}
+
+/// Labels of `mesh_handovers_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoverLabels {
+    /// `giver` (the running agent) or `taker` (the new one).
+    pub role: &'static str,
+    /// `ok`, `aborted` or `error`.
+    pub result: &'static str,
+}
+
 /// `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Result {
@@ -183,6 +198,12 @@ pub struct Metrics {
     pub state_parse: Histogram,
     pub captured_pods: Gauge,
     pub capture_failures: Family<PodLabels, Counter>,
+    /// Pods whose capture is in place but that no listener serves (refused until served).
+    pub closed_pods: Gauge,
+    /// What capture did to pods: captured, adopted, reattached, closed, released.
+    pub capture_changes: Family<ChangeLabels, Counter>,
+    /// Handovers to or from another agent, by role and result.
+    pub handovers: Family<HandoverLabels, Counter>,
     /// Inbound authorization decisions, by action and policy.
     pub decisions: Family<DecisionLabels, Counter>,
     /// The decisions without any policy (the common case), as a handle: no lookup per connection.
@@ -210,6 +231,9 @@ impl Metrics {
             state_parse: Histogram::new(PARSE_BUCKETS),
             captured_pods: Gauge::default(),
             capture_failures: Family::default(),
+            closed_pods: Gauge::default(),
+            capture_changes: Family::default(),
+            handovers: Family::default(),
             decisions: Family::default(),
             allowed_without_policy: Counter::default(),
             revoked: Family::default(),
@@ -283,6 +307,24 @@ impl Metrics {
             "mesh_pod_capture_failures",
             "Failed attempts to capture a pod",
             m.capture_failures.clone(),
+        );
+        registry.register(
+            "mesh_closed_pods",
+            "Pods of this node whose capture is in place but that no listener serves: their \
+             connections are refused until they are served",
+            m.closed_pods.clone(),
+        );
+        registry.register(
+            "mesh_capture_pod_changes",
+            "What capture did to pods: captured (new), adopted (pinned by an earlier agent), \
+             reattached (adopted, some links attached again), closed (captured without being \
+             served), released",
+            m.capture_changes.clone(),
+        );
+        registry.register(
+            "mesh_handovers",
+            "Listener handovers between agents of this node, by role (giver, taker) and result",
+            m.handovers.clone(),
         );
         registry.register(
             "mesh_policy_decisions",

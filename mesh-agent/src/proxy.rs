@@ -50,48 +50,65 @@ pub struct Inputs {
     pub local: LocalPods,
     /// Whether the same-node fast path is on (`hbone.same_node_fast_path`).
     pub same_node_fast_path: bool,
+    /// Every proxied connection and HBONE connection: an agent that stops accepting waits on
+    /// it until they have ended (or its drain deadline passes).
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Set when the agent drains (it handed its listeners to a successor, or is stopping):
+    /// HBONE connections it serves send GOAWAY, so that their clients open new streams on
+    /// new connections, which reach the successor.
+    pub draining: watch::Sender<bool>,
 }
 
 /// The captured pods of this node by address, replaced as a whole when capture changes.
 pub type LocalPods = arc_swap::ArcSwap<std::collections::HashMap<IpAddr, Arc<Pod>>>;
 
-/// A captured pod as the proxy sees it.
+/// A captured pod as the proxy sees it. Its network namespace is fixed for its life; what the
+/// state may change in place (addresses, service account and so identity) is in [`PodState`],
+/// swapped as a whole: each connection works with the state it started with.
 #[derive(Debug)]
 pub struct Pod {
-    pub workload: Arc<Workload>,
     pub key: String,
     pub netns: Arc<Netns>,
     pub netns_cookie: u64,
-    /// The pod's SPIFFE identity (from its service account).
-    pub identity: SpiffeId,
-    /// TLS of the pod's HBONE listener: presents the pod's current certificate.
-    pub server_tls: Arc<rustls::ServerConfig>,
+    current: arc_swap::ArcSwap<PodState>,
     pub outbound: ConnCounters,
     pub inbound: ConnCounters,
     /// `mesh_outbound_routes_total` of this pod.
     pub routes: RouteCounters,
 }
 
+/// What can change about a captured pod without capturing it again.
+#[derive(Debug)]
+pub struct PodState {
+    pub workload: Arc<Workload>,
+    /// The pod's SPIFFE identity (from its service account).
+    pub identity: SpiffeId,
+    /// TLS of the pod's HBONE listener: presents the pod's current certificate.
+    pub server_tls: Arc<rustls::ServerConfig>,
+}
+
 impl Pod {
-    pub fn new(
-        workload: Arc<Workload>,
-        netns: Arc<Netns>,
-        netns_cookie: u64,
-        identity: SpiffeId,
-        server_tls: Arc<rustls::ServerConfig>,
-        metrics: &Metrics,
-    ) -> Self {
+    pub fn new(netns: Arc<Netns>, netns_cookie: u64, state: PodState, metrics: &Metrics) -> Self {
+        let w = &state.workload;
         Self {
-            identity,
-            server_tls,
-            key: workload.key(),
-            outbound: metrics.conn_counters("outbound", &workload.namespace, &workload.name),
-            inbound: metrics.conn_counters("inbound", &workload.namespace, &workload.name),
-            routes: RouteCounters::new(&workload.namespace, &workload.name),
-            workload,
+            key: w.key(),
+            outbound: metrics.conn_counters("outbound", &w.namespace, &w.name),
+            inbound: metrics.conn_counters("inbound", &w.namespace, &w.name),
+            routes: RouteCounters::new(&w.namespace, &w.name),
+            current: arc_swap::ArcSwap::from_pointee(state),
             netns,
             netns_cookie,
         }
+    }
+
+    /// The pod's current addresses, identity and TLS.
+    pub fn state(&self) -> Arc<PodState> {
+        self.current.load_full()
+    }
+
+    /// Replaces what changed in place (new connections see it; open ones keep theirs).
+    pub fn set_state(&self, state: PodState) {
+        self.current.store(Arc::new(state));
     }
 
     fn counters(&self, direction: Direction) -> &ConnCounters {
@@ -106,8 +123,8 @@ impl Pod {
             .failures
             .get_or_create(&FailureLabels {
                 direction: direction.as_str(),
-                namespace: self.workload.namespace.clone(),
-                workload: self.workload.name.clone(),
+                namespace: self.state().workload.namespace.clone(),
+                workload: self.state().workload.name.clone(),
                 reason: e.reason(),
             })
             .inc();
@@ -227,7 +244,7 @@ pub enum Listener {
 }
 
 impl Listener {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Listener::Outbound => "outbound",
             Listener::Inbound => "inbound",
@@ -245,42 +262,50 @@ impl Direction {
     }
 }
 
-/// Serves one of a pod's listeners until `stop`, then takes the connections already queued.
+/// How the accept loops of a pod are told to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Keep accepting.
+    Running,
+    /// The pod is released: take the connections already queued (nobody else will), then
+    /// close.
+    Release,
+    /// The listeners were handed over to another agent: stop at once; it accepts what is
+    /// queued.
+    Handover,
+}
+
+/// Serves one of a pod's listeners until told to stop (see [`Stop`]). Every connection is a
+/// task of `inputs.tasks`, so that an agent that stops accepting can wait for them to end.
 pub fn spawn_listener(
-    l: std::net::TcpListener,
+    listener: Arc<tokio::net::TcpListener>,
     kind: Listener,
     pod: Arc<Pod>,
     inputs: Arc<Inputs>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
 ) {
     use tracing::Instrument as _;
     let span = tracing::info_span!("listener", pod = %pod.key, kind = kind.as_str());
     tokio::spawn(
         async move {
-            let listener = match tokio::net::TcpListener::from_std(l) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot register the listener with the runtime");
-                    return;
-                }
-            };
             let spawn = |(stream, peer): (tokio::net::TcpStream, SocketAddr)| {
                 // Bytes are forwarded as they come: never hold a small segment back (Nagle).
                 let _ = stream.set_nodelay(true);
                 let (pod, inputs) = (pod.clone(), inputs.clone());
+                let tasks = inputs.tasks.clone();
                 match kind {
                     Listener::Outbound => {
-                        tokio::spawn(serve_outbound(stream, peer, pod, inputs));
+                        tasks.spawn(serve_outbound(stream, peer, pod, inputs));
                     }
                     Listener::Inbound => {
-                        tokio::spawn(serve_inbound(stream, peer, pod, inputs));
+                        tasks.spawn(serve_inbound(stream, peer, pod, inputs));
                     }
                     Listener::Hbone => {
-                        tokio::spawn(inbound::serve_hbone(stream, peer, pod, inputs));
+                        tasks.spawn(inbound::serve_hbone(stream, peer, pod, inputs));
                     }
                 }
             };
-            loop {
+            let how = loop {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok(conn) => spawn(conn),
@@ -290,13 +315,25 @@ pub fn spawn_listener(
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     },
-                    _ = stop.changed() => break,
+                    changed = stop.changed() => {
+                        let how = *stop.borrow_and_update();
+                        match (changed, how) {
+                            (Ok(()), Stop::Running) => continue,
+                            (Ok(()), how) => break how,
+                            // The pod's capture is gone without a word: as a release.
+                            (Err(_), _) => break Stop::Release,
+                        }
+                    }
+                }
+            };
+            if how == Stop::Release {
+                while let Ok(Ok(conn)) =
+                    tokio::time::timeout(Duration::ZERO, listener.accept()).await
+                {
+                    spawn(conn);
                 }
             }
-            while let Ok(Ok(conn)) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-                spawn(conn);
-            }
-            tracing::debug!("listener closed");
+            tracing::debug!(?how, "listener closed");
         }
         .instrument(span),
     );

@@ -1,14 +1,17 @@
 //! The agent's only unsafe code: entering network namespaces, socket options the standard
-//! library lacks, and one bpf(2) command aya does not wrap. Each block says why it is sound.
+//! library lacks, bpf(2) commands aya does not wrap (`bpf`), and passing descriptors between
+//! agents (`fdpass`). Each block says why it is sound.
 #![expect(
     unsafe_code,
     reason = "this module is the agent's designated home for unsafe code"
 )]
 
+pub mod bpf;
+pub mod fdpass;
+
 use std::{
     fs::File,
     io,
-    mem::size_of,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
@@ -30,6 +33,12 @@ impl Netns {
     /// The namespace of the calling thread.
     pub fn current() -> io::Result<Self> {
         Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    /// The namespace's inode number (what network-namespace BPF links report).
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(self.file.metadata()?.ino())
     }
 
     /// Runs `f` on the calling thread while it is inside this namespace, then returns the
@@ -87,50 +96,12 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
     }
 }
 
-/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map (Linux 5.14): reads and removes an entry in
-/// one syscall, so the per-connection cost of recovering an original destination is one call.
-/// Returns `Ok(None)` when the key is absent.
-pub fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
-    map: BorrowedFd<'_>,
-    key: &K,
-) -> io::Result<Option<V>> {
-    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let mut value = V::default();
-    let attr = Attr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: (key as *const K) as u64,
-        value: (&raw mut value) as u64,
-        flags: 0,
-    };
-    // SAFETY: `attr` matches the kernel's bpf_attr layout for map element commands; the key and
-    // value pointers refer to live values of the map's key and value types, which the caller
-    // guarantees match the map's definition (both come from mesh-common).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &attr as *const Attr,
-            socklen::<Attr>(),
-        )
-    };
-    if rc == 0 {
-        return Ok(Some(value));
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ENOENT) {
-        Ok(None)
-    } else {
-        Err(err)
-    }
+/// The cookie of a network namespace: a throwaway socket is created inside it.
+pub fn netns_cookie_of(netns: &Netns, home: &Netns) -> io::Result<u64> {
+    let socket = netns.run(home, || {
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+    })??;
+    netns_cookie(socket.as_fd())
 }
 
 /// Sets `SO_LINGER` to zero so that dropping the socket sends a reset, which is how a refused
@@ -162,8 +133,8 @@ pub fn set_linger_zero(socket: BorrowedFd<'_>) -> io::Result<()> {
     clippy::cast_possible_truncation,
     reason = "only used for structs of a few bytes"
 )]
-const fn socklen<T>() -> libc::socklen_t {
-    size_of::<T>() as libc::socklen_t
+pub(crate) const fn socklen<T>() -> libc::socklen_t {
+    std::mem::size_of::<T>() as libc::socklen_t
 }
 
 /// `statfs(2)` file system magic of a path.
@@ -267,6 +238,15 @@ pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Resul
         )
     };
     usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+}
+
+/// Whether a process exists (signal 0).
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks that the process exists and may be signalled.
+    unsafe { libc::kill(pid, 0) == 0 }
 }
 
 /// The effective user id.

@@ -1,6 +1,6 @@
 //! Loading the eBPF object: globals, pins, typed map handles, and the kernel counters.
 
-use std::{os::fd::AsFd, path::Path, sync::Arc};
+use std::{os::fd::AsFd, sync::Arc};
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
@@ -48,20 +48,18 @@ pub struct OrigDstMap(MapData);
 impl OrigDstMap {
     /// Takes the original destination recorded for a client address (one syscall).
     pub fn take(&self, key: &ConnKey) -> std::io::Result<Option<mesh_common::OrigDst>> {
-        crate::sys::map_lookup_and_delete(self.0.fd().as_fd(), key)
+        crate::sys::bpf::map_lookup_and_delete(self.0.fd().as_fd(), key)
     }
 }
 
-/// Loads the object, pins programs and maps under `dir`, clears state a previous agent left in
-/// reused pinned maps, and installs the global exclusions.
+/// Loads the object into the kernel, reusing the pinned maps of `layout` (a previous agent's
+/// state stays: the caller adopts or sweeps it) and pinning maps and programs there, and sets
+/// the global exclusions to `global`.
 pub fn load(
-    dir: &Path,
+    layout: &super::pins::Layout,
     global: &CaptureExclusions,
 ) -> Result<(Loaded, Arc<OrigDstMap>, Collector), Error> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::PinDir {
-        path: dir.to_owned(),
-        source,
-    })?;
+    let dir = &layout.abi_dir;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .override_global(globals::OUTBOUND_PORT, &mesh_common::ports::OUTBOUND, true)
@@ -81,7 +79,7 @@ pub fn load(
             message: verifier_message(&e),
         })?;
         let pin = dir.join(name);
-        // A pin from a previous agent refers to the previous program: replace it.
+        // A pin from a previous agent refers to its program (links keep theirs until adopted).
         let _ = std::fs::remove_file(&pin);
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
         program.pin(&pin).map_err(|e| Error::Pin {
@@ -123,8 +121,7 @@ pub fn load(
         cidrs,
         listeners,
     };
-    loaded.clear()?;
-    loaded.set_exclusions(GLOBAL_SCOPE, global, true)?;
+    loaded.sync_exclusions(GLOBAL_SCOPE, global)?;
     info!(dir = %dir.display(), "eBPF programs loaded and pinned");
     Ok((
         loaded,
@@ -162,94 +159,138 @@ fn counter_collector(
     }
 }
 
+/// What the control maps hold, to reconcile with the pods an agent serves.
+#[derive(Debug, Default)]
+pub struct Inventory {
+    /// `MESH_PODS`: netns cookie and scope of every captured pod.
+    pub pods: Vec<(u64, PodConfig)>,
+}
+
+/// The entries that belong to the pods an agent serves; everything else is swept.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub cookies: std::collections::HashSet<u64>,
+    pub scopes: std::collections::HashSet<u32>,
+    /// Address words of live pods, with their pod's scope.
+    pub addrs: std::collections::HashMap<[u32; 4], u32>,
+}
+
+/// Counts of entries [`Loaded::sweep`] removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub pods: usize,
+    pub addrs: usize,
+    pub exclusions: usize,
+    pub listeners: usize,
+}
+
 impl Loaded {
-    /// Removes every entry of the control maps (left by a previous agent in pinned maps).
-    fn clear(&mut self) -> Result<(), Error> {
+    /// Reads the pod entries of the control maps (left by a previous agent, or this one's).
+    pub fn inventory(&self) -> Inventory {
+        Inventory {
+            pods: self.pods.iter().filter_map(Result::ok).collect(),
+        }
+    }
+
+    /// Removes every entry that belongs to no live pod (a pod released while no agent ran,
+    /// or an agent that stopped between writing an entry and pinning the pod's links).
+    pub fn sweep(&mut self, live: &Live) -> Result<Swept, Error> {
         let map_err = |map: &'static str| {
             move |e: aya::maps::MapError| Error::Map {
                 map,
                 message: super::chain(&e),
             }
         };
+        let mut swept = Swept::default();
         let keys: Vec<u64> = self.pods.keys().filter_map(Result::ok).collect();
-        for k in keys {
+        for k in keys.into_iter().filter(|k| !live.cookies.contains(k)) {
             self.pods.remove(&k).map_err(map_err(maps::PODS))?;
+            swept.pods += 1;
         }
-        let keys: Vec<PodAddr> = self.pod_addrs.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            self.pod_addrs
-                .remove(&k)
-                .map_err(map_err(maps::POD_ADDRS))?;
+        let entries: Vec<(PodAddr, PodConfig)> =
+            self.pod_addrs.iter().filter_map(Result::ok).collect();
+        for (addr, config) in entries {
+            if live.addrs.get(&addr.ip) != Some(&config.scope) {
+                self.pod_addrs
+                    .remove(&addr)
+                    .map_err(map_err(maps::POD_ADDRS))?;
+                swept.addrs += 1;
+            }
         }
+        let dead = |scope: u32| scope != GLOBAL_SCOPE && !live.scopes.contains(&scope);
         let keys: Vec<PortKey> = self.ports.keys().filter_map(Result::ok).collect();
-        for k in keys {
+        for k in keys.into_iter().filter(|k| dead(k.scope)) {
             self.ports
                 .remove(&k)
                 .map_err(map_err(maps::EXCLUDED_PORTS))?;
+            swept.exclusions += 1;
         }
         let keys: Vec<Key<CidrKey>> = self.cidrs.keys().filter_map(Result::ok).collect();
-        for k in keys {
+        for k in keys
+            .into_iter()
+            .filter(|k| dead(u32::from_be(k.data().scope_be)))
+        {
             self.cidrs
                 .remove(&k)
                 .map_err(map_err(maps::EXCLUDED_CIDRS))?;
+            swept.exclusions += 1;
         }
-        Ok(())
+        let keys: Vec<ListenerKey> = self.listeners.keys().filter_map(Result::ok).collect();
+        for k in keys.into_iter().filter(|k| !live.addrs.contains_key(&k.ip)) {
+            self.listeners
+                .remove(&k)
+                .map_err(map_err(maps::LISTENERS))?;
+            swept.listeners += 1;
+        }
+        Ok(swept)
     }
 
-    /// Installs (`add`) or removes the exclusions of one scope.
-    pub fn set_exclusions(
-        &mut self,
-        scope: u32,
-        ex: &CaptureExclusions,
-        add: bool,
-    ) -> Result<(), Error> {
-        let ports = ex
-            .exclude_outbound_ports
-            .iter()
-            .map(|p| (*p, direction::OUTBOUND))
-            .chain(
-                ex.exclude_inbound_ports
-                    .iter()
-                    .map(|p| (*p, direction::INBOUND)),
-            );
-        for (port, direction) in ports {
-            let key = PortKey {
-                scope,
-                port,
-                direction,
-                _pad: 0,
-            };
-            let res = if add {
-                self.ports.insert(key, 1, 0)
-            } else {
-                self.ports.remove(&key)
-            };
-            res.map_err(|e| Error::Map {
-                map: maps::EXCLUDED_PORTS,
-                message: super::chain(&e),
-            })?;
+    /// Makes the exclusions of one scope exactly `ex`: adds what is missing, removes what is no
+    /// longer wanted (entries a previous agent wrote included). No entry that stays is touched,
+    /// so no connection sees a moment without it.
+    pub fn sync_exclusions(&mut self, scope: u32, ex: &CaptureExclusions) -> Result<(), Error> {
+        let (want_ports, want_cidrs) = exclusion_keys(scope, ex);
+        let have: Vec<PortKey> = self
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.scope == scope)
+            .collect();
+        let port_err = |e: aya::maps::MapError| Error::Map {
+            map: maps::EXCLUDED_PORTS,
+            message: super::chain(&e),
+        };
+        for k in &want_ports {
+            if !have.contains(k) {
+                self.ports.insert(*k, 1, 0).map_err(port_err)?;
+            }
         }
-        for net in &ex.exclude_outbound_cidrs {
-            let (ip, len) = match net {
-                ipnet::IpNet::V4(n) => (n.addr().to_ipv6_mapped(), 96 + u32::from(n.prefix_len())),
-                ipnet::IpNet::V6(n) => (n.addr(), u32::from(n.prefix_len())),
-            };
-            let key = Key::new(
-                32 + len,
-                CidrKey {
-                    scope_be: scope.to_be(),
-                    ip: super::words(ip),
-                },
-            );
-            let res = if add {
-                self.cidrs.insert(&key, 1, 0)
-            } else {
-                self.cidrs.remove(&key)
-            };
-            res.map_err(|e| Error::Map {
-                map: maps::EXCLUDED_CIDRS,
-                message: super::chain(&e),
-            })?;
+        for k in have.iter().filter(|k| !want_ports.contains(k)) {
+            self.ports.remove(k).map_err(port_err)?;
+        }
+        let same = |a: &Key<CidrKey>, b: &Key<CidrKey>| {
+            a.prefix_len() == b.prefix_len() && a.data() == b.data()
+        };
+        let have: Vec<Key<CidrKey>> = self
+            .cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| u32::from_be(k.data().scope_be) == scope)
+            .collect();
+        let cidr_err = |e: aya::maps::MapError| Error::Map {
+            map: maps::EXCLUDED_CIDRS,
+            message: super::chain(&e),
+        };
+        for k in &want_cidrs {
+            if !have.iter().any(|h| same(h, k)) {
+                self.cidrs.insert(k, 1, 0).map_err(cidr_err)?;
+            }
+        }
+        for k in have
+            .iter()
+            .filter(|h| !want_cidrs.iter().any(|w| same(h, w)))
+        {
+            self.cidrs.remove(k).map_err(cidr_err)?;
         }
         Ok(())
     }
@@ -260,4 +301,42 @@ impl Loaded {
             .program_mut(name)
             .ok_or(Error::MissingProgram(name))
     }
+}
+
+/// The map keys of one scope's exclusions.
+fn exclusion_keys(scope: u32, ex: &CaptureExclusions) -> (Vec<PortKey>, Vec<Key<CidrKey>>) {
+    let ports = ex
+        .exclude_outbound_ports
+        .iter()
+        .map(|p| (*p, direction::OUTBOUND))
+        .chain(
+            ex.exclude_inbound_ports
+                .iter()
+                .map(|p| (*p, direction::INBOUND)),
+        )
+        .map(|(port, direction)| PortKey {
+            scope,
+            port,
+            direction,
+            _pad: 0,
+        })
+        .collect();
+    let cidrs = ex
+        .exclude_outbound_cidrs
+        .iter()
+        .map(|net| {
+            let (ip, len) = match net {
+                ipnet::IpNet::V4(n) => (n.addr().to_ipv6_mapped(), 96 + u32::from(n.prefix_len())),
+                ipnet::IpNet::V6(n) => (n.addr(), u32::from(n.prefix_len())),
+            };
+            Key::new(
+                32 + len,
+                CidrKey {
+                    scope_be: scope.to_be(),
+                    ip: super::words(ip),
+                },
+            )
+        })
+        .collect();
+    (ports, cidrs)
 }

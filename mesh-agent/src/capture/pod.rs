@@ -1,56 +1,84 @@
-//! One captured pod: its in-pod listeners, its entries in the kernel maps, and the program
-//! attachments on its cgroup and network namespace.
+//! One captured pod: its in-pod listeners, its entries in the kernel maps, and its programs'
+//! links, pinned so that they outlive the agent.
 //!
 //! Capture order makes every redirect land on a listener: listeners first, then map entries,
-//! then attachments. Release runs in reverse: map entries go first (the programs stop
-//! redirecting at once), then attachments, then the listeners stop accepting after taking what
+//! then links. A pod whose links were pinned by a previous agent is adopted in the same order:
+//! its connections are refused (no listener) until the new listeners are registered, then
+//! served. Release runs in reverse: map entries go first (the programs stop redirecting at
+//! once), then the pins (the links detach), then the listeners stop accepting after taking what
 //! is already queued. Connections already proxied are separate tasks and keep running.
 
 use std::{
     fs::File,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::IpAddr,
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
-use aya::programs::{
-    cgroup_sock_addr::CgroupSockAddrLinkId, sk_lookup::SkLookupLinkId, sock_ops::SockOpsLinkId,
-    CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
-};
-use mesh_common::{listener, ports, programs, ListenerKey, PodAddr, PodConfig};
-use socket2::{Domain, Protocol, Socket, Type};
+use mesh_common::{listener, ListenerKey, PodAddr, PodConfig};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::{ebpf::Loaded, mapped_words, Error};
-use crate::{proxy, state::Workload, sys::Netns};
+use super::{
+    ebpf::Loaded,
+    listeners::{Listeners, Opened},
+    mapped_words,
+    pins::{self, Layout, PinnedPod, Target},
+    Error,
+};
+use crate::{
+    identity::SpiffeId,
+    proxy::{self, PodState, Stop},
+    state::Workload,
+    sys::Netns,
+};
 
-#[derive(Debug, Default)]
-struct Links {
-    connect4: Option<CgroupSockAddrLinkId>,
-    connect6: Option<CgroupSockAddrLinkId>,
-    sock_ops: Option<SockOpsLinkId>,
-    sk_lookup: Option<SkLookupLinkId>,
+/// Where pods are captured: what every capture needs besides the pod.
+#[derive(Debug)]
+pub struct Env<'a> {
+    pub layout: &'a Layout,
+    pub cgroup_root: &'a Path,
+    /// The agent's own cgroup: a pod whose cgroup contains it is never captured (the programs
+    /// would redirect the agent's own connections).
+    pub agent_cgroup: &'a Path,
+    pub inputs: &'a Arc<proxy::Inputs>,
 }
 
-/// A pod the agent has captured.
+/// How a pod came to be served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Captured now: links attached and pinned.
+    Captured,
+    /// Its pinned links were all in place: taken over.
+    Adopted,
+    /// Its pinned links were taken over, some of them attached again.
+    Reattached,
+}
+
+/// A pod the agent captures and serves.
 #[derive(Debug)]
 pub struct CapturedPod {
     pub workload: Arc<Workload>,
-    identity: crate::identity::SpiffeId,
+    identity: SpiffeId,
     scope: u32,
     netns_cookie: u64,
-    links: Links,
+    pin_dir: PathBuf,
+    listeners: Listeners,
     listener_keys: Vec<ListenerKey>,
-    /// Tells the accept loops to drain and stop.
-    stop: watch::Sender<bool>,
-    /// What the proxy knows of the pod (listeners, counters, TLS); `None` until captured.
-    proxy: Option<Arc<proxy::Pod>>,
+    /// Tells the accept loops how to stop.
+    stop: watch::Sender<Stop>,
+    proxy: Arc<proxy::Pod>,
+}
+
+/// The kernel side of a pod being captured: opened once, used by every step.
+struct Handles {
+    cgroup: File,
+    netns: Arc<Netns>,
 }
 
 impl CapturedPod {
-    pub fn identity(&self) -> &crate::identity::SpiffeId {
+    pub fn identity(&self) -> &SpiffeId {
         &self.identity
     }
 
@@ -58,140 +86,162 @@ impl CapturedPod {
         self.netns_cookie
     }
 
+    pub fn scope(&self) -> u32 {
+        self.scope
+    }
+
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
     /// The proxy's view of the pod (for same-node delivery).
-    pub fn proxy(&self) -> Option<&Arc<proxy::Pod>> {
-        self.proxy.as_ref()
+    pub fn proxy(&self) -> &Arc<proxy::Pod> {
+        &self.proxy
     }
 
-    /// Whether the workload still attaches the same way (same namespace file, cgroup, addresses,
-    /// identity).
-    pub fn same_attachment(&self, w: &Workload) -> bool {
-        self.workload.netns == w.netns
-            && self.workload.cgroup == w.cgroup
-            && self.workload.ips == w.ips
+    /// Whether `w` is still the same pod sandbox (same network namespace and cgroup); other
+    /// changes are applied in place by [`CapturedPod::update`].
+    pub fn same_sandbox(&self, w: &Workload) -> bool {
+        self.workload.netns == w.netns && self.workload.cgroup == w.cgroup
     }
 
+    /// Captures `workload`: with the listeners handed over by a previous agent (`received`) or
+    /// new ones, adopting the links pinned for its network namespace (by a previous agent, or
+    /// by an attempt that could not serve it) or attaching new ones. `scope` gives the pod's
+    /// exclusion scope for a netns cookie (the one already in the maps, or a new one).
     pub fn capture(
         loaded: &mut Loaded,
+        env: &Env<'_>,
         workload: Arc<Workload>,
-        scope: u32,
-        cgroup_root: &Path,
-        inputs: &Arc<proxy::Inputs>,
-    ) -> Result<Self, Error> {
+        received: Option<Opened>,
+        scope: impl FnOnce(u64) -> u32,
+    ) -> Result<(Self, Outcome), Error> {
         let pod = workload.key();
-        if !workload.cgroup.starts_with(cgroup_root) {
-            return Err(Error::CgroupOutside {
-                pod,
-                path: workload.cgroup.clone(),
-                root: cgroup_root.to_owned(),
-            });
-        }
-        let cgroup = File::open(&workload.cgroup).map_err(|source| Error::Cgroup {
-            pod: pod.clone(),
-            path: workload.cgroup.clone(),
-            source,
-        })?;
-        let netns = Arc::new(Netns::open(&workload.netns).map_err(|source| Error::Netns {
-            pod: pod.clone(),
-            path: workload.netns.clone(),
-            source,
-        })?);
-        let identity_err = |source| Error::Identity {
-            pod: pod.clone(),
-            source,
+        let handles = open_handles(env, &workload)?;
+        let opened = match received {
+            Some(opened) => opened,
+            None => Opened::open(&pod, &handles.netns, &env.inputs.home)?,
         };
-        let identity = crate::identity::SpiffeId::new(
-            inputs.certs.trust_domain(),
-            &workload.namespace,
-            &workload.service_account,
-        )
-        .map_err(identity_err)?;
-        let leaf = inputs.certs.get(&identity).map_err(identity_err)?;
-        let server_tls = crate::tunnel::tls::server_config(
-            inputs.certs.bundle().clone(),
-            inputs.certs.trust_domain().to_owned(),
-            leaf,
-        )
-        .map_err(|e| Error::Tls {
-            pod: pod.clone(),
-            message: e.to_string(),
-        })?;
-        let listeners = open_listeners(&pod, &netns, &inputs.home, &workload.ips)?;
-        let netns_cookie = crate::sys::netns_cookie(std::os::fd::AsFd::as_fd(&listeners.outbound4))
-            .map_err(|source| Error::Listener {
-                pod: pod.clone(),
-                addr: local(&listeners.outbound4),
-                source,
-            })?;
-        let (stop, stopped) = watch::channel(false);
+        let netns_cookie = opened.netns_cookie;
+        let (identity, server_tls) = identity(env.inputs, &workload)?;
+        let listeners = opened.register(&pod)?;
+        let scope = scope(netns_cookie);
+        let pinned = env.layout.find(netns_cookie)?;
+        let pin_dir = pinned
+            .clone()
+            .unwrap_or_else(|| env.layout.pod_dir(netns_cookie, &pod));
+        let (stop, stopped) = watch::channel(Stop::Running);
+        let ctx = Arc::new(proxy::Pod::new(
+            handles.netns.clone(),
+            netns_cookie,
+            PodState {
+                workload: workload.clone(),
+                identity: identity.clone(),
+                server_tls,
+            },
+            &env.inputs.metrics,
+        ));
         let mut captured = Self {
-            workload: workload.clone(),
-            identity: identity.clone(),
+            workload,
+            identity,
             scope,
             netns_cookie,
-            links: Links::default(),
+            pin_dir,
+            listeners,
             listener_keys: Vec::new(),
             stop,
-            proxy: None,
+            proxy: ctx.clone(),
         };
-        if let Err(e) = captured.install(loaded, &cgroup, &netns, &listeners) {
-            captured.release(loaded);
-            return Err(e);
-        }
-        let ctx = Arc::new(proxy::Pod::new(
-            workload,
-            netns,
-            netns_cookie,
-            identity,
-            server_tls,
-            &inputs.metrics,
-        ));
-        let groups = [
-            (
-                proxy::Listener::Outbound,
-                [Some(listeners.outbound4), listeners.outbound6],
-            ),
-            (
-                proxy::Listener::Inbound,
-                [listeners.inbound4, listeners.inbound6],
-            ),
-            (proxy::Listener::Hbone, [listeners.hbone4, listeners.hbone6]),
-        ];
-        for (kind, group) in groups {
-            for l in group.into_iter().flatten() {
-                proxy::spawn_listener(l, kind, ctx.clone(), inputs.clone(), stopped.clone());
+        captured.install_entries(loaded)?;
+        let target = Target {
+            pod: &pod,
+            cgroup: &handles.cgroup,
+            netns: &handles.netns,
+        };
+        let outcome = match pinned {
+            Some(_) => match pins::adopt(loaded, &captured.pin_dir, &target)? {
+                a if a.reattached > 0 => Outcome::Reattached,
+                _ => Outcome::Adopted,
+            },
+            None => {
+                pins::attach_all(loaded, &captured.pin_dir, &target)?;
+                Outcome::Captured
             }
+        };
+        for (kind, l) in captured.listeners.all() {
+            proxy::spawn_listener(l, kind, ctx.clone(), env.inputs.clone(), stopped.clone());
         }
-        captured.proxy = Some(ctx);
-        Ok(captured)
+        Ok((captured, outcome))
     }
 
-    fn install(
-        &mut self,
+    /// Closes a pod that cannot be served (its listeners, identity or TLS failed): its map
+    /// entries and pinned links are put in place (or kept) without listeners, so that its
+    /// connections are refused rather than passed, until a later attempt serves it. Returns
+    /// its pins.
+    pub fn close(
         loaded: &mut Loaded,
-        cgroup: &File,
-        netns: &Netns,
-        l: &Listeners,
-    ) -> Result<(), Error> {
-        let pod = self.workload.key();
-        let map_err = |map: &'static str| {
-            move |e: aya::maps::MapError| Error::Map {
-                map,
-                message: e.to_string(),
+        env: &Env<'_>,
+        workload: &Workload,
+        scope: impl FnOnce(u64) -> u32,
+    ) -> Result<PinnedPod, Error> {
+        let pod = workload.key();
+        let handles = open_handles(env, workload)?;
+        let netns_cookie =
+            crate::sys::netns_cookie_of(&handles.netns, &env.inputs.home).map_err(|source| {
+                Error::Netns {
+                    pod: pod.clone(),
+                    path: workload.netns.clone(),
+                    source,
+                }
+            })?;
+        let scope = scope(netns_cookie);
+        install_pod_entries(loaded, netns_cookie, scope, workload)?;
+        let target = Target {
+            pod: &pod,
+            cgroup: &handles.cgroup,
+            netns: &handles.netns,
+        };
+        let dir = match env.layout.find(netns_cookie)? {
+            Some(dir) => {
+                pins::adopt(loaded, &dir, &target)?;
+                dir
+            }
+            None => {
+                let dir = env.layout.pod_dir(netns_cookie, &pod);
+                pins::attach_all(loaded, &dir, &target)?;
+                dir
             }
         };
-        let per_ip = self.workload.ips.iter().flat_map(|ip| {
-            let (plain, hbone) = match ip {
-                IpAddr::V4(_) => (l.inbound4.as_ref(), l.hbone4.as_ref()),
-                IpAddr::V6(_) => (l.inbound6.as_ref(), l.hbone6.as_ref()),
-            };
-            [
-                (*ip, listener::INBOUND_PLAINTEXT, plain),
-                (*ip, listener::HBONE, hbone),
-            ]
-        });
-        for (ip, kind, sock) in per_ip {
-            let Some(sock) = sock else { continue };
+        Ok(PinnedPod {
+            dir,
+            netns_cookie,
+            key: pod,
+        })
+    }
+
+    /// Listener entries (so that sk_lookup finds a listener before anything steers to it),
+    /// exclusions, then the pod and address entries (from now on its connects are redirected).
+    fn install_entries(&mut self, loaded: &mut Loaded) -> Result<(), Error> {
+        for ip in self.workload.ips.clone() {
+            self.insert_listener_keys(loaded, ip)?;
+        }
+        install_pod_entries(loaded, self.netns_cookie, self.scope, &self.workload)
+    }
+
+    fn insert_listener_keys(&mut self, loaded: &mut Loaded, ip: IpAddr) -> Result<(), Error> {
+        let Some((inbound, hbone)) = self.listeners.inbound_for(ip) else {
+            return Err(Error::Listener {
+                pod: self.workload.key(),
+                addr: std::net::SocketAddr::new(ip, 0),
+                source: std::io::Error::other(
+                    "the pod has an IPv6 address but no IPv6 loopback for the agent's listeners",
+                ),
+            });
+        };
+        for (kind, sock) in [
+            (listener::INBOUND_PLAINTEXT, inbound),
+            (listener::HBONE, hbone),
+        ] {
             let key = ListenerKey {
                 ip: mapped_words(ip),
                 kind,
@@ -200,222 +250,219 @@ impl CapturedPod {
                 .listeners
                 .insert(key, sock.as_raw_fd(), 0)
                 .map_err(map_err(mesh_common::maps::LISTENERS))?;
-            self.listener_keys.push(key);
-        }
-        let config = PodConfig {
-            scope: self.scope,
-            flags: 0,
-        };
-        loaded.set_exclusions(self.scope, &self.workload.capture, true)?;
-        loaded
-            .pods
-            .insert(self.netns_cookie, config, 0)
-            .map_err(map_err(mesh_common::maps::PODS))?;
-        for ip in &self.workload.ips {
-            loaded
-                .pod_addrs
-                .insert(
-                    PodAddr {
-                        ip: mapped_words(*ip),
-                    },
-                    config,
-                    0,
-                )
-                .map_err(map_err(mesh_common::maps::POD_ADDRS))?;
-        }
-        let attach_err = |program: &'static str| {
-            let pod = pod.clone();
-            move |e: aya::programs::ProgramError| Error::Attach {
-                pod,
-                program,
-                message: super::chain(&e),
+            if !self.listener_keys.contains(&key) {
+                self.listener_keys.push(key);
             }
-        };
-        let p: &mut SkLookup = loaded
-            .program(programs::SK_LOOKUP)?
-            .try_into()
-            .map_err(attach_err(programs::SK_LOOKUP))?;
-        self.links.sk_lookup = Some(p.attach(netns).map_err(attach_err(programs::SK_LOOKUP))?);
-        // Cgroup BPF links always coexist with other programs (multi-attach); the link API
-        // takes no flags, which is what `Single` passes.
-        let mode = CgroupAttachMode::Single;
-        let p: &mut SockOps = loaded
-            .program(programs::SOCK_OPS)?
-            .try_into()
-            .map_err(attach_err(programs::SOCK_OPS))?;
-        self.links.sock_ops = Some(
-            p.attach(cgroup, mode)
-                .map_err(attach_err(programs::SOCK_OPS))?,
-        );
-        let p: &mut CgroupSockAddr = loaded
-            .program(programs::CONNECT6)?
-            .try_into()
-            .map_err(attach_err(programs::CONNECT6))?;
-        self.links.connect6 = Some(
-            p.attach(cgroup, mode)
-                .map_err(attach_err(programs::CONNECT6))?,
-        );
-        let p: &mut CgroupSockAddr = loaded
-            .program(programs::CONNECT4)?
-            .try_into()
-            .map_err(attach_err(programs::CONNECT4))?;
-        self.links.connect4 = Some(
-            p.attach(cgroup, mode)
-                .map_err(attach_err(programs::CONNECT4))?,
-        );
+        }
         Ok(())
     }
 
-    /// Applies changed per-pod exclusions in place.
-    pub fn update_exclusions(
+    /// Applies what changed about the pod in the same sandbox: exclusions, addresses, service
+    /// account (a new identity for new connections). Its capture never lapses meanwhile.
+    pub fn update(
         &mut self,
         loaded: &mut Loaded,
         w: &Arc<Workload>,
+        inputs: &proxy::Inputs,
     ) -> Result<(), Error> {
-        if self.workload.capture == w.capture {
+        if Arc::ptr_eq(&self.workload, w) || *self.workload == **w {
             return Ok(());
         }
-        loaded.set_exclusions(self.scope, &self.workload.capture, false)?;
-        loaded.set_exclusions(self.scope, &w.capture, true)?;
+        if self.workload.capture != w.capture {
+            loaded.sync_exclusions(self.scope, &w.capture)?;
+        }
+        if self.workload.ips != w.ips {
+            let config = PodConfig {
+                scope: self.scope,
+                flags: 0,
+            };
+            for ip in &w.ips {
+                self.insert_listener_keys(loaded, *ip)?;
+                loaded
+                    .pod_addrs
+                    .insert(
+                        PodAddr {
+                            ip: mapped_words(*ip),
+                        },
+                        config,
+                        0,
+                    )
+                    .map_err(map_err(mesh_common::maps::POD_ADDRS))?;
+            }
+            let gone: Vec<IpAddr> = self
+                .workload
+                .ips
+                .iter()
+                .filter(|ip| !w.ips.contains(ip))
+                .copied()
+                .collect();
+            for ip in gone {
+                remove_addr(loaded, ip, self.scope);
+                let words = mapped_words(ip);
+                self.listener_keys.retain(|k| {
+                    let keep = k.ip != words;
+                    if !keep {
+                        let _ = loaded.listeners.remove(k);
+                    }
+                    keep
+                });
+            }
+        }
+        let server_tls = if self.workload.service_account == w.service_account {
+            self.proxy.state().server_tls.clone()
+        } else {
+            let (identity, server_tls) = identity(inputs, w)?;
+            tracing::info!(pod = %w.key(), from = %self.identity, to = %identity, "service account changed: new connections carry the new identity");
+            self.identity = identity;
+            server_tls
+        };
+        self.proxy.set_state(PodState {
+            workload: w.clone(),
+            identity: self.identity.clone(),
+            server_tls,
+        });
         self.workload = w.clone();
         Ok(())
     }
 
     /// Undoes everything `capture` did; logs (does not fail on) individual errors.
-    pub fn release(mut self, loaded: &mut Loaded) {
+    pub fn release(self, loaded: &mut Loaded) {
         let pod = self.workload.key();
-        let warn_err = |what: &str, e: &dyn std::fmt::Display| warn!(%pod, what, error = %e, "release step failed");
         for ip in &self.workload.ips {
-            if let Err(e) = loaded.pod_addrs.remove(&PodAddr {
-                ip: mapped_words(*ip),
-            }) {
-                warn_err("pod address entry", &e);
-            }
+            remove_addr(loaded, *ip, self.scope);
         }
         if let Err(e) = loaded.pods.remove(&self.netns_cookie) {
-            warn_err("pod entry", &e);
+            warn!(%pod, error = %e, "release: removing the pod entry failed");
         }
-        // Detach in reverse order of attachment: connects stop being redirected first.
-        let links = std::mem::take(&mut self.links);
-        macro_rules! detach {
-            ($id:expr, $name:expr, $ty:ty) => {
-                if let Some(id) = $id {
-                    let res = loaded
-                        .program($name)
-                        .map_err(|e| e.to_string())
-                        .and_then(|p| {
-                            <&mut $ty>::try_from(p)
-                                .and_then(|p| p.detach(id))
-                                .map_err(|e| super::chain(&e))
-                        });
-                    if let Err(e) = res {
-                        warn_err($name, &e);
-                    }
-                }
-            };
+        // The links detach with their pins: connects stop being redirected.
+        if let Err(e) = pins::release(&self.pin_dir) {
+            warn!(%pod, error = %e, "release: removing the pinned links failed");
         }
-        detach!(links.connect4, programs::CONNECT4, CgroupSockAddr);
-        detach!(links.connect6, programs::CONNECT6, CgroupSockAddr);
-        detach!(links.sock_ops, programs::SOCK_OPS, SockOps);
-        detach!(links.sk_lookup, programs::SK_LOOKUP, SkLookup);
         for key in &self.listener_keys {
             if let Err(e) = loaded.listeners.remove(key) {
-                warn_err("listener entry", &e);
+                warn!(%pod, error = %e, "release: removing a listener entry failed");
             }
         }
-        if let Err(e) = loaded.set_exclusions(self.scope, &self.workload.capture, false) {
-            warn_err("exclusions", &e);
+        if let Err(e) = loaded.sync_exclusions(self.scope, &Default::default()) {
+            warn!(%pod, error = %e, "release: removing the exclusions failed");
         }
         // Accept loops take what is queued, then stop; established connections continue.
-        let _ = self.stop.send(true);
+        self.stop.send_replace(Stop::Release);
         debug!(%pod, "released");
     }
-}
 
-/// The in-pod listeners, opened inside the pod's network namespace.
-struct Listeners {
-    outbound4: std::net::TcpListener,
-    outbound6: Option<std::net::TcpListener>,
-    inbound4: Option<std::net::TcpListener>,
-    inbound6: Option<std::net::TcpListener>,
-    hbone4: Option<std::net::TcpListener>,
-    hbone6: Option<std::net::TcpListener>,
-}
-
-fn open_listeners(
-    pod: &str,
-    netns: &Netns,
-    home: &Netns,
-    ips: &[IpAddr],
-) -> Result<Listeners, Error> {
-    let lo4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let lo6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
-    let listen_err = |addr: SocketAddr| {
-        move |source| Error::Listener {
-            pod: pod.to_owned(),
-            addr,
-            source,
-        }
-    };
-    let out4 = SocketAddr::new(lo4, ports::OUTBOUND);
-    let in4 = SocketAddr::new(lo4, ports::INBOUND_PLAINTEXT);
-    let out6 = SocketAddr::new(lo6, ports::OUTBOUND);
-    let in6 = SocketAddr::new(lo6, ports::INBOUND_PLAINTEXT);
-    let hb4 = SocketAddr::new(lo4, ports::HBONE);
-    let hb6 = SocketAddr::new(lo6, ports::HBONE);
-    let has_v4 = ips.iter().any(IpAddr::is_ipv4);
-    let has_v6 = ips.iter().any(IpAddr::is_ipv6);
-    netns
-        .run(home, || {
-            let outbound4 = listen(out4).map_err(listen_err(out4))?;
-            let inbound4 = has_v4
-                .then(|| listen(in4).map_err(listen_err(in4)))
-                .transpose()?;
-            // IPv6 loopback exists only where IPv6 is enabled in the pod; without it no IPv6
-            // connection can be made, so there is nothing to capture.
-            let outbound6 = match listen(out6) {
-                Ok(l) => Some(l),
-                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => None,
-                Err(e) => return Err(listen_err(out6)(e)),
-            };
-            let inbound6 = has_v6
-                .then(|| listen(in6).map_err(listen_err(in6)))
-                .transpose()?;
-            let hbone4 = has_v4
-                .then(|| listen(hb4).map_err(listen_err(hb4)))
-                .transpose()?;
-            let hbone6 = has_v6
-                .then(|| listen(hb6).map_err(listen_err(hb6)))
-                .transpose()?;
-            Ok(Listeners {
-                outbound4,
-                outbound6,
-                inbound4,
-                inbound6,
-                hbone4,
-                hbone6,
-            })
-        })
-        .map_err(|source| Error::Netns {
-            pod: pod.to_owned(),
-            path: "setns".into(),
-            source,
-        })?
-}
-
-fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
+    /// Stops serving without touching the kernel: the accept loops stop at once (what is queued
+    /// stays for the agent that took the listeners over), capture stays in place.
+    pub fn relinquish(self) {
+        self.stop.send_replace(Stop::Handover);
     }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    Ok(socket.into())
 }
 
-fn local(l: &std::net::TcpListener) -> SocketAddr {
-    l.local_addr()
-        .unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+fn open_handles(env: &Env<'_>, w: &Workload) -> Result<Handles, Error> {
+    let pod = w.key();
+    if !w.cgroup.starts_with(env.cgroup_root) {
+        return Err(Error::CgroupOutside {
+            pod,
+            path: w.cgroup.clone(),
+            root: env.cgroup_root.to_owned(),
+        });
+    }
+    if env.agent_cgroup.starts_with(&w.cgroup) {
+        return Err(Error::AgentCgroup {
+            pod,
+            path: w.cgroup.clone(),
+        });
+    }
+    let cgroup = File::open(&w.cgroup).map_err(|source| Error::Cgroup {
+        pod: pod.clone(),
+        path: w.cgroup.clone(),
+        source,
+    })?;
+    let netns = Arc::new(Netns::open(&w.netns).map_err(|source| Error::Netns {
+        pod,
+        path: w.netns.clone(),
+        source,
+    })?);
+    Ok(Handles { cgroup, netns })
+}
+
+/// The pod's SPIFFE id and the TLS configuration of its HBONE listener (its certificate is
+/// minted now if this node has none for the service account yet).
+fn identity(
+    inputs: &proxy::Inputs,
+    w: &Workload,
+) -> Result<(SpiffeId, Arc<rustls::ServerConfig>), Error> {
+    let pod = w.key();
+    let identity_err = |source| Error::Identity {
+        pod: pod.clone(),
+        source,
+    };
+    let identity = SpiffeId::new(
+        inputs.certs.trust_domain(),
+        &w.namespace,
+        &w.service_account,
+    )
+    .map_err(identity_err)?;
+    let leaf = inputs.certs.get(&identity).map_err(identity_err)?;
+    let server_tls = crate::tunnel::tls::server_config(
+        inputs.certs.bundle().clone(),
+        inputs.certs.trust_domain().to_owned(),
+        leaf,
+    )
+    .map_err(|e| Error::Tls {
+        pod: pod.clone(),
+        message: e.to_string(),
+    })?;
+    Ok((identity, server_tls))
+}
+
+/// Exclusions, then `MESH_PODS` and `MESH_POD_ADDRS`: after this the programs capture the pod.
+fn install_pod_entries(
+    loaded: &mut Loaded,
+    netns_cookie: u64,
+    scope: u32,
+    w: &Workload,
+) -> Result<(), Error> {
+    let config = PodConfig { scope, flags: 0 };
+    loaded.sync_exclusions(scope, &w.capture)?;
+    loaded
+        .pods
+        .insert(netns_cookie, config, 0)
+        .map_err(map_err(mesh_common::maps::PODS))?;
+    for ip in &w.ips {
+        loaded
+            .pod_addrs
+            .insert(
+                PodAddr {
+                    ip: mapped_words(*ip),
+                },
+                config,
+                0,
+            )
+            .map_err(map_err(mesh_common::maps::POD_ADDRS))?;
+    }
+    Ok(())
+}
+
+/// Removes an address entry if it is still this scope's (another pod may hold it now).
+fn remove_addr(loaded: &mut Loaded, ip: IpAddr, scope: u32) {
+    let key = PodAddr {
+        ip: mapped_words(ip),
+    };
+    if loaded
+        .pod_addrs
+        .get(&key, 0)
+        .is_ok_and(|c| c.scope == scope)
+    {
+        if let Err(e) = loaded.pod_addrs.remove(&key) {
+            warn!(%ip, error = %e, "removing a pod address entry failed");
+        }
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |e| Error::Map {
+        map,
+        message: super::chain(&e),
+    }
 }

@@ -20,7 +20,7 @@ use std::{
 };
 
 pub use diff::diff;
-use policies::Rejection;
+pub use policies::Rejection;
 use serde::Deserialize;
 use tracing::{error, info, warn};
 

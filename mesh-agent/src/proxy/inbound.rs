@@ -29,7 +29,7 @@ pub async fn proxy(
     // sk_lookup never steers the agent's ports; a connection to one here would loop.
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     tracing::Span::current().record("dst", tracing::field::display(dst));
-    if !pod.workload.ips.contains(&dst.ip()) {
+    if !pod.state().workload.ips.contains(&dst.ip()) {
         reset(stream);
         return Err(Error::Loop { addr: dst });
     }
@@ -83,11 +83,12 @@ pub async fn deliver_local(
     inputs: &Inputs,
 ) -> Result<(u64, u64), Error> {
     use tracing::Instrument as _;
+    let source = src.state();
     let span = tracing::info_span!(
         "inbound",
         pod = %dst.key,
-        src = %src.workload.ips.first().map_or_else(String::new, ToString::to_string),
-        identity = %src.identity,
+        src = %source.workload.ips.first().map_or_else(String::new, ToString::to_string),
+        identity = %source.identity,
         dst = %target,
         local = true,
         decision = tracing::field::Empty,
@@ -96,8 +97,8 @@ pub async fn deliver_local(
         audit = tracing::field::Empty
     );
     let peer = Peer {
-        identity: Some(std::sync::Arc::new(src.identity.clone())),
-        src: src.workload.ips.first().copied().unwrap_or(target.ip()),
+        identity: Some(std::sync::Arc::new(source.identity.clone())),
+        src: source.workload.ips.first().copied().unwrap_or(target.ip()),
     };
     let work = std::pin::pin!(deliver(client, peer, dst, target, inputs));
     match super::account(super::Direction::Inbound, dst, inputs, work)
@@ -121,6 +122,8 @@ pub async fn serve_hbone(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs
         let (pod, inputs) = (pod.clone(), inputs.clone());
         move |req: tunnel::server::Request| {
             let (pod, inputs) = (pod.clone(), inputs.clone());
+            // The stream is a task of its own (spawned by the server): counted for draining.
+            let token = inputs.tasks.token();
             let span = tracing::info_span!(
                 "inbound",
                 pod = %pod.key,
@@ -134,15 +137,22 @@ pub async fn serve_hbone(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs
                 audit = tracing::field::Empty
             );
             async move {
+                let _token = token;
                 let work = std::pin::pin!(hbone_stream(req, &pod, &inputs));
                 super::account(super::Direction::Inbound, &pod, &inputs, work).await;
             }
             .instrument(span)
         }
     };
-    // Draining comes with the agent's restarts; until then a connection is never drained.
-    let drain = std::future::pending::<()>();
-    let result = tunnel::server::serve(tcp, pod.server_tls.clone(), handler, drain)
+    let server_tls = pod.state().server_tls.clone();
+    let mut draining = inputs.draining.subscribe();
+    let drain = async move {
+        // A closed channel means the agent is going away without draining: nothing to do.
+        if draining.wait_for(|d| *d).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tunnel::server::serve(tcp, server_tls, handler, drain)
         .instrument(span.clone())
         .await;
     if let Err(e) = result {

@@ -59,7 +59,10 @@ pub async fn proxy(
         return Err(Error::Loop { addr: target });
     }
     if let Some(dst) = local {
-        span.record("peer_identity", tracing::field::display(&dst.identity));
+        span.record(
+            "peer_identity",
+            tracing::field::display(&dst.state().identity),
+        );
         debug!("connection proxied");
         return Box::pin(super::inbound::deliver_local(
             stream, pod, &dst, target, inputs,
@@ -112,8 +115,9 @@ async fn open_hbone(
     expected: SpiffeId,
     initial: Option<bytes::Bytes>,
 ) -> Result<tunnel::client::Stream, Error> {
+    let state = pod.state();
     let key = PoolKey {
-        src: pod.identity.clone(),
+        src: state.identity.clone(),
         dst: SocketAddr::new(target.ip(), ports::HBONE),
         expected,
     };
@@ -134,7 +138,7 @@ async fn open_hbone(
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
     };
     let forwarded_for = SocketAddr::new(
-        pod.workload.ips.first().copied().unwrap_or(client.ip()),
+        state.workload.ips.first().copied().unwrap_or(client.ip()),
         client.port(),
     );
     Ok(inputs

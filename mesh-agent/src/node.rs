@@ -1,0 +1,498 @@
+//! `mesh-agent node`: the node agent's life, from start (taking over from a running agent, or
+//! adopting what an earlier one pinned) to its end (drained, handed over, or uninstalled).
+//!
+//! Capture is pinned and outlives the process: no exit of the agent (SIGTERM, a crash, an
+//! OOM kill) stops it, and while no agent serves a captured pod its connections are refused.
+//! Only a release (the pod leaves the state) or `--uninstall` stops capture.
+//!
+//! - SIGTERM (a rollout, a node drain): the agent keeps serving and waits for a successor to
+//!   take over; it exits once it has no connection left, or at the drain deadline. A second
+//!   SIGTERM or SIGINT exits at once.
+//! - A successor took over (the handover socket): the agent stops accepting at once, keeps its
+//!   established connections until they end or the drain deadline passes, and exits once it
+//!   has also been told to stop (SIGTERM): a DaemonSet's old pod exits when it is deleted, so
+//!   its container is not restarted into a second takeover.
+//! - Connections still open when the agent exits are reset, never ended cleanly.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, watch},
+    time::Instant,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin, capture, config, discovery, handover, identity, metrics, preflight, proxy, state, sys,
+    tunnel,
+};
+
+/// How long a new agent may take to serve every pod before it gives the node back to the
+/// agent it was taking over from.
+const TAKEOVER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `mesh-agent node --uninstall`: releases every pod of this node and removes the pins, through
+/// the running agent if there is one.
+pub fn uninstall(config_path: &Path) -> anyhow::Result<()> {
+    let config = config::Config::load(config_path)?;
+    let socket = config.handover_socket();
+    if let Some(done) = handover::uninstall(&socket)? {
+        info!(
+            agent = done.agent,
+            released = done.released,
+            "uninstalled by the running agent, which now drains and exits"
+        );
+        println!(
+            "uninstalled: the running agent (pid {}) released {} pods and removed its pins; it \
+             exits once its connections end",
+            done.agent, done.released
+        );
+        anyhow::ensure!(
+            done.failed.is_empty(),
+            "some could not be released: {}",
+            done.failed.join("; ")
+        );
+        return Ok(());
+    }
+    let bpf_dir = config.bpf_dir();
+    preflight::check(&bpf_dir)?;
+    let released = capture::uninstall_pins(&bpf_dir)?;
+    println!(
+        "uninstalled: no agent was running; released {released} pinned pods and removed the pins \
+         under {}",
+        bpf_dir.display()
+    );
+    Ok(())
+}
+
+/// Runs the agent until it has handed over and drained, or drained after SIGTERM.
+pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = config::Config::load(config_path)?;
+    let bpf_dir = config.bpf_dir();
+    let cgroup_root = preflight::check(&bpf_dir)?;
+    let home = sys::Netns::current().context("cannot open the agent's own network namespace")?;
+    match sys::raise_nofile_limit() {
+        // A proxied connection holds up to four descriptors while it moves data.
+        Ok(limit) if limit < 65_536 => warn!(
+            limit,
+            "the open file limit is low: proxied connections are capped at about a quarter of it"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open file limit; connections may be capped"),
+    }
+    let (snapshot, state_bytes, rejected_policies) =
+        discovery::file::load(&config.state_file, &config.policy.root_namespace)?;
+    let id = &config.identity;
+    let issuer = identity::Issuer::load(&id.issuer_cert, &id.issuer_key)?
+        .with_trust_domain(&id.trust_domain)?;
+    let bundle = identity::TrustBundle::load(&id.trust_bundle)?;
+    // Before anything is bound: the running agent's sockets are ours to share from here.
+    let socket_path = config.handover_socket();
+    let takeover = handover::take(&socket_path)?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // MESH_WORKER_THREADS: data path threads (default: one per core), as ztunnel's
+    // ZTUNNEL_WORKER_THREADS.
+    if let Some(n) = std::env::var("MESH_WORKER_THREADS")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        let n: usize = n
+            .parse()
+            .ok()
+            .filter(|n| (1..=256).contains(n))
+            .with_context(|| format!("MESH_WORKER_THREADS={n}: use a number from 1 to 256"))?;
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.enable_all().build()?;
+    let start = Start {
+        config,
+        bpf_dir,
+        cgroup_root,
+        home,
+        snapshot,
+        state_bytes,
+        rejected_policies,
+        issuer,
+        bundle,
+        takeover,
+        socket_path,
+    };
+    let code = runtime.block_on(serve(start))?;
+    // Blocking threads (the handover listener) must not hold the process.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// Everything `run` prepares before the runtime starts.
+struct Start {
+    config: config::Config,
+    bpf_dir: std::path::PathBuf,
+    cgroup_root: std::path::PathBuf,
+    home: sys::Netns,
+    snapshot: state::Snapshot,
+    state_bytes: Vec<u8>,
+    rejected_policies: Vec<discovery::file::Rejection>,
+    issuer: identity::Issuer,
+    bundle: identity::TrustBundle,
+    takeover: Option<handover::Takeover>,
+    socket_path: std::path::PathBuf,
+}
+
+async fn serve(s: Start) -> anyhow::Result<i32> {
+    let Start {
+        config,
+        bpf_dir,
+        cgroup_root,
+        home,
+        snapshot,
+        state_bytes,
+        rejected_policies,
+        issuer,
+        bundle,
+        mut takeover,
+        socket_path,
+    } = s;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let store = Arc::new(state::Store::new());
+    store.replace(snapshot);
+    discovery::file::report(&rejected_policies, &metrics);
+    let readiness = Arc::new(admin::Readiness::new("starting: pods not yet served"));
+    // The HTTP endpoints: the running agent's sockets when it handed them over.
+    let (stop_admin, admin_stopped) = watch::channel(false);
+    let mut received_admin = takeover
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.admin))
+        .unwrap_or_default();
+    let mut endpoints = Vec::new();
+    let mut wanted = vec![("metrics", config.metrics_addr)];
+    if config.readiness_addr != config.metrics_addr {
+        wanted.push(("readiness", config.readiness_addr));
+    }
+    for (what, addr) in wanted {
+        let listener = match received_admin
+            .iter()
+            .position(|(w, l)| w == what && same_listener(l, addr, &home))
+        {
+            Some(i) => received_admin.swap_remove(i).1,
+            None => admin::bind(addr, what)?,
+        };
+        endpoints.push(admin::serve(
+            listener,
+            what,
+            metrics.clone(),
+            readiness.clone(),
+            admin_stopped.clone(),
+        )?);
+    }
+    drop(received_admin);
+
+    let layout = capture::pins::Layout::new(&bpf_dir);
+    layout.prepare(&bpf_dir)?;
+    let (loaded, orig_dst, collector) = capture::ebpf::load(&layout, &config.capture)?;
+    metrics.register_collector(collector);
+    let expiry = prometheus_client::metrics::family::Family::<
+        identity::CertLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    >::default();
+    metrics.register(
+        "mesh_certificate_expiry_timestamp_seconds",
+        "When each workload certificate of this node expires (Unix time)",
+        expiry.clone(),
+    );
+    let certs = identity::CertManager::new(
+        issuer,
+        bundle,
+        Duration::from_secs(config.identity.leaf_lifetime_secs),
+        expiry,
+    );
+    let (stop_rotation, rotation_stopped) = watch::channel(false);
+    tokio::spawn(certs.clone().run_rotation(rotation_stopped));
+    let pool = hbone_pool(&config, &metrics);
+    let (draining, _) = watch::channel(false);
+    let inputs = Arc::new(proxy::Inputs {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        home,
+        orig_dst,
+        node: config.node.clone(),
+        certs,
+        pool,
+        local: proxy::LocalPods::default(),
+        same_node_fast_path: config.hbone.same_node_fast_path,
+        tasks: tokio_util::task::TaskTracker::new(),
+        draining,
+    });
+    let received = takeover
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.pods))
+        .unwrap_or_default();
+    let capture = capture::Capture::new(
+        loaded,
+        layout,
+        config.node.clone(),
+        cgroup_root,
+        inputs.clone(),
+        received,
+    )?;
+    tokio::spawn(discovery::file::watch(
+        config.state_file.clone(),
+        Duration::from_millis(config.state_poll_interval_ms),
+        state_bytes,
+        store.clone(),
+        metrics.clone(),
+    ));
+    let (commands, command_rx) = mpsc::channel(4);
+    tokio::spawn(capture::run(
+        capture,
+        store,
+        readiness.clone(),
+        Duration::from_secs(2),
+        command_rx,
+    ));
+
+    if let Some(takeover) = takeover {
+        let giver = takeover.giver;
+        let taker = |result| {
+            metrics
+                .handovers
+                .get_or_create(&metrics::HandoverLabels {
+                    role: "taker",
+                    result,
+                })
+                .inc();
+        };
+        if tokio::time::timeout(TAKEOVER_READY_TIMEOUT, readiness.wait_ready())
+            .await
+            .is_err()
+        {
+            let why = readiness.get().unwrap_or_default();
+            tokio::task::spawn_blocking(move || takeover.abort(&why)).await?;
+            taker("aborted");
+            error!(
+                giver,
+                "could not serve every pod in time: the running agent keeps the node"
+            );
+            relinquish(&commands).await;
+            let _ = stop_admin.send(true);
+            drain_and_exit(&inputs, config.drain_timeout(), "takeover abandoned").await;
+            anyhow::bail!(
+                "taking over from agent {giver} failed: not every pod could be served within \
+                 {TAKEOVER_READY_TIMEOUT:?} ({}); that agent carries on",
+                readiness.get().unwrap_or_default()
+            );
+        }
+        match tokio::task::spawn_blocking(move || takeover.complete()).await? {
+            Ok(()) => {
+                taker("ok");
+                info!(
+                    giver,
+                    "took over: the previous agent no longer accepts connections"
+                );
+            }
+            // The giver died on the way: this agent is the only one, and serves every pod.
+            Err(e) if !sys::process_alive(giver) => {
+                taker("ok");
+                warn!(giver, error = %e, "the previous agent ended during the takeover: this agent carries on alone");
+            }
+            Err(e) => {
+                taker("error");
+                error!(giver, error = %e, "the takeover could not be confirmed: leaving the node to the running agent");
+                relinquish(&commands).await;
+                let _ = stop_admin.send(true);
+                drain_and_exit(&inputs, config.drain_timeout(), "takeover unconfirmed").await;
+                return Err(anyhow::Error::new(e).context(format!(
+                    "taking over from agent {giver} could not be confirmed; that agent carries on"
+                )));
+            }
+        }
+    }
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    handover::Giver::bind(&socket_path)?.spawn(
+        commands.clone(),
+        endpoints,
+        events_tx,
+        metrics.clone(),
+    )?;
+    info!(node = %config.node, state = %config.state_file.display(), handover = %socket_path.display(), "agent started");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let drain = config.drain_timeout();
+    let mut terminated = false;
+    let mut deadline: Option<Instant> = None;
+    let mut handed_over = false;
+    loop {
+        let idle = async {
+            if terminated || handed_over {
+                inputs.tasks.close();
+                inputs.tasks.wait().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let timeout = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {
+                if terminated {
+                    warn!("second signal: exiting now");
+                    break;
+                }
+                terminated = true;
+                deadline.get_or_insert(Instant::now() + drain);
+                // HBONE clients move their next streams to new connections: pooled idle
+                // connections end, and this agent gets to no connection sooner.
+                inputs.draining.send_replace(true);
+                if handed_over {
+                    info!(open = inputs.tasks.len(), "SIGTERM: exiting once the connections have ended (or at the drain deadline)");
+                } else {
+                    info!(drain = ?drain, open = inputs.tasks.len(), "SIGTERM: capture stays in place; serving until a successor takes over, the connections end or the drain deadline");
+                }
+            }
+            _ = int.recv() => {
+                if terminated {
+                    warn!("second signal: exiting now");
+                    break;
+                }
+                terminated = true;
+                deadline.get_or_insert(Instant::now() + drain);
+                inputs.draining.send_replace(true);
+                info!(drain = ?drain, open = inputs.tasks.len(), "SIGINT: as SIGTERM; a second signal exits at once");
+            }
+            event = events.recv() => match event {
+                Some(handover::Event::HandedOver { to }) => {
+                    handed_over = true;
+                    let _ = stop_admin.send(true);
+                    inputs.draining.send_replace(true);
+                    deadline = Some(Instant::now() + drain);
+                    info!(successor = to, open = inputs.tasks.len(), drain = ?drain, "draining: established connections continue until they end or the deadline");
+                }
+                Some(handover::Event::Uninstalled) => {
+                    // Nothing is captured any more: this agent has no reason to stay.
+                    handed_over = true;
+                    terminated = true;
+                    let _ = stop_admin.send(true);
+                    inputs.draining.send_replace(true);
+                    deadline = Some(Instant::now() + drain);
+                    info!(open = inputs.tasks.len(), "uninstalled: draining, then exiting");
+                }
+                None => {}
+            },
+            () = idle => {
+                if terminated {
+                    info!("no connection left: exiting");
+                    break;
+                }
+                // Handed over and drained, not yet told to stop: wait for SIGTERM.
+                info!("drained: every connection has ended; waiting for SIGTERM to exit");
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM: exiting"),
+                    _ = int.recv() => info!("SIGINT: exiting"),
+                }
+                break;
+            }
+            () = timeout => {
+                let open = inputs.tasks.len();
+                if open > 0 {
+                    let reset = sys::fdpass::reset_all_tcp_sockets();
+                    warn!(open, sockets = reset, "drain deadline passed: open connections are reset");
+                }
+                if terminated {
+                    break;
+                }
+                deadline = None;
+                // The reset sockets end their tasks; then wait for SIGTERM as above.
+            }
+        }
+    }
+    let _ = stop_rotation.send(true);
+    let open = inputs.tasks.len();
+    if open > 0 {
+        let reset = sys::fdpass::reset_all_tcp_sockets();
+        warn!(
+            open,
+            sockets = reset,
+            "exiting with open connections: they are reset"
+        );
+    }
+    info!("agent stopped (capture stays in place)");
+    Ok(0)
+}
+
+/// Stops accepting without touching capture (a takeover that did not complete).
+async fn relinquish(commands: &mpsc::Sender<capture::Command>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if commands
+        .send(capture::Command::Relinquish(tx))
+        .await
+        .is_ok()
+    {
+        let _ = rx.await;
+    }
+}
+
+/// Waits for the connections this agent holds to end (at most `drain`), resets the rest.
+async fn drain_and_exit(inputs: &proxy::Inputs, drain: Duration, why: &str) {
+    inputs.draining.send_replace(true);
+    inputs.tasks.close();
+    if tokio::time::timeout(drain, inputs.tasks.wait())
+        .await
+        .is_err()
+    {
+        let reset = sys::fdpass::reset_all_tcp_sockets();
+        warn!(
+            why,
+            open = inputs.tasks.len(),
+            sockets = reset,
+            "drain deadline passed: open connections are reset"
+        );
+    }
+}
+
+/// Whether a received listener is bound where this agent wants it, in its own namespace.
+fn same_listener(l: &std::net::TcpListener, addr: std::net::SocketAddr, home: &sys::Netns) -> bool {
+    use std::os::fd::AsFd as _;
+    let here = sys::netns_cookie_of(home, home).ok();
+    let there = sys::netns_cookie(l.as_fd()).ok();
+    l.local_addr().is_ok_and(|a| a == addr) && here.is_some() && here == there
+}
+
+fn hbone_pool(config: &config::Config, metrics: &metrics::Metrics) -> Arc<tunnel::client::Pool> {
+    let pool_metrics = tunnel::client::PoolMetrics::default();
+    metrics.register(
+        "mesh_hbone_connections_opened",
+        "HBONE connections opened (TLS handshakes)",
+        pool_metrics.connections_opened.clone(),
+    );
+    metrics.register(
+        "mesh_hbone_connections",
+        "HBONE connections in the pool",
+        pool_metrics.connections.clone(),
+    );
+    metrics.register(
+        "mesh_hbone_streams_opened",
+        "HBONE CONNECT streams opened",
+        pool_metrics.streams_opened.clone(),
+    );
+    metrics.register(
+        "mesh_hbone_streams_retried",
+        "HBONE CONNECT streams a draining peer refused unprocessed, opened again on another \
+         connection",
+        pool_metrics.streams_retried.clone(),
+    );
+    let pool_config = tunnel::client::PoolConfig {
+        max_conns: config.hbone.connections_per_peer,
+        ..tunnel::client::PoolConfig::default()
+    };
+    tunnel::client::Pool::new(pool_config, pool_metrics)
+}

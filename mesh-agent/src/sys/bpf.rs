@@ -1,0 +1,160 @@
+//! bpf(2) commands aya does not wrap: reading and removing one map entry in one call, opening
+//! a pinned object, and inspecting and updating links (which pin the programs to a pod).
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+use super::socklen;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `bpf_link_type` values the agent creates.
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+const BPF_LINK_TYPE_NETNS: u32 = 5;
+
+/// Issues one bpf(2) command with an attribute struct laid out as the kernel's `bpf_attr`
+/// member for that command.
+///
+/// # Safety
+/// `attr` must be the kernel's layout for `cmd`, and every pointer in it must refer to live
+/// memory of the size the command expects (for the duration of the call).
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
+    // SAFETY: guaranteed by the caller; the kernel reads at most `size_of::<A>()` bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const A, socklen::<A>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map (Linux 5.14): reads and removes an entry in
+/// one syscall, so the per-connection cost of recovering an original destination is one call.
+/// Returns `Ok(None)` when the key is absent.
+pub fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = V::default();
+    let attr = Attr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: (key as *const K) as u64,
+        value: (&raw mut value) as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is bpf_attr's map element layout; the key and value pointers refer to live
+    // values of the map's key and value types, which the caller guarantees match the map's
+    // definition (both come from mesh-common).
+    match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr) } {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object (map, program or link) by its bpffs path.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: bpf_attr's object layout; the path is a live NUL-terminated string.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &attr) }?;
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("bad descriptor"))?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What a link is attached to, from `BPF_OBJ_GET_INFO_BY_FD`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkTarget {
+    /// A cgroup link: the cgroup's id (the inode number of its cgroup v2 directory); `None`
+    /// once the cgroup is gone (the kernel detached the link).
+    Cgroup(Option<u64>),
+    /// A network namespace link: the namespace's inode number; `None` once it is gone.
+    Netns(Option<u32>),
+    /// Another kind of link (not one the agent makes).
+    Other(u32),
+}
+
+/// A link's program id and target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub prog_id: u32,
+    pub target: LinkTarget,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link.
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-byte aligned union at
+    // offset 16 whose cgroup member is { u64 cgroup_id; u32 attach_type } and whose netns
+    // member is { u32 netns_ino; u32 attach_type }. The kernel copies what fits in info_len.
+    let mut info = [0u64; 8];
+    let attr = Attr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: socklen::<[u64; 8]>(),
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: bpf_attr's info layout; `info` is live, zeroed and as long as info_len says.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) }?;
+    let lo = |w: u64| (w & 0xffff_ffff) as u32;
+    let link_type = lo(info[0]);
+    let prog_id = lo(info[1]);
+    let target = match link_type {
+        BPF_LINK_TYPE_CGROUP => LinkTarget::Cgroup(Some(info[2]).filter(|id| *id != 0)),
+        BPF_LINK_TYPE_NETNS => LinkTarget::Netns(Some(lo(info[2])).filter(|ino| *ino != 0)),
+        other => LinkTarget::Other(other),
+    };
+    Ok(LinkInfo { prog_id, target })
+}
+
+/// `BPF_LINK_UPDATE`: atomically replaces the program of a link (cgroup links since Linux 5.7,
+/// network namespace links since 5.8): the hook never runs without a program in between.
+pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: bpf_attr's link_update layout; no pointers.
+    unsafe { bpf(BPF_LINK_UPDATE, &attr) }.map(|_| ())
+}
