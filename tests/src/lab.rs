@@ -50,6 +50,9 @@ pub struct LabOptions {
     /// The agents' `hbone.same_node_fast_path`: `false` tunnels same-node traffic through
     /// HBONE too.
     pub same_node_fast_path: bool,
+    /// The agents' `lifecycle.drain_timeout_secs`: how long an agent that handed over (or was
+    /// told to stop) keeps its established connections.
+    pub drain_timeout_secs: u64,
 }
 
 impl Default for LabOptions {
@@ -63,8 +66,20 @@ impl Default for LabOptions {
             ready_timeout: Duration::from_secs(30),
             leaf_lifetime_secs: 24 * 3600,
             same_node_fast_path: true,
+            drain_timeout_secs: 300,
         }
     }
+}
+
+/// What [`Lab::upgrade_agent`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Upgrade {
+    /// The agent that was running, told to stop once the new one took over.
+    pub old: Option<u32>,
+    /// The new agent.
+    pub new: u32,
+    /// From the start of the upgrade until the new agent served the node.
+    pub took_over: Duration,
 }
 
 /// A running lab. Torn down by [`Lab::down`], or on drop unless persistent or attached.
@@ -170,6 +185,7 @@ impl Lab {
                 &opts.global_capture,
                 opts.leaf_lifetime_secs,
                 opts.same_node_fast_path,
+                opts.drain_timeout_secs,
             )?;
             sys::write_atomic(&layout.agent_config_path(&node.name), config.as_bytes())?;
         }
@@ -181,11 +197,12 @@ impl Lab {
         for node in &layout.nodes {
             std::fs::create_dir_all(&node.bpf_dir)
                 .with_context(|| format!("creating bpffs directory {}", node.bpf_dir.display()))?;
-            self.agents.push(agent::start(layout, node)?);
+            self.agents
+                .push(agent::start(layout, node, 1, &agent::agent_bin())?);
         }
         let deadline = Instant::now() + opts.ready_timeout;
         for (node, agent) in layout.nodes.iter().zip(self.agents.iter_mut()) {
-            agent::wait_ready(layout, node, agent, deadline)?;
+            agent::wait_started(layout, node, agent, deadline)?;
         }
         Ok(())
     }
@@ -358,14 +375,133 @@ impl Lab {
         )
     }
 
-    /// The agent's log so far (empty if there is none).
+    /// The logs so far of every agent `node` has had, in the order they were started (empty
+    /// if there is none).
     pub fn agent_log(&self, node: &str) -> String {
-        std::fs::read_to_string(self.layout.agent_log_path(node)).unwrap_or_default()
+        let mut all = String::new();
+        for generation in 1.. {
+            match std::fs::read_to_string(self.layout.agent_log_path_of(node, generation)) {
+                Ok(text) => all.push_str(&text),
+                Err(_) => break,
+            }
+        }
+        all
     }
 
-    /// The agent's pid, if an agent was started for `node`.
+    /// The log so far of agent `pid` (one of this lab's).
+    pub fn agent_log_of(&self, pid: u32) -> String {
+        self.agents
+            .iter()
+            .find(|a| a.pid == pid)
+            .and_then(|a| {
+                std::fs::read_to_string(self.layout.agent_log_path_of(&a.node, a.generation)).ok()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The pid of `node`'s current agent (the last one started), if one was started.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
-        self.agents.iter().find(|a| a.node == node).map(|a| a.pid)
+        self.agents
+            .iter()
+            .rev()
+            .find(|a| a.node == node)
+            .map(|a| a.pid)
+    }
+
+    /// Whether agent `pid` (one of this lab's) still runs.
+    pub fn agent_running(&mut self, pid: u32) -> bool {
+        self.agents
+            .iter_mut()
+            .find(|a| a.pid == pid)
+            .is_some_and(AgentProcess::running)
+    }
+
+    /// Sends `signal` to `node`'s current agent and returns its pid; after SIGKILL, returns
+    /// once the process is gone (so that what follows sees no agent). Panics on failure.
+    pub fn signal_agent(&mut self, node: &str, signal: libc::c_int) -> u32 {
+        let pid = self
+            .agent_pid(node)
+            .unwrap_or_else(|| panic!("no agent was started for node {node}"));
+        if let Err(e) = sys::kill(pid, signal) {
+            panic!("signal {signal} to the agent of {node} (pid {pid}): {e}");
+        }
+        if signal == libc::SIGKILL && !self.wait_agent_exit(pid, Duration::from_secs(10)) {
+            panic!("agent {pid} of {node} still runs 10 s after SIGKILL");
+        }
+        pid
+    }
+
+    /// Waits until agent `pid` has exited (and reaps it if it is our child); false if it
+    /// still runs after `timeout`.
+    pub fn wait_agent_exit(&mut self, pid: u32, timeout: Duration) -> bool {
+        let Some(agent) = self.agents.iter_mut().find(|a| a.pid == pid) else {
+            return !sys::process_alive(pid);
+        };
+        sys::poll_until(timeout, || !agent.running())
+    }
+
+    /// Starts a new agent for `node` from the lab's agent binary: after a crash it adopts the
+    /// pinned capture; with an agent running it takes over from it. Returns once the new agent
+    /// has started and the node is ready.
+    pub fn start_agent(&mut self, node: &str) -> Result<u32> {
+        self.start_agent_from(node, &agent::agent_bin())
+    }
+
+    fn start_agent_from(&mut self, node: &str, bin: &Path) -> Result<u32> {
+        let node = self
+            .find_node(node)
+            .ok_or_else(|| anyhow!("lab {} has no node {node:?}", self.id()))?
+            .clone();
+        let generation = self
+            .agents
+            .iter()
+            .filter(|a| a.node == node.name)
+            .map(|a| a.generation)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let mut agent = agent::start(&self.layout, &node, generation, bin)?;
+        let started = agent::wait_started(
+            &self.layout,
+            &node,
+            &mut agent,
+            Instant::now() + Duration::from_secs(60),
+        );
+        let pid = agent.pid;
+        self.agents.push(agent);
+        started.map(|()| pid)
+    }
+
+    /// Upgrades `node`'s agent as a DaemonSet rollout does: a new agent (from `bin`, by
+    /// default the lab's agent binary; a copy is run, so rebuilding never touches a running
+    /// binary) takes over from the running one, which is then told to stop (SIGTERM, as when
+    /// Kubernetes deletes the old pod) and exits once its connections have ended. With no
+    /// agent running (after a crash), the new one simply starts. Returns once the new agent
+    /// serves the node; [`Lab::wait_agent_exit`] waits for the old one.
+    pub fn upgrade_agent(&mut self, node: &str, bin: Option<&Path>) -> Result<Upgrade> {
+        let started = Instant::now();
+        let old = self.agent_pid(node).filter(|pid| self.agent_running(*pid));
+        let source = bin.map_or_else(agent::agent_bin, Path::to_path_buf);
+        let dir = self.layout.bin_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let copy = dir.join(format!(
+            "{}-{node}.{}",
+            agent::AGENT_PROGRAM,
+            self.agents.len() + 1
+        ));
+        std::fs::copy(&source, &copy)
+            .with_context(|| format!("copying {} to {}", source.display(), copy.display()))?;
+        let new = self.start_agent_from(node, &copy)?;
+        let took_over = started.elapsed();
+        if let Some(old) = old {
+            sys::kill(old, libc::SIGTERM)
+                .with_context(|| format!("SIGTERM to the old agent {old} of {node}"))?;
+        }
+        Ok(Upgrade {
+            old,
+            new,
+            took_over,
+        })
     }
 
     /// Tears the lab down; panics if something could not be removed.

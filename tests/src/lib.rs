@@ -39,7 +39,7 @@ pub use self::{
             CaptureExclusions, NamespaceSpec, PodSpec, ServicePort, ServiceSpec, Topology,
             DEFAULT_TOPOLOGY_YAML,
         },
-        Lab, LabOptions, Node, Pod, METRICS_PORT, READINESS_PORT,
+        Lab, LabOptions, Node, Pod, Upgrade, METRICS_PORT, READINESS_PORT,
     },
     metrics::metric_value,
     running::Running,

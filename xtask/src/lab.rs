@@ -35,6 +35,19 @@ enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Upgrade a node's agent as a rollout does: a new agent takes the listening sockets over
+    /// from the running one (nothing is refused), which drains its connections and exits.
+    /// With no agent running (after a crash), simply starts one.
+    Upgrade {
+        /// The node.
+        node: String,
+        /// The new agent binary (default: the lab's agent binary).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Return once the new agent serves the node, without waiting for the old one to exit.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Show nodes (agent pid, readiness), pods, namespaces and services.
     Status,
     /// Tear the lab down and sweep the leftovers of dead labs.
@@ -49,6 +62,11 @@ pub fn run(args: LabArgs) -> Result<()> {
             no_agents,
         } => up(&args.id, topology, no_agents),
         LabCommand::Exec { target, command } => exec(&args.id, &target, &command),
+        LabCommand::Upgrade {
+            node,
+            binary,
+            no_wait,
+        } => upgrade(&args.id, &node, binary.as_deref(), no_wait),
         LabCommand::Status => status(&Lab::attach(&args.id)?),
         LabCommand::Down => down(&args.id),
     }
@@ -85,6 +103,35 @@ fn exec(id: &str, target: &str, command: &[String]) -> Result<()> {
         .status()
         .with_context(|| format!("running {program} in {target} of lab {id}"))?;
     std::process::exit(exit_code(status));
+}
+
+fn upgrade(id: &str, node: &str, binary: Option<&std::path::Path>, no_wait: bool) -> Result<()> {
+    let mut lab = Lab::attach(id)?;
+    let up = lab.upgrade_agent(node, binary)?;
+    match up.old {
+        None => println!(
+            "no agent was running on {node}: started agent {} (it adopted the pinned capture) in {:.0?}",
+            up.new, up.took_over
+        ),
+        Some(old) => {
+            println!(
+                "agent {} took over from agent {old} on {node} in {:.0?}; agent {old} was sent \
+                 SIGTERM and drains its connections",
+                up.new, up.took_over
+            );
+            if !no_wait {
+                let started = std::time::Instant::now();
+                // The agent's drain deadline (lifecycle.drain_timeout_secs) bounds this.
+                if lab.wait_agent_exit(old, std::time::Duration::from_secs(24 * 3600)) {
+                    println!(
+                        "agent {old} exited {:.1?} later (its connections ended)",
+                        started.elapsed()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The shell convention: the exit code, or 128 + the signal that ended the process.

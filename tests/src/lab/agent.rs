@@ -28,7 +28,20 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct AgentProcess {
     pub node: String,
     pub pid: u32,
+    /// 1 for the node's first agent; each restart or upgrade starts the next.
+    pub generation: u32,
     pub child: Option<Child>,
+}
+
+impl AgentProcess {
+    /// True while the process runs (for a child of ours: not yet reaped; for a recorded pid:
+    /// alive and still a mesh-agent, so a recycled pid is never signalled).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => sys::process_alive(self.pid) && sys::cmdline_contains(self.pid, AGENT_PROGRAM),
+        }
+    }
 }
 
 /// The agent binary: `MESH_AGENT_BIN`, else `<workspace>/target/debug/mesh-agent`.
@@ -86,9 +99,14 @@ pub(crate) fn make_ca(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// Starts the agent of `node`: in its cgroup and netns, in a new session, logging to the run dir.
-pub(crate) fn start(layout: &Layout, node: &Node) -> Result<AgentProcess> {
-    let bin = agent_bin();
+/// Starts an agent of `node` (its `generation`th, from `bin`): in its cgroup and netns, in a
+/// new session, logging to the run dir, its pid appended to the node's pid file.
+pub(crate) fn start(
+    layout: &Layout,
+    node: &Node,
+    generation: u32,
+    bin: &Path,
+) -> Result<AgentProcess> {
     if !bin.is_file() {
         bail!(
             "agent binary {} does not exist: build it (`cargo build -p mesh-agent`) or point \
@@ -97,7 +115,7 @@ pub(crate) fn start(layout: &Layout, node: &Node) -> Result<AgentProcess> {
         );
     }
     let config = layout.agent_config_path(&node.name);
-    let log_path = layout.agent_log_path(&node.name);
+    let log_path = layout.agent_log_path_of(&node.name, generation);
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -106,7 +124,7 @@ pub(crate) fn start(layout: &Layout, node: &Node) -> Result<AgentProcess> {
     let log_err = log
         .try_clone()
         .context("duplicating the agent log file handle")?;
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(bin);
     cmd.arg("node").arg("--config").arg(&config);
     if std::env::var_os("MESH_LOG").is_none() {
         cmd.env("MESH_LOG", "info,mesh_agent=debug");
@@ -130,15 +148,54 @@ pub(crate) fn start(layout: &Layout, node: &Node) -> Result<AgentProcess> {
         )
     })?;
     let pid = child.id();
-    sys::write_atomic(
-        &layout.agent_pid_path(&node.name),
-        format!("{pid}\n").as_bytes(),
-    )?;
+    let pid_path = layout.agent_pid_path(&node.name);
+    let mut pids = std::fs::read_to_string(&pid_path).unwrap_or_default();
+    pids.push_str(&format!("{pid}\n"));
+    sys::write_atomic(&pid_path, pids.as_bytes())?;
     Ok(AgentProcess {
         node: node.name.clone(),
         pid,
+        generation,
         child: Some(child),
     })
+}
+
+/// Waits until the agent's own log says it started (for a successor: it has taken over), then
+/// until the node answers ready. Fails early, with the log, if the agent exits.
+pub(crate) fn wait_started(
+    layout: &Layout,
+    node: &Node,
+    agent: &mut AgentProcess,
+    deadline: Instant,
+) -> Result<()> {
+    let log = layout.agent_log_path_of(&node.name, agent.generation);
+    loop {
+        if let Some(child) = agent.child.as_mut() {
+            if let Some(status) = child.try_wait().context("checking the agent process")? {
+                bail!(
+                    "agent of node {} (pid {}) exited with {status} before it started; last \
+                     lines of {}:\n{}",
+                    node.name,
+                    agent.pid,
+                    log.display(),
+                    log_tail(&log, LOG_TAIL_LINES)
+                );
+            }
+        }
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("agent started")) {
+            return wait_ready(layout, node, agent, deadline);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "agent of node {} (pid {}) did not start in time; last lines of {}:\n{}",
+                node.name,
+                agent.pid,
+                log.display(),
+                log_tail(&log, LOG_TAIL_LINES)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits until the agent answers `GET /healthz/ready` with 200 inside its node's netns.
@@ -148,7 +205,7 @@ pub(crate) fn wait_ready(
     agent: &mut AgentProcess,
     deadline: Instant,
 ) -> Result<()> {
-    let log = layout.agent_log_path(&node.name);
+    let log = layout.agent_log_path_of(&node.name, agent.generation);
     loop {
         if let Some(child) = agent.child.as_mut() {
             if let Some(status) = child.try_wait().context("checking the agent process")? {

@@ -168,12 +168,30 @@ impl Layout {
         self.run_dir.join(format!("agent-{node}.yaml"))
     }
 
-    pub fn agent_log_path(&self, node: &str) -> PathBuf {
-        self.run_dir.join(format!("agent-{node}.log"))
+    /// The log of the `generation`th agent started for `node` (restarts and upgrades start
+    /// new ones): `agent-<node>.log`, then `agent-<node>.<generation>.log`.
+    pub fn agent_log_path_of(&self, node: &str, generation: u32) -> PathBuf {
+        if generation <= 1 {
+            self.run_dir.join(format!("agent-{node}.log"))
+        } else {
+            self.run_dir.join(format!("agent-{node}.{generation}.log"))
+        }
     }
 
+    /// The pids of `node`'s agents, one per line, the current one last.
     pub fn agent_pid_path(&self, node: &str) -> PathBuf {
         self.run_dir.join(format!("agent-{node}.pid"))
+    }
+
+    /// The handover socket of `node`'s agents.
+    pub fn handover_socket(&self, node: &str) -> PathBuf {
+        self.run_dir.join(format!("handover-{node}.sock"))
+    }
+
+    /// Where `lab upgrade` keeps the agent binaries it starts (a copy each, so that a rebuild
+    /// never touches a running binary).
+    pub fn bin_dir(&self) -> PathBuf {
+        self.run_dir.join("bin")
     }
 }
 

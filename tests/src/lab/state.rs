@@ -65,6 +65,14 @@ struct AgentConfig<'a> {
     capture: &'a CaptureExclusions,
     identity: Identity,
     hbone: Hbone,
+    lifecycle: Lifecycle,
+}
+
+/// The `lifecycle` block of an agent config.
+#[derive(Debug, Serialize)]
+struct Lifecycle {
+    handover_socket: std::path::PathBuf,
+    drain_timeout_secs: u64,
 }
 
 /// The `hbone` block of an agent config.
@@ -124,6 +132,7 @@ pub(crate) fn agent_config_yaml(
     capture: &CaptureExclusions,
     leaf_lifetime_secs: u64,
     same_node_fast_path: bool,
+    drain_timeout_secs: u64,
 ) -> Result<String> {
     let bpf_dir = layout
         .nodes
@@ -148,6 +157,10 @@ pub(crate) fn agent_config_yaml(
         },
         hbone: Hbone {
             same_node_fast_path,
+        },
+        lifecycle: Lifecycle {
+            handover_socket: layout.handover_socket(node),
+            drain_timeout_secs,
         },
     };
     serde_yaml::to_string(&config).context("serialising an agent config")
@@ -252,9 +265,14 @@ mod tests {
             exclude_outbound_ports: vec![22],
             ..Default::default()
         };
-        let yaml = agent_config_yaml(&layout, "n2", &capture, 3600, false).expect("serialises");
+        let yaml = agent_config_yaml(&layout, "n2", &capture, 3600, false, 30).expect("serialises");
         let v: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("parses");
         assert_eq!(v["node"].as_str(), Some("n2"));
+        assert_eq!(
+            v["lifecycle"]["handover_socket"].as_str(),
+            Some("/run/mesh-lab/ab12/handover-n2.sock")
+        );
+        assert_eq!(v["lifecycle"]["drain_timeout_secs"].as_u64(), Some(30));
         assert_eq!(
             v["state_file"].as_str(),
             Some("/run/mesh-lab/ab12/state.yaml")

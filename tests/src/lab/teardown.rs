@@ -9,12 +9,14 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 
 use super::{
-    agent::{AgentProcess, AGENT_PROGRAM},
+    agent::AgentProcess,
     layout::{BPF_ROOT, CGROUP_DIR, NETNS_PREFIX, RUN_ROOT},
     net, sys,
 };
 
-/// How long agents get to detach their programs after SIGTERM before SIGKILL.
+/// How long agents get after SIGTERM (they exit once their connections have ended).
+const AGENT_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long agents get after the second signal (exit at once) before SIGKILL.
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a killed cgroup may take to empty before rmdir gives up.
 const CGROUP_EMPTY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,35 +31,43 @@ pub(crate) fn teardown(id: &str, agents: &mut Vec<AgentProcess>) -> Result<Vec<S
     let mut errors = Vec::new();
     let run_dir = Path::new(RUN_ROOT).join(id);
 
-    // 1. Agents: SIGTERM so they detach their programs, then wait, then SIGKILL.
+    // 1. Agents: SIGTERM (they exit once idle), then a second signal (they exit at once,
+    //    resetting what is still open), then SIGKILL. Capture stays pinned until step 5.
     for recorded in recorded_agents(&run_dir) {
         if !agents.iter().any(|a| a.pid == recorded.pid) {
             agents.push(recorded);
         }
     }
-    for agent in agents.iter_mut() {
-        if agent_running(agent) {
-            if let Err(e) = sys::kill(agent.pid, libc::SIGTERM) {
-                errors.push(format!(
-                    "SIGTERM to agent of node {} (pid {}): {e}",
-                    agent.node, agent.pid
-                ));
+    for (signal, grace) in [
+        (libc::SIGTERM, AGENT_IDLE_TIMEOUT),
+        (libc::SIGINT, AGENT_STOP_TIMEOUT),
+    ] {
+        for agent in agents.iter_mut() {
+            if agent.running() {
+                if let Err(e) = sys::kill(agent.pid, signal) {
+                    errors.push(format!(
+                        "signal {signal} to agent of node {} (pid {}): {e}",
+                        agent.node, agent.pid
+                    ));
+                }
             }
         }
+        let deadline = Instant::now() + grace;
+        for agent in agents.iter_mut() {
+            sys::poll_until(deadline.saturating_duration_since(Instant::now()), || {
+                !agent.running()
+            });
+        }
     }
-    let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
     for agent in agents.iter_mut() {
-        let stopped = sys::poll_until(deadline.saturating_duration_since(Instant::now()), || {
-            !agent_running(agent)
-        });
-        if !stopped {
+        if agent.running() {
             errors.push(format!(
-                "agent of node {} (pid {}) ignored SIGTERM for {AGENT_STOP_TIMEOUT:?}; killed it",
+                "agent of node {} (pid {}) ignored SIGTERM and SIGINT; killed it",
                 agent.node, agent.pid
             ));
             // Best effort: it may have exited in between.
             let _ = sys::kill(agent.pid, libc::SIGKILL);
-            sys::poll_until(Duration::from_secs(5), || !agent_running(agent));
+            sys::poll_until(Duration::from_secs(5), || !agent.running());
         }
         removed.push(format!("agent of node {} (pid {})", agent.node, agent.pid));
     }
@@ -114,40 +124,35 @@ pub(crate) fn teardown(id: &str, agents: &mut Vec<AgentProcess>) -> Result<Vec<S
     }
 }
 
-/// True while the agent runs (for a child of ours: not yet reaped; for a recorded pid: alive and
-/// still a mesh-agent, so a recycled pid is never signalled).
-fn agent_running(agent: &mut AgentProcess) -> bool {
-    match agent.child.as_mut() {
-        Some(child) => matches!(child.try_wait(), Ok(None)),
-        None => sys::process_alive(agent.pid) && sys::cmdline_contains(agent.pid, AGENT_PROGRAM),
-    }
-}
-
-/// Agents recorded in `agent-<node>.pid` files of a run dir.
+/// Agents recorded in `agent-<node>.pid` files of a run dir (every generation, in order).
 pub(crate) fn recorded_agents(run_dir: &Path) -> Vec<AgentProcess> {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return Vec::new();
     };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let node = name
-                .strip_prefix("agent-")?
-                .strip_suffix(".pid")?
-                .to_owned();
-            let pid = std::fs::read_to_string(entry.path())
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            Some(AgentProcess {
-                node,
+    let mut agents = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(node) = name
+            .strip_prefix("agent-")
+            .and_then(|n| n.strip_suffix(".pid"))
+        else {
+            continue;
+        };
+        let pids = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for (i, pid) in pids
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .enumerate()
+        {
+            agents.push(AgentProcess {
+                node: node.to_owned(),
                 pid,
+                generation: u32::try_from(i + 1).unwrap_or(u32::MAX),
                 child: None,
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    agents
 }
 
 /// Removes a cgroup directory and its children (deepest first), retrying while they empty.
