@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use mesh_lab::{Lab, LabOptions, PodSpec, Topology};
 use serde::Serialize;
 
-use crate::build;
+use crate::build::{self, Profile};
 
 /// Pods added on node n1, besides the default topology, for the memory figure with many pods.
 const IDLE_PODS: usize = 100;
@@ -30,7 +30,8 @@ pub struct BenchArgs {
     /// the speed.
     #[arg(long)]
     quick: bool,
-    /// Skip building (use the release binaries already in target/release).
+    /// Skip building (use the release binaries already in target/release, or the ones
+    /// MESH_AGENT_BIN and MESH_LABTOOL_BIN name).
     #[arg(long)]
     no_build: bool,
     /// Run only these scenarios (throughput, latency, churn, memory, control); all by default.
@@ -65,21 +66,15 @@ pub struct Durations {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if !args.no_build {
-        build::all()?;
-    }
-    let target = build::root().join("target/release");
-    // The lab finds the binaries through these variables (xtask has no other threads).
-    std::env::set_var("MESH_AGENT_BIN", target.join("mesh-agent"));
-    std::env::set_var("MESH_LABTOOL_BIN", target.join("mesh-labtool"));
-    // Per-connection log lines at info, as in production (the lab's default adds debug).
-    if std::env::var_os("MESH_LOG").is_none() {
-        std::env::set_var("MESH_LOG", "info");
-    }
     if !mesh_lab::require_privileged("cargo xtask bench") {
         anyhow::bail!("the benchmarks need root (network namespaces, cgroups, eBPF)");
     }
     measure::require_tools()?;
+    let bins = build::lab_bins(Profile::Release, !args.no_build)?;
+    // Per-connection log lines at info, as in production (the lab's default adds debug).
+    if std::env::var_os("MESH_LOG").is_none() {
+        std::env::set_var("MESH_LOG", "info");
+    }
     let d = if args.quick {
         Durations {
             iperf_secs: 1,
@@ -98,10 +93,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let mut figures = Vec::new();
     if wanted("control") {
-        control::run(&target, args.quick, &mut figures).context("control path scenario")?;
+        control::run(&bins.agent, args.quick, &mut figures).context("control path scenario")?;
     }
     if wanted("throughput") {
-        throughput::crypto(&target, args.quick, &mut figures).context("TLS record floor")?;
+        throughput::crypto(&bins.agent, args.quick, &mut figures).context("TLS record floor")?;
     }
     let lab_scenarios = ["throughput", "latency", "churn", "memory"];
     if lab_scenarios.iter().any(|s| wanted(s)) {
@@ -165,8 +160,8 @@ fn topology() -> Topology {
 }
 
 fn report(figures: &[Figure], quick: bool, expected: &[&str]) -> Result<()> {
-    let dir = build::root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
+    let dir = build::target_dir().join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let env = measure::environment();
     let mut md = String::new();
     let _ = writeln!(md, "{env}\n");
@@ -204,8 +199,8 @@ fn report(figures: &[Figure], quick: bool, expected: &[&str]) -> Result<()> {
     }))?;
     let (json_path, md_path): (PathBuf, PathBuf) =
         (dir.join("results.json"), dir.join("results.md"));
-    std::fs::write(&json_path, json)?;
-    std::fs::write(&md_path, &md)?;
+    std::fs::write(&json_path, json).with_context(|| format!("writing {}", json_path.display()))?;
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     println!("{md}");
     println!("written: {} and {}", md_path.display(), json_path.display());
     let missing: Vec<&str> = expected

@@ -168,3 +168,100 @@ pub fn all() -> anyhow::Result<()> {
         .current_dir(root())
         .args(["build", "--release", "--bins"]))
 }
+
+/// The cargo target directory of the cargo commands xtask runs (in the workspace root):
+/// `CARGO_TARGET_DIR` (relative to the root), else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root().join(dir),
+        None => root().join("target"),
+    }
+}
+
+/// The cargo profile a command builds and runs the lab's binaries in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// `lab` and `test`: quick to build, the profile of the end-to-end tests.
+    Debug,
+    /// `demo` and `bench`: what would be deployed.
+    Release,
+}
+
+impl Profile {
+    fn dir(self) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+/// The binaries a lab runs.
+#[derive(Clone, Debug)]
+pub struct LabBins {
+    pub agent: PathBuf,
+    pub labtool: PathBuf,
+}
+
+/// The one rule for the binaries a lab command runs: `MESH_AGENT_BIN` / `MESH_LABTOOL_BIN` when
+/// set (used as they are, never built), else `mesh-agent` / `mesh-labtool` of `profile` in the
+/// target directory, built first (the eBPF object, then `cargo build`) when `build` is true.
+/// Either way both must exist, and the lab library is pointed at them through those variables.
+pub fn lab_bins(profile: Profile, build: bool) -> anyhow::Result<LabBins> {
+    let given = |var: &str| std::env::var_os(var).map(PathBuf::from);
+    let (agent, labtool) = (given(AGENT_ENV), given(LABTOOL_ENV));
+    let dir = target_dir().join(profile.dir());
+    let mut wanted = Vec::new();
+    if agent.is_none() {
+        wanted.extend(["-p", "mesh-agent", "--bin", "mesh-agent"]);
+    }
+    if labtool.is_none() {
+        wanted.extend(["-p", "mesh-tests", "--bin", "mesh-labtool"]);
+    }
+    if build && !wanted.is_empty() {
+        if agent.is_none() {
+            // mesh-agent embeds the eBPF object.
+            ebpf()?;
+        }
+        eprintln!(
+            "xtask: building the lab's binaries ({} profile)",
+            profile.dir()
+        );
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root()).arg("build").args(wanted);
+        if profile == Profile::Release {
+            cmd.arg("--release");
+        }
+        run(&mut cmd)?;
+    }
+    let bins = LabBins {
+        agent: agent.unwrap_or_else(|| dir.join("mesh-agent")),
+        labtool: labtool.unwrap_or_else(|| dir.join("mesh-labtool")),
+    };
+    for (var, path) in [(AGENT_ENV, &bins.agent), (LABTOOL_ENV, &bins.labtool)] {
+        if path.is_file() {
+            continue;
+        }
+        if std::env::var_os(var).is_some() {
+            bail!(
+                "{var} names {}, which does not exist: build it there, or unset {var} so that \
+                 xtask builds and uses target/{}/",
+                path.display(),
+                profile.dir()
+            );
+        }
+        bail!(
+            "{} does not exist: run without --no-build, or build it with `cargo xtask build`",
+            path.display()
+        );
+    }
+    // The lab library reads these (xtask has no other threads).
+    std::env::set_var(AGENT_ENV, &bins.agent);
+    std::env::set_var(LABTOOL_ENV, &bins.labtool);
+    Ok(bins)
+}
+
+/// Where the lab library finds the agent.
+const AGENT_ENV: &str = "MESH_AGENT_BIN";
+/// Where the lab library finds mesh-labtool.
+const LABTOOL_ENV: &str = "MESH_LABTOOL_BIN";

@@ -1,21 +1,17 @@
-//! `cargo xtask demo`: build everything, bring up the lab, show one captured connection and
-//! the metrics that prove it, tear down.
+//! `cargo xtask demo`: build the release binaries, bring up the lab, show one captured
+//! connection and the metrics that prove it, tear down.
 
 use std::time::Duration;
 
 use mesh_lab::{metric_value, traffic, Lab, LabOptions};
 
-use crate::build;
+use crate::build::{self, Profile};
 
 pub fn run() -> anyhow::Result<()> {
-    build::all()?;
-    let target = build::root().join("target/release");
-    // The lab harness finds the binaries through these variables (xtask has no other threads).
-    std::env::set_var("MESH_AGENT_BIN", target.join("mesh-agent"));
-    std::env::set_var("MESH_LABTOOL_BIN", target.join("mesh-labtool"));
     if !mesh_lab::require_privileged("cargo xtask demo") {
         anyhow::bail!("the demo needs root (network namespaces, cgroups, eBPF)");
     }
+    build::lab_bins(Profile::Release, true)?;
     println!("\n== bringing up the lab: nodes n1, n2; meshed namespace shop, unmeshed legacy ==");
     let lab = Lab::try_up(LabOptions {
         id: Some("demo".into()),

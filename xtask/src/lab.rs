@@ -1,10 +1,15 @@
 //! `cargo xtask lab ...`: a persistent lab for manual work (the library is `mesh_lab`).
+//!
+//! The lab runs debug builds: `up` and `upgrade` build mesh-agent and mesh-labtool first (see
+//! [`build::lab_bins`]), as does `exec` when the command is `mesh-agent` or `mesh-labtool`.
 
 use std::{path::PathBuf, process::ExitStatus};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use mesh_lab::{Lab, LabOptions, Topology};
+
+use crate::build::{self, Profile};
 
 /// Arguments of `cargo xtask lab`.
 #[derive(clap::Args, Debug)]
@@ -28,6 +33,7 @@ enum LabCommand {
         no_agents: bool,
     },
     /// Run a command in a pod (`<ns>/<pod>`: its netns and cgroup) or on a node (`<node>`).
+    /// `mesh-labtool` and `mesh-agent` name the workspace's debug builds (built first).
     Exec {
         /// `<ns>/<pod>` or `<node>`.
         target: String,
@@ -41,7 +47,7 @@ enum LabCommand {
     Upgrade {
         /// The node.
         node: String,
-        /// The new agent binary (default: the lab's agent binary).
+        /// The new agent binary (default: the workspace's debug build, built first).
         #[arg(long)]
         binary: Option<PathBuf>,
         /// Return once the new agent serves the node, without waiting for the old one to exit.
@@ -77,6 +83,7 @@ fn up(id: &str, topology: Option<PathBuf>, no_agents: bool) -> Result<()> {
         Some(path) => Topology::load(&path)?,
         None => Topology::default(),
     };
+    build::lab_bins(Profile::Debug, true)?;
     let lab = Lab::try_up(LabOptions {
         id: Some(id.to_owned()),
         topology,
@@ -97,17 +104,28 @@ fn exec(id: &str, target: &str, command: &[String]) -> Result<()> {
     let Some((program, args)) = command.split_first() else {
         bail!("no command given after --")
     };
+    let program = match program.as_str() {
+        "mesh-labtool" => build::lab_bins(Profile::Debug, true)?.labtool,
+        "mesh-agent" => build::lab_bins(Profile::Debug, true)?.agent,
+        _ => PathBuf::from(program),
+    };
+    let shown = program.display();
     let status = lab
-        .try_command(target, program)?
+        .try_command(target, &program)?
         .args(args)
         .status()
-        .with_context(|| format!("running {program} in {target} of lab {id}"))?;
+        .with_context(|| format!("cannot run {shown} in {target} of lab {id}"))?;
     std::process::exit(exit_code(status));
 }
 
 fn upgrade(id: &str, node: &str, binary: Option<&std::path::Path>, no_wait: bool) -> Result<()> {
     let mut lab = Lab::attach(id)?;
-    let up = lab.upgrade_agent(node, binary)?;
+    let binary = match binary {
+        Some(path) if !path.is_file() => bail!("--binary {} does not exist", path.display()),
+        Some(path) => path.to_path_buf(),
+        None => build::lab_bins(Profile::Debug, true)?.agent,
+    };
+    let up = lab.upgrade_agent(node, Some(&binary))?;
     match up.old {
         None => println!(
             "no agent was running on {node}: started agent {} (it adopted the pinned capture) in {:.0?}",

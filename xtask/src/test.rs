@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use crate::build::{self, root, run};
+use crate::build::{self, root, run, Profile};
 
 pub fn run_all() -> anyhow::Result<()> {
     let root = root();
@@ -43,18 +43,13 @@ pub fn run_all() -> anyhow::Result<()> {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR"))?;
     step("build (debug binaries the lab runs)");
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .args(["build", "--workspace", "--bins"]))?;
+    let bins = build::lab_bins(Profile::Debug, true)?;
     step("unit and end-to-end tests");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
     run(Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--", "--test-threads=2"])
-        .env("MESH_AGENT_BIN", target.join("debug/mesh-agent"))
-        .env("MESH_LABTOOL_BIN", target.join("debug/mesh-labtool")))?;
+        .env("MESH_AGENT_BIN", &bins.agent)
+        .env("MESH_LABTOOL_BIN", &bins.labtool))?;
     step("lab leftovers");
     let swept = mesh_lab::sweep()?;
     if !swept.is_empty() {

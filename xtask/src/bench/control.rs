@@ -11,14 +11,14 @@ use super::{
     Figure,
 };
 
-pub fn run(target: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+pub fn run(agent: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let (services, workloads) = if quick {
         (1_000, 5_000)
     } else {
         (10_000, 50_000)
     };
     let v = measure::agent_json(
-        target,
+        agent,
         &[
             "bench-state",
             "--services",

@@ -208,12 +208,11 @@ pub fn tune_ports(lab: &Lab, pod: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs `mesh-agent <args>` (one of its hidden bench commands, from `target`) and parses the
-/// JSON line it prints last.
-pub fn agent_json(target: &Path, args: &[&str]) -> Result<serde_json::Value> {
-    let bin = target.join("mesh-agent");
+/// Runs `<agent> <args>` (one of mesh-agent's hidden bench commands) and parses the JSON line
+/// it prints last.
+pub fn agent_json(bin: &Path, args: &[&str]) -> Result<serde_json::Value> {
     let what = args.first().copied().unwrap_or("");
-    let output = Command::new(&bin)
+    let output = Command::new(bin)
         .args(args)
         .output()
         .with_context(|| format!("running {} {what}", bin.display()))?;
