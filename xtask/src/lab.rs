@@ -3,7 +3,10 @@
 //! The lab runs debug builds: `up` and `upgrade` build mesh-agent and mesh-labtool first (see
 //! [`build::lab_bins`]), as does `exec` when the command is `mesh-agent` or `mesh-labtool`.
 
-use std::{path::PathBuf, process::ExitStatus};
+use std::{
+    path::PathBuf,
+    process::{ExitCode, ExitStatus},
+};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
@@ -60,22 +63,34 @@ enum LabCommand {
     Down,
 }
 
-/// Runs a lab subcommand.
-pub fn run(args: LabArgs) -> Result<()> {
-    match args.command {
+/// Runs a lab subcommand; `exec` exits with its command's code.
+pub fn run(args: LabArgs) -> Result<ExitCode> {
+    let done = match args.command {
         LabCommand::Up {
             topology,
             no_agents,
         } => up(&args.id, topology, no_agents),
-        LabCommand::Exec { target, command } => exec(&args.id, &target, &command),
+        LabCommand::Exec { target, command } => return exec(&args.id, &target, &command),
         LabCommand::Upgrade {
             node,
             binary,
             no_wait,
         } => upgrade(&args.id, &node, binary.as_deref(), no_wait),
-        LabCommand::Status => status(&Lab::attach(&args.id)?),
+        LabCommand::Status => status(&attach(&args.id)?),
         LabCommand::Down => down(&args.id),
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
+}
+
+/// The running lab `id`, or an error that says how to start one.
+fn attach(id: &str) -> Result<Lab> {
+    let flag = if id == "dev" {
+        String::new()
+    } else {
+        format!(" --id {id}")
+    };
+    Lab::attach(id)
+        .with_context(|| format!("cannot use lab {id} (`cargo xtask lab up{flag}` brings it up)"))
 }
 
 fn up(id: &str, topology: Option<PathBuf>, no_agents: bool) -> Result<()> {
@@ -99,8 +114,8 @@ fn up(id: &str, topology: Option<PathBuf>, no_agents: bool) -> Result<()> {
     status(&lab)
 }
 
-fn exec(id: &str, target: &str, command: &[String]) -> Result<()> {
-    let lab = Lab::attach(id)?;
+fn exec(id: &str, target: &str, command: &[String]) -> Result<ExitCode> {
+    let lab = attach(id)?;
     let Some((program, args)) = command.split_first() else {
         bail!("no command given after --")
     };
@@ -115,11 +130,11 @@ fn exec(id: &str, target: &str, command: &[String]) -> Result<()> {
         .args(args)
         .status()
         .with_context(|| format!("cannot run {shown} in {target} of lab {id}"))?;
-    std::process::exit(exit_code(status));
+    Ok(ExitCode::from(exit_code(status)))
 }
 
 fn upgrade(id: &str, node: &str, binary: Option<&std::path::Path>, no_wait: bool) -> Result<()> {
-    let mut lab = Lab::attach(id)?;
+    let mut lab = attach(id)?;
     let binary = match binary {
         Some(path) if !path.is_file() => bail!("--binary {} does not exist", path.display()),
         Some(path) => path.to_path_buf(),
@@ -153,11 +168,12 @@ fn upgrade(id: &str, node: &str, binary: Option<&std::path::Path>, no_wait: bool
 }
 
 /// The shell convention: the exit code, or 128 + the signal that ended the process.
-fn exit_code(status: ExitStatus) -> i32 {
+fn exit_code(status: ExitStatus) -> u8 {
     use std::os::unix::process::ExitStatusExt;
     status
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
+        .and_then(|c| u8::try_from(c).ok())
         .unwrap_or(1)
 }
 

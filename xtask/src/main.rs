@@ -6,6 +6,8 @@ mod demo;
 mod lab;
 mod test;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -32,13 +34,39 @@ enum Command {
     Test,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// Runs the command. An error is printed as one line, `error: ` and its chain of causes; with
+/// `RUST_LIB_BACKTRACE` or `RUST_BACKTRACE` set (not `0`) also the backtrace where it arose.
+fn main() -> ExitCode {
+    let command = Cli::parse().command;
+    match run(command) {
+        Ok(code) => code,
+        Err(err) if backtrace_wanted() => {
+            eprintln!("error: {err:?}");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Bench(args) => bench::run(args),
         Command::BuildEbpf => build::ebpf(),
         Command::Build => build::all(),
         Command::Demo => demo::run(),
-        Command::Lab(args) => lab::run(args),
+        Command::Lab(args) => return lab::run(args),
         Command::Test => test::run_all(),
     }
+    .map(|()| ExitCode::SUCCESS)
+}
+
+/// As anyhow decides whether to capture one: `RUST_LIB_BACKTRACE` first, then `RUST_BACKTRACE`.
+fn backtrace_wanted() -> bool {
+    let set = |var| std::env::var_os(var).map(|v| v != "0");
+    set("RUST_LIB_BACKTRACE")
+        .or_else(|| set("RUST_BACKTRACE"))
+        .unwrap_or(false)
 }
