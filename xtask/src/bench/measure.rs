@@ -103,7 +103,8 @@ pub fn agent_rss_mib(lab: &Lab, node: &str) -> Result<f64> {
     let pid = lab
         .agent_pid(node)
         .with_context(|| format!("no agent on {node}"))?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status (the agent of {node})"))?;
     let kb: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -138,14 +138,17 @@ fn fd_room(lab: &Lab, node: &str) -> Result<usize> {
     let pid = lab
         .agent_pid(node)
         .with_context(|| format!("no agent on {node}"))?;
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .with_context(|| format!("reading /proc/{pid}/limits (the agent of {node})"))?;
     let limit: usize = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|v| v.parse().ok())
         .context("no open file limit in /proc/PID/limits")?;
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("listing /proc/{pid}/fd (the agent of {node})"))?
+        .count();
     Ok(limit.saturating_sub(open + 512))
 }
 
