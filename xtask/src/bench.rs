@@ -18,7 +18,10 @@ use anyhow::{Context, Result};
 use mesh_lab::{Lab, LabOptions, PodSpec, Topology};
 use serde::Serialize;
 
-use crate::build::{self, Profile};
+use crate::{
+    build::{self, Profile},
+    preflight,
+};
 
 /// Pods added on node n1, besides the default topology, for the memory figure with many pods.
 const IDLE_PODS: usize = 100;
@@ -66,10 +69,10 @@ pub struct Durations {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    preflight::ensure("cargo xtask bench", &[preflight::LAB, preflight::BENCH])?;
     if !mesh_lab::require_privileged("cargo xtask bench") {
         anyhow::bail!("the benchmarks need root (network namespaces, cgroups, eBPF)");
     }
-    measure::require_tools()?;
     let bins = build::lab_bins(Profile::Release, !args.no_build)?;
     // Per-connection log lines at info, as in production (the lab's default adds debug).
     if std::env::var_os("MESH_LOG").is_none() {

@@ -5,9 +5,13 @@ use std::time::Duration;
 
 use mesh_lab::{metric_value, traffic, Lab, LabOptions};
 
-use crate::build::{self, Profile};
+use crate::{
+    build::{self, Profile},
+    preflight,
+};
 
 pub fn run() -> anyhow::Result<()> {
+    preflight::ensure("cargo xtask demo", &[preflight::LAB])?;
     if !mesh_lab::require_privileged("cargo xtask demo") {
         anyhow::bail!("the demo needs root (network namespaces, cgroups, eBPF)");
     }

@@ -12,7 +12,10 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use mesh_lab::{Lab, LabOptions, Topology};
 
-use crate::build::{self, Profile};
+use crate::{
+    build::{self, Profile},
+    preflight,
+};
 
 /// Arguments of `cargo xtask lab`.
 #[derive(clap::Args, Debug)]
@@ -98,6 +101,7 @@ fn up(id: &str, topology: Option<PathBuf>, no_agents: bool) -> Result<()> {
         Some(path) => Topology::load(&path)?,
         None => Topology::default(),
     };
+    preflight::ensure("cargo xtask lab up", &[preflight::LAB])?;
     build::lab_bins(Profile::Debug, true)?;
     let lab = Lab::try_up(LabOptions {
         id: Some(id.to_owned()),

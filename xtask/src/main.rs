@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod demo;
 mod lab;
+mod preflight;
 mod test;
 
 use std::process::ExitCode;

@@ -4,10 +4,24 @@
 
 use std::process::Command;
 
-use crate::build::{self, root, run, Profile};
+use mesh_lab::REQUIRE_PRIVILEGED_ENV;
+
+use crate::{
+    build::{self, root, run, Profile},
+    preflight,
+};
 
 pub fn run_all() -> anyhow::Result<()> {
     let root = root();
+    // First, so that a fresh machine is ready (or told what it lacks) before the long builds.
+    if preflight::is_root() || std::env::var(REQUIRE_PRIVILEGED_ENV).is_ok_and(|v| v == "1") {
+        preflight::ensure("cargo xtask test", &[preflight::LAB, preflight::TEST])?;
+    } else {
+        eprintln!(
+            "xtask: not root: the end-to-end tests will skip, so the commands they run are not \
+             checked"
+        );
+    }
     build::ebpf()?;
     step("format (rustfmt, nightly for the import options in rustfmt.toml)");
     run(Command::new("cargo")

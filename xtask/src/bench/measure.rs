@@ -6,16 +6,6 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{bail, Context, Result};
 use mesh_lab::{Lab, Running};
 
-/// Fails with what to install when a tool the benchmarks run is missing.
-pub fn require_tools() -> Result<()> {
-    if Command::new("iperf3").arg("--version").output().is_err() {
-        bail!(
-            "iperf3 is missing: the throughput scenario runs it (Debian: apt-get install iperf3)"
-        );
-    }
-    Ok(())
-}
-
 /// Kernel, CPU, cores and the commit measured, one line.
 pub fn environment() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

@@ -1,0 +1,230 @@
+//! Preflight: the commands a task runs that the workspace does not build, looked up on `PATH`
+//! (as `command -v` does) before anything starts. Missing ones are installed with apt-get when
+//! xtask runs as root on a Debian-like system, as `build-ebpf` installs bpf-linker; otherwise
+//! the task stops at once with one error naming each missing command and its Debian package.
+//!
+//! The lists are the one place these commands are written down: `.ci/run` relies on them.
+
+use std::{ffi::OsStr, os::unix::fs::PermissionsExt as _, path::Path, process::Command};
+
+use anyhow::{bail, Result};
+
+use crate::build::run;
+
+/// An external command a task runs, and the Debian package that has it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Tool {
+    /// The program name, looked up on `PATH`.
+    pub command: &'static str,
+    /// The Debian (and Ubuntu) package that installs it.
+    pub package: &'static str,
+    /// Who runs it, for the messages.
+    pub why: &'static str,
+}
+
+/// Every lab: `lab up`, `demo`, `bench` and the end-to-end tests.
+pub const LAB: &[Tool] = &[
+    Tool {
+        command: "ip",
+        package: "iproute2",
+        why: "the lab makes its namespaces, veths, bridge and routes with it",
+    },
+    Tool {
+        command: "mount",
+        package: "mount",
+        why: "the lab mounts bpffs at /sys/fs/bpf when it is not mounted",
+    },
+];
+
+/// The end-to-end tests, besides [`LAB`].
+pub const TEST: &[Tool] = &[
+    Tool {
+        command: "dumpcap",
+        package: "wireshark-common",
+        why: "the HBONE tests capture the underlay with it",
+    },
+    Tool {
+        command: "tshark",
+        package: "tshark",
+        why: "the HBONE tests check with it that only TLS crosses the underlay",
+    },
+    Tool {
+        command: "nsenter",
+        package: "util-linux",
+        why: "the tests start dumpcap in the underlay namespace with it",
+    },
+    Tool {
+        command: "sysctl",
+        package: "procps",
+        why: "a test narrows a pod's local port range with it",
+    },
+];
+
+/// `cargo xtask bench`, besides [`LAB`].
+pub const BENCH: &[Tool] = &[Tool {
+    command: "iperf3",
+    package: "iperf3",
+    why: "the throughput scenario's load",
+}];
+
+/// Makes sure every command of `sets` is on `PATH` for `task`, installing what is missing when
+/// it can (root and apt-get), else failing with what to install.
+pub fn ensure(task: &str, sets: &[&'static [Tool]]) -> Result<()> {
+    let tools: Vec<&Tool> = sets.iter().flat_map(|set| set.iter()).collect();
+    let path = std::env::var_os("PATH");
+    let absent = missing(&tools, path.as_deref());
+    if absent.is_empty() {
+        return Ok(());
+    }
+    let packages = packages(&absent);
+    let listed = packages.join(" ");
+    let obstacle = if !is_root() {
+        Some("xtask installs them only as root")
+    } else if !on_path("apt-get", path.as_deref()) {
+        Some("apt-get is not available to install them")
+    } else {
+        None
+    };
+    if let Some(obstacle) = obstacle {
+        bail!(
+            "{task} needs commands that are not on PATH: {}; {obstacle}: install them (Debian, \
+             Ubuntu: `apt-get install {listed}`) and run this again",
+            describe(&absent)
+        );
+    }
+    eprintln!(
+        "xtask: installing {listed} with apt-get for {task}, which needs {}",
+        describe(&absent)
+    );
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(&packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    let still = missing(&tools, path.as_deref());
+    if !still.is_empty() {
+        bail!(
+            "apt-get installed {listed}, yet these are still not on PATH ({}): {}",
+            path.as_deref().unwrap_or_default().to_string_lossy(),
+            describe(&still)
+        );
+    }
+    Ok(())
+}
+
+/// True when xtask runs as root (it can install packages, and the lab can run).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The tools whose command is not an executable file in any directory of `path` (a `PATH`
+/// value; an empty entry is the current directory, as for the shell).
+pub fn missing<'a>(tools: &[&'a Tool], path: Option<&OsStr>) -> Vec<&'a Tool> {
+    tools
+        .iter()
+        .copied()
+        .filter(|tool| !on_path(tool.command, path))
+        .collect()
+}
+
+/// True if `command` is an executable file in a directory of `path`.
+fn on_path(command: &str, path: Option<&OsStr>) -> bool {
+    path.map(std::env::split_paths)
+        .into_iter()
+        .flatten()
+        .any(|dir| executable(&dir.join(command)))
+}
+
+fn executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `dumpcap (Debian package wireshark-common: the HBONE tests capture ...), ...`
+fn describe(tools: &[&Tool]) -> String {
+    let each: Vec<String> = tools
+        .iter()
+        .map(|t| format!("{} (Debian package {}: {})", t.command, t.package, t.why))
+        .collect();
+    each.join(", ")
+}
+
+/// The packages of `tools`, each once.
+fn packages(tools: &[&Tool]) -> Vec<&'static str> {
+    let mut packages: Vec<&'static str> = tools.iter().map(|t| t.package).collect();
+    packages.sort_unstable();
+    packages.dedup();
+    packages
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{ffi::OsString, fs};
+
+    use super::*;
+
+    const PRESENT: Tool = Tool {
+        command: "xtask-preflight-present",
+        package: "present-pkg",
+        why: "test",
+    };
+    const NOT_EXECUTABLE: Tool = Tool {
+        command: "xtask-preflight-noexec",
+        package: "noexec-pkg",
+        why: "test",
+    };
+    const ABSENT: Tool = Tool {
+        command: "xtask-preflight-absent",
+        package: "absent-pkg",
+        why: "test",
+    };
+
+    #[test]
+    fn finds_executables_on_path_only() {
+        let dir = std::env::temp_dir().join(format!("xtask-preflight-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("creating a temporary directory");
+        for (tool, mode) in [(&PRESENT, 0o755), (&NOT_EXECUTABLE, 0o644)] {
+            let file = dir.join(tool.command);
+            fs::write(&file, "#!/bin/sh\n").expect("writing a fake command");
+            fs::set_permissions(&file, fs::Permissions::from_mode(mode))
+                .expect("setting the mode of a fake command");
+        }
+        let tools = [&PRESENT, &NOT_EXECUTABLE, &ABSENT];
+        let path = std::env::join_paths([Path::new("/nonexistent"), &dir]).expect("a PATH value");
+        let absent = missing(&tools, Some(&path));
+        let other_path = OsString::from("/nonexistent");
+        let none_found = missing(&tools, Some(&other_path));
+        let no_path = missing(&tools, None);
+        fs::remove_dir_all(&dir).expect("removing the temporary directory");
+
+        assert_eq!(absent, [&NOT_EXECUTABLE, &ABSENT]);
+        assert_eq!(none_found, tools);
+        assert_eq!(no_path, tools);
+        assert_eq!(packages(&absent), ["absent-pkg", "noexec-pkg"]);
+        assert!(describe(&absent).starts_with(
+            "xtask-preflight-noexec (Debian package noexec-pkg: test), xtask-preflight-absent"
+        ));
+    }
+
+    #[test]
+    fn the_shell_is_found_on_the_real_path() {
+        let sh = Tool {
+            command: "sh",
+            package: "dash",
+            why: "test",
+        };
+        assert!(missing(&[&sh], std::env::var_os("PATH").as_deref()).is_empty());
+    }
+
+    #[test]
+    fn each_command_is_listed_once() {
+        let all: Vec<&str> = [LAB, TEST, BENCH]
+            .iter()
+            .flat_map(|set| set.iter().map(|t| t.command))
+            .collect();
+        let mut unique = all.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(all.len(), unique.len(), "{all:?}");
+    }
+}
