@@ -208,8 +208,21 @@ pub struct LabBins {
 /// target directory, built first (the eBPF object, then `cargo build`) when `build` is true.
 /// Either way both must exist, and the lab library is pointed at them through those variables.
 pub fn lab_bins(profile: Profile, build: bool) -> anyhow::Result<LabBins> {
-    let given = |var: &str| std::env::var_os(var).map(PathBuf::from);
-    let (agent, labtool) = (given(AGENT_ENV), given(LABTOOL_ENV));
+    let given = |var: &str| -> anyhow::Result<Option<PathBuf>> {
+        let Some(path) = std::env::var_os(var).map(PathBuf::from) else {
+            return Ok(None);
+        };
+        if !path.is_file() {
+            bail!(
+                "{var} names {}, which does not exist: build it there, or unset {var} so that \
+                 xtask builds and uses target/{}/",
+                path.display(),
+                profile.dir()
+            );
+        }
+        Ok(Some(path))
+    };
+    let (agent, labtool) = (given(AGENT_ENV)?, given(LABTOOL_ENV)?);
     let dir = target_dir().join(profile.dir());
     let mut wanted = Vec::new();
     if agent.is_none() {
@@ -238,22 +251,13 @@ pub fn lab_bins(profile: Profile, build: bool) -> anyhow::Result<LabBins> {
         agent: agent.unwrap_or_else(|| dir.join("mesh-agent")),
         labtool: labtool.unwrap_or_else(|| dir.join("mesh-labtool")),
     };
-    for (var, path) in [(AGENT_ENV, &bins.agent), (LABTOOL_ENV, &bins.labtool)] {
-        if path.is_file() {
-            continue;
-        }
-        if std::env::var_os(var).is_some() {
+    for path in [&bins.agent, &bins.labtool] {
+        if !path.is_file() {
             bail!(
-                "{var} names {}, which does not exist: build it there, or unset {var} so that \
-                 xtask builds and uses target/{}/",
-                path.display(),
-                profile.dir()
+                "{} does not exist: run without --no-build, or build it with `cargo xtask build`",
+                path.display()
             );
         }
-        bail!(
-            "{} does not exist: run without --no-build, or build it with `cargo xtask build`",
-            path.display()
-        );
     }
     // The lab library reads these (xtask has no other threads).
     std::env::set_var(AGENT_ENV, &bins.agent);
