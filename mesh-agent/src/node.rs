@@ -29,6 +29,11 @@ use crate::{
     tunnel,
 };
 
+/// How long a stopping agent waits with no proxied connection or stream before it closes its
+/// inbound HBONE connections and exits (new connections may still arrive after SIGTERM when
+/// no successor has taken over).
+const IDLE_BEFORE_CLOSING: Duration = Duration::from_secs(1);
+
 /// How long a new agent may take to serve every pod before it gives the node back to the
 /// agent it was taking over from.
 const TAKEOVER_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -45,9 +50,10 @@ pub fn uninstall(config_path: &Path) -> anyhow::Result<()> {
             "uninstalled by the running agent, which now drains and exits"
         );
         println!(
-            "uninstalled: the running agent (pid {}) released {} pods and removed its pins; it \
-             exits once its connections end",
-            done.agent, done.released
+            "uninstalled: the running agent (pid {}) released {} and removed its pins; it exits \
+             once its connections end",
+            done.agent,
+            pods(done.released)
         );
         anyhow::ensure!(
             done.failed.is_empty(),
@@ -60,11 +66,16 @@ pub fn uninstall(config_path: &Path) -> anyhow::Result<()> {
     preflight::check(&bpf_dir)?;
     let released = capture::uninstall_pins(&bpf_dir)?;
     println!(
-        "uninstalled: no agent was running; released {released} pinned pods and removed the pins \
-         under {}",
+        "uninstalled: no agent was running; released {} and removed the pins under {}",
+        pods(released),
         bpf_dir.display()
     );
     Ok(())
+}
+
+/// `1 pod`, `2 pods`.
+fn pods(n: usize) -> String {
+    format!("{n} pod{}", if n == 1 { "" } else { "s" })
 }
 
 /// Runs the agent until it has handed over and drained, or drained after SIGTERM.
@@ -213,7 +224,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
     let (stop_rotation, rotation_stopped) = watch::channel(false);
     tokio::spawn(certs.clone().run_rotation(rotation_stopped));
     let pool = hbone_pool(&config, &metrics);
-    let (draining, _) = watch::channel(false);
+    let (drain, _) = watch::channel(proxy::Drain::Serving);
     let inputs = Arc::new(proxy::Inputs {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -225,7 +236,8 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         local: proxy::LocalPods::default(),
         same_node_fast_path: config.hbone.same_node_fast_path,
         tasks: tokio_util::task::TaskTracker::new(),
-        draining,
+        hbone: tokio_util::task::TaskTracker::new(),
+        drain,
     });
     let received = takeover
         .as_mut()
@@ -327,14 +339,30 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
     let mut terminated = false;
     let mut deadline: Option<Instant> = None;
     let mut handed_over = false;
+    let mut events_open = true;
     loop {
         let idle = async {
-            if terminated || handed_over {
-                inputs.tasks.close();
-                inputs.tasks.wait().await;
-            } else {
+            if !(terminated || handed_over) {
                 std::future::pending::<()>().await;
             }
+            inputs.tasks.close();
+            // No proxied connection or stream for a moment (not just between two of them):
+            // then the inbound HBONE connections are told to close, and end once the streams
+            // their clients opened before that are done.
+            loop {
+                inputs.tasks.wait().await;
+                tokio::time::sleep(IDLE_BEFORE_CLOSING).await;
+                if inputs.tasks.is_empty() {
+                    break;
+                }
+            }
+            info!(
+                hbone_connections = inputs.hbone.len(),
+                "no proxied connection left: closing the inbound HBONE connections"
+            );
+            inputs.drain_to(proxy::Drain::Closing);
+            inputs.hbone.close();
+            inputs.hbone.wait().await;
         };
         let timeout = async {
             match deadline {
@@ -352,7 +380,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
                 deadline.get_or_insert(Instant::now() + drain);
                 // HBONE clients move their next streams to new connections: pooled idle
                 // connections end, and this agent gets to no connection sooner.
-                inputs.draining.send_replace(true);
+                inputs.drain_to(proxy::Drain::Draining);
                 if handed_over {
                     info!(open = inputs.tasks.len(), "SIGTERM: exiting once the connections have ended (or at the drain deadline)");
                 } else {
@@ -366,14 +394,14 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
                 }
                 terminated = true;
                 deadline.get_or_insert(Instant::now() + drain);
-                inputs.draining.send_replace(true);
+                inputs.drain_to(proxy::Drain::Draining);
                 info!(drain = ?drain, open = inputs.tasks.len(), "SIGINT: as SIGTERM; a second signal exits at once");
             }
-            event = events.recv() => match event {
+            event = events.recv(), if events_open => match event {
                 Some(handover::Event::HandedOver { to }) => {
                     handed_over = true;
                     let _ = stop_admin.send(true);
-                    inputs.draining.send_replace(true);
+                    inputs.drain_to(proxy::Drain::Draining);
                     deadline = Some(Instant::now() + drain);
                     info!(successor = to, open = inputs.tasks.len(), drain = ?drain, "draining: established connections continue until they end or the deadline");
                 }
@@ -382,11 +410,13 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
                     handed_over = true;
                     terminated = true;
                     let _ = stop_admin.send(true);
-                    inputs.draining.send_replace(true);
+                    inputs.drain_to(proxy::Drain::Draining);
                     deadline = Some(Instant::now() + drain);
                     info!(open = inputs.tasks.len(), "uninstalled: draining, then exiting");
                 }
-                None => {}
+                // The handover thread is done (it handed over, or uninstalled): without this,
+                // a closed channel would wake the loop at once, again and again.
+                None => events_open = false,
             },
             () = idle => {
                 if terminated {
@@ -443,7 +473,7 @@ async fn relinquish(commands: &mpsc::Sender<capture::Command>) {
 
 /// Waits for the connections this agent holds to end (at most `drain`), resets the rest.
 async fn drain_and_exit(inputs: &proxy::Inputs, drain: Duration, why: &str) {
-    inputs.draining.send_replace(true);
+    inputs.drain_to(proxy::Drain::Draining);
     inputs.tasks.close();
     if tokio::time::timeout(drain, inputs.tasks.wait())
         .await

@@ -50,13 +50,45 @@ pub struct Inputs {
     pub local: LocalPods,
     /// Whether the same-node fast path is on (`hbone.same_node_fast_path`).
     pub same_node_fast_path: bool,
-    /// Every proxied connection and HBONE connection: an agent that stops accepting waits on
-    /// it until they have ended (or its drain deadline passes).
+    /// Every proxied connection and HBONE stream: an agent that stops waits on it until they
+    /// have ended (or its drain deadline passes).
     pub tasks: tokio_util::task::TaskTracker,
-    /// Set when the agent drains (it handed its listeners to a successor, or is stopping):
-    /// HBONE connections it serves send GOAWAY, so that their clients open new streams on
-    /// new connections, which reach the successor.
-    pub draining: watch::Sender<bool>,
+    /// Every inbound HBONE connection (their streams are in `tasks`): they end once told to
+    /// (see [`Drain`]) and their last stream has ended.
+    pub hbone: tokio_util::task::TaskTracker,
+    /// How far the agent is in stopping; only ever moves forward ([`Inputs::drain_to`]).
+    pub drain: watch::Sender<Drain>,
+}
+
+impl Inputs {
+    /// Moves the agent's drain state forward to `to` (never back).
+    pub fn drain_to(&self, to: Drain) {
+        self.drain.send_if_modified(|now| {
+            let forward = to > *now;
+            if forward {
+                *now = to;
+            }
+            forward
+        });
+    }
+}
+
+/// How far the agent is in stopping, as inbound HBONE connections see it: each tells its
+/// client (graceful GOAWAY: open streams go on, the next ones go to a new connection) when it
+/// should stop taking new streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Drain {
+    /// Serving: no GOAWAY.
+    #[default]
+    Serving,
+    /// The agent handed its listeners to a successor, or was told to stop: the connections
+    /// open now send GOAWAY, so that new connections reach the successor. A connection
+    /// accepted from now on (no successor yet, so this agent still accepts) is served as
+    /// usual: a GOAWAY would only bring its client straight back, one handshake per stream.
+    Draining,
+    /// No proxied connection or stream is left and the agent is about to exit: every HBONE
+    /// connection sends GOAWAY, so that it ends once the streams opened before it are done.
+    Closing,
 }
 
 /// The captured pods of this node by address, replaced as a whole when capture changes.
@@ -301,7 +333,11 @@ pub fn spawn_listener(
                         tasks.spawn(serve_inbound(stream, peer, pod, inputs));
                     }
                     Listener::Hbone => {
-                        tasks.spawn(inbound::serve_hbone(stream, peer, pod, inputs));
+                        // Read at accept, not when the task first runs (which may be after
+                        // the agent started draining).
+                        let late = *inputs.drain.borrow() != Drain::Serving;
+                        let hbone = inputs.hbone.clone();
+                        hbone.spawn(inbound::serve_hbone(stream, peer, late, pod, inputs));
                     }
                 }
             };

@@ -114,8 +114,14 @@ pub async fn deliver_local(
 }
 
 /// One HBONE connection to this pod's port 15008: TLS with the pod's identity, then one
-/// tunnelled connection per CONNECT stream.
-pub async fn serve_hbone(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<Inputs>) {
+/// tunnelled connection per CONNECT stream. `accepted_while_draining`: see [`super::Drain`].
+pub async fn serve_hbone(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    accepted_while_draining: bool,
+    pod: Arc<Pod>,
+    inputs: Arc<Inputs>,
+) {
     use tracing::Instrument as _;
     let span = tracing::info_span!("hbone", pod = %pod.key, src = %peer);
     let handler = {
@@ -145,10 +151,14 @@ pub async fn serve_hbone(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs
         }
     };
     let server_tls = pod.state().server_tls.clone();
-    let mut draining = inputs.draining.subscribe();
+    let mut drain_state = inputs.drain.subscribe();
     let drain = async move {
+        let goaway = |d: &super::Drain| match accepted_while_draining {
+            false => *d != super::Drain::Serving,
+            true => *d == super::Drain::Closing,
+        };
         // A closed channel means the agent is going away without draining: nothing to do.
-        if draining.wait_for(|d| *d).await.is_err() {
+        if drain_state.wait_for(goaway).await.is_err() {
             std::future::pending::<()>().await;
         }
     };
