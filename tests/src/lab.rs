@@ -11,7 +11,7 @@ pub mod topology;
 use std::{
     ffi::OsStr,
     net::Ipv4Addr,
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -348,6 +348,11 @@ impl Lab {
     /// The mesh state file, `/run/mesh-lab/<id>/state.yaml`.
     pub fn state_path(&self) -> &Path {
         self.layout.state_path()
+    }
+
+    /// The configuration file of `node`'s agent (`mesh-agent node --config <this>`).
+    pub fn agent_config_path(&self, node: &str) -> PathBuf {
+        self.layout.agent_config_path(node)
     }
 
     /// `GET <path>` on 127.0.0.1:<port> inside node `node`'s netns; returns status and body.

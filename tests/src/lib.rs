@@ -24,6 +24,7 @@
 
 mod lab;
 mod metrics;
+pub mod pcap;
 mod running;
 pub mod traffic;
 

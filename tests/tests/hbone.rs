@@ -9,6 +9,7 @@ use std::{
 
 use mesh_lab::{
     metric_value,
+    pcap::{contains, tshark, Pcap},
     traffic::{connected, peer_of, send, send_succeeds, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
 };
@@ -81,60 +82,6 @@ fn hbone_client(
         .wait_success(Duration::from_secs(30))
 }
 
-/// A packet capture on the underlay bridge, stopped (and flushed) by SIGINT.
-struct Capture {
-    proc: Running,
-    file: PathBuf,
-}
-
-impl Capture {
-    fn start(lab: &Lab) -> Capture {
-        let file = lab.run_dir().join("underlay.pcapng");
-        let netns = format!("--net=/run/netns/mlab-{}-underlay", lab.id());
-        let proc = Running::spawn(
-            "dumpcap on the underlay bridge",
-            Command::new("nsenter")
-                .args([netns.as_str(), "dumpcap", "-q", "-i", "br0", "-w"])
-                .arg(&file),
-        );
-        wait_until("dumpcap to start writing", WAIT, || {
-            std::fs::metadata(&file).is_ok_and(|m| m.len() > 0)
-        });
-        Capture { proc, file }
-    }
-
-    fn stop(mut self) -> PathBuf {
-        // SAFETY: signals a child process this test started and still owns.
-        let rc = unsafe { libc::kill(self.proc.pid() as libc::pid_t, libc::SIGINT) };
-        assert_eq!(rc, 0, "signalling dumpcap");
-        self.proc.wait(WAIT);
-        self.file
-    }
-}
-
-/// `tshark -r FILE -Y FILTER -T fields -e FIELD`, one line per packet.
-fn tshark(file: &Path, filter: &str, field: &str) -> Vec<String> {
-    let out = Command::new("tshark")
-        .arg("-r")
-        .arg(file)
-        .args(["-Y", filter, "-T", "fields", "-e", field])
-        .output()
-        .expect("running tshark");
-    assert!(
-        out.status.success(),
-        "tshark failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn cross_node_traffic_is_only_tls_and_both_sides_log_the_peer_identity() {
     if !mesh_lab::require_privileged(
@@ -148,7 +95,7 @@ fn cross_node_traffic_is_only_tls_and_both_sides_log_the_peer_identity() {
     let legacy_server = lab.pod("legacy/server").ip;
     let _api = serve(&lab, "shop/api", 8080);
     let _legacy = serve(&lab, "legacy/server", 8080);
-    let capture = Capture::start(&lab);
+    let capture = Pcap::start(&lab, "underlay");
     let run_send = |from: &str, to: String, marker: &str| {
         let mut sender = Running::spawn(
             &format!("send from {from}"),
@@ -171,13 +118,12 @@ fn cross_node_traffic_is_only_tls_and_both_sides_log_the_peer_identity() {
         "PLAIN-CONTROL-MARKER-7f3a",
     );
     let file = capture.stop();
-    let bytes = std::fs::read(&file).expect("reading the capture");
     assert!(
-        contains(&bytes, b"PLAIN-CONTROL-MARKER-7f3a"),
+        contains(&file, b"PLAIN-CONTROL-MARKER-7f3a"),
         "the capture cannot see payloads: the test proves nothing"
     );
     assert!(
-        !contains(&bytes, b"MESH-SECRET-MARKER-7f3a"),
+        !contains(&file, b"MESH-SECRET-MARKER-7f3a"),
         "meshed payload crossed the underlay in clear"
     );
     // The meshed transfer crossed as TLS 1.3 application data on port 15008, nothing else.

@@ -17,6 +17,8 @@ use anyhow::{bail, Context, Result};
 mod hbone;
 #[path = "labtool/idle.rs"]
 mod idle;
+#[path = "labtool/probe.rs"]
+mod probe;
 #[path = "labtool/rr.rs"]
 mod rr;
 use clap::{Parser, Subcommand};
@@ -91,6 +93,8 @@ enum Cmd {
     /// Opens N connections (one echoed byte each), prints `held N`, keeps them idle until
     /// stdin closes, then closes them.
     Hold(idle::HoldArgs),
+    /// Connects again and again until stdin closes; prints each attempt's outcome and time.
+    Probe(probe::Args),
     /// Connects and exits 0, or prints the error and exits 1.
     Connect {
         /// Server address.
@@ -127,6 +131,7 @@ fn main() -> ExitCode {
         } => stream(to, chunk.max(1), Duration::from_millis(interval_ms), seed),
         Cmd::Connect { to } => connect(to).map(|_| ()),
         Cmd::Rr(args) => rr::run(args),
+        Cmd::Probe(args) => probe::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -356,14 +361,19 @@ fn send(to: SocketAddr, bytes: u64, seed: u64, marker: Option<&str>) -> Result<(
     Ok(())
 }
 
-fn stream(to: SocketAddr, chunk: usize, interval: Duration, seed: u64) -> Result<()> {
+/// A flag set once stdin closes (EOF or an error): the signal to finish.
+fn stdin_closed() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     std::thread::spawn(move || {
-        // EOF or an error on stdin both mean: finish.
         let _ = io::copy(&mut io::stdin().lock(), &mut io::sink());
         flag.store(true, Ordering::SeqCst);
     });
+    stop
+}
+
+fn stream(to: SocketAddr, chunk: usize, interval: Duration, seed: u64) -> Result<()> {
+    let stop = stdin_closed();
     let mut conn = connect(to)?;
     let mut outgoing = Stream::new(seed);
     let mut verifier = Verifier {
