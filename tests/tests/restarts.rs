@@ -251,13 +251,23 @@ fn a_killed_agent_leaves_its_pods_closed_and_a_restarted_one_serves_them_again()
     assert!(!lab.agent_running(killed));
 
     // Started again, with nothing else done: the same paths work, through the mesh.
+    let started_at = now_us();
     let new = lab.start_agent("n1").expect("restarting n1's agent");
-    let back_at = now_us();
     for probe in &mut probes {
         let what = probe.what.clone();
         wait_until(&format!("{what} to connect again"), WAIT, || {
-            probe.count_after("ok", back_at) >= 5
+            probe.count_after("ok", started_at) >= 5
         });
+        let first_ok = probe
+            .attempts()
+            .iter()
+            .find(|(o, t)| *t > started_at && o == "ok")
+            .map(|(_, t)| *t)
+            .unwrap_or_default();
+        eprintln!(
+            "FIGURE restart: {what} served again {:.0} ms after the new agent was started",
+            first_ok.saturating_sub(started_at) as f64 / 1e3
+        );
     }
     for probe in probes {
         probe.stop();
