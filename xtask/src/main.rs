@@ -36,7 +36,8 @@ enum Command {
 }
 
 /// Runs the command. An error is printed as one line, `error: ` and its chain of causes; with
-/// `RUST_LIB_BACKTRACE` or `RUST_BACKTRACE` set (not `0`) also the backtrace where it arose.
+/// `RUST_LIB_BACKTRACE=1` also the backtrace where it arose. `RUST_BACKTRACE`, which many
+/// shells set for good, is left to panics: it does not turn every error into a page.
 fn main() -> ExitCode {
     let command = Cli::parse().command;
     match run(command) {
@@ -64,10 +65,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     .map(|()| ExitCode::SUCCESS)
 }
 
-/// As anyhow decides whether to capture one: `RUST_LIB_BACKTRACE` first, then `RUST_BACKTRACE`.
+/// Whether the error's backtrace was asked for (`RUST_LIB_BACKTRACE` set, not `0`).
 fn backtrace_wanted() -> bool {
-    let set = |var| std::env::var_os(var).map(|v| v != "0");
-    set("RUST_LIB_BACKTRACE")
-        .or_else(|| set("RUST_BACKTRACE"))
-        .unwrap_or(false)
+    std::env::var_os("RUST_LIB_BACKTRACE").is_some_and(|v| v != "0")
 }
