@@ -762,3 +762,124 @@ fn an_upgrade_under_load_refuses_nothing_and_cuts_no_connection() {
     );
     lab.down();
 }
+
+/// A captured pod the agent cannot serve (here: a process in the pod holds the port of the
+/// agent's outbound listener) is closed, not left open: attached, its inbound refused, its
+/// outbound never reaching anyone but itself; the node is not ready and says why. Once the
+/// port is free, the retry serves it.
+#[test]
+fn a_pod_that_cannot_be_served_is_closed_and_the_node_not_ready() {
+    if !mesh_lab::require_privileged("a_pod_that_cannot_be_served_is_closed_and_the_node_not_ready")
+    {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let db = format!("{}:9090", lab.pod("shop/db").ip);
+    let client = format!("{}:7000", lab.pod("shop/client").ip);
+    let mut db_server = serve(&lab, "shop/db", 9090);
+    let _client_server = serve(&lab, "shop/client", 7000);
+    lab.set_namespace_enabled("shop", false);
+    wait_until("n1 to release shop/client", WAIT, || {
+        lab.agent_log("n1").contains("pod released pod=shop/client")
+    });
+    let mut squatter = Running::spawn(
+        "a process of shop/client on 127.0.0.1:15001",
+        lab.command("shop/client", labtool_bin()).args([
+            "serve",
+            "--port",
+            "15001",
+            "--bind",
+            "127.0.0.1",
+        ]),
+    );
+    squatter.wait_line("listening", WAIT);
+    lab.set_namespace_enabled("shop", true);
+    wait_until("n1 to close shop/client", WAIT, || {
+        lab.agent_log("n1").contains("pod closed")
+    });
+    let why = lab
+        .http_get("n1", mesh_lab::READINESS_PORT, "/healthz/ready")
+        .expect("readiness of n1");
+    assert_ne!(why.0, 200, "n1 is ready with a pod it cannot serve");
+    assert!(why.1.contains("shop/client"), "{why:?}");
+    assert_eq!(counter(&lab, "n1", "mesh_closed_pods", &[]), 1.0);
+    // Closed: inbound is refused; outbound is redirected into the pod's own process, never
+    // out to its destination.
+    let mut inbound = Probe::start_failing(&lab, "legacy/client", &client);
+    let mut outbound = Probe::start_failing(&lab, "shop/client", &db);
+    wait_until("attempts on both paths", WAIT, || {
+        inbound.count_after("refused", 0) >= 5 && outbound.attempts().len() >= 5
+    });
+    assert_eq!(inbound.count_after("ok", 0), 0, "inbound got through");
+    inbound.stop();
+    outbound.stop();
+    assert!(
+        accepted_peers(&mut db_server).is_empty(),
+        "shop/db got a connection from a closed pod"
+    );
+    assert!(
+        accepted_peers(&mut squatter).len() >= 5,
+        "the redirected connects went elsewhere"
+    );
+
+    // The port is free again: the next retry serves the pod.
+    squatter.kill();
+    wait_until("n1 to be ready again", Duration::from_secs(20), || {
+        lab.agent_ready("n1")
+    });
+    assert_eq!(counter(&lab, "n1", "mesh_closed_pods", &[]), 0.0);
+    let out = send(&lab, "shop/client", &db, 1 << 16);
+    assert_eq!(peer_of(connected(&out)), "127.0.0.1:15001", "{out:?}");
+    send(&lab, "legacy/client", &client, 1 << 16);
+    lab.down();
+}
+
+/// An old agent keeps its connections only until the drain deadline; then it resets what is
+/// left (an application sees an error, never a clean end) and exits.
+#[test]
+fn the_drain_deadline_resets_what_is_left_and_the_old_agent_exits() {
+    if !mesh_lab::require_privileged(
+        "the_drain_deadline_resets_what_is_left_and_the_old_agent_exits",
+    ) {
+        return;
+    }
+    let mut lab = Lab::up(LabOptions {
+        drain_timeout_secs: 2,
+        ..LabOptions::default()
+    });
+    let db = format!("{}:9090", lab.pod("shop/db").ip);
+    let _db = serve(&lab, "shop/db", 9090);
+    let mut stream = Running::spawn(
+        "stream from shop/client",
+        lab.command("shop/client", labtool_bin())
+            .args(["stream", "--to", &db]),
+    );
+    stream.wait_line("progress", WAIT);
+    let upgrade = lab.upgrade_agent("n1", None).expect("upgrading n1's agent");
+    let old = upgrade.old.expect("an agent was running on n1");
+    let started = Instant::now();
+    assert!(
+        lab.wait_agent_exit(old, Duration::from_secs(30)),
+        "the old agent outlived its drain deadline"
+    );
+    let after = started.elapsed();
+    eprintln!(
+        "FIGURE drain deadline 2 s: old agent exited {:.1} s after the handover",
+        after.as_secs_f64()
+    );
+    assert!(
+        after >= Duration::from_secs(1),
+        "the old agent left before its deadline ({after:?}) with a stream open"
+    );
+    let status = stream.wait(WAIT);
+    assert!(!status.success(), "the stream ended cleanly");
+    let log = lab.agent_log_of(old);
+    assert!(
+        log.contains("drain deadline passed: open connections are reset"),
+        "{log}"
+    );
+    // The new agent serves the same path.
+    let out = send(&lab, "shop/client", &db, 1 << 16);
+    assert_eq!(peer_of(connected(&out)), "127.0.0.1:15001", "{out:?}");
+    lab.down();
+}
