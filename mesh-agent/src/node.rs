@@ -371,9 +371,9 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
             }
         };
         tokio::select! {
-            _ = term.recv() => {
+            name = stop_signal(&mut term, &mut int) => {
                 if terminated {
-                    warn!("second signal: exiting now");
+                    warn!("second signal ({name}): exiting now");
                     break;
                 }
                 terminated = true;
@@ -382,20 +382,10 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
                 // connections end, and this agent gets to no connection sooner.
                 inputs.drain_to(proxy::Drain::Draining);
                 if handed_over {
-                    info!(open = inputs.tasks.len(), "SIGTERM: exiting once the connections have ended (or at the drain deadline)");
+                    info!(open = inputs.tasks.len(), "{name}: exiting once the connections have ended (or at the drain deadline)");
                 } else {
-                    info!(drain = ?drain, open = inputs.tasks.len(), "SIGTERM: capture stays in place; serving until a successor takes over, the connections end or the drain deadline");
+                    info!(drain = ?drain, open = inputs.tasks.len(), "{name}: capture stays in place; serving until a successor takes over, the connections end or the drain deadline; a second signal exits at once");
                 }
-            }
-            _ = int.recv() => {
-                if terminated {
-                    warn!("second signal: exiting now");
-                    break;
-                }
-                terminated = true;
-                deadline.get_or_insert(Instant::now() + drain);
-                inputs.drain_to(proxy::Drain::Draining);
-                info!(drain = ?drain, open = inputs.tasks.len(), "SIGINT: as SIGTERM; a second signal exits at once");
             }
             event = events.recv(), if events_open => match event {
                 Some(handover::Event::HandedOver { to }) => {
@@ -425,10 +415,8 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
                 }
                 // Handed over and drained, not yet told to stop: wait for SIGTERM.
                 info!("drained: every connection has ended; waiting for SIGTERM to exit");
-                tokio::select! {
-                    _ = term.recv() => info!("SIGTERM: exiting"),
-                    _ = int.recv() => info!("SIGINT: exiting"),
-                }
+                let name = stop_signal(&mut term, &mut int).await;
+                info!("{name}: exiting");
                 break;
             }
             () = timeout => {
@@ -457,6 +445,17 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
     }
     info!("agent stopped (capture stays in place)");
     Ok(0)
+}
+
+/// The next SIGTERM or SIGINT, by name (the agent treats them alike).
+async fn stop_signal(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }
 
 /// Stops accepting without touching capture (a takeover that did not complete).

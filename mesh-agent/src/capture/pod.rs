@@ -278,16 +278,7 @@ impl CapturedPod {
             };
             for ip in &w.ips {
                 self.insert_listener_keys(loaded, *ip)?;
-                loaded
-                    .pod_addrs
-                    .insert(
-                        PodAddr {
-                            ip: mapped_words(*ip),
-                        },
-                        config,
-                        0,
-                    )
-                    .map_err(map_err(mesh_common::maps::POD_ADDRS))?;
+                insert_pod_addr(loaded, *ip, config)?;
             }
             let gone: Vec<IpAddr> = self
                 .workload
@@ -430,18 +421,23 @@ fn install_pod_entries(
         .insert(netns_cookie, config, 0)
         .map_err(map_err(mesh_common::maps::PODS))?;
     for ip in &w.ips {
-        loaded
-            .pod_addrs
-            .insert(
-                PodAddr {
-                    ip: mapped_words(*ip),
-                },
-                config,
-                0,
-            )
-            .map_err(map_err(mesh_common::maps::POD_ADDRS))?;
+        insert_pod_addr(loaded, *ip, config)?;
     }
     Ok(())
+}
+
+/// Marks `ip` as a captured pod's address, with the pod's config (`sk_lookup` reads it).
+fn insert_pod_addr(loaded: &mut Loaded, ip: IpAddr, config: PodConfig) -> Result<(), Error> {
+    loaded
+        .pod_addrs
+        .insert(
+            PodAddr {
+                ip: mapped_words(ip),
+            },
+            config,
+            0,
+        )
+        .map_err(map_err(mesh_common::maps::POD_ADDRS))
 }
 
 /// Removes an address entry if it is still this scope's (another pod may hold it now).

@@ -170,18 +170,7 @@ pub(crate) fn wait_started(
 ) -> Result<()> {
     let log = layout.agent_log_path_of(&node.name, agent.generation);
     loop {
-        if let Some(child) = agent.child.as_mut() {
-            if let Some(status) = child.try_wait().context("checking the agent process")? {
-                bail!(
-                    "agent of node {} (pid {}) exited with {status} before it started; last \
-                     lines of {}:\n{}",
-                    node.name,
-                    agent.pid,
-                    log.display(),
-                    log_tail(&log, LOG_TAIL_LINES)
-                );
-            }
-        }
+        fail_if_exited(node, agent, &log, "it started")?;
         if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("agent started")) {
             return wait_ready(layout, node, agent, deadline);
         }
@@ -198,6 +187,23 @@ pub(crate) fn wait_started(
     }
 }
 
+/// An error, with the end of its log, if the agent (our child) has exited before `what`.
+fn fail_if_exited(node: &Node, agent: &mut AgentProcess, log: &Path, what: &str) -> Result<()> {
+    if let Some(child) = agent.child.as_mut() {
+        if let Some(status) = child.try_wait().context("checking the agent process")? {
+            bail!(
+                "agent of node {} (pid {}) exited with {status} before {what}; last lines of \
+                 {}:\n{}",
+                node.name,
+                agent.pid,
+                log.display(),
+                log_tail(log, LOG_TAIL_LINES)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Waits until the agent answers `GET /healthz/ready` with 200 inside its node's netns.
 pub(crate) fn wait_ready(
     layout: &Layout,
@@ -207,18 +213,7 @@ pub(crate) fn wait_ready(
 ) -> Result<()> {
     let log = layout.agent_log_path_of(&node.name, agent.generation);
     loop {
-        if let Some(child) = agent.child.as_mut() {
-            if let Some(status) = child.try_wait().context("checking the agent process")? {
-                bail!(
-                    "agent of node {} (pid {}) exited with {status} before it was ready; last \
-                     lines of {}:\n{}",
-                    node.name,
-                    agent.pid,
-                    log.display(),
-                    log_tail(&log, LOG_TAIL_LINES)
-                );
-            }
-        }
+        fail_if_exited(node, agent, &log, "it was ready")?;
         let last = match http_get(&node.netns, READINESS_PORT, "/healthz/ready") {
             Ok((200, _)) => return Ok(()),
             Ok((status, body)) => format!("HTTP {status}: {}", body.trim()),
