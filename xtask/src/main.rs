@@ -39,6 +39,7 @@ enum Command {
 /// `RUST_LIB_BACKTRACE=1` also the backtrace where it arose. `RUST_BACKTRACE`, which many
 /// shells set for good, is left to panics: it does not turn every error into a page.
 fn main() -> ExitCode {
+    forget_cargo_run_env();
     let command = Cli::parse().command;
     match run(command) {
         Ok(code) => code,
@@ -68,4 +69,31 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 /// Whether the error's backtrace was asked for (`RUST_LIB_BACKTRACE` set, not `0`).
 fn backtrace_wanted() -> bool {
     std::env::var_os("RUST_LIB_BACKTRACE").is_some_and(|v| v != "0")
+}
+
+/// `cargo xtask` runs this binary with `cargo run`, which sets the xtask package's
+/// `CARGO_PKG_*` and `CARGO_MANIFEST_*` variables. The cargo commands xtask runs would inherit
+/// them, and build scripts that watch them (ring's does) would be run again, with everything
+/// above them rebuilt, each time a build alternates between xtask and a plain `cargo`.
+fn forget_cargo_run_env() {
+    let ours = |name: &str| {
+        name.starts_with("CARGO_PKG_")
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+    };
+    let names: Vec<_> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| ours(name))
+        .collect();
+    for name in names {
+        // Single-threaded still: nothing else reads the environment meanwhile.
+        std::env::remove_var(name);
+    }
 }
