@@ -281,7 +281,8 @@ impl Config {
 }
 
 impl CaptureExclusions {
-    /// Rejects port 0; returns the field name with the problem.
+    /// Rejects port 0, and inbound exclusions of the agent's ports (inbound to them is never
+    /// passed: docs/capture.md); returns the field name with the problem.
     pub fn validate(&self) -> Result<(), String> {
         for (field, ports) in [
             ("exclude_outbound_ports", &self.exclude_outbound_ports),
@@ -290,6 +291,17 @@ impl CaptureExclusions {
             if ports.contains(&0) {
                 return Err(format!("{field}: port 0 is not a valid port"));
             }
+        }
+        if let Some(port) = self
+            .exclude_inbound_ports
+            .iter()
+            .find(|p| mesh_common::ports::RESERVED.contains(p))
+        {
+            return Err(format!(
+                "exclude_inbound_ports: port {port} is one of the agent's ports ({:?}), which \
+                 a captured pod never receives around the agent; it cannot be excluded",
+                mesh_common::ports::RESERVED
+            ));
         }
         Ok(())
     }
@@ -360,5 +372,24 @@ mod tests {
         let e = parse("node: n1\nstate_file: /s\nidentity: {issuer_cert: /c}\n")
             .expect_err("missing key");
         assert!(e.contains("issuer_key"), "{e}");
+    }
+
+    #[test]
+    fn inbound_exclusions_cannot_name_the_agents_ports() {
+        for port in mesh_common::ports::RESERVED {
+            let e = parse(&format!(
+                "node: n1\nstate_file: /s\ncapture: {{exclude_inbound_ports: [80, {port}]}}\n"
+            ))
+            .expect_err("a reserved port");
+            assert!(
+                e.contains(&format!(
+                    "exclude_inbound_ports: port {port} is one of the agent's ports"
+                )),
+                "{e}"
+            );
+        }
+        // Outbound, they are ordinary destination ports.
+        parse("node: n1\nstate_file: /s\ncapture: {exclude_outbound_ports: [15008]}\n")
+            .expect("outbound exclusion of 15008");
     }
 }

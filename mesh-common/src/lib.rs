@@ -93,14 +93,14 @@ pub mod globals {
 /// [`pins`]. Pinned state outlives the agent process, so an agent only adopts pins of its own
 /// ABI version; any change to a layout, a map, a reason or the pin layout bumps it (the
 /// `abi_fingerprint_is_recorded` test fails until it is bumped).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// How the agent lays out what it pins under its bpffs directory (`bpf_dir`): everything of
 /// one ABI version lives in [`pins::ABI_DIR`]; maps and programs by their names directly in it;
 /// the links that attach the programs to one pod in [`pins::PODS_DIR`]`/<pod dir>/<program>`.
 pub mod pins {
     /// The directory of this ABI version under `bpf_dir` (`v` + [`crate::ABI_VERSION`]).
-    pub const ABI_DIR: &str = "v1";
+    pub const ABI_DIR: &str = "v2";
     /// The directory (under [`ABI_DIR`]) with one directory of link pins per captured pod.
     pub const PODS_DIR: &str = "pods";
     /// Separates the fields of a pod directory's name: `<netns cookie>_<namespace>_<name>`
@@ -268,10 +268,12 @@ pub enum Reason {
     LookupSteered = 10,
     /// sk_lookup: loopback or pod-local source (includes the agent's own delivery).
     LookupSkipLocal = 11,
-    /// sk_lookup: excluded or reserved destination port.
+    /// sk_lookup: destination port excluded from capture (global or the pod's exclusions).
     LookupSkipExcludedPort = 12,
-    /// sk_lookup: the network namespace is not a captured pod.
-    LookupSkipNotCaptured = 13,
+    /// sk_lookup: a local address of a captured pod that the state does not list (a
+    /// secondary or IPv6 link-local address): dropped, never passed around the agent (the
+    /// program is attached only to captured pods' network namespaces).
+    LookupDropUnlistedAddress = 13,
     /// sk_lookup: the pod is captured but no agent listener serves it (no agent runs, or
     /// it has not opened the pod's listeners yet): refused (fail closed).
     LookupErrNoListener = 14,
@@ -279,11 +281,14 @@ pub enum Reason {
     LookupErrAssign = 15,
     /// sk_lookup: not TCP.
     LookupSkipNotTcp = 16,
+    /// sk_lookup: one of the agent's ports other than HBONE (15000, 15001, 15006, 15020,
+    /// 15021) on the pod's address: dropped, never passed to whatever listens there.
+    LookupDropReservedPort = 17,
 }
 
 impl Reason {
     /// Number of reasons; the size of [`maps::COUNTERS`].
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -300,10 +305,11 @@ impl Reason {
         Reason::LookupSteered,
         Reason::LookupSkipLocal,
         Reason::LookupSkipExcludedPort,
-        Reason::LookupSkipNotCaptured,
+        Reason::LookupDropUnlistedAddress,
         Reason::LookupErrNoListener,
         Reason::LookupErrAssign,
         Reason::LookupSkipNotTcp,
+        Reason::LookupDropReservedPort,
     ];
 
     /// `(program, reason)` labels for the agent's metric.
@@ -322,10 +328,11 @@ impl Reason {
             Reason::LookupSteered => ("sk_lookup", "steered"),
             Reason::LookupSkipLocal => ("sk_lookup", "skip_local_source"),
             Reason::LookupSkipExcludedPort => ("sk_lookup", "skip_excluded_port"),
-            Reason::LookupSkipNotCaptured => ("sk_lookup", "skip_not_captured"),
+            Reason::LookupDropUnlistedAddress => ("sk_lookup", "drop_unlisted_address"),
             Reason::LookupErrNoListener => ("sk_lookup", "error_no_listener"),
             Reason::LookupErrAssign => ("sk_lookup", "error_assign"),
             Reason::LookupSkipNotTcp => ("sk_lookup", "skip_not_tcp"),
+            Reason::LookupDropReservedPort => ("sk_lookup", "drop_reserved_port"),
         }
     }
 }
@@ -412,7 +419,7 @@ mod tests {
     fn abi_fingerprint_is_recorded() {
         // Changing a layout, a name, a size or a reason changes what pinned state means: bump
         // ABI_VERSION (and pins::ABI_DIR), then record the new fingerprint here.
-        const RECORDED: (u32, u64) = (1, 6_618_067_825_274_545_202);
+        const RECORDED: (u32, u64) = (2, 5_758_072_055_785_061_173);
         assert_eq!(
             (ABI_VERSION, abi_fingerprint()),
             RECORDED,

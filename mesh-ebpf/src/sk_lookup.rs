@@ -1,10 +1,12 @@
-//! `sk_lookup`, attached to each captured pod's network namespace: steer inbound TCP for the
-//! pod's address to the agent's in-pod inbound listener, except local sources (the agent's own
-//! delivery to the application, which connects from the pod's address), loopback, and
-//! reserved or excluded ports. Port 15008 (HBONE) goes to the pod's HBONE listener. A captured
-//! pod without a listener (no agent runs, or it has not opened the pod's listeners yet) is
-//! refused: SK_DROP makes the socket lookup fail, and TCP answers the SYN with a reset. The
-//! mesh never fails open.
+//! `sk_lookup`, attached to each captured pod's network namespace (and only to those): steer
+//! inbound TCP for the pod's address to the agent's in-pod inbound listener, except local
+//! sources (the agent's own delivery to the application, which connects from the pod's
+//! address), loopback, and excluded ports. Port 15008 (HBONE) goes to the pod's HBONE
+//! listener; the agent's other ports, and local addresses the state does not list (a secondary
+//! or link-local address), are dropped. A captured pod without a listener (no agent runs, or
+//! it has not opened the pod's listeners yet) is refused too: SK_DROP makes the socket lookup
+//! fail, and TCP answers the SYN with a reset. Nothing non-loopback reaches a captured pod
+//! around the agent.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{direction, listener, ports, ListenerKey, PodAddr, Reason};
@@ -57,17 +59,21 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<Reason, Reason> {
         return Ok(Reason::LookupSkipLocal);
     }
     let Some(pod) = POD_ADDRS.get_ptr(PodAddr { ip: local }) else {
-        return Ok(Reason::LookupSkipNotCaptured);
+        return Err(Reason::LookupDropUnlistedAddress);
     };
     // SAFETY: pointer from a successful lookup, read once.
     let scope = unsafe { (*pod).scope };
     // local_port is in host byte order in bpf_sk_lookup.
     let port = crate::ctx_field!(lk, local_port) as u16;
-    // Port 15008 is HBONE and goes to the pod's HBONE listener; every other agent port is never
-    // steered (a connection to it could loop through the agent).
+    // Port 15008 is HBONE and goes to the pod's HBONE listener; the agent's other ports are
+    // dropped (steered, a connection could loop through the agent; passed, it would reach
+    // whatever listens there with no decision). Exclusions cannot name them (the agent's
+    // configuration and the state reject it).
     let kind = if port == ports::HBONE {
         listener::HBONE
-    } else if is_reserved(port) || port_excluded(scope, port, direction::INBOUND) {
+    } else if is_reserved(port) {
+        return Err(Reason::LookupDropReservedPort);
+    } else if port_excluded(scope, port, direction::INBOUND) {
         return Ok(Reason::LookupSkipExcludedPort);
     } else {
         listener::INBOUND_PLAINTEXT

@@ -3,7 +3,7 @@
 //! its connections (there is no listener to redirect them to), so the mesh fails closed.
 //!
 //! ```text
-//! <bpf_dir>/v1/                     pins::ABI_DIR: everything of this eBPF ABI version
+//! <bpf_dir>/v2/                     pins::ABI_DIR: everything of this eBPF ABI version
 //!   MESH_PODS, MESH_POD_ADDRS, ...  maps (by name)
 //!   mesh_connect4, ...              programs (by name; the newest agent's)
 //!   pods/<cookie>_<ns>_<name>/      one directory per captured pod: its netns cookie and name
@@ -344,7 +344,9 @@ mod tests {
         let dir = layout.pod_dir(4097, "shop/client");
         assert_eq!(
             dir,
-            Path::new("/sys/fs/bpf/mesh/n1/v1/pods/4097_shop_client")
+            Path::new("/sys/fs/bpf/mesh/n1")
+                .join(pins::ABI_DIR)
+                .join("pods/4097_shop_client")
         );
         let name = dir.file_name().and_then(|n| n.to_str()).expect("name");
         assert_eq!(parse_pod_dir(name), Some((4097, "shop/client".into())));

@@ -319,15 +319,17 @@ impl CapturedPod {
     /// Undoes everything `capture` did; logs (does not fail on) individual errors.
     pub fn release(self, loaded: &mut Loaded) {
         let pod = self.workload.key();
+        // The links detach with their pins: connects stop being redirected, inbound stops
+        // being steered. First, so that no connection meets the programs without the pod's
+        // entries (sk_lookup would drop it as an unlisted address).
+        if let Err(e) = pins::release(&self.pin_dir) {
+            warn!(%pod, error = %e, "release: removing the pinned links failed");
+        }
         for ip in &self.workload.ips {
             remove_addr(loaded, *ip, self.scope);
         }
         if let Err(e) = loaded.pods.remove(&self.netns_cookie) {
             warn!(%pod, error = %e, "release: removing the pod entry failed");
-        }
-        // The links detach with their pins: connects stop being redirected.
-        if let Err(e) = pins::release(&self.pin_dir) {
-            warn!(%pod, error = %e, "release: removing the pinned links failed");
         }
         for key in &self.listener_keys {
             if let Err(e) = loaded.listeners.remove(key) {

@@ -1,0 +1,121 @@
+//! End-to-end tests of the paths around the agent that issue 12 (security review) closes. Each
+//! first shows the path exists (the same connection succeeds while the pod is not captured),
+//! then that capture closes it.
+
+use std::time::Duration;
+
+use mesh_lab::{
+    labtool_bin, metric_value,
+    traffic::{peer_of, serve, WAIT},
+    wait_until, Lab, LabOptions, Running,
+};
+
+fn capture_events(lab: &Lab, node: &str, reason: &str) -> f64 {
+    metric_value(
+        &lab.metrics(node),
+        "mesh_capture_events_total",
+        &[("program", "sk_lookup"), ("reason", reason)],
+    )
+    .unwrap_or_else(|| panic!("no sk_lookup/{reason} sample in the metrics of {node}"))
+}
+
+/// `mesh-labtool connect`: whether the connection was established, and the tool's output.
+fn connects(lab: &Lab, from: &str, to: &str) -> (bool, String) {
+    let mut run = Running::spawn(
+        &format!("connect from {from} to {to}"),
+        lab.command(from, labtool_bin())
+            .args(["connect", "--to", to]),
+    );
+    let line = run.wait_line("", Duration::from_secs(20));
+    (run.wait(WAIT).success(), line)
+}
+
+fn run_ok(lab: &Lab, target: &str, program: &str, args: &[&str]) {
+    let mut run = Running::spawn(
+        &format!("{program} {args:?} in {target}"),
+        lab.command(target, program).args(args),
+    );
+    run.wait_success(WAIT);
+}
+
+fn set_captured(lab: &Lab, captured: bool) {
+    lab.set_namespace_enabled("shop", captured);
+    let want = if captured { 2.0 } else { 0.0 };
+    wait_until(&format!("n1 to have {want} captured pods"), WAIT, || {
+        metric_value(&lab.metrics("n1"), "mesh_captured_pods", &[]) == Some(want)
+    });
+}
+
+/// A captured pod's address the state does not list (here a secondary address), and the
+/// agent's own ports on its listed address, never reach the application around the agent.
+#[test]
+fn unlisted_addresses_and_the_agents_ports_of_a_captured_pod_are_dropped() {
+    if !mesh_lab::require_privileged(
+        "unlisted_addresses_and_the_agents_ports_of_a_captured_pod_are_dropped",
+    ) {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let db = lab.pod("shop/db").clone();
+    let legacy = lab.pod("legacy/client").ip;
+    // shop/db gets a second address the state does not list, routed from its node.
+    let secondary = "10.240.1.50";
+    run_ok(
+        &lab,
+        "shop/db",
+        "ip",
+        &["addr", "add", &format!("{secondary}/32"), "dev", "eth0"],
+    );
+    run_ok(
+        &lab,
+        "n1",
+        "ip",
+        &[
+            "route",
+            "add",
+            &format!("{secondary}/32"),
+            "dev",
+            &db.host_veth,
+        ],
+    );
+    let mut app = serve(&lab, "shop/db", 9090);
+    let mut squatter = serve(&lab, "shop/db", 15020);
+    let unlisted = format!("{secondary}:9090");
+    let reserved = format!("{}:15020", db.ip);
+
+    // Not captured: both paths reach the application (so the test can see a bypass).
+    set_captured(&lab, false);
+    for to in [&unlisted, &reserved] {
+        let (ok, out) = connects(&lab, "legacy/client", to);
+        assert!(ok, "{to} is not reachable even without capture: {out}");
+    }
+    app.wait_line("accepted", WAIT);
+    squatter.wait_line("accepted", WAIT);
+
+    // Captured: both are dropped in the kernel (the client is refused), and counted.
+    set_captured(&lab, true);
+    let unlisted_before = capture_events(&lab, "n1", "drop_unlisted_address");
+    let reserved_before = capture_events(&lab, "n1", "drop_reserved_port");
+    let (ok, out) = connects(&lab, "legacy/client", &unlisted);
+    assert!(!ok && out.contains("refused"), "{unlisted}: {out}");
+    let (ok, out) = connects(&lab, "legacy/client", &reserved);
+    assert!(!ok && out.contains("refused"), "{reserved}: {out}");
+    assert!(capture_events(&lab, "n1", "drop_unlisted_address") > unlisted_before);
+    assert!(capture_events(&lab, "n1", "drop_reserved_port") > reserved_before);
+    // The listed address and an ordinary port still work, through the agent.
+    let (ok, out) = connects(&lab, "legacy/client", &format!("{}:9090", db.ip));
+    assert!(ok, "{out}");
+    let accepted = app.wait_line("accepted", WAIT);
+    assert!(
+        peer_of(&accepted).starts_with(&format!("{}:", db.ip)),
+        "not delivered by the agent: {accepted}"
+    );
+    // Nothing else reached either application from legacy/client since the first two.
+    let direct: Vec<String> = [&mut app, &mut squatter]
+        .into_iter()
+        .flat_map(|s| s.stdout_lines())
+        .filter(|l| l.starts_with("accepted") && peer_of(l).starts_with(&format!("{legacy}:")))
+        .collect();
+    assert_eq!(direct.len(), 2, "{direct:?}");
+    lab.down();
+}
