@@ -225,6 +225,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// The destination's policy refused the CONNECT: 403 from our agents, 401 from Istio's
+    /// ztunnel.
+    pub fn denied_by_destination(&self) -> bool {
+        matches!(
+            self,
+            Error::Hbone(tunnel::Error::Status { status, .. })
+                if *status == http::StatusCode::FORBIDDEN
+                    || *status == http::StatusCode::UNAUTHORIZED
+        )
+    }
+
     /// A fixed string for the failure metric.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -237,11 +248,7 @@ impl Error {
             Error::ConnectTimeout { .. } => "connect_timeout",
             Error::Socket(_) => "socket",
             // The destination's agent denied it: its log line names the policy.
-            Error::Hbone(tunnel::Error::Status { status, .. })
-                if *status == http::StatusCode::FORBIDDEN =>
-            {
-                "hbone_forbidden"
-            }
+            e if e.denied_by_destination() => "hbone_forbidden",
             Error::Hbone(tunnel::Error::Status { .. }) => "hbone_status",
             Error::Hbone(tunnel::Error::Tls { .. } | tunnel::Error::Alpn { .. }) => "hbone_tls",
             Error::Hbone(_) => "hbone",
@@ -461,6 +468,10 @@ async fn account(
                     reason = %d.reason,
                     "connection closed by a policy change"
                 ),
+                // A decision too, the destination's: its own log names the policy.
+                e if e.denied_by_destination() => {
+                    tracing::info!(error = %e, "connection denied by the destination's policy")
+                }
                 _ => tracing::warn!(error = %e, "connection failed"),
             }
             None
@@ -523,5 +534,33 @@ fn pod_socket(pod: &Pod, home: &Netns, addr: SocketAddr) -> std::io::Result<toki
 fn reset(stream: tokio::net::TcpStream) {
     if let Ok(std) = stream.into_std() {
         let _ = crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&std));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destinations_401_or_403_is_its_policy_refusal() {
+        let status = |status| {
+            Error::Hbone(tunnel::Error::Status {
+                addr: "10.0.0.2:15008".parse().expect("addr"),
+                authority: "10.0.0.2:8080".parse().expect("addr"),
+                status,
+            })
+        };
+        for (code, reason) in [
+            (http::StatusCode::FORBIDDEN, "hbone_forbidden"),
+            (http::StatusCode::UNAUTHORIZED, "hbone_forbidden"),
+            (http::StatusCode::SERVICE_UNAVAILABLE, "hbone_status"),
+            (http::StatusCode::BAD_REQUEST, "hbone_status"),
+        ] {
+            assert_eq!(status(code).reason(), reason, "{code}");
+            assert_eq!(
+                status(code).denied_by_destination(),
+                reason == "hbone_forbidden"
+            );
+        }
     }
 }
