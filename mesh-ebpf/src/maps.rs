@@ -84,17 +84,19 @@ pub fn v4_mapped(ip4_be: u32) -> [u32; 4] {
     [0, 0, 0xffff_u32.to_be(), ip4_be]
 }
 
-/// Whether an IPv4 address (network byte order) is in 127.0.0.0/8.
+/// Whether an IPv4 address (network byte order) is in 127.0.0.0/8 or is 0.0.0.0.
 #[inline(always)]
 pub fn is_loopback4(ip4_be: u32) -> bool {
-    // The first octet is the lowest-addressed byte of the network-order word.
-    ip4_be.to_ne_bytes()[0] == 127
+    // The first octet is the lowest-addressed byte of the network-order word. 0.0.0.0 is the
+    // local host too (a connect to it reaches this namespace's own listeners).
+    ip4_be.to_ne_bytes()[0] == 127 || ip4_be == 0
 }
 
-/// Whether an IPv6 address (network byte order words) is `::1` or v4-mapped loopback.
+/// Whether an IPv6 address (network byte order words) is `::1`, `::` or v4-mapped loopback.
 #[inline(always)]
 pub fn is_loopback6(ip: &[u32; 4]) -> bool {
-    let loop6 = ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be();
+    // `::1`, or `::` (the local host, as 0.0.0.0).
+    let loop6 = ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 1u32.to_be() || ip[3] == 0);
     loop6 || (is_v4_mapped(ip) && is_loopback4(ip[3]))
 }
 

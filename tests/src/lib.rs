@@ -22,6 +22,7 @@
 
 #![warn(missing_docs)]
 
+pub mod certs;
 mod lab;
 mod metrics;
 pub mod pcap;

@@ -1,85 +1,18 @@
 //! End-to-end tests of workload identity and the HBONE mTLS tunnel (issue: identity and HBONE).
 //! Real agents, real TLS and HTTP/2 between node agents, packets captured on the underlay.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use mesh_lab::{
+    certs::{ca, hbone_client, id, issue_leaf},
     metric_value,
     pcap::{contains, tshark, Pcap},
     traffic::{connected, peer_of, send, send_succeeds, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
 };
 
-const TRUST_DOMAIN: &str = "cluster.local";
-
-fn id(ns: &str, sa: &str) -> String {
-    format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}")
-}
-
 fn counter(lab: &Lab, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric_value(&lab.metrics(node), name, labels).unwrap_or(0.0)
-}
-
-/// Runs `mesh-agent ca ...`; panics with its output on failure.
-fn ca(args: &[&str]) {
-    let out = Command::new(mesh_lab::agent_bin())
-        .arg("ca")
-        .args(args)
-        .output()
-        .expect("running mesh-agent ca");
-    assert!(
-        out.status.success(),
-        "mesh-agent ca {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A workload certificate from the lab's CA of `node` (or any CA dir), written as files.
-fn issue_leaf(
-    ca_cert: &Path,
-    ca_key: &Path,
-    spiffe: &str,
-    dir: &Path,
-    name: &str,
-    extra: &[&str],
-) -> (PathBuf, PathBuf) {
-    let mut args = vec!["issue-leaf", "--id", spiffe, "--name", name];
-    let (c, k, d) = (
-        ca_cert.to_string_lossy(),
-        ca_key.to_string_lossy(),
-        dir.to_string_lossy(),
-    );
-    args.extend(["--ca-cert", &c, "--ca-key", &k, "--out", &d]);
-    args.extend(extra);
-    ca(&args);
-    (
-        dir.join(format!("{name}-cert.pem")),
-        dir.join(format!("{name}-key.pem")),
-    )
-}
-
-/// Runs `mesh-labtool hbone` from `pod` and returns its output lines.
-fn hbone_client(
-    lab: &Lab,
-    pod: &str,
-    to: &str,
-    cert: Option<&(PathBuf, PathBuf)>,
-    requests: &[String],
-) -> Vec<String> {
-    let mut cmd = lab.command(pod, mesh_lab::labtool_bin());
-    cmd.args(["hbone", "--to", to]);
-    if let Some((c, k)) = cert {
-        cmd.arg("--cert").arg(c).arg("--key").arg(k);
-    }
-    for r in requests {
-        cmd.args(["--request", r]);
-    }
-    Running::spawn(&format!("HBONE client in {pod} to {to}"), &mut cmd)
-        .wait_success(Duration::from_secs(30))
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use mesh_lab::{
-    labtool_bin, metric_value,
+    certs, labtool_bin, metric_value,
     traffic::{peer_of, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
 };
@@ -117,5 +117,61 @@ fn unlisted_addresses_and_the_agents_ports_of_a_captured_pod_are_dropped() {
         .filter(|l| l.starts_with("accepted") && peer_of(l).starts_with(&format!("{legacy}:")))
         .collect();
     assert_eq!(direct.len(), 2, "{direct:?}");
+    lab.down();
+}
+
+/// An HBONE CONNECT names the pod the tunnel reached, and no other: not another pod of the
+/// same node, not a pod of another node.
+#[test]
+fn a_connect_authority_must_name_the_pod_the_tunnel_reached() {
+    if !mesh_lab::require_privileged("a_connect_authority_must_name_the_pod_the_tunnel_reached") {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let db = lab.pod("shop/db").ip;
+    let client = lab.pod("shop/client").ip;
+    let api = lab.pod("shop/api").ip;
+    let _db = serve(&lab, "shop/db", 9090);
+    let _client = serve(&lab, "shop/client", 7000);
+    let leaf = certs::issue_node_leaf(&lab, "n1", &certs::id("shop", "client"), "client");
+    let requests = [
+        format!("CONNECT {db}:9090"),     // 0: the pod the tunnel reached
+        format!("CONNECT {client}:7000"), // 1: another pod of the same node
+        format!("CONNECT {api}:8080"),    // 2: a pod of another node
+    ];
+    let out = certs::hbone_client(
+        &lab,
+        "legacy/client",
+        &format!("{db}:15008"),
+        Some(&leaf),
+        &requests,
+    );
+    let has = |line: &str| out.iter().any(|l| l == line);
+    assert!(has("response 0 status=200"), "{out:?}");
+    assert!(has("response 1 status=400"), "{out:?}");
+    assert!(has("response 2 status=400"), "{out:?}");
+    let log = lab.agent_log("n1");
+    assert!(
+        log.contains(&format!(
+            "authority {client}:7000 is not shop/db (the pod this tunnel reached at {db}): another pod of node n1 (shop/client)"
+        )),
+        "{log}"
+    );
+    lab.down();
+}
+
+/// A connect to the unspecified address (the local host) stays in the pod, like loopback:
+/// the agent would otherwise be asked to connect back into the pod it serves.
+#[test]
+fn a_connect_to_the_unspecified_address_stays_local() {
+    if !mesh_lab::require_privileged("a_connect_to_the_unspecified_address_stays_local") {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let mut local = serve(&lab, "shop/client", 7000);
+    let (ok, out) = connects(&lab, "shop/client", "0.0.0.0:7000");
+    assert!(ok, "{out}");
+    assert_eq!(peer_of(&out), "127.0.0.1:7000", "redirected: {out}");
+    assert!(peer_of(&local.wait_line("accepted", WAIT)).starts_with("127.0.0.1:"));
     lab.down();
 }

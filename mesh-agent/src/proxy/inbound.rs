@@ -188,20 +188,23 @@ async fn hbone_stream(
         Ok(a) => a,
         Err(why) => return bad(req, why.to_owned()),
     };
-    // The authority must name a workload of this node; only its port is used: the connection
-    // goes to the address the tunnel reached (this pod's), never to an address from the request.
-    let local_workload = inputs
-        .store
-        .load()
-        .workloads_by_ip
-        .get(&authority.ip().to_canonical())
-        .is_some_and(|w| w.node == inputs.node);
-    if !local_workload {
+    // The authority must name the pod the tunnel reached: the address the client connected to,
+    // one of this pod's own. The connection goes to that address, never to one from the request.
+    let local = req.local.ip().to_canonical();
+    let target = authority.ip().to_canonical();
+    if target != local || !pod.state().workload.ips.contains(&target) {
+        let what = match inputs.store.load().workloads_by_ip.get(&target) {
+            Some(w) if w.node == inputs.node => {
+                format!("another pod of node {} ({})", inputs.node, w.key())
+            }
+            Some(w) => format!("a pod of node {} ({})", w.node, w.key()),
+            None => "not a workload".to_owned(),
+        };
         return bad(
             req,
             format!(
-                "authority {authority} is not a workload of node {}",
-                inputs.node
+                "authority {authority} is not {} (the pod this tunnel reached at {local}): {what}",
+                pod.key
             ),
         );
     }

@@ -54,7 +54,9 @@ pub async fn proxy(
     span.record("route", route);
     span.record("transport", transport);
     pod.routes.inc(&inputs.metrics, route, transport);
-    if target.ip().is_loopback() {
+    // Loopback or unspecified (0.0.0.0, ::: the local host) would come back to this agent.
+    let ip = target.ip().to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() {
         reset(stream);
         return Err(Error::Loop { addr: target });
     }
