@@ -15,6 +15,11 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the state file {path} is larger than {max} bytes (at least {size}): a mesh state this \
+         large is not one the agent can hold; is it the right file?"
+    )]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
     #[error("the state file {path} is not valid YAML for the mesh state: {source}")]
     Parse {
         path: PathBuf,

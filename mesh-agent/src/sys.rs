@@ -47,12 +47,22 @@ impl Netns {
     /// namespace would silently open later sockets there.
     pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> io::Result<T> {
         setns(self.file.as_fd())?;
-        let out = f();
-        if let Err(e) = setns(home.file.as_fd()) {
+        // Back home when `f` returns, and also when it panics: a thread left in a pod's
+        // namespace would open the agent's next sockets there.
+        let _home = Return(home);
+        Ok(f())
+    }
+}
+
+/// Returns the calling thread to `.0` when dropped; aborts the process if it cannot.
+struct Return<'a>(&'a Netns);
+
+impl Drop for Return<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.0.file.as_fd()) {
             eprintln!("fatal: cannot return a thread to the agent's network namespace: {e}");
             std::process::abort();
         }
-        Ok(out)
     }
 }
 
@@ -253,4 +263,41 @@ pub fn process_alive(pid: u32) -> bool {
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread in a network namespace of its own (needs CAP_SYS_ADMIN), or `None`.
+    fn private_netns() -> Option<Netns> {
+        std::thread::spawn(|| {
+            // SAFETY: unshare only changes the calling thread's (this short-lived thread's)
+            // namespace.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            (rc == 0).then(|| Netns::current().expect("opening the new namespace"))
+        })
+        .join()
+        .expect("the unshare thread")
+    }
+
+    #[test]
+    fn run_returns_the_thread_home_even_when_its_closure_panics() {
+        let Some(other) = private_netns() else {
+            eprintln!("SKIPPED: cannot create a network namespace (not root)");
+            return;
+        };
+        let home = Netns::current().expect("home");
+        let home_ino = home.inode().expect("inode");
+        let inside = other.run(&home, || {
+            Netns::current().expect("current").inode().expect("ino")
+        });
+        assert_eq!(inside.ok(), Some(other.inode().expect("inode")));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            other.run(&home, || panic!("in the other namespace"))
+        }));
+        assert!(panicked.is_err());
+        let now = Netns::current().expect("current").inode().expect("inode");
+        assert_eq!(now, home_ino, "the thread stayed in the other namespace");
+    }
 }

@@ -43,12 +43,12 @@ pub type Collector = Box<dyn prometheus_client::collector::Collector>;
 
 /// The map the data path reads (`MESH_ORIG_DST`), shared by every accept loop.
 #[derive(Debug)]
-pub struct OrigDstMap(MapData);
+pub struct OrigDstMap(crate::sys::bpf::TakeMap<ConnKey, mesh_common::OrigDst>);
 
 impl OrigDstMap {
     /// Takes the original destination recorded for a client address (one syscall).
     pub fn take(&self, key: &ConnKey) -> std::io::Result<Option<mesh_common::OrigDst>> {
-        crate::sys::bpf::map_lookup_and_delete(self.0.fd().as_fd(), key)
+        self.0.take(key)
     }
 }
 
@@ -103,7 +103,11 @@ pub fn load(
         LpmTrie::try_from(take(maps::EXCLUDED_CIDRS)?).map_err(map_err(maps::EXCLUDED_CIDRS))?;
     let listeners = SockHash::try_from(take(maps::LISTENERS)?).map_err(map_err(maps::LISTENERS))?;
     let orig_dst = match take(maps::ORIG_DST)? {
-        aya::maps::Map::LruHashMap(data) => data,
+        aya::maps::Map::LruHashMap(data) => crate::sys::bpf::TakeMap::new(data.fd().as_fd())
+            .map_err(|e| Error::Map {
+                map: maps::ORIG_DST,
+                message: e.to_string(),
+            })?,
         _ => {
             return Err(Error::Map {
                 map: maps::ORIG_DST,

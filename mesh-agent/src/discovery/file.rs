@@ -262,16 +262,46 @@ pub fn build(path: &Path, desired: Desired, base: &Snapshot) -> Result<Snapshot,
         })
 }
 
+/// The largest state file the agent reads (64 MiB: about ten times a mesh of 10,000 services
+/// and 50,000 workloads); a larger one is refused and the last good state keeps serving.
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// Reads the state file, refusing one larger than [`MAX_STATE_BYTES`] without reading it
+/// whole.
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read as _;
+    let io = |source| Error::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let too_large = |size| Error::TooLarge {
+        path: path.to_owned(),
+        size,
+        max: MAX_STATE_BYTES,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    if size > MAX_STATE_BYTES {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    // The file may grow while it is read: at most one byte past the cap.
+    file.take(MAX_STATE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_STATE_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 /// Loads the file once (the agent refuses to start on an invalid first state; invalid policies
 /// are settled as on a reload and returned). `root_namespace`: policies there apply mesh-wide.
 pub fn load(
     path: &Path,
     root_namespace: &str,
 ) -> Result<(Snapshot, Vec<u8>, Vec<Rejection>), Error> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes = read(path)?;
     let started = Instant::now();
     let mut desired = parse(path, &String::from_utf8_lossy(&bytes))?;
     let parse_ms = millis(started.elapsed());
@@ -382,11 +412,20 @@ pub async fn watch(
     let mut last_bad: Option<Vec<u8>> = None;
     loop {
         tick.tick().await;
-        let bytes = match tokio::fs::read(&path).await {
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || read(&path)).await
+        };
+        let bytes = match read.unwrap_or_else(|e| {
+            Err(Error::Read {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })
+        }) {
             Ok(bytes) => bytes,
-            Err(source) => {
+            Err(e) => {
                 if last_bad.as_deref() != Some(&[]) {
-                    error!(error = %Error::Read { path: path.clone(), source }, "keeping the last good state");
+                    error!(error = %e, "keeping the last good state");
                     metrics
                         .state_reloads
                         .get_or_create(&crate::metrics::Result::error())

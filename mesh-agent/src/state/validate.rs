@@ -59,6 +59,21 @@ impl fmt::Display for Problem {
 
 impl std::error::Error for Problem {}
 
+/// An IPv4 address written as IPv4-mapped IPv6 (`::ffff:10.0.0.1`) would be a second name for
+/// the same address, past the duplicate checks: it must be written as IPv4.
+fn v4_mapped(field: &str, ip: IpAddr) -> Result<(), Problem> {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => Err(Problem::field(
+                field,
+                format!("{ip} is an IPv4-mapped IPv6 address: write it as {v4}"),
+            )),
+            None => Ok(()),
+        },
+        IpAddr::V4(_) => Ok(()),
+    }
+}
+
 /// A workload needs a name and a namespace (checked before anything else: without them the
 /// workload has no key).
 pub fn workload_name(w: &Workload) -> Result<(), Problem> {
@@ -82,6 +97,7 @@ pub fn workload(
         ));
     }
     for ip in &w.ips {
+        v4_mapped("ips", *ip)?;
         if let Some(other) = owner(*ip) {
             return Err(Problem::field(
                 "ips",
@@ -118,6 +134,9 @@ pub fn service(
             "vips",
             "a service needs at least one address",
         ));
+    }
+    for vip in &s.vips {
+        v4_mapped("vips", *vip)?;
     }
     for (j, p) in s.ports.iter().enumerate() {
         if p.port == 0 || p.target_port == 0 {

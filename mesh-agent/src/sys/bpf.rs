@@ -1,4 +1,5 @@
-//! bpf(2) commands aya does not wrap: reading and removing one map entry in one call, opening
+//! bpf(2) commands aya does not wrap: reading and removing one map entry in one call (on a map
+//! whose key and value sizes were checked), opening
 //! a pinned object, and inspecting and updating links (which pin the programs to a pod).
 
 use std::{
@@ -34,37 +35,80 @@ unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
     }
 }
 
-/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map (Linux 5.14): reads and removes an entry in
-/// one syscall, so the per-connection cost of recovering an original destination is one call.
-/// Returns `Ok(None)` when the key is absent.
-pub fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
-    map: BorrowedFd<'_>,
-    key: &K,
-) -> io::Result<Option<V>> {
+/// A map whose key and value sizes were checked against `K` and `V` when it was opened, so that
+/// reading entries into a `V` never lets the kernel write past it.
+#[derive(Debug)]
+pub struct TakeMap<K, V> {
+    fd: OwnedFd,
+    types: std::marker::PhantomData<fn(&K) -> V>,
+}
+
+impl<K: aya::Pod, V: aya::Pod + Default> TakeMap<K, V> {
+    /// Checks the map's key and value sizes (`BPF_OBJ_GET_INFO_BY_FD`) and keeps a descriptor.
+    pub fn new(map: BorrowedFd<'_>) -> io::Result<Self> {
+        let (key_size, value_size) = map_sizes(map)?;
+        let (k, v) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+        if key_size as usize != k || value_size as usize != v {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "map has {key_size}-byte keys and {value_size}-byte values, not {k} and {v}"
+                ),
+            ));
+        }
+        Ok(Self {
+            fd: map.try_clone_to_owned()?,
+            types: std::marker::PhantomData,
+        })
+    }
+
+    /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map (Linux 5.14): reads and removes an entry
+    /// in one syscall, so the per-connection cost of recovering an original destination is one
+    /// call. Returns `Ok(None)` when the key is absent.
+    pub fn take(&self, key: &K) -> io::Result<Option<V>> {
+        #[repr(C)]
+        struct Attr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut value = V::default();
+        let attr = Attr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: (key as *const K) as u64,
+            value: (&raw mut value) as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is bpf_attr's map element layout; the key and value pointers refer to
+        // live values whose sizes `new` checked against the map's, and `V: Pod` takes any bytes.
+        match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr) } {
+            Ok(_) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A map's key and value sizes (`struct bpf_map_info`: type, id, key_size, value_size, ...).
+fn map_sizes(map: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     #[repr(C)]
     struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
     }
-    let mut value = V::default();
+    let mut info = [0u32; 24];
     let attr = Attr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: (key as *const K) as u64,
-        value: (&raw mut value) as u64,
-        flags: 0,
+        bpf_fd: map.as_raw_fd() as u32,
+        info_len: socklen::<[u32; 24]>(),
+        info: info.as_mut_ptr() as u64,
     };
-    // SAFETY: `attr` is bpf_attr's map element layout; the key and value pointers refer to live
-    // values of the map's key and value types, which the caller guarantees match the map's
-    // definition (both come from mesh-common).
-    match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr) } {
-        Ok(_) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
+    // SAFETY: bpf_attr's info layout; `info` is live, zeroed and as long as info_len says.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) }?;
+    Ok((info[2], info[3]))
 }
 
 /// `BPF_OBJ_GET`: opens a pinned object (map, program or link) by its bpffs path.
@@ -157,4 +201,48 @@ pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     };
     // SAFETY: bpf_attr's link_update layout; no pointers.
     unsafe { bpf(BPF_LINK_UPDATE, &attr) }.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    /// A new hash map with `key`- and `value`-byte entries (needs CAP_BPF), or `None`.
+    fn hash_map(key: u32, value: u32) -> Option<OwnedFd> {
+        #[repr(C)]
+        struct Attr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+        }
+        const BPF_MAP_CREATE: libc::c_long = 0;
+        const BPF_MAP_TYPE_HASH: u32 = 1;
+        let attr = Attr {
+            map_type: BPF_MAP_TYPE_HASH,
+            key_size: key,
+            value_size: value,
+            max_entries: 4,
+        };
+        // SAFETY: bpf_attr's map-create layout (the kernel zero-extends what follows).
+        let fd = unsafe { bpf(BPF_MAP_CREATE, &attr) }.ok()?;
+        let fd = i32::try_from(fd).ok()?;
+        // SAFETY: a new descriptor the call returned, owned by nobody else.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    #[test]
+    fn take_maps_check_the_sizes_of_keys_and_values() {
+        let Some(map) = hash_map(8, 4) else {
+            eprintln!("SKIPPED: cannot create a BPF map (not root)");
+            return;
+        };
+        let e = TakeMap::<u64, u64>::new(map.as_fd()).expect_err("8-byte values on a 4-byte map");
+        assert!(e.to_string().contains("4-byte values"), "{e}");
+        TakeMap::<u32, u32>::new(map.as_fd()).expect_err("4-byte keys on an 8-byte map");
+        let take = TakeMap::<u64, u32>::new(map.as_fd()).expect("matching sizes");
+        assert_eq!(take.take(&7).expect("lookup"), None);
+    }
 }

@@ -68,6 +68,8 @@ fn errors_name_the_entry_and_field() {
         // The later entry is blamed, whichever entry changed.
         (GOOD.replace("ips: [10.240.2.2]", "ips: [10.240.1.3]"), "workloads[2] (legacy/client).ips: 10.240.1.3 is also the address of shop/api"),
         (GOOD.replace("ips: [10.240.1.9]", "ips: [10.240.1.9, 10.240.1.9]"), "workloads[1] (shop/api2).ips: 10.240.1.9 is also the address of shop/api2"),
+        (GOOD.replace("ips: [10.240.1.9]", "ips: [10.240.1.9, '::ffff:10.240.1.9']"), "workloads[1] (shop/api2).ips: ::ffff:10.240.1.9 is an IPv4-mapped IPv6 address: write it as 10.240.1.9"),
+        (GOOD.replace("vips: [10.240.100.10]", "vips: ['::ffff:10.240.100.10']"), "services[0] (shop/api).vips: ::ffff:10.240.100.10 is an IPv4-mapped IPv6 address: write it as 10.240.100.10"),
         (GOOD.replace("netns: /run/netns/b", "netns: rel/b"), "workloads[1] (shop/api2).netns: rel/b is not an absolute path"),
         (GOOD.replace("cgroup: /cg/b", "cgroup: cg/b"), "workloads[1] (shop/api2).cgroup: cg/b is not an absolute path"),
         (GOOD.replace("cgroup: /cg/b,", "cgroup: /cg/b, capture: {exclude_inbound_ports: [0]},"), "workloads[1] (shop/api2).capture.exclude_inbound_ports: port 0 is not a valid port"),
@@ -403,4 +405,23 @@ fn at_start_an_invalid_allow_fails_closed_until_fixed() {
     let selected = snap.authorization("shop/api").expect("selected");
     assert!(selected.allow[0].invalid.is_none());
     assert!(crate::policy::evaluate(Some(selected), &conn).allowed);
+}
+
+#[test]
+fn a_state_file_over_the_cap_is_refused_without_being_read_whole() {
+    let dir = std::env::temp_dir().join(format!("mesh-state-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("state.yaml");
+    let file = std::fs::File::create(&path).expect("create");
+    // Sparse: the size is there, the bytes are not.
+    file.set_len(MAX_STATE_BYTES + 1).expect("set_len");
+    let e = load(&path, "mesh-system").expect_err("over the cap");
+    let message = e.to_string();
+    assert!(
+        message.contains(&format!("is larger than {MAX_STATE_BYTES} bytes")),
+        "{message}"
+    );
+    std::fs::write(&path, GOOD).expect("write");
+    load(&path, "mesh-system").expect("under the cap");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
