@@ -175,3 +175,38 @@ fn a_connect_to_the_unspecified_address_stays_local() {
     assert!(peer_of(&local.wait_line("accepted", WAIT)).starts_with("127.0.0.1:"));
     lab.down();
 }
+
+/// A tunnel that dies mid-transfer resets the application's connection: it never sees a clean
+/// end (FIN) that it could take for a complete response.
+#[test]
+fn a_tunnel_cut_mid_transfer_resets_the_application_connection() {
+    if !mesh_lab::require_privileged("a_tunnel_cut_mid_transfer_resets_the_application_connection")
+    {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let vip = format!("{}:80", lab.service_vip("shop/api"));
+    let api = lab.pod("shop/api").ip;
+    let _api = serve(&lab, "shop/api", 8080);
+    let mut stream = Running::spawn(
+        "stream from shop/client",
+        lab.command("shop/client", labtool_bin())
+            .args(["stream", "--to", &vip]),
+    );
+    stream.wait_line("progress", WAIT);
+    // Kill the HBONE TCP connection (it lives in shop/client's namespace, opened by n1's agent).
+    run_ok(
+        &lab,
+        "shop/client",
+        "ss",
+        &["-K", "dst", &api.to_string(), "dport", "=", "15008"],
+    );
+    let status = stream.wait(WAIT);
+    assert!(!status.success(), "the stream ended cleanly");
+    let out = stream.stdout_lines().join("\n");
+    assert!(
+        out.contains("Connection reset by peer"),
+        "the application did not see a reset: {out}"
+    );
+    lab.down();
+}

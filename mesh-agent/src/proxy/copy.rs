@@ -49,10 +49,23 @@ fn give_back(pipe: (Pipe, usize)) {
 
 /// Copies until both directions have ended. `pod_side` is the pod's own connection; returns
 /// (bytes from the pod's side, bytes toward it).
+/// An abnormal end on either side (a reset, an error) resets both: the application must never
+/// see a clean end (FIN) where its peer's bytes were cut off.
 pub async fn bidirectional(pod_side: TcpStream, peer_side: TcpStream) -> io::Result<(u64, u64)> {
     let up = one_way(&pod_side, &peer_side);
     let down = one_way(&peer_side, &pod_side);
-    tokio::try_join!(up, down)
+    let result = tokio::try_join!(up, down);
+    if result.is_err() {
+        reset(&pod_side);
+        reset(&peer_side);
+    }
+    result
+}
+
+/// Makes the socket's close a reset (`SO_LINGER` 0); it closes when dropped.
+pub fn reset(s: &TcpStream) {
+    // Nothing better to do if even this fails: the close is then an ordinary one.
+    let _ = sys::set_linger_zero(s.as_fd());
 }
 
 /// One direction: splices everything `src` receives into `dst`, then shuts `dst`'s write half.
@@ -163,8 +176,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reset_ends_the_copy_with_an_error() {
-        let (client, pod_side) = pair().await;
+    async fn a_reset_ends_the_copy_with_an_error_and_resets_the_other_side() {
+        let (mut client, pod_side) = pair().await;
         let (peer_side, server) = pair().await;
         let copier = tokio::spawn(bidirectional(pod_side, peer_side));
         let std = server.into_std().expect("std");
@@ -172,6 +185,13 @@ mod tests {
         drop(std);
         let result = copier.await.expect("join");
         assert!(result.is_err(), "a reset is an error: {result:?}");
-        drop(client);
+        // The client sees the reset too, not an end of stream it could take for complete.
+        let mut buf = [0u8; 16];
+        let read = client.read(&mut buf).await;
+        assert_eq!(
+            read.as_ref().map_err(io::Error::kind).err(),
+            Some(io::ErrorKind::ConnectionReset),
+            "{read:?}"
+        );
     }
 }

@@ -25,19 +25,30 @@ pub const FIRST_READ: usize = 16 << 10;
 pub const MAX_READ: usize = 256 << 10;
 
 /// Copies until both directions end; returns (bytes TCP to HTTP/2, bytes HTTP/2 to TCP).
+///
+/// An abnormal end resets the other side: a stream reset by the peer (or a failed tunnel)
+/// resets the TCP connection, never ends it with a FIN the application could take for a
+/// complete transfer; a TCP error resets the stream (RST_STREAM CANCEL). FIN comes only from
+/// END_STREAM, END_STREAM only from FIN.
 pub async fn copy(
-    tcp: TcpStream,
-    send: SendStream<Bytes>,
+    mut tcp: TcpStream,
+    mut send: SendStream<Bytes>,
     recv: RecvStream,
 ) -> io::Result<(u64, u64)> {
-    let (rd, wr) = tcp.into_split();
-    tokio::try_join!(up(rd, send), down(recv, wr))
+    let (rd, wr) = tcp.split();
+    let result = tokio::try_join!(up(rd, &mut send), down(recv, wr));
+    if result.is_err() {
+        // Nothing better to do if this fails: the close is then an ordinary one.
+        let _ = crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&tcp));
+        send.send_reset(h2::Reason::CANCEL);
+    }
+    result
 }
 
 /// TCP to HTTP/2.
 async fn up(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
-    mut send: SendStream<Bytes>,
+    mut rd: tokio::net::tcp::ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut size = FIRST_READ;
@@ -71,7 +82,7 @@ async fn up(
             if n >= size && size < MAX_READ {
                 size = (size * 2).min(MAX_READ);
             }
-            send_all(&mut send, buf.split().freeze()).await?;
+            send_all(send, buf.split().freeze()).await?;
         }
         // Idle again: give the buffer back and start the next burst small.
         buf = BytesMut::new();
@@ -96,7 +107,7 @@ async fn send_all(send: &mut SendStream<Bytes>, mut chunk: Bytes) -> io::Result<
 }
 
 /// HTTP/2 to TCP.
-async fn down(mut recv: RecvStream, mut wr: tokio::net::tcp::OwnedWriteHalf) -> io::Result<u64> {
+async fn down(mut recv: RecvStream, mut wr: tokio::net::tcp::WriteHalf<'_>) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_io)?;
