@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mesh_lab::{
     certs, labtool_bin, metric_value,
-    traffic::{peer_of, serve, WAIT},
+    traffic::{self, peer_of, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
 };
 
@@ -208,5 +208,51 @@ fn a_tunnel_cut_mid_transfer_resets_the_application_connection() {
         out.contains("Connection reset by peer"),
         "the application did not see a reset: {out}"
     );
+    lab.down();
+}
+
+/// Two pods of one service account each get their own tunnels: the destination sees (and its
+/// policy decides on) the address of the pod that really connected.
+#[test]
+fn pods_of_one_service_account_do_not_share_tunnels() {
+    if !mesh_lab::require_privileged("pods_of_one_service_account_do_not_share_tunnels") {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let vip = format!("{}:80", lab.service_vip("shop/api"));
+    let (client, db) = (lab.pod("shop/client").ip, lab.pod("shop/db").ip);
+    let _api = serve(&lab, "shop/api", 8080);
+    // shop/db runs as shop/client's service account.
+    let mut state = lab.read_state();
+    for w in state["workloads"]
+        .as_sequence_mut()
+        .expect("workloads")
+        .iter_mut()
+    {
+        if w["namespace"].as_str() == Some("shop") && w["name"].as_str() == Some("db") {
+            w["service_account"] = "client".into();
+        }
+    }
+    lab.write_state(&state);
+    wait_until("n1 to give shop/db the new identity", WAIT, || {
+        lab.agent_log("n1")
+            .lines()
+            .any(|l| l.contains("service account changed") && l.contains("pod=shop/db"))
+    });
+    traffic::send(&lab, "shop/client", &vip, 1 << 16);
+    traffic::send(&lab, "shop/db", &vip, 1 << 16);
+    let from = |ip: std::net::Ipv4Addr| {
+        let needle = format!("src={ip}:");
+        move |l: &&str| {
+            l.contains("inbound{pod=shop/api")
+                && l.contains(&needle)
+                && l.contains("identity=spiffe://cluster.local/ns/shop/sa/client ")
+                && l.contains("connection closed")
+        }
+    };
+    wait_until("n2 to log both connections", WAIT, || {
+        let log = lab.agent_log("n2");
+        log.lines().filter(from(client)).count() == 1 && log.lines().filter(from(db)).count() == 1
+    });
     lab.down();
 }

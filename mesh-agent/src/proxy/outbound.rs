@@ -120,6 +120,7 @@ async fn open_hbone(
     let state = pod.state();
     let key = PoolKey {
         src: state.identity.clone(),
+        src_pod: pod.netns_cookie,
         dst: SocketAddr::new(target.ip(), ports::HBONE),
         expected,
     };

@@ -27,10 +27,15 @@ use tracing::{debug, info, warn, Instrument as _};
 use super::{record, settings, tls, Error, HANDSHAKE_TIMEOUT};
 use crate::identity::SpiffeId;
 
-/// What a pooled connection is for.
+/// What a pooled connection is for. One source pod's tunnels are its own, as ztunnel keys them
+/// (source identity, source address, destination): the destination decides each stream on the
+/// address the tunnel came from, and a tunnel lives in its source pod's network namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src: SpiffeId,
+    /// The source pod: its network namespace cookie (the tunnel is dialled from inside it,
+    /// from the pod's address).
+    pub src_pod: u64,
     /// `<destination pod ip>:15008`.
     pub dst: SocketAddr,
     pub expected: SpiffeId,

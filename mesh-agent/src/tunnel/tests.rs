@@ -232,6 +232,7 @@ impl Mesh {
 fn key(dst: SocketAddr) -> PoolKey {
     PoolKey {
         src: client_id(),
+        src_pod: 1,
         dst,
         expected: api(),
     }
