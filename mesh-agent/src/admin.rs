@@ -2,11 +2,11 @@
 //! serve both paths; each is bound where the configuration says (metrics and readiness are
 //! scraped and probed from outside the node namespace, the admin port comes later on loopback).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, warn, Instrument as _};
 
@@ -81,13 +81,47 @@ pub fn bind(addr: SocketAddr, what: &'static str) -> Result<std::net::TcpListene
     bind().map_err(|source| Error::Bind { addr, what, source })
 }
 
+/// What one endpoint allows its clients (a scrape or a probe takes milliseconds; a client that
+/// holds connections open must not cost the agent memory or descriptors).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request's headers must arrive within this.
+    pub header_read: Duration,
+    /// A connection is closed after this, whatever it does.
+    pub connection: Duration,
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read: Duration::from_secs(5),
+            connection: Duration::from_secs(30),
+            max_connections: 64,
+        }
+    }
+}
+
 /// Serves a listener in the background until `stop` turns true (the listener was handed over).
 pub fn serve(
     listener: std::net::TcpListener,
     what: &'static str,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    stop: watch::Receiver<bool>,
+) -> Result<Endpoint, Error> {
+    serve_with(listener, what, metrics, readiness, stop, Limits::default())
+}
+
+/// [`serve`] with other limits.
+pub fn serve_with(
+    listener: std::net::TcpListener,
+    what: &'static str,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
+    limits: Limits,
 ) -> Result<Endpoint, Error> {
     let addr = listener.local_addr().map_err(|source| Error::Bind {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -103,6 +137,7 @@ pub fn serve(
         what,
         listener: listener.clone(),
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::spawn(
         async move {
             loop {
@@ -115,21 +150,32 @@ pub fn serve(
                     Err(e) => {
                         warn!(error = %e, "accept failed");
                         // Out of file descriptors and similar: back off instead of spinning.
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    debug!(%peer, max = limits.max_connections, "too many connections: closed");
+                    drop(stream);
+                    continue;
+                };
                 let (metrics, readiness) = (metrics.clone(), readiness.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let service = service_fn(move |req| {
                         let response = handle(&req, &metrics, &readiness);
                         async move { Ok::<_, Infallible>(response) }
                     });
-                    if let Err(e) = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        debug!(%peer, error = %e, "admin connection ended with an error");
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_read)
+                        .serve_connection(TokioIo::new(stream), service);
+                    match tokio::time::timeout(limits.connection, conn).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "admin connection ended with an error")
+                        }
+                        Err(_) => debug!(%peer, "admin connection closed: open too long"),
                     }
                 });
             }
@@ -163,4 +209,87 @@ fn handle<B>(req: &Request<B>, metrics: &Metrics, readiness: &Readiness) -> Resp
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// An endpoint with `limits`, served until the returned sender is dropped.
+    async fn endpoint(limits: Limits) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"), "test").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = watch::channel(false);
+        serve_with(
+            listener,
+            "test",
+            Arc::new(Metrics::new()),
+            Arc::new(Readiness::new("starting")),
+            stopped,
+            limits,
+        )
+        .expect("serve");
+        (addr, stop)
+    }
+
+    /// Reads until the server closes (a FIN, or a reset: it closed with our request unread);
+    /// the bytes read.
+    async fn until_closed(conn: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut all))
+            .await
+            .expect("the endpoint did not close the connection");
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("read: {e}"),
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_request_is_closed() {
+        let (addr, _serving) = endpoint(Limits {
+            header_read: Duration::from_millis(200),
+            ..Limits::default()
+        })
+        .await;
+        let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // Half a request line, then nothing.
+        idle.write_all(b"GET /met").await.expect("write");
+        let answer = until_closed(&mut idle).await;
+        assert!(!answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_the_rest_served() {
+        let (addr, _serving) = endpoint(Limits {
+            max_connections: 2,
+            ..Limits::default()
+        })
+        .await;
+        let connect = || tokio::net::TcpStream::connect(addr);
+        let held = [connect().await.expect("1"), connect().await.expect("2")];
+        let mut third = connect().await.expect("3");
+        third
+            .write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(until_closed(&mut third).await, b"", "served over the cap");
+        drop(held);
+        // Once the held ones are gone, requests are served again.
+        let answer = loop {
+            let mut conn = connect().await.expect("connect");
+            conn.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let answer = until_closed(&mut conn).await;
+            if !answer.is_empty() {
+                break answer;
+            }
+        };
+        assert!(answer.starts_with(b"HTTP/1.1 503"), "{answer:?}");
+    }
 }

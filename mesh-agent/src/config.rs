@@ -183,12 +183,15 @@ pub struct CaptureExclusions {
     pub exclude_inbound_ports: Vec<u16>,
 }
 
+// Loopback unless configured: the node's own address (in Kubernetes, status.hostIP from the
+// downward API) is what Prometheus and the kubelet reach; all addresses would expose them to
+// every network the node is on.
 fn default_metrics_addr() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], mesh_common::ports::METRICS))
+    SocketAddr::from(([127, 0, 0, 1], mesh_common::ports::METRICS))
 }
 
 fn default_readiness_addr() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], mesh_common::ports::READINESS))
+    SocketAddr::from(([127, 0, 0, 1], mesh_common::ports::READINESS))
 }
 
 fn default_poll_ms() -> u64 {
@@ -330,8 +333,8 @@ mod tests {
         let c = parse(&format!("node: n1\nstate_file: /s.yaml\n{ID}")).expect("valid");
         assert_eq!(c.identity.trust_domain, "cluster.local");
         assert_eq!(c.identity.leaf_lifetime_secs, 86400);
-        assert_eq!(c.metrics_addr.port(), 15020);
-        assert_eq!(c.readiness_addr.port(), 15021);
+        assert_eq!(c.metrics_addr, "127.0.0.1:15020".parse().expect("addr"));
+        assert_eq!(c.readiness_addr, "127.0.0.1:15021".parse().expect("addr"));
         assert_eq!(c.bpf_dir(), PathBuf::from("/sys/fs/bpf/mesh/n1"));
         assert_eq!(c.state_poll_interval_ms, 500);
         assert_eq!(
