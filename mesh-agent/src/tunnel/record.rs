@@ -72,6 +72,8 @@ pub enum Error {
     BadRecordMac,
     #[error("TLS: unexpected record type {0} after the handshake: only application_data (23) is allowed")]
     UnexpectedRecordType(u8),
+    #[error("TLS: record version {0:#06x} after the handshake: TLS 1.3 records carry 0x0303")]
+    BadRecordVersion(u16),
     #[error("TLS: record without a content type (all-zero inner plaintext)")]
     MissingContentType,
     #[error("TLS: unexpected content type {0} in an encrypted record")]
@@ -129,6 +131,7 @@ impl Error {
                 AlertDescription::RecordOverflow
             }
             Error::UnexpectedRecordType(_)
+            | Error::BadRecordVersion(_)
             | Error::MissingContentType
             | Error::UnexpectedContentType(_)
             | Error::UnexpectedHandshake(_)

@@ -202,6 +202,13 @@ impl Reader {
         if outer_type != content::APPLICATION_DATA {
             return Err(Error::UnexpectedRecordType(outer_type));
         }
+        // RFC 8446 §5.1: 0x0303 on every record after the ClientHello. (It is also in the
+        // additional data, so another value could not decrypt; refused here from the header.)
+        if [version_hi, version_lo] != [3, 3] {
+            return Err(Error::BadRecordVersion(u16::from_be_bytes([
+                version_hi, version_lo,
+            ])));
+        }
         let len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
         if len > MAX_CIPHERTEXT {
             return Err(Error::RecordTooLarge { len });

@@ -366,7 +366,7 @@ async fn peer_sees_alert(peer: &mut RustlsClient, alert: AlertDescription) {
 #[tokio::test]
 async fn malformed_records_are_errors_answered_with_alerts() {
     let ca = Ca::new(TD);
-    let cases: [(&[u8], &str, AlertDescription); 4] = [
+    let cases: [(&[u8], &str, AlertDescription); 5] = [
         (
             &[
                 23, 3, 3, 0, 20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
@@ -390,6 +390,12 @@ async fn malformed_records_are_errors_answered_with_alerts() {
             &[23, 3, 3, 0, 3, 0, 0, 0],
             "record too short",
             AlertDescription::DecodeError,
+        ),
+        // Refused from its header too: a TLS 1.2 (0x0301) record version.
+        (
+            &[23, 3, 1, 0x40, 0x00],
+            "record version 0x0301",
+            AlertDescription::UnexpectedMessage,
         ),
     ];
     for (bytes, message, alert) in cases {
