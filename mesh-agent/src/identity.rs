@@ -130,6 +130,12 @@ pub enum Error {
     #[error("peer certificate does not chain to a trusted root: is the peer in another trust domain, or is its root missing from the trust bundle?")]
     PeerUnknownIssuer,
 
+    #[error("peer certificate for {identity} chains to a root of trust domain {root_domain}, which vouches only for its own identities")]
+    PeerRootOfAnotherDomain {
+        identity: String,
+        root_domain: String,
+    },
+
     #[error("peer certificate lacks extended key usage {wanted} (needed for a TLS {role:?}): it was not issued for mesh mTLS")]
     PeerBadEku {
         role: PeerRole,
@@ -161,7 +167,7 @@ impl From<Error> for rustls::Error {
         E::InvalidCertificate(match error {
             Error::PeerExpired { .. } => C::Expired,
             Error::PeerNotYetValid { .. } => C::NotValidYet,
-            Error::PeerUnknownIssuer => C::UnknownIssuer,
+            Error::PeerUnknownIssuer | Error::PeerRootOfAnotherDomain { .. } => C::UnknownIssuer,
             Error::PeerBadEku { .. } => C::InvalidPurpose,
             Error::PeerRejected(webpki::Error::BadDer | webpki::Error::BadDerTime) => {
                 C::BadEncoding

@@ -98,7 +98,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let id = &config.identity;
     let issuer = identity::Issuer::load(&id.issuer_cert, &id.issuer_key)?
         .with_trust_domain(&id.trust_domain)?;
-    let bundle = identity::TrustBundle::load(&id.trust_bundle)?;
+    let bundle = identity::TrustBundle::load(&id.trust_bundle)?.bind_unnamed(&id.trust_domain);
     // Before anything is bound: the running agent's sockets are ours to share from here.
     let socket_path = config.handover_socket();
     let takeover = handover::take(&socket_path)?;

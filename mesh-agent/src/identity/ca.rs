@@ -489,6 +489,10 @@ pub struct TrustBundle {
 struct BundleInner {
     roots: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
+    /// The trust domain each root vouches for (same index as `anchors`): the one its URI SAN
+    /// names (`spiffe://<td>`), or the one it was bound to ([`TrustBundle::bind_unnamed`]);
+    /// `None`: any.
+    domains: Vec<Option<String>>,
 }
 
 impl TrustBundle {
@@ -511,10 +515,12 @@ impl TrustBundle {
     pub fn from_roots(roots: Vec<CertificateDer<'static>>) -> TrustBundle {
         let mut kept = Vec::with_capacity(roots.len());
         let mut anchors = Vec::with_capacity(roots.len());
+        let mut domains = Vec::with_capacity(roots.len());
         for der in roots {
             match webpki::anchor_from_trusted_cert(&der) {
                 Ok(anchor) => {
                     anchors.push(anchor.to_owned());
+                    domains.push(root_domain(&der));
                     kept.push(der);
                 }
                 Err(error) => tracing::warn!(?error, "trust bundle: root skipped, not parseable"),
@@ -524,8 +530,37 @@ impl TrustBundle {
             inner: Arc::new(BundleInner {
                 roots: kept,
                 anchors,
+                domains,
             }),
         }
+    }
+
+    /// Binds the roots that name no trust domain (such as istiod's, whose only mark is the
+    /// organisation) to `trust_domain`: a root vouches for the identities of one domain only.
+    pub fn bind_unnamed(self, trust_domain: &str) -> TrustBundle {
+        let domains = self
+            .inner
+            .domains
+            .iter()
+            .map(|d| d.clone().or_else(|| Some(trust_domain.to_owned())))
+            .collect();
+        TrustBundle {
+            inner: Arc::new(BundleInner {
+                roots: self.inner.roots.clone(),
+                anchors: self.inner.anchors.clone(),
+                domains,
+            }),
+        }
+    }
+
+    /// The trust domain `anchor` (one of [`Self::anchors`]) vouches for; `None`: any.
+    pub(crate) fn domain_of(&self, anchor: &TrustAnchor<'_>) -> Option<&str> {
+        let at = self
+            .inner
+            .anchors
+            .iter()
+            .position(|a| std::ptr::eq(a, anchor))?;
+        self.inner.domains.get(at)?.as_deref()
     }
 
     pub fn roots(&self) -> &[CertificateDer<'static>] {
@@ -548,6 +583,19 @@ impl fmt::Debug for TrustBundle {
             .field("roots", &subjects)
             .finish()
     }
+}
+
+/// The trust domain a root names in a URI SAN `spiffe://<td>` (as `ca init` writes it).
+fn root_domain(der: &CertificateDer<'_>) -> Option<String> {
+    let cert = parse(der).ok()?;
+    let sans = cert.subject_alternative_name().ok()??;
+    sans.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(uri) => uri
+            .strip_prefix("spiffe://")
+            .filter(|td| !td.is_empty() && !td.contains('/'))
+            .map(str::to_owned),
+        _ => None,
+    })
 }
 
 fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, String> {

@@ -748,3 +748,48 @@ fn bring_your_own_openssl_ca() {
     assert!(err.to_string().contains("leaf.pem"), "{err}");
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_root_vouches_only_for_its_own_trust_domain() {
+    let (ours, our_node) = ca("cluster.local");
+    let (theirs, their_node) = ca("other.example");
+    let bundle = TrustBundle::from_roots(vec![
+        ours.root_cert_der().expect("root"),
+        theirs.root_cert_der().expect("root"),
+    ]);
+    // Each domain's own leaves verify against the shared bundle...
+    let mine = id("cluster.local", "shop", "api");
+    let leaf = our_node.issue_leaf(&mine, DAY).expect("leaf");
+    assert_eq!(
+        verify(&leaf, &bundle, PeerRole::Client).expect("ours"),
+        mine
+    );
+    let foreign = id("other.example", "shop", "api");
+    let leaf = their_node.issue_leaf(&foreign, DAY).expect("leaf");
+    assert_eq!(
+        verify(&leaf, &bundle, PeerRole::Client).expect("theirs"),
+        foreign
+    );
+    // ...but the other domain's CA cannot mint ours (signed by hand: our CA refuses to).
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from(mine.to_string()).expect("uri"),
+    )];
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let forged = params.signed_by(&key, their_node.signer()).expect("forged");
+    let intermediates = [their_node.cert_der().clone()];
+    for role in [PeerRole::Client, PeerRole::Server] {
+        let e = verify_peer(forged.der(), &intermediates, &bundle, UnixTime::now(), role)
+            .expect_err("a cluster.local id from other.example");
+        assert!(
+            matches!(&e, Error::PeerRootOfAnotherDomain { root_domain, .. } if root_domain == "other.example"),
+            "{e}"
+        );
+    }
+}

@@ -31,8 +31,9 @@ impl PeerRole {
 /// every certificate must be valid at `now`, and the end-entity certificate must carry the
 /// extended key usage of its `role` (clientAuth for a client, serverAuth for a server). No DNS
 /// name is checked: SPIFFE certificates carry none. The end-entity certificate must then carry
-/// exactly one URI SAN, a SPIFFE workload id, which is returned. Comparing its trust domain or
-/// the whole id with what is expected is the caller's business.
+/// exactly one URI SAN, a SPIFFE workload id, in the trust domain of the root the chain ends at
+/// (a root vouches for one domain: [`TrustBundle`]), which is returned. Comparing the id with
+/// what is expected is the caller's business.
 pub fn verify_peer(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -45,16 +46,18 @@ pub fn verify_peer(
         PeerRole::Client => KeyUsage::client_auth(),
         PeerRole::Server => KeyUsage::server_auth(),
     };
-    cert.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        bundle.anchors(),
-        intermediates,
-        now,
-        usage,
-        None,
-        None,
-    )
-    .map_err(|e| map_webpki(e, role))?;
+    let path = cert
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            bundle.anchors(),
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| map_webpki(e, role))?;
+    let root_domain = bundle.domain_of(path.anchor()).map(str::to_owned);
 
     // webpki accepts an end-entity certificate without any extended key usage; mesh
     // certificates always carry it, so require it explicitly.
@@ -85,18 +88,28 @@ pub fn verify_peer(
             _ => None,
         })
         .collect();
-    match uris.as_slice() {
-        [] => Err(Error::PeerNoUriSan),
+    let id: SpiffeId = match uris.as_slice() {
+        [] => return Err(Error::PeerNoUriSan),
         [uri] => uri.parse().map_err(|e| Error::PeerMalformedId {
             uri: (*uri).to_owned(),
             reason: match e {
                 Error::InvalidSpiffeId { reason, .. } => reason,
                 other => other.to_string(),
             },
+        })?,
+        several => {
+            return Err(Error::PeerMultipleUriSans {
+                count: several.len(),
+            })
+        }
+    };
+    // A root vouches for its own trust domain only (a federated root cannot mint ours).
+    match root_domain {
+        Some(domain) if domain != id.trust_domain => Err(Error::PeerRootOfAnotherDomain {
+            identity: id.to_string(),
+            root_domain: domain,
         }),
-        several => Err(Error::PeerMultipleUriSans {
-            count: several.len(),
-        }),
+        _ => Ok(id),
     }
 }
 

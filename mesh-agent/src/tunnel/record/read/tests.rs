@@ -163,8 +163,18 @@ fn an_all_zero_inner_plaintext_is_refused() {
 fn corrupted_wrong_key_and_replayed_records_are_bad_record_mac() {
     let mut p = protection(0);
     let good = record(&mut p, content::APPLICATION_DATA, b"authentic");
-    // Damage anywhere but the type and length (judged before decryption) fails the tag.
-    for at in [1, 2, 5, 12, good.len() - 1] {
+    // The version (judged from the header too) must be 0x0303.
+    for at in [1, 2] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x01;
+        let out = read_all(&bad, bad.len());
+        assert!(
+            matches!(expect_error(&out), Error::BadRecordVersion(_)),
+            "byte {at}: {out:?}"
+        );
+    }
+    // Damage anywhere but the header (judged before decryption) fails the tag.
+    for at in [5, 12, good.len() - 1] {
         let mut bad = good.clone();
         bad[at] ^= 0x01;
         let out = read_all(&bad, bad.len());
