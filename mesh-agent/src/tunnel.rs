@@ -30,13 +30,19 @@ pub mod settings {
     pub const MAX_SEND_BUFFER: usize = 1 << 20;
     /// Reset streams remembered; bounds the cost of reset floods.
     pub const MAX_CONCURRENT_RESET_STREAMS: usize = 64;
+    /// Largest header list the server takes (SETTINGS_MAX_HEADER_LIST_SIZE): a CONNECT carries
+    /// a few short headers; a larger block is refused before it costs memory.
+    pub const MAX_HEADER_LIST: u32 = 16 << 10;
     /// Client PING interval and the time without an answer after which the connection is dropped.
     pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
     pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 }
 
-/// How long a TLS + HTTP/2 handshake may take.
+/// How long a TLS + HTTP/2 handshake may take (client side).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer may take over its handshake with our server: a connection that stalls it
+/// holds memory and a descriptor, so it is cut sooner.
+pub const SERVER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of HBONE, worded for the operator reading the log.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use http::{Method, Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{record, settings, tls, Error, HANDSHAKE_TIMEOUT};
+use super::{record, settings, tls, Error, SERVER_HANDSHAKE_TIMEOUT};
 use crate::identity::SpiffeId;
 
 /// One CONNECT request on an authenticated HBONE connection.
@@ -100,6 +100,7 @@ where
             .max_concurrent_streams(settings::MAX_CONCURRENT_STREAMS)
             .max_send_buffer_size(settings::MAX_SEND_BUFFER)
             .max_concurrent_reset_streams(settings::MAX_CONCURRENT_RESET_STREAMS)
+            .max_header_list_size(settings::MAX_HEADER_LIST)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| Error::H2 {
@@ -109,7 +110,7 @@ where
         Ok((peer, peer_not_after, suite, conn))
     };
     let (peer, peer_not_after, suite, mut conn) =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| Error::Timeout { addr: remote })??;
     debug!(%remote, %peer, peer_not_after, ?suite, "HBONE connection established");

@@ -994,3 +994,37 @@ async fn a_stream_refused_unprocessed_is_opened_again() {
     assert_eq!(metrics.streams_retried.get(), 1);
     assert_eq!(metrics.streams_opened.get(), 2);
 }
+
+#[tokio::test]
+async fn a_header_block_over_the_limit_ends_the_connection_before_the_handler() {
+    let Mesh {
+        ca,
+        mut server,
+        echo,
+    } = Mesh::up().await;
+    let (conn, _) = h2_connect(server.addr, &ca.client_config(api())).await;
+    let req = http::Request::builder()
+        .method(Method::CONNECT)
+        .uri(echo.to_string())
+        .header("x-padding", "a".repeat(64 << 10))
+        .body(())
+        .expect("request");
+    let mut ready = within("h2 ready", conn.ready()).await.expect("ready");
+    let answer = match ready.send_request(req, false) {
+        Ok((response, _body)) => within("response", response).await.map(|r| r.status()),
+        Err(e) => Err(e),
+    };
+    // h2 answers a header list this far over SETTINGS_MAX_HEADER_LIST_SIZE with
+    // GOAWAY(ENHANCE_YOUR_CALM): the whole connection goes.
+    let err = answer.expect_err("a 64 KiB header block was accepted");
+    assert!(
+        err.is_go_away() && err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "{err:?}"
+    );
+    let ended = within("the connection to end", server.ended.recv()).await;
+    assert!(ended.is_some(), "the server connection did not end");
+    assert!(
+        server.seen.try_recv().is_err(),
+        "the oversized request reached the handler"
+    );
+}
