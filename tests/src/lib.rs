@@ -42,7 +42,7 @@ pub use self::{
         },
         Lab, LabOptions, Node, Pod, Upgrade, METRICS_PORT, READINESS_PORT,
     },
-    metrics::metric_value,
+    metrics::{exposed_value, metric_value},
     running::Running,
 };
 

@@ -6,20 +6,14 @@
 use std::{path::PathBuf, time::Duration};
 
 use mesh_lab::{
-    metric_value,
     traffic::{connected, peer_of, send, serve, WAIT},
     wait_until, CaptureExclusions, Lab, LabOptions, Running,
 };
 
 const MIB_64: u64 = 64 << 20;
 
-fn counter(lab: &Lab, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(&lab.metrics(node), name, labels).unwrap_or(0.0)
-}
-
 fn capture_events(lab: &Lab, node: &str, program: &str, reason: &str) -> f64 {
-    counter(
-        lab,
+    lab.metric(
         node,
         "mesh_capture_events_total",
         &[("program", program), ("reason", reason)],
@@ -28,8 +22,7 @@ fn capture_events(lab: &Lab, node: &str, program: &str, reason: &str) -> f64 {
 
 fn opened(lab: &Lab, node: &str, direction: &str, pod: &str) -> f64 {
     let (namespace, workload) = pod.split_once('/').expect("ns/name");
-    counter(
-        lab,
+    lab.metric(
         node,
         "mesh_tcp_connections_opened_total",
         &[
@@ -151,8 +144,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
     assert!(capture_events(&lab, "n1", "connect", "redirected") >= 3.0);
     assert!(capture_events(&lab, "n1", "sock_ops", "recorded") >= 3.0);
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_tcp_sent_bytes_total",
             &[("direction", "outbound"), ("workload", "client")]
@@ -172,8 +164,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
     // Same node: the fast path (no HBONE to itself), and the destination's own log line names
     // the source identity.
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_outbound_routes_total",
             &[("workload", "client"), ("transport", "local")]
@@ -181,8 +172,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
         1.0
     );
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_tcp_received_bytes_total",
             &[("direction", "inbound"), ("workload", "db")]
@@ -198,8 +188,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
     );
     assert!(capture_events(&lab, "n2", "sk_lookup", "steered") >= 1.0);
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_outbound_routes_total",
             &[("workload", "client"), ("route", "service")]
@@ -207,8 +196,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
         2.0
     );
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_outbound_routes_total",
             &[("workload", "client"), ("route", "direct")]
@@ -298,8 +286,9 @@ fn unmeshed_pods_and_loopback_are_not_captured() {
             "{node} has metrics for legacy pods:\n{metrics}"
         );
         assert_eq!(
-            metric_value(&metrics, "mesh_tcp_connections_opened_total", &[]).unwrap_or(0.0),
-            0.0
+            lab.metric(node, "mesh_tcp_connections_opened_total", &[]),
+            0.0,
+            "{node} opened connections:\n{metrics}"
         );
     }
     down_and_check_clean(lab);
@@ -379,8 +368,7 @@ fn enabling_captures_a_running_pod_and_disabling_keeps_established_connections()
     let server_ip = lab.pod("legacy/server").ip;
     let target = format!("{server_ip}:8080");
     let _server = serve(&lab, "legacy/server", 8080);
-    let captured =
-        |node: &str| metric_value(&lab.metrics(node), "mesh_captured_pods", &[]).unwrap_or(-1.0);
+    let captured = |node: &str| lab.metric(node, "mesh_captured_pods", &[]);
     assert_eq!(captured("n1"), 2.0, "n1 captures shop/client and shop/db");
 
     // A long-running process in legacy/client, started before its namespace is enabled.
@@ -467,12 +455,7 @@ fn an_invalid_state_change_is_rejected_and_the_last_good_state_keeps_serving() {
     }
     lab.write_state(&bad);
     let reloads = |node: &str, result: &str| {
-        counter(
-            &lab,
-            node,
-            "mesh_state_reloads_total",
-            &[("result", result)],
-        )
+        lab.metric(node, "mesh_state_reloads_total", &[("result", result)])
     };
     wait_until("both agents to reject the change", WAIT, || {
         reloads("n1", "error") == 1.0 && reloads("n2", "error") == 1.0
@@ -485,10 +468,7 @@ fn an_invalid_state_change_is_rejected_and_the_last_good_state_keeps_serving() {
         "the rejection does not name the field:\n{log}"
     );
     // Nothing of the change was applied: legacy is still not captured, shop still is.
-    assert_eq!(
-        metric_value(&lab.metrics("n1"), "mesh_captured_pods", &[]),
-        Some(2.0)
-    );
+    assert_eq!(lab.metric("n1", "mesh_captured_pods", &[]), 2.0);
     let _api = serve(&lab, "shop/api", 8080);
     let vip = lab.service_vip("shop/api");
     let out = send(&lab, "shop/client", &format!("{vip}:80"), 1 << 20);
@@ -499,7 +479,7 @@ fn an_invalid_state_change_is_rejected_and_the_last_good_state_keeps_serving() {
     lab.write_state(&good);
     lab.set_namespace_enabled("legacy", true);
     wait_until("n1 to capture legacy/client", WAIT, || {
-        metric_value(&lab.metrics("n1"), "mesh_captured_pods", &[]) == Some(3.0)
+        lab.metric("n1", "mesh_captured_pods", &[]) == 3.0
     });
     assert!(reloads("n1", "ok") >= 1.0);
     down_and_check_clean(lab);

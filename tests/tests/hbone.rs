@@ -8,7 +8,6 @@ use std::{
 };
 
 use mesh_lab::{
-    metric_value,
     pcap::{contains, tshark, Pcap},
     traffic::{connected, peer_of, send, send_succeeds, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
@@ -18,10 +17,6 @@ const TRUST_DOMAIN: &str = "cluster.local";
 
 fn id(ns: &str, sa: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}")
-}
-
-fn counter(lab: &Lab, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(&lab.metrics(node), name, labels).unwrap_or(0.0)
 }
 
 /// Runs `mesh-agent ca ...`; panics with its output on failure.
@@ -171,8 +166,7 @@ fn cross_node_traffic_is_only_tls_and_both_sides_log_the_peer_identity() {
         "n1 did not log the server's SPIFFE id:\n{n1}"
     );
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_outbound_routes_total",
             &[("workload", "client"), ("transport", "hbone")]
@@ -220,19 +214,16 @@ fn many_connections_between_one_pair_share_a_few_hbone_connections() {
         );
     }
     assert_eq!(
-        counter(&lab, "n1", "mesh_hbone_streams_opened_total", &[]),
+        lab.metric("n1", "mesh_hbone_streams_opened_total", &[]),
         40.0
     );
-    let handshakes = counter(&lab, "n1", "mesh_hbone_connections_opened_total", &[]);
+    let handshakes = lab.metric("n1", "mesh_hbone_connections_opened_total", &[]);
     assert!(
         (1.0..=per_peer as f64).contains(&handshakes),
         "{handshakes} handshakes for 40 streams (at most {per_peer}):\n{}",
         lab.metrics("n1")
     );
-    assert_eq!(
-        counter(&lab, "n1", "mesh_hbone_connections", &[]),
-        handshakes
-    );
+    assert_eq!(lab.metric("n1", "mesh_hbone_connections", &[]), handshakes);
     lab.down();
 }
 
@@ -279,8 +270,7 @@ fn a_server_pod_out_of_local_ports_is_named_in_the_log_and_the_metric() {
         "n2 did not name the cause:\n{log}"
     );
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n2",
             "mesh_tcp_connection_failures_total",
             &[("workload", "api"), ("reason", "no_local_port")]
@@ -410,8 +400,7 @@ fn the_hbone_endpoint_refuses_bad_certificates_and_malformed_requests() {
         "other streams were disturbed: {out:?}"
     );
     assert!(
-        counter(
-            &lab,
+        lab.metric(
             "n2",
             "mesh_tcp_connection_failures_total",
             &[("reason", "bad_request")]
@@ -436,8 +425,7 @@ fn certificates_rotate_under_a_live_connection() {
     let _api = serve(&lab, "shop/api", 8080);
     let _db = serve(&lab, "shop/db", 9090);
     let expiry = || {
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_certificate_expiry_timestamp_seconds",
             &[("namespace", "shop"), ("service_account", "client")],
