@@ -17,8 +17,12 @@ pub fn run_all() -> anyhow::Result<()> {
     let root = root();
     // First, so that a fresh machine is ready (or told what it lacks) before the long builds.
     if preflight::is_root() || std::env::var(REQUIRE_PRIVILEGED_ENV).is_ok_and(|v| v == "1") {
-        preflight::ensure("cargo xtask test", &[preflight::LAB, preflight::TEST])?;
+        preflight::ensure(
+            "cargo xtask test",
+            &[preflight::UNIT, preflight::LAB, preflight::TEST],
+        )?;
     } else {
+        preflight::ensure("cargo xtask test", &[preflight::UNIT])?;
         eprintln!(
             "xtask: not root: the end-to-end tests will skip, so the commands they run are not \
              checked"
