@@ -331,11 +331,35 @@ fn the_hbone_endpoint_refuses_bad_certificates_and_malformed_requests() {
     );
 
     // Refused at the TLS handshake: another trust domain, an expired certificate, none at all.
-    for (what, cert) in [
-        ("foreign trust domain", Some(&foreign)),
-        ("expired", Some(&expired)),
-        ("no certificate", None),
-    ] {
+    // Each refusal is told apart by what n2 logs about that connection (its `src=`): the
+    // verifier's reason and the handshake's error.
+    let rejected = "HBONE client certificate rejected";
+    for (i, (what, cert, reasons)) in [
+        (
+            "foreign trust domain",
+            Some(&foreign),
+            &[
+                "does not chain to a trusted root",
+                "failed: invalid peer certificate: UnknownIssuer",
+            ][..],
+        ),
+        (
+            "expired",
+            Some(&expired),
+            &[
+                "peer certificate expired at",
+                "failed: invalid peer certificate: Expired",
+            ],
+        ),
+        (
+            "no certificate",
+            None,
+            &["failed: peer sent no certificates"],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let out = hbone_client(
             &lab,
             "legacy/client",
@@ -354,11 +378,47 @@ fn the_hbone_endpoint_refuses_bad_certificates_and_malformed_requests() {
             refused && !out.iter().any(|l| l.contains("status=200")),
             "{what}: not refused: {out:?}"
         );
-    }
-    wait_until("n2 to log the rejected certificates", WAIT, || {
+        let failed = |log: &str| -> Vec<String> {
+            log.lines()
+                .filter(|l| l.contains("HBONE connection failed"))
+                .map(str::to_owned)
+                .collect()
+        };
+        wait_until(&format!("n2 to log the {what} refusal"), WAIT, || {
+            failed(&lab.agent_log("n2")).len() > i
+        });
         let log = lab.agent_log("n2");
-        log.contains("client certificate rejected") && log.contains("expired")
-    });
+        let failed = failed(&log);
+        assert_eq!(failed.len(), i + 1, "{what}: {failed:#?}");
+        let src = failed[i]
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("src="))
+            .map(|s| s.trim_end_matches([':', '}']))
+            .unwrap_or_else(|| panic!("no src= in {}", failed[i]));
+        let about: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&format!("src={src}}}")))
+            .collect();
+        for reason in reasons {
+            assert!(
+                about.iter().any(|l| l.contains(reason)),
+                "{what}: n2 did not refuse it for {reason:?}: {about:#?}"
+            );
+        }
+        assert_eq!(
+            about.iter().any(|l| l.contains(rejected)),
+            cert.is_some(),
+            "{what}: {about:#?}"
+        );
+    }
+    assert_eq!(
+        lab.metric(
+            "n2",
+            "mesh_tcp_connection_failures_total",
+            &[("workload", "api"), ("reason", "hbone_tls")]
+        ),
+        3.0
+    );
 
     // A valid client: the server presents api's identity; malformed requests get 400 (or a
     // stream error) and 503 when nothing listens, and the first stream keeps working.
