@@ -115,28 +115,54 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
         "the connect was not redirected: {out:?}"
     );
 
-    // The client's agent logged both original destinations and the chosen endpoint.
+    // Each agent logs a connection's end once it closes: wait for every one of the three (the
+    // first ones are logged long before the last), and for the destinations' sides. A line's
+    // innermost span is the side it is about (the same-node delivery's inbound line is nested
+    // in the outbound span).
     let api_ip = lab.pod("shop/api").ip;
-    wait_until("n1 to log both connections closed", WAIT, || {
-        lab.agent_log("n1")
+    let closed = |node: &str, span: &str| -> Vec<String> {
+        lab.agent_log(node)
             .lines()
-            .filter(|l| l.contains("pod=shop/client") && l.contains("connection closed"))
-            .count()
-            >= 2
-    });
-    let log = lab.agent_log("n1");
-    let line = log
-        .lines()
-        .find(|l| l.contains(&format!("orig_dst={vip}:80")) && l.contains("connection closed"))
-        .unwrap_or_else(|| panic!("n1 did not log orig_dst={vip}:80:\n{log}"));
+            .filter(|l| {
+                let spans = l.split_once("}: ").map_or("", |(spans, _)| spans);
+                spans.rsplit("}:").next().is_some_and(|s| s.contains(span))
+                    && l.contains("connection closed")
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    wait_until(
+        "n1 to log the three connections of shop/client closed, and shop/db's side",
+        WAIT,
+        || {
+            closed("n1", "outbound{pod=shop/client").len() >= 3
+                && !closed("n1", "inbound{pod=shop/db").is_empty()
+        },
+    );
+    wait_until(
+        "n2 to log both connections to shop/api closed",
+        WAIT,
+        || closed("n2", "inbound{pod=shop/api").len() >= 2,
+    );
+    // The client's agent logged both original destinations and the chosen endpoint.
+    let outbound = closed("n1", "outbound{pod=shop/client");
+    assert_eq!(outbound.len(), 3, "{outbound:#?}");
+    let line = outbound
+        .iter()
+        .find(|l| l.contains(&format!("orig_dst={vip}:80")))
+        .unwrap_or_else(|| panic!("n1 did not log orig_dst={vip}:80: {outbound:#?}"));
     assert!(line.contains(&format!("endpoint={api_ip}:8080")), "{line}");
     assert!(
         line.contains(&format!("sent={MIB_64} received={MIB_64}")),
         "{line}"
     );
+    let line = outbound
+        .iter()
+        .find(|l| l.contains(&format!("orig_dst={db_ip}:9090")))
+        .unwrap_or_else(|| panic!("n1 did not log orig_dst={db_ip}:9090: {outbound:#?}"));
     assert!(
-        log.contains(&format!("orig_dst={db_ip}:9090")),
-        "n1 did not log orig_dst={db_ip}:9090:\n{log}"
+        line.contains(&format!("sent={MIB_64} received={MIB_64}")),
+        "{line}"
     );
 
     // Metrics prove it on both ends.
