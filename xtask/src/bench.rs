@@ -10,6 +10,7 @@ mod control;
 mod latency;
 mod measure;
 mod memory;
+mod policy;
 mod throughput;
 
 use std::{fmt::Write as _, path::PathBuf};
@@ -37,7 +38,8 @@ pub struct BenchArgs {
     /// MESH_AGENT_BIN and MESH_LABTOOL_BIN name).
     #[arg(long)]
     no_build: bool,
-    /// Run only these scenarios (throughput, latency, churn, memory, control); all by default.
+    /// Run only these scenarios (throughput, latency, churn, policy, memory, control); all by
+    /// default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -66,6 +68,8 @@ pub struct Durations {
     pub rr_secs: u32,
     pub warmup_secs: u32,
     pub idle_conns: usize,
+    /// Policy changes of the policy scenario.
+    pub policy_rounds: usize,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -84,6 +88,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rr_secs: 2,
             warmup_secs: 0,
             idle_conns: 1000,
+            policy_rounds: 1,
         }
     } else {
         Durations {
@@ -91,6 +96,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rr_secs: 20,
             warmup_secs: 1,
             idle_conns: 10_000,
+            policy_rounds: 10,
         }
     };
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
@@ -101,7 +107,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if wanted("throughput") {
         throughput::crypto(&bins.agent, args.quick, &mut figures).context("TLS record floor")?;
     }
-    let lab_scenarios = ["throughput", "latency", "churn", "memory"];
+    let lab_scenarios = ["throughput", "latency", "churn", "policy", "memory"];
     if lab_scenarios.iter().any(|s| wanted(s)) {
         let lab = Lab::try_up(LabOptions {
             id: Some("bench".into()),
@@ -123,6 +129,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if wanted("churn") {
             latency::churn(&lab, &d, &mut figures).context("churn scenario")?;
         }
+        if wanted("policy") {
+            policy::run(&lab, d.policy_rounds, &mut figures).context("policy scenario")?;
+        }
         if wanted("memory") {
             memory::after_all(&lab, &mut figures)?;
         }
@@ -130,10 +139,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // Leaves nothing behind, not even the empty shared lab directories.
         mesh_lab::sweep()?;
     }
-    let expected: Vec<&str> = ["throughput", "latency", "churn", "memory", "control"]
-        .into_iter()
-        .filter(|s| wanted(s))
-        .collect();
+    let expected: Vec<&str> = [
+        "throughput",
+        "latency",
+        "churn",
+        "policy",
+        "memory",
+        "control",
+    ]
+    .into_iter()
+    .filter(|s| wanted(s))
+    .collect();
     report(&figures, args.quick, &expected)
 }
 
