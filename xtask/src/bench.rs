@@ -3,8 +3,9 @@
 //! writes `target/bench/results.md` and `target/bench/results.json`.
 //!
 //! `--quick` runs every scenario briefly (a second or two each, fewer idle connections); CI runs
-//! it so that the harness cannot rot. It checks that every scenario produced figures, never a
-//! speed: speed is judged by a human reading a full run (docs/performance.md).
+//! it so that the harness cannot rot. Every run checks that every scenario produced figures and
+//! that every figure is a number (a NaN or an infinity is a broken measurement), never a speed:
+//! speed is judged by a human reading a full run (docs/performance.md).
 
 mod control;
 mod latency;
@@ -222,17 +223,33 @@ fn report(figures: &[Figure], quick: bool, expected: &[&str]) -> Result<()> {
     std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     println!("{md}");
     println!("written: {} and {}", md_path.display(), json_path.display());
-    let missing: Vec<&str> = expected
-        .iter()
-        .copied()
-        .filter(|s| {
-            !figures
-                .iter()
-                .any(|f| f.scenario == *s && f.value.is_finite())
-        })
-        .collect();
-    anyhow::ensure!(missing.is_empty(), "scenarios without figures: {missing:?}");
+    let problems = incomplete(figures, expected);
+    anyhow::ensure!(
+        problems.is_empty(),
+        "the benchmarks did not measure everything: {}",
+        problems.join("; ")
+    );
     Ok(())
+}
+
+/// What is missing from a report: each expected scenario without figures, and each figure
+/// whose value (or direct-path value) is not a finite number.
+fn incomplete(figures: &[Figure], expected: &[&str]) -> Vec<String> {
+    let mut problems: Vec<String> = expected
+        .iter()
+        .filter(|s| !figures.iter().any(|f| f.scenario == **s))
+        .map(|s| format!("{s}: no figures"))
+        .collect();
+    for f in figures {
+        if !f.value.is_finite() || f.direct.is_some_and(|d| !d.is_finite()) {
+            let direct = f
+                .direct
+                .map(|d| format!(" (direct {d})"))
+                .unwrap_or_default();
+            problems.push(format!("{}: {} is {}{direct}", f.scenario, f.name, f.value));
+        }
+    }
+    problems
 }
 
 /// Three significant digits, without a fraction for large values.
@@ -243,5 +260,45 @@ fn fmt_value(v: f64) -> String {
         format!("{v:.1}")
     } else {
         format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figure(scenario: &'static str, value: f64, direct: Option<f64>) -> Figure {
+        Figure {
+            scenario,
+            name: format!("{scenario} figure"),
+            unit: "ms",
+            value,
+            direct,
+        }
+    }
+
+    #[test]
+    fn every_figure_of_every_scenario_must_be_a_number() {
+        let good = [
+            figure("latency", 1.0, Some(2.0)),
+            figure("churn", -3.0, None),
+        ];
+        assert!(incomplete(&good, &["latency", "churn"]).is_empty());
+        assert_eq!(
+            incomplete(&good, &["latency", "churn", "memory"]),
+            ["memory: no figures"]
+        );
+        let bad = [
+            figure("latency", 1.0, Some(2.0)),
+            figure("latency", f64::NAN, Some(2.0)),
+            figure("churn", 3.0, Some(f64::INFINITY)),
+        ];
+        assert_eq!(
+            incomplete(&bad, &["latency", "churn"]),
+            [
+                "latency: latency figure is NaN (direct 2)",
+                "churn: churn figure is 3 (direct inf)"
+            ]
+        );
     }
 }
