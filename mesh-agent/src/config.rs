@@ -347,19 +347,19 @@ mod tests {
     #[test]
     fn bad_input_names_the_field() {
         let e = parse("node: n1\nstate_file: /s\nbogus: 1\n").expect_err("unknown field");
-        assert!(e.contains("bogus"), "{e}");
+        assert!(e.starts_with("unknown field `bogus`"), "{e}");
         let e =
             parse("node: n1\nstate_file: /s\ncapture: {exclude_outbound_cidrs: [10.0.0.0/33]}\n")
                 .expect_err("bad cidr");
         assert!(
-            e.contains("exclude_outbound_cidrs") || e.contains("invalid"),
+            e.starts_with("capture.exclude_outbound_cidrs[0]: invalid IP address syntax"),
             "{e}"
         );
         let e = parse("node: n1\nstate_file: /s\ncapture: {exclude_inbound_ports: [0]}\n")
             .expect_err("port 0");
         assert!(e.contains("exclude_inbound_ports"), "{e}");
         let e = parse("node: ''\nstate_file: /s\n").expect_err("empty node");
-        assert!(e.contains("node"), "{e}");
+        assert!(e.contains("`node` must not be empty"), "{e}");
         let e = parse("node: n1\nstate_file: /s\nidentity: {issuer_cert: /c, issuer_key: /k, trust_bundle: /r, leaf_lifetime_secs: 5}\n")
             .expect_err("short lifetime");
         assert!(e.contains("leaf_lifetime_secs"), "{e}");

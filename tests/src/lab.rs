@@ -372,6 +372,15 @@ impl Lab {
         }
     }
 
+    /// The value of metric sample `name` with `labels` in `node`'s metrics (summed over the
+    /// other labels); 0 when its family is exposed but has no such sample yet. Panics naming
+    /// the metric when no family exposes it, so that a renamed metric fails `== 0` checks
+    /// instead of passing them (see [`crate::exposed_value`]). Gauges work the same way.
+    pub fn metric(&self, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        crate::exposed_value(&self.metrics(node), name, labels)
+            .unwrap_or_else(|e| panic!("metrics of node {node}: {e}"))
+    }
+
     /// True if the agent of `node` answers its readiness probe with 200.
     pub fn agent_ready(&self, node: &str) -> bool {
         matches!(

@@ -27,6 +27,7 @@ mod lab;
 mod metrics;
 pub mod pcap;
 mod running;
+mod tally;
 pub mod traffic;
 
 use std::{
@@ -43,8 +44,9 @@ pub use self::{
         },
         Lab, LabOptions, Node, Pod, Upgrade, METRICS_PORT, READINESS_PORT,
     },
-    metrics::metric_value,
+    metrics::{exposed_value, metric_value},
     running::Running,
+    tally::{Tally, TALLY_DIR_ENV},
 };
 
 /// Polls `f` every 20 ms until it returns true; panics
@@ -67,12 +69,15 @@ pub const REQUIRE_PRIVILEGED_ENV: &str = "MESH_REQUIRE_PRIVILEGED";
 
 /// True if the lab can run here: root, a cgroup2 mount, a writable /run, and `ip` (iproute2).
 /// Otherwise panics with the reason when `MESH_REQUIRE_PRIVILEGED=1`, else prints
-/// `SKIPPED <test>: <reason>` to stderr and returns false. Start every lab test with
-/// `if !mesh_lab::require_privileged("name") { return; }`.
+/// `SKIPPED <test>: <reason>` to stderr and returns false. Either way, when
+/// [`TALLY_DIR_ENV`] is set, records whether `test` ran (see [`Tally`]). Start every lab test
+/// with `if !mesh_lab::require_privileged("name") { return; }`.
 pub fn require_privileged(test: &str) -> bool {
     let Some(reason) = privilege_problem() else {
+        tally::record(test, None);
         return true;
     };
+    tally::record(test, Some(&reason));
     if std::env::var(REQUIRE_PRIVILEGED_ENV).is_ok_and(|v| v == "1") {
         panic!("{test}: {REQUIRE_PRIVILEGED_ENV}=1 but the lab cannot run here: {reason}");
     }

@@ -32,6 +32,59 @@ pub fn metric_value(metrics_text: &str, name: &str, labels: &[(&str, &str)]) -> 
     sum
 }
 
+/// The value of sample `name` with `labels` in an exposition, for assertions: the sum of the
+/// matching samples, or 0 when the metric's family is exposed but has no sample with these
+/// labels yet (a counter's label set appears on its first increment). An error naming the
+/// metric when no family of the exposition has samples called `name` (a renamed or
+/// unregistered metric, or a counter asked for without its `_total`): a missing metric never
+/// reads as 0.
+///
+/// ```
+/// let text = "# TYPE x counter\nx_total{a=\"1\"} 3\n# TYPE up gauge\n";
+/// assert_eq!(mesh_lab::exposed_value(text, "x_total", &[("a", "1")]), Ok(3.0));
+/// assert_eq!(mesh_lab::exposed_value(text, "x_total", &[("a", "2")]), Ok(0.0));
+/// assert_eq!(mesh_lab::exposed_value(text, "up", &[]), Ok(0.0));
+/// assert!(mesh_lab::exposed_value(text, "x", &[]).is_err());
+/// assert!(mesh_lab::exposed_value(text, "y_total", &[]).is_err());
+/// ```
+pub fn exposed_value(
+    metrics_text: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<f64, String> {
+    let families: Vec<(&str, &str)> = metrics_text
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("# TYPE ")?.split_whitespace();
+            Some((words.next()?, words.next()?))
+        })
+        .collect();
+    if !families
+        .iter()
+        .any(|(family, kind)| sample_names(family, kind).any(|n| n == name))
+    {
+        let exposed: Vec<&str> = families.iter().map(|(family, _)| *family).collect();
+        return Err(format!(
+            "no metric family exposes samples named {name} (renamed? not registered? a \
+             counter's samples end in _total); the families exposed: {exposed:?}"
+        ));
+    }
+    Ok(metric_value(metrics_text, name, labels).unwrap_or(0.0))
+}
+
+/// The sample names a family of type `kind` (a `# TYPE` line) has in the text exposition.
+fn sample_names<'a>(family: &'a str, kind: &str) -> impl Iterator<Item = String> + 'a {
+    let suffixes: &[&str] = match kind {
+        "counter" => &["_total", "_created"],
+        "histogram" => &["_bucket", "_sum", "_count", "_created"],
+        "summary" => &["", "_sum", "_count", "_created"],
+        "gaugehistogram" => &["_bucket", "_gsum", "_gcount"],
+        "info" => &["_info"],
+        _ => &[""],
+    };
+    suffixes.iter().map(move |s| format!("{family}{s}"))
+}
+
 #[derive(Debug, PartialEq)]
 struct Sample<'a> {
     name: &'a str,
@@ -127,5 +180,48 @@ broken{x="1" 7
         );
         assert_eq!(metric_value(text, "broken", &[]), None);
         assert_eq!(metric_value(text, "absent", &[]), None);
+    }
+
+    #[test]
+    fn exposed_values_tell_a_missing_family_from_a_missing_sample() {
+        let text = r#"
+# HELP mesh_opened Connections.
+# TYPE mesh_opened counter
+mesh_opened_total{direction="outbound"} 3
+# HELP mesh_pods Pods.
+# TYPE mesh_pods gauge
+mesh_pods 2
+# HELP mesh_closed Closed.
+# TYPE mesh_closed counter
+# HELP mesh_latency Latency.
+# TYPE mesh_latency histogram
+mesh_latency_count 4
+# EOF
+"#;
+        let value = |name, labels| exposed_value(text, name, labels);
+        assert_eq!(value("mesh_opened_total", &[]), Ok(3.0));
+        assert_eq!(
+            value("mesh_opened_total", &[("direction", "inbound")]),
+            Ok(0.0)
+        );
+        assert_eq!(
+            value("mesh_closed_total", &[]),
+            Ok(0.0),
+            "exposed, no sample yet"
+        );
+        assert_eq!(value("mesh_pods", &[]), Ok(2.0));
+        assert_eq!(value("mesh_latency_count", &[]), Ok(4.0));
+        for absent in [
+            "mesh_renamed_total",
+            "mesh_opened",
+            "mesh_pods_total",
+            "mesh_latency",
+        ] {
+            let err = value(absent, &[]).expect_err(absent);
+            assert!(
+                err.contains(absent) && err.contains("mesh_opened"),
+                "{absent}: {err}"
+            );
+        }
     }
 }

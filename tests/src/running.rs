@@ -132,6 +132,14 @@ impl Running {
         }
     }
 
+    /// The child's exit status if it has exited, without waiting.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
     /// Waits for the child to exit successfully and returns all its stdout lines; panics with
     /// its output otherwise.
     pub fn wait_success(&mut self, timeout: Duration) -> Vec<String> {

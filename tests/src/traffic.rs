@@ -63,3 +63,17 @@ pub fn connected(out: &[String]) -> &str {
         .find(|l| l.starts_with("connected"))
         .unwrap_or_else(|| panic!("no connected line in {out:?}"))
 }
+
+/// The bytes a `mesh-labtool stream` has had echoed so far: its last `progress` line, after
+/// taking every line it printed up to now. (Its lines queue up while a test waits, so the next
+/// [`Running::wait_line`] can return one printed long before; compare this instead.)
+pub fn echoed(stream: &mut Running) -> u64 {
+    let lines = stream.stdout_lines();
+    let last = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("progress bytes="))
+        .unwrap_or_else(|| panic!("the stream printed no progress: {lines:?}"));
+    last.parse()
+        .unwrap_or_else(|_| panic!("bad progress line {last:?}"))
+}

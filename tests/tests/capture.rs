@@ -6,20 +6,14 @@
 use std::{path::PathBuf, time::Duration};
 
 use mesh_lab::{
-    metric_value,
-    traffic::{connected, peer_of, send, serve, WAIT},
+    traffic::{connected, echoed, peer_of, send, serve, WAIT},
     wait_until, CaptureExclusions, Lab, LabOptions, Running,
 };
 
 const MIB_64: u64 = 64 << 20;
 
-fn counter(lab: &Lab, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(&lab.metrics(node), name, labels).unwrap_or(0.0)
-}
-
 fn capture_events(lab: &Lab, node: &str, program: &str, reason: &str) -> f64 {
-    counter(
-        lab,
+    lab.metric(
         node,
         "mesh_capture_events_total",
         &[("program", program), ("reason", reason)],
@@ -28,8 +22,7 @@ fn capture_events(lab: &Lab, node: &str, program: &str, reason: &str) -> f64 {
 
 fn opened(lab: &Lab, node: &str, direction: &str, pod: &str) -> f64 {
     let (namespace, workload) = pod.split_once('/').expect("ns/name");
-    counter(
-        lab,
+    lab.metric(
         node,
         "mesh_tcp_connections_opened_total",
         &[
@@ -122,28 +115,54 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
         "the connect was not redirected: {out:?}"
     );
 
-    // The client's agent logged both original destinations and the chosen endpoint.
+    // Each agent logs a connection's end once it closes: wait for every one of the three (the
+    // first ones are logged long before the last), and for the destinations' sides. A line's
+    // innermost span is the side it is about (the same-node delivery's inbound line is nested
+    // in the outbound span).
     let api_ip = lab.pod("shop/api").ip;
-    wait_until("n1 to log both connections closed", WAIT, || {
-        lab.agent_log("n1")
+    let closed = |node: &str, span: &str| -> Vec<String> {
+        lab.agent_log(node)
             .lines()
-            .filter(|l| l.contains("pod=shop/client") && l.contains("connection closed"))
-            .count()
-            >= 2
-    });
-    let log = lab.agent_log("n1");
-    let line = log
-        .lines()
-        .find(|l| l.contains(&format!("orig_dst={vip}:80")) && l.contains("connection closed"))
-        .unwrap_or_else(|| panic!("n1 did not log orig_dst={vip}:80:\n{log}"));
+            .filter(|l| {
+                let spans = l.split_once("}: ").map_or("", |(spans, _)| spans);
+                spans.rsplit("}:").next().is_some_and(|s| s.contains(span))
+                    && l.contains("connection closed")
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    wait_until(
+        "n1 to log the three connections of shop/client closed, and shop/db's side",
+        WAIT,
+        || {
+            closed("n1", "outbound{pod=shop/client").len() >= 3
+                && !closed("n1", "inbound{pod=shop/db").is_empty()
+        },
+    );
+    wait_until(
+        "n2 to log both connections to shop/api closed",
+        WAIT,
+        || closed("n2", "inbound{pod=shop/api").len() >= 2,
+    );
+    // The client's agent logged both original destinations and the chosen endpoint.
+    let outbound = closed("n1", "outbound{pod=shop/client");
+    assert_eq!(outbound.len(), 3, "{outbound:#?}");
+    let line = outbound
+        .iter()
+        .find(|l| l.contains(&format!("orig_dst={vip}:80")))
+        .unwrap_or_else(|| panic!("n1 did not log orig_dst={vip}:80: {outbound:#?}"));
     assert!(line.contains(&format!("endpoint={api_ip}:8080")), "{line}");
     assert!(
         line.contains(&format!("sent={MIB_64} received={MIB_64}")),
         "{line}"
     );
+    let line = outbound
+        .iter()
+        .find(|l| l.contains(&format!("orig_dst={db_ip}:9090")))
+        .unwrap_or_else(|| panic!("n1 did not log orig_dst={db_ip}:9090: {outbound:#?}"));
     assert!(
-        log.contains(&format!("orig_dst={db_ip}:9090")),
-        "n1 did not log orig_dst={db_ip}:9090:\n{log}"
+        line.contains(&format!("sent={MIB_64} received={MIB_64}")),
+        "{line}"
     );
 
     // Metrics prove it on both ends.
@@ -151,8 +170,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
     assert!(capture_events(&lab, "n1", "connect", "redirected") >= 3.0);
     assert!(capture_events(&lab, "n1", "sock_ops", "recorded") >= 3.0);
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_tcp_sent_bytes_total",
             &[("direction", "outbound"), ("workload", "client")]
@@ -172,8 +190,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
     // Same node: the fast path (no HBONE to itself), and the destination's own log line names
     // the source identity.
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_outbound_routes_total",
             &[("workload", "client"), ("transport", "local")]
@@ -181,8 +198,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
         1.0
     );
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_tcp_received_bytes_total",
             &[("direction", "inbound"), ("workload", "db")]
@@ -198,8 +214,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
     );
     assert!(capture_events(&lab, "n2", "sk_lookup", "steered") >= 1.0);
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_outbound_routes_total",
             &[("workload", "client"), ("route", "service")]
@@ -207,8 +222,7 @@ fn outbound_to_service_and_same_node_pod_is_captured_intact() {
         2.0
     );
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_outbound_routes_total",
             &[("workload", "client"), ("route", "direct")]
@@ -298,8 +312,9 @@ fn unmeshed_pods_and_loopback_are_not_captured() {
             "{node} has metrics for legacy pods:\n{metrics}"
         );
         assert_eq!(
-            metric_value(&metrics, "mesh_tcp_connections_opened_total", &[]).unwrap_or(0.0),
-            0.0
+            lab.metric(node, "mesh_tcp_connections_opened_total", &[]),
+            0.0,
+            "{node} opened connections:\n{metrics}"
         );
     }
     down_and_check_clean(lab);
@@ -379,8 +394,7 @@ fn enabling_captures_a_running_pod_and_disabling_keeps_established_connections()
     let server_ip = lab.pod("legacy/server").ip;
     let target = format!("{server_ip}:8080");
     let _server = serve(&lab, "legacy/server", 8080);
-    let captured =
-        |node: &str| metric_value(&lab.metrics(node), "mesh_captured_pods", &[]).unwrap_or(-1.0);
+    let captured = |node: &str| lab.metric(node, "mesh_captured_pods", &[]);
     assert_eq!(captured("n1"), 2.0, "n1 captures shop/client and shop/db");
 
     // A long-running process in legacy/client, started before its namespace is enabled.
@@ -419,14 +433,13 @@ fn enabling_captures_a_running_pod_and_disabling_keeps_established_connections()
         lab.agent_log("n1")
             .contains("pod released pod=legacy/client")
     });
-    let before = progress(&shell.wait_line("progress", WAIT));
-    let after = loop {
-        let now = progress(&shell.wait_line("progress", WAIT));
-        if now >= before + (4 << 20) {
-            break now;
-        }
-    };
-    assert!(after > before);
+    // Its progress lines queued up meanwhile: take them all, then wait for 4 MiB more.
+    let at_release = echoed(&mut shell);
+    wait_until(
+        "the established connection to echo 4 MiB more after the release",
+        Duration::from_secs(30),
+        || echoed(&mut shell) >= at_release + (4 << 20),
+    );
     // A new connection from the released pod goes direct.
     let out = send(&lab, "legacy/client", &target, 1 << 20);
     assert_eq!(peer_of(connected(&out)), target);
@@ -435,12 +448,6 @@ fn enabling_captures_a_running_pod_and_disabling_keeps_established_connections()
     let out = shell.wait_success(WAIT);
     assert!(out.iter().any(|l| l.starts_with("ok total=")), "{out:?}");
     down_and_check_clean(lab);
-}
-
-fn progress(line: &str) -> u64 {
-    line.trim_start_matches("progress bytes=")
-        .parse()
-        .unwrap_or_else(|_| panic!("bad progress line {line:?}"))
 }
 
 #[test]
@@ -467,12 +474,7 @@ fn an_invalid_state_change_is_rejected_and_the_last_good_state_keeps_serving() {
     }
     lab.write_state(&bad);
     let reloads = |node: &str, result: &str| {
-        counter(
-            &lab,
-            node,
-            "mesh_state_reloads_total",
-            &[("result", result)],
-        )
+        lab.metric(node, "mesh_state_reloads_total", &[("result", result)])
     };
     wait_until("both agents to reject the change", WAIT, || {
         reloads("n1", "error") == 1.0 && reloads("n2", "error") == 1.0
@@ -485,10 +487,7 @@ fn an_invalid_state_change_is_rejected_and_the_last_good_state_keeps_serving() {
         "the rejection does not name the field:\n{log}"
     );
     // Nothing of the change was applied: legacy is still not captured, shop still is.
-    assert_eq!(
-        metric_value(&lab.metrics("n1"), "mesh_captured_pods", &[]),
-        Some(2.0)
-    );
+    assert_eq!(lab.metric("n1", "mesh_captured_pods", &[]), 2.0);
     let _api = serve(&lab, "shop/api", 8080);
     let vip = lab.service_vip("shop/api");
     let out = send(&lab, "shop/client", &format!("{vip}:80"), 1 << 20);
@@ -499,7 +498,7 @@ fn an_invalid_state_change_is_rejected_and_the_last_good_state_keeps_serving() {
     lab.write_state(&good);
     lab.set_namespace_enabled("legacy", true);
     wait_until("n1 to capture legacy/client", WAIT, || {
-        metric_value(&lab.metrics("n1"), "mesh_captured_pods", &[]) == Some(3.0)
+        lab.metric("n1", "mesh_captured_pods", &[]) == 3.0
     });
     assert!(reloads("n1", "ok") >= 1.0);
     down_and_check_clean(lab);

@@ -5,15 +5,10 @@ use std::time::{Duration, SystemTime};
 
 use mesh_lab::{
     certs::{ca, hbone_client, id, issue_leaf},
-    metric_value,
     pcap::{contains, tshark, Pcap},
-    traffic::{connected, peer_of, send, send_succeeds, serve, WAIT},
+    traffic::{connected, echoed, peer_of, send, send_succeeds, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
 };
-
-fn counter(lab: &Lab, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(&lab.metrics(node), name, labels).unwrap_or(0.0)
-}
 
 #[test]
 fn cross_node_traffic_is_only_tls_and_both_sides_log_the_peer_identity() {
@@ -104,8 +99,7 @@ fn cross_node_traffic_is_only_tls_and_both_sides_log_the_peer_identity() {
         "n1 did not log the server's SPIFFE id:\n{n1}"
     );
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_outbound_routes_total",
             &[("workload", "client"), ("transport", "hbone")]
@@ -153,19 +147,16 @@ fn many_connections_between_one_pair_share_a_few_hbone_connections() {
         );
     }
     assert_eq!(
-        counter(&lab, "n1", "mesh_hbone_streams_opened_total", &[]),
+        lab.metric("n1", "mesh_hbone_streams_opened_total", &[]),
         40.0
     );
-    let handshakes = counter(&lab, "n1", "mesh_hbone_connections_opened_total", &[]);
+    let handshakes = lab.metric("n1", "mesh_hbone_connections_opened_total", &[]);
     assert!(
         (1.0..=per_peer as f64).contains(&handshakes),
         "{handshakes} handshakes for 40 streams (at most {per_peer}):\n{}",
         lab.metrics("n1")
     );
-    assert_eq!(
-        counter(&lab, "n1", "mesh_hbone_connections", &[]),
-        handshakes
-    );
+    assert_eq!(lab.metric("n1", "mesh_hbone_connections", &[]), handshakes);
     lab.down();
 }
 
@@ -212,8 +203,7 @@ fn a_server_pod_out_of_local_ports_is_named_in_the_log_and_the_metric() {
         "n2 did not name the cause:\n{log}"
     );
     assert_eq!(
-        counter(
-            &lab,
+        lab.metric(
             "n2",
             "mesh_tcp_connection_failures_total",
             &[("workload", "api"), ("reason", "no_local_port")]
@@ -274,11 +264,35 @@ fn the_hbone_endpoint_refuses_bad_certificates_and_malformed_requests() {
     );
 
     // Refused at the TLS handshake: another trust domain, an expired certificate, none at all.
-    for (what, cert) in [
-        ("foreign trust domain", Some(&foreign)),
-        ("expired", Some(&expired)),
-        ("no certificate", None),
-    ] {
+    // Each refusal is told apart by what n2 logs about that connection (its `src=`): the
+    // verifier's reason and the handshake's error.
+    let rejected = "HBONE client certificate rejected";
+    for (i, (what, cert, reasons)) in [
+        (
+            "foreign trust domain",
+            Some(&foreign),
+            &[
+                "does not chain to a trusted root",
+                "failed: invalid peer certificate: UnknownIssuer",
+            ][..],
+        ),
+        (
+            "expired",
+            Some(&expired),
+            &[
+                "peer certificate expired at",
+                "failed: invalid peer certificate: Expired",
+            ],
+        ),
+        (
+            "no certificate",
+            None,
+            &["failed: peer sent no certificates"],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let out = hbone_client(
             &lab,
             "legacy/client",
@@ -297,11 +311,47 @@ fn the_hbone_endpoint_refuses_bad_certificates_and_malformed_requests() {
             refused && !out.iter().any(|l| l.contains("status=200")),
             "{what}: not refused: {out:?}"
         );
-    }
-    wait_until("n2 to log the rejected certificates", WAIT, || {
+        let failed = |log: &str| -> Vec<String> {
+            log.lines()
+                .filter(|l| l.contains("HBONE connection failed"))
+                .map(str::to_owned)
+                .collect()
+        };
+        wait_until(&format!("n2 to log the {what} refusal"), WAIT, || {
+            failed(&lab.agent_log("n2")).len() > i
+        });
         let log = lab.agent_log("n2");
-        log.contains("client certificate rejected") && log.contains("expired")
-    });
+        let failed = failed(&log);
+        assert_eq!(failed.len(), i + 1, "{what}: {failed:#?}");
+        let src = failed[i]
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("src="))
+            .map(|s| s.trim_end_matches([':', '}']))
+            .unwrap_or_else(|| panic!("no src= in {}", failed[i]));
+        let about: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&format!("src={src}}}")))
+            .collect();
+        for reason in reasons {
+            assert!(
+                about.iter().any(|l| l.contains(reason)),
+                "{what}: n2 did not refuse it for {reason:?}: {about:#?}"
+            );
+        }
+        assert_eq!(
+            about.iter().any(|l| l.contains(rejected)),
+            cert.is_some(),
+            "{what}: {about:#?}"
+        );
+    }
+    assert_eq!(
+        lab.metric(
+            "n2",
+            "mesh_tcp_connection_failures_total",
+            &[("workload", "api"), ("reason", "hbone_tls")]
+        ),
+        3.0
+    );
 
     // A valid client: the server presents api's identity; malformed requests get 400 (or a
     // stream error) and 503 when nothing listens, and the first stream keeps working.
@@ -343,8 +393,7 @@ fn the_hbone_endpoint_refuses_bad_certificates_and_malformed_requests() {
         "other streams were disturbed: {out:?}"
     );
     assert!(
-        counter(
-            &lab,
+        lab.metric(
             "n2",
             "mesh_tcp_connection_failures_total",
             &[("reason", "bad_request")]
@@ -369,8 +418,7 @@ fn certificates_rotate_under_a_live_connection() {
     let _api = serve(&lab, "shop/api", 8080);
     let _db = serve(&lab, "shop/db", 9090);
     let expiry = || {
-        counter(
-            &lab,
+        lab.metric(
             "n1",
             "mesh_certificate_expiry_timestamp_seconds",
             &[("namespace", "shop"), ("service_account", "client")],
@@ -405,14 +453,14 @@ fn certificates_rotate_under_a_live_connection() {
                 > first + 1.0
         },
     );
-    let before = stream.wait_line("progress", WAIT);
-    let after = loop {
-        let line = stream.wait_line("progress", WAIT);
-        if line != before {
-            break line;
-        }
-    };
-    assert_ne!(before, after);
+    // The stream's progress lines queue up while the test waits: take every one printed so
+    // far, then wait for round trips completed after the expiry.
+    let at_expiry = echoed(&mut stream);
+    wait_until(
+        "the stream to echo more after its first certificate expired",
+        WAIT,
+        || echoed(&mut stream) > at_expiry,
+    );
     // A new HBONE connection (to another destination) presents a renewed certificate.
     send(&lab, "shop/client", &format!("{db}:9090"), 1 << 20);
     let log = lab.agent_log("n1");

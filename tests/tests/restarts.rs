@@ -11,7 +11,7 @@ use std::{
 };
 
 use mesh_lab::{
-    agent_bin, labtool_bin, metric_value,
+    agent_bin, labtool_bin,
     pcap::{self, Pcap},
     traffic::{connected, peer_of, send, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
@@ -23,7 +23,7 @@ const LEAK_MARKER: &str = "MESH-LEAK-MARKER-0f3a";
 const CONTROL_MARKER: &str = "MESH-CONTROL-MARKER-77c1";
 
 fn counter(lab: &Lab, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(&lab.metrics(node), name, labels).unwrap_or(0.0)
+    lab.metric(node, name, labels)
 }
 
 fn now_us() -> u128 {

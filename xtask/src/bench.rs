@@ -3,13 +3,15 @@
 //! writes `target/bench/results.md` and `target/bench/results.json`.
 //!
 //! `--quick` runs every scenario briefly (a second or two each, fewer idle connections); CI runs
-//! it so that the harness cannot rot. It checks that every scenario produced figures, never a
-//! speed: speed is judged by a human reading a full run (docs/performance.md).
+//! it so that the harness cannot rot. Every run checks that every scenario produced figures and
+//! that every figure is a number (a NaN or an infinity is a broken measurement), never a speed:
+//! speed is judged by a human reading a full run (docs/performance.md).
 
 mod control;
 mod latency;
 mod measure;
 mod memory;
+mod policy;
 mod throughput;
 
 use std::{fmt::Write as _, path::PathBuf};
@@ -37,7 +39,8 @@ pub struct BenchArgs {
     /// MESH_AGENT_BIN and MESH_LABTOOL_BIN name).
     #[arg(long)]
     no_build: bool,
-    /// Run only these scenarios (throughput, latency, churn, memory, control); all by default.
+    /// Run only these scenarios (throughput, latency, churn, policy, memory, control); all by
+    /// default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -66,6 +69,8 @@ pub struct Durations {
     pub rr_secs: u32,
     pub warmup_secs: u32,
     pub idle_conns: usize,
+    /// Policy changes of the policy scenario.
+    pub policy_rounds: usize,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -84,6 +89,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rr_secs: 2,
             warmup_secs: 0,
             idle_conns: 1000,
+            policy_rounds: 1,
         }
     } else {
         Durations {
@@ -91,6 +97,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rr_secs: 20,
             warmup_secs: 1,
             idle_conns: 10_000,
+            policy_rounds: 10,
         }
     };
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
@@ -101,7 +108,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if wanted("throughput") {
         throughput::crypto(&bins.agent, args.quick, &mut figures).context("TLS record floor")?;
     }
-    let lab_scenarios = ["throughput", "latency", "churn", "memory"];
+    let lab_scenarios = ["throughput", "latency", "churn", "policy", "memory"];
     if lab_scenarios.iter().any(|s| wanted(s)) {
         let lab = Lab::try_up(LabOptions {
             id: Some("bench".into()),
@@ -123,6 +130,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if wanted("churn") {
             latency::churn(&lab, &d, &mut figures).context("churn scenario")?;
         }
+        if wanted("policy") {
+            policy::run(&lab, d.policy_rounds, &mut figures).context("policy scenario")?;
+        }
         if wanted("memory") {
             memory::after_all(&lab, &mut figures)?;
         }
@@ -130,10 +140,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // Leaves nothing behind, not even the empty shared lab directories.
         mesh_lab::sweep()?;
     }
-    let expected: Vec<&str> = ["throughput", "latency", "churn", "memory", "control"]
-        .into_iter()
-        .filter(|s| wanted(s))
-        .collect();
+    let expected: Vec<&str> = [
+        "throughput",
+        "latency",
+        "churn",
+        "policy",
+        "memory",
+        "control",
+    ]
+    .into_iter()
+    .filter(|s| wanted(s))
+    .collect();
     report(&figures, args.quick, &expected)
 }
 
@@ -206,17 +223,33 @@ fn report(figures: &[Figure], quick: bool, expected: &[&str]) -> Result<()> {
     std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     println!("{md}");
     println!("written: {} and {}", md_path.display(), json_path.display());
-    let missing: Vec<&str> = expected
-        .iter()
-        .copied()
-        .filter(|s| {
-            !figures
-                .iter()
-                .any(|f| f.scenario == *s && f.value.is_finite())
-        })
-        .collect();
-    anyhow::ensure!(missing.is_empty(), "scenarios without figures: {missing:?}");
+    let problems = incomplete(figures, expected);
+    anyhow::ensure!(
+        problems.is_empty(),
+        "the benchmarks did not measure everything: {}",
+        problems.join("; ")
+    );
     Ok(())
+}
+
+/// What is missing from a report: each expected scenario without figures, and each figure
+/// whose value (or direct-path value) is not a finite number.
+fn incomplete(figures: &[Figure], expected: &[&str]) -> Vec<String> {
+    let mut problems: Vec<String> = expected
+        .iter()
+        .filter(|s| !figures.iter().any(|f| f.scenario == **s))
+        .map(|s| format!("{s}: no figures"))
+        .collect();
+    for f in figures {
+        if !f.value.is_finite() || f.direct.is_some_and(|d| !d.is_finite()) {
+            let direct = f
+                .direct
+                .map(|d| format!(" (direct {d})"))
+                .unwrap_or_default();
+            problems.push(format!("{}: {} is {}{direct}", f.scenario, f.name, f.value));
+        }
+    }
+    problems
 }
 
 /// Three significant digits, without a fraction for large values.
@@ -227,5 +260,45 @@ fn fmt_value(v: f64) -> String {
         format!("{v:.1}")
     } else {
         format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figure(scenario: &'static str, value: f64, direct: Option<f64>) -> Figure {
+        Figure {
+            scenario,
+            name: format!("{scenario} figure"),
+            unit: "ms",
+            value,
+            direct,
+        }
+    }
+
+    #[test]
+    fn every_figure_of_every_scenario_must_be_a_number() {
+        let good = [
+            figure("latency", 1.0, Some(2.0)),
+            figure("churn", -3.0, None),
+        ];
+        assert!(incomplete(&good, &["latency", "churn"]).is_empty());
+        assert_eq!(
+            incomplete(&good, &["latency", "churn", "memory"]),
+            ["memory: no figures"]
+        );
+        let bad = [
+            figure("latency", 1.0, Some(2.0)),
+            figure("latency", f64::NAN, Some(2.0)),
+            figure("churn", 3.0, Some(f64::INFINITY)),
+        ];
+        assert_eq!(
+            incomplete(&bad, &["latency", "churn"]),
+            [
+                "latency: latency figure is NaN (direct 2)",
+                "churn: churn figure is 3 (direct inf)"
+            ]
+        );
     }
 }

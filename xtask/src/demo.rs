@@ -1,14 +1,28 @@
 //! `cargo xtask demo`: build the release binaries, bring up the lab, show one captured
-//! connection and the metrics that prove it, tear down.
+//! connection and the metrics that prove it, tear down. Every fact it narrates is checked on
+//! what it observed (the client's socket, the agents' log lines and metrics, what is left after
+//! teardown): the demo fails when one is not so.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
-use mesh_lab::{metric_value, traffic, Lab, LabOptions};
+use anyhow::{bail, ensure, Context as _};
+use mesh_lab::{exposed_value, traffic, Lab, LabOptions};
 
 use crate::{
     build::{self, Profile},
     preflight,
 };
+
+const BYTES: u64 = 16 << 20;
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/api";
+
+/// What a metric must show for the demo's story to hold.
+#[derive(Clone, Copy)]
+enum Expect {
+    Exactly(f64),
+    AtLeast(f64),
+}
 
 pub fn run() -> anyhow::Result<()> {
     preflight::ensure("cargo xtask demo", &[preflight::LAB])?;
@@ -32,39 +46,66 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("  service shop/api  vip {vip}:80 -> shop/api:8080");
 
-    println!("\n== shop/client sends 16 MiB to {vip}:80 and checks the echo (an echo server runs in shop/api) ==");
+    println!(
+        "\n== shop/client sends 16 MiB to {vip}:80 and checks the echo (an echo server runs in \
+         shop/api) =="
+    );
     let _server = traffic::serve(&lab, "shop/api", 8080);
-    let out = traffic::send(&lab, "shop/client", &format!("{vip}:80"), 16 << 20);
+    let out = traffic::send(&lab, "shop/client", &format!("{vip}:80"), BYTES);
     for line in &out {
         println!("  client: {line}");
     }
-    println!("  (the client's socket is connected to 127.0.0.1:15001: mesh_connect4 redirected it to the agent inside the pod)");
+    let peer = traffic::peer_of(traffic::connected(&out));
+    ensure!(
+        peer == "127.0.0.1:15001",
+        "the client's socket is connected to {peer}, not to the agent's 127.0.0.1:15001: the \
+         connection was not captured"
+    );
+    println!(
+        "  (the client's socket is connected to {peer}: mesh_connect4 redirected it to the \
+         agent inside the pod)"
+    );
 
-    println!("\n== agent n1 (client side): HBONE to shop/api, server identity checked ==");
     mesh_lab::wait_until(
-        "the agents to log the connection",
+        "the agents to log the connection closed",
         Duration::from_secs(10),
         || {
-            lab.agent_log("n1").contains("connection closed")
-                && lab.agent_log("n2").contains("connection closed")
+            closed_line(&lab.agent_log("n1"), "outbound{pod=shop/client").is_ok()
+                && closed_line(&lab.agent_log("n2"), "inbound{pod=shop/api").is_ok()
         },
     );
-    print_matching(&lab.agent_log("n1"), "outbound{");
+    let (n1, n2) = (lab.agent_log("n1"), lab.agent_log("n2"));
+    let outbound = closed_line(&n1, "outbound{pod=shop/client")?;
+    ensure!(
+        outbound.contains("transport=\"hbone\""),
+        "n1 did not send the connection through HBONE: {outbound}"
+    );
+    println!("\n== agent n1 (client side): HBONE to shop/api, server identity checked ==");
+    println!("  {outbound}");
+    let inbound = closed_line(&n2, "inbound{pod=shop/api")?;
+    ensure!(
+        inbound.contains("hbone{pod=shop/api"),
+        "n2 did not receive the connection over HBONE: {inbound}"
+    );
     println!(
         "\n== agent n2 (server side): HBONE through mesh_sk_lookup, client identity verified =="
     );
-    print_matching(&lab.agent_log("n2"), "inbound{");
-    let (n1, n2) = (lab.agent_log("n1"), lab.agent_log("n2"));
+    println!("  {inbound}");
     println!("\n== identities ==");
-    println!(
-        "  the client presented  {}  (verified by n2)",
-        field(&n2, "inbound{", "identity=")
+    let client = field(inbound, "identity=")?;
+    ensure!(
+        client == CLIENT_ID,
+        "n2 verified {client}, not shop/client's {CLIENT_ID}"
     );
-    println!(
-        "  the server presented  {}  (checked by n1)",
-        field(&n1, "outbound{", "peer_identity=")
+    println!("  the client presented  {client}  (verified by n2)");
+    let server = field(outbound, "peer_identity=")?;
+    ensure!(
+        server == SERVER_ID,
+        "n1 checked {server}, not shop/api's {SERVER_ID}"
     );
+    println!("  the server presented  {server}  (checked by n1)");
 
+    let bytes = BYTES as f64;
     for (node, series) in [
         (
             "n1",
@@ -72,25 +113,38 @@ pub fn run() -> anyhow::Result<()> {
                 (
                     "mesh_capture_events_total",
                     vec![("program", "connect"), ("reason", "redirected")],
+                    Expect::AtLeast(1.0),
                 ),
                 (
                     "mesh_capture_events_total",
                     vec![("program", "sock_ops"), ("reason", "recorded")],
+                    Expect::AtLeast(1.0),
                 ),
                 (
                     "mesh_tcp_connections_opened_total",
                     vec![("direction", "outbound"), ("workload", "client")],
+                    Expect::Exactly(1.0),
                 ),
                 (
                     "mesh_tcp_sent_bytes_total",
                     vec![("direction", "outbound"), ("workload", "client")],
+                    Expect::Exactly(bytes),
                 ),
                 (
                     "mesh_outbound_routes_total",
                     vec![("workload", "client"), ("transport", "hbone")],
+                    Expect::Exactly(1.0),
                 ),
-                ("mesh_hbone_connections_opened_total", vec![]),
-                ("mesh_hbone_streams_opened_total", vec![]),
+                (
+                    "mesh_hbone_connections_opened_total",
+                    vec![],
+                    Expect::Exactly(1.0),
+                ),
+                (
+                    "mesh_hbone_streams_opened_total",
+                    vec![],
+                    Expect::Exactly(1.0),
+                ),
             ],
         ),
         (
@@ -99,51 +153,120 @@ pub fn run() -> anyhow::Result<()> {
                 (
                     "mesh_capture_events_total",
                     vec![("program", "sk_lookup"), ("reason", "steered")],
+                    Expect::AtLeast(1.0),
                 ),
                 (
                     "mesh_tcp_connections_opened_total",
                     vec![("direction", "inbound"), ("workload", "api")],
+                    Expect::Exactly(1.0),
                 ),
                 (
                     "mesh_tcp_received_bytes_total",
                     vec![("direction", "inbound"), ("workload", "api")],
+                    Expect::Exactly(bytes),
                 ),
             ],
         ),
     ] {
         println!("\n== metrics of agent {node} (GET :15020/metrics) ==");
         let text = lab.metrics(node);
-        for (name, labels) in series {
-            let value = metric_value(&text, name, &labels).unwrap_or(0.0);
+        for (name, labels, expect) in series {
+            let value = exposed_value(&text, name, &labels)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("metrics of {node}"))?;
             let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-            if shown.is_empty() {
-                println!("  {name} {value}");
+            let series = if shown.is_empty() {
+                name.to_owned()
             } else {
-                println!("  {name}{{{}}} {value}", shown.join(","));
-            }
+                format!("{name}{{{}}}", shown.join(","))
+            };
+            let (holds, wanted) = match expect {
+                Expect::Exactly(want) => (value == want, format!("{want}")),
+                Expect::AtLeast(min) => (value >= min, format!("at least {min}")),
+            };
+            ensure!(holds, "{node}: {series} is {value}, expected {wanted}");
+            println!("  {series} {value}");
         }
     }
     println!("\n== tearing down ==");
+    let left = Footprint::of(&lab);
     lab.try_down()?;
+    left.check_gone()?;
     println!("done: the lab is gone (namespaces, cgroups, pins, agents)");
     Ok(())
 }
 
-fn print_matching(log: &str, needle: &str) {
-    for line in log.lines().filter(|l| l.contains(needle)) {
-        println!("  {line}");
-    }
+/// The `connection closed` line of `log` whose innermost span starts with `span`.
+fn closed_line<'a>(log: &'a str, span: &str) -> anyhow::Result<&'a str> {
+    log.lines()
+        .find(|l| {
+            let spans = l.split_once("}: ").map_or("", |(spans, _)| spans);
+            spans.rsplit("}:").next().is_some_and(|s| s.contains(span))
+                && l.contains("connection closed")
+        })
+        .with_context(|| format!("no `connection closed` line of {span}...}} in:\n{log}"))
 }
 
-/// The value of `name=` in the first log line of span `span` that has it (span fields end with
-/// `:` or `}`).
-fn field(log: &str, span: &str, name: &str) -> String {
-    log.lines()
-        .filter(|l| l.contains(span))
-        .flat_map(str::split_whitespace)
-        .find_map(|f| {
-            f.strip_prefix(name)
-                .map(|v| v.trim_end_matches([':', '}']).to_owned())
-        })
-        .unwrap_or_else(|| "(not logged)".into())
+/// The value of `name=` in a log line (span fields end with `:` or `}`).
+fn field<'a>(line: &'a str, name: &str) -> anyhow::Result<&'a str> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(name).map(|v| v.trim_end_matches([':', '}'])))
+        .with_context(|| format!("no {name} in {line}"))
+}
+
+/// What the demo lab created, to check that teardown removed it.
+struct Footprint {
+    netns: Vec<String>,
+    dirs: Vec<PathBuf>,
+    agents: Vec<u32>,
+}
+
+impl Footprint {
+    fn of(lab: &Lab) -> Footprint {
+        let netns = lab
+            .nodes()
+            .iter()
+            .map(|n| n.netns_name.clone())
+            .chain(lab.pods().iter().map(|p| p.netns_name.clone()))
+            .collect();
+        let dirs = [lab.run_dir(), lab.cgroup_dir(), lab.bpf_dir()]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
+        let agents = lab
+            .nodes()
+            .iter()
+            .filter_map(|n| lab.agent_pid(&n.name))
+            .collect();
+        Footprint {
+            netns,
+            dirs,
+            agents,
+        }
+    }
+
+    fn check_gone(&self) -> anyhow::Result<()> {
+        let mut left: Vec<String> = self
+            .netns
+            .iter()
+            .filter(|n| PathBuf::from("/run/netns").join(n).exists())
+            .map(|n| format!("network namespace {n}"))
+            .collect();
+        left.extend(
+            self.dirs
+                .iter()
+                .filter(|d| d.exists())
+                .map(|d| d.display().to_string()),
+        );
+        left.extend(
+            self.agents
+                .iter()
+                .filter(|pid| PathBuf::from(format!("/proc/{pid}")).exists())
+                .map(|pid| format!("agent {pid}")),
+        );
+        if !left.is_empty() {
+            bail!("the lab was not removed: {}", left.join(", "));
+        }
+        Ok(())
+    }
 }

@@ -36,6 +36,13 @@ pub const LAB: &[Tool] = &[
     },
 ];
 
+/// The unit tests (`cargo xtask test` checks these with or without root).
+pub const UNIT: &[Tool] = &[Tool {
+    command: "openssl",
+    package: "openssl",
+    why: "an identity test makes a bring-your-own CA with the openssl CLI",
+}];
+
 /// The end-to-end tests, besides [`LAB`].
 pub const TEST: &[Tool] = &[
     Tool {
@@ -218,7 +225,7 @@ mod tests {
 
     #[test]
     fn each_command_is_listed_once() {
-        let all: Vec<&str> = [LAB, TEST, BENCH]
+        let all: Vec<&str> = [UNIT, LAB, TEST, BENCH]
             .iter()
             .flat_map(|set| set.iter().map(|t| t.command))
             .collect();

@@ -1,10 +1,12 @@
 //! `cargo xtask test`: everything CI checks, in order of cost. Formatting, lints (host and
 //! eBPF), unit tests, then the end-to-end suite in the lab (root needed: without it the lab
-//! tests skip loudly, or fail when MESH_REQUIRE_PRIVILEGED=1 as in CI).
+//! tests skip loudly, or fail when MESH_REQUIRE_PRIVILEGED=1 as in CI). The last line says how
+//! many end-to-end tests ran: a run where they skipped is not "all checks passed".
 
 use std::process::Command;
 
-use mesh_lab::REQUIRE_PRIVILEGED_ENV;
+use anyhow::Context as _;
+use mesh_lab::{Tally, REQUIRE_PRIVILEGED_ENV, TALLY_DIR_ENV};
 
 use crate::{
     build::{self, root, run, Profile},
@@ -15,8 +17,12 @@ pub fn run_all() -> anyhow::Result<()> {
     let root = root();
     // First, so that a fresh machine is ready (or told what it lacks) before the long builds.
     if preflight::is_root() || std::env::var(REQUIRE_PRIVILEGED_ENV).is_ok_and(|v| v == "1") {
-        preflight::ensure("cargo xtask test", &[preflight::LAB, preflight::TEST])?;
+        preflight::ensure(
+            "cargo xtask test",
+            &[preflight::UNIT, preflight::LAB, preflight::TEST],
+        )?;
     } else {
+        preflight::ensure("cargo xtask test", &[preflight::UNIT])?;
         eprintln!(
             "xtask: not root: the end-to-end tests will skip, so the commands they run are not \
              checked"
@@ -59,17 +65,44 @@ pub fn run_all() -> anyhow::Result<()> {
     step("build (debug binaries the lab runs)");
     let bins = build::lab_bins(Profile::Debug, true)?;
     step("unit and end-to-end tests");
-    run(Command::new("cargo")
+    // Each lab test records there whether it ran or skipped: the count below.
+    let tally_dir = build::target_dir().join("e2e-tally");
+    match std::fs::remove_dir_all(&tally_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("emptying {}", tally_dir.display()));
+        }
+        _ => {}
+    }
+    let tested = run(Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--", "--test-threads=2"])
         .env("MESH_AGENT_BIN", &bins.agent)
-        .env("MESH_LABTOOL_BIN", &bins.labtool))?;
+        .env("MESH_LABTOOL_BIN", &bins.labtool)
+        .env(TALLY_DIR_ENV, &tally_dir));
+    let tally = Tally::read(&tally_dir).with_context(|| {
+        format!(
+            "reading what the lab tests recorded in {}",
+            tally_dir.display()
+        )
+    })?;
+    eprintln!("xtask: {tally}");
+    tested?;
     step("lab leftovers");
     let swept = mesh_lab::sweep()?;
     if !swept.is_empty() {
         anyhow::bail!("tests left lab resources behind (now removed): {swept:?}");
     }
-    eprintln!("xtask: all checks passed");
+    if tally.total() == 0 {
+        anyhow::bail!(
+            "no end-to-end test recorded whether it ran (in {}): the suite did not run them",
+            tally_dir.display()
+        );
+    }
+    if tally.skipped.is_empty() {
+        eprintln!("xtask: all checks passed; {tally}");
+    } else {
+        eprintln!("xtask: the other checks passed, but {tally}");
+    }
     Ok(())
 }
 

@@ -310,31 +310,20 @@ impl Issuer {
         lifetime: Duration,
         now: SystemTime,
     ) -> Result<Leaf, Error> {
-        let what = || format!("identity {id}");
-        let SignedLeaf {
-            chain,
-            key,
-            issued_at,
-            not_before,
-            not_after,
-        } = self.sign_leaf(id, lifetime, now)?;
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let provider = rustls::crypto::ring::default_provider();
-        let certified =
-            CertifiedKey::from_der(chain.clone(), key_der, &provider).map_err(|source| {
-                Error::TlsKey {
-                    what: what(),
-                    source,
-                }
-            })?;
-        Ok(Leaf {
-            id: id.clone(),
-            chain,
-            not_before,
-            not_after,
-            issued_at,
-            certified_key: Arc::new(certified),
-        })
+        into_leaf(id, self.sign_leaf(id, lifetime, now)?)
+    }
+
+    /// [`Issuer::issue_leaf`], and the leaf's private key (PKCS#8 DER) for tests that look for
+    /// it where it must not be.
+    #[cfg(test)]
+    pub(crate) fn issue_leaf_and_key(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<(Leaf, Vec<u8>), Error> {
+        let signed = self.sign_leaf(id, lifetime, SystemTime::now())?;
+        let key = signed.key.serialize_der();
+        Ok((into_leaf(id, signed)?, key))
     }
 
     /// Issues a leaf for `id` and writes it as files, for operators and tests (agents keep
@@ -661,6 +650,35 @@ fn inspect_ca(der: &CertificateDer<'_>, path: &Path, index: usize) -> Result<CaI
         uri_trust_domain,
         org_trust_domain,
         subject,
+    })
+}
+
+/// A signed leaf, ready for TLS: its key moves into the rustls signing key.
+fn into_leaf(id: &SpiffeId, signed: SignedLeaf) -> Result<Leaf, Error> {
+    let what = || format!("identity {id}");
+    let SignedLeaf {
+        chain,
+        key,
+        issued_at,
+        not_before,
+        not_after,
+    } = signed;
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let provider = rustls::crypto::ring::default_provider();
+    let certified =
+        CertifiedKey::from_der(chain.clone(), key_der, &provider).map_err(|source| {
+            Error::TlsKey {
+                what: what(),
+                source,
+            }
+        })?;
+    Ok(Leaf {
+        id: id.clone(),
+        chain,
+        not_before,
+        not_after,
+        issued_at,
+        certified_key: Arc::new(certified),
     })
 }
 

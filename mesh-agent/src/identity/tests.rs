@@ -475,33 +475,96 @@ fn bundle_with_two_roots() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// How a P-256 private key (PKCS#8 DER) could show in text: its secret scalar in hex (either
+/// case), as Rust prints bytes, in base64, and the part of the key's PEM that encodes it (the
+/// first 48 characters of every P-256 PKCS#8 PEM are the same header: no key material).
+fn key_renderings(pkcs8: &[u8]) -> Vec<String> {
+    // ECPrivateKey: version 1, then the private key as a 32-byte OCTET STRING.
+    const BEFORE_SCALAR: [u8; 5] = [0x02, 0x01, 0x01, 0x04, 0x20];
+    let at = pkcs8
+        .windows(BEFORE_SCALAR.len())
+        .position(|w| w == BEFORE_SCALAR)
+        .expect("a P-256 PKCS#8 key")
+        + BEFORE_SCALAR.len();
+    let scalar = &pkcs8[at..at + 32];
+    let hex: String = scalar.iter().map(|b| format!("{b:02x}")).collect();
+    let body = |der: &[u8]| -> String {
+        pem::encode("KEY", der)
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect()
+    };
+    let bytes = format!("{scalar:?}");
+    vec![
+        hex.clone(),
+        hex.to_uppercase(),
+        bytes[1..bytes.len() / 2].to_owned(),
+        body(scalar)[..40].to_owned(),
+        body(pkcs8)[48..88].to_owned(),
+    ]
+}
+
 #[test]
 fn debug_shows_no_key_material() {
     let (root, node) = ca("cluster.local");
-    let leaf = node
-        .issue_leaf(&id("cluster.local", "ns", "sa"), DAY)
+    let (leaf, leaf_key) = node
+        .issue_leaf_and_key(&id("cluster.local", "ns", "sa"), DAY)
         .expect("leaf");
-    let key_pem = node.signer().key().serialize_pem();
-    let key_body: String = key_pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect();
-    let key_der = node.signer().key().serialize_der();
-    for debug in [
+    let keys = [
+        ("leaf", leaf_key),
+        ("node", node.signer().key().serialize_der()),
+        ("root", root.signer().key().serialize_der()),
+    ];
+    let mut debugs = vec![
         format!("{leaf:?}"),
         format!("{leaf:#?}"),
         format!("{node:?}"),
         format!("{root:#?}"),
-    ] {
+    ];
+    let bundle = bundle_of(&root);
+    let manager = CertManager::with_clock(
+        node,
+        bundle,
+        DAY,
+        prometheus_client::metrics::family::Family::default(),
+        std::sync::Arc::new(SystemTime::now),
+        1,
+    );
+    manager
+        .get(&id("cluster.local", "ns", "sa"))
+        .expect("a leaf in the manager");
+    debugs.push(format!("{manager:?}"));
+    for debug in &debugs {
         assert!(!debug.contains("PRIVATE"), "{debug}");
-        assert!(!debug.contains(&key_body[..16]), "{debug}");
-        assert!(
-            !debug.contains(&format!("{:?}", &key_der[..8])[1..20]),
-            "{debug}"
-        );
+        for (whose, key) in &keys {
+            for shown in key_renderings(key) {
+                assert!(
+                    !debug.contains(&shown),
+                    "the {whose} key ({shown}) is in a Debug output: {debug}"
+                );
+            }
+        }
         assert!(debug.len() < 400, "unexpectedly long Debug: {debug}");
     }
     assert!(format!("{leaf:?}").contains("spiffe://cluster.local/ns/ns/sa/sa"));
+    // The renderings are of the key, not of what every key shares.
+    let (_, other) = ca("cluster.local");
+    let other = other.signer().key().serialize_der();
+    for (whose, key) in &keys {
+        for (mine, theirs) in key_renderings(key).iter().zip(key_renderings(&other)) {
+            assert_ne!(
+                *mine, theirs,
+                "a rendering of the {whose} key is not its own"
+            );
+        }
+    }
+    let leaf_pem = pem::encode("PRIVATE KEY", &keys[0].1);
+    assert!(
+        key_renderings(&keys[0].1)
+            .iter()
+            .any(|r| leaf_pem.replace('\n', "").contains(r.as_str())),
+        "the renderings would not find the key's own PEM"
+    );
 }
 
 #[test]
@@ -561,14 +624,19 @@ fn cli_init_and_issue_node() {
     let _ = fs::remove_dir_all(&dir);
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> bool {
+/// Runs the openssl CLI in `dir`; panics if it fails or cannot run (no silent skip: without
+/// it the bring-your-own-CA path would go untested; `cargo xtask test` installs it).
+fn openssl(dir: &Path, args: &[&str]) {
     match Command::new("openssl").args(args).current_dir(dir).output() {
-        Ok(out) if out.status.success() => true,
+        Ok(out) if out.status.success() => {}
         Ok(out) => panic!(
             "openssl {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ),
-        Err(_) => false,
+        Err(e) => panic!(
+            "cannot run the openssl CLI ({e}): this test makes a CA with it; install it (Debian \
+             package openssl; `cargo xtask test` installs it as root)"
+        ),
     }
 }
 
@@ -577,7 +645,7 @@ fn openssl(dir: &Path, args: &[&str]) -> bool {
 #[test]
 fn bring_your_own_openssl_ca() {
     let dir = scratch("openssl");
-    let have = openssl(
+    openssl(
         &dir,
         &[
             "ecparam",
@@ -589,10 +657,6 @@ fn bring_your_own_openssl_ca() {
             "root.key",
         ],
     );
-    if !have {
-        eprintln!("SKIPPED bring_your_own_openssl_ca: no openssl CLI on this machine");
-        return;
-    }
     let ca_ext = "basicConstraints=critical,CA:true";
     openssl(
         &dir,

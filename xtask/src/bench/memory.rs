@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mesh_lab::{metric_value, Lab, Running};
+use mesh_lab::{exposed_value, metric_value, Lab, Running};
 
 use super::{measure::agent_rss_mib, Durations, Figure};
 
@@ -157,9 +157,13 @@ fn wait_connections_closed(lab: &Lab, node: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let metrics = lab.metrics(node);
-        let total = |name: &str| metric_value(&metrics, name, &[]).unwrap_or(0.0);
-        let open =
-            total("mesh_tcp_connections_opened_total") - total("mesh_tcp_connections_closed_total");
+        let total = |name: &str| {
+            exposed_value(&metrics, name, &[])
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("metrics of {node}"))
+        };
+        let open = total("mesh_tcp_connections_opened_total")?
+            - total("mesh_tcp_connections_closed_total")?;
         if open <= 0.0 {
             return Ok(());
         }
