@@ -321,16 +321,41 @@ pub fn load(
         "state loaded"
     );
     for p in snap.policies.values() {
-        warn_l7(p);
+        warn_policy(&snap, p);
     }
     Ok((snap, bytes, rejections))
 }
 
-/// Logs what a policy asks that L4 cannot evaluate.
-fn warn_l7(p: &Policy) {
+/// Logs what a policy asks that L4 cannot evaluate, and a policy that applies to nothing
+/// because it sits in another mesh's root namespace.
+fn warn_policy(snap: &Snapshot, p: &Policy) {
     for warning in &p.warnings {
         warn!(policy = %p.key, "{warning}");
     }
+    if let Some(warning) = foreign_root_namespace(snap, p) {
+        warn!(policy = %p.key, "{warning}");
+    }
+}
+
+/// Root namespaces of other meshes, where policies copied from them often sit.
+const FOREIGN_ROOT_NAMESPACES: [&str; 1] = ["istio-system"];
+
+/// Why a policy in another mesh's root namespace (copied from Istio: `istio-system`) applies to
+/// no workload here, when that namespace is neither this mesh's root namespace nor one the
+/// state knows; `None` otherwise.
+pub fn foreign_root_namespace(snap: &Snapshot, p: &Policy) -> Option<String> {
+    let ns = p.namespace.as_str();
+    let foreign = FOREIGN_ROOT_NAMESPACES.contains(&ns)
+        && ns != snap.root_namespace()
+        && !snap.namespaces.contains_key(ns);
+    foreign.then(|| {
+        format!(
+            "namespace {ns} is Istio's root namespace, but this mesh's root namespace is {} \
+             (policy.root_namespace) and no namespace {ns} exists: the policy applies to no \
+             workload. Set policy.root_namespace: {ns} to apply it mesh-wide, or move it",
+            snap.root_namespace()
+        )
+    })
 }
 
 /// Logs and counts invalid policies (at load and at each reload that finds them).
@@ -393,7 +418,9 @@ fn reload(path: &Path, bytes: &[u8], store: &Store, metrics: &Metrics) -> Result
         policies = snap.policies.len(),
         "state reloaded"
     );
-    upserted.iter().for_each(warn_l7);
+    for p in &upserted {
+        warn_policy(&snap, p);
+    }
     report(&rejections, metrics);
     Ok(())
 }

@@ -49,7 +49,12 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
         writeln!(out, "invalid: {r}")?;
     }
     for p in snap.policies.values() {
-        for w in &p.warnings {
+        for w in p
+            .warnings
+            .iter()
+            .cloned()
+            .chain(file::foreign_root_namespace(&snap, p))
+        {
             writeln!(out, "warning: policy {}: {w}", p.key)?;
         }
     }

@@ -425,3 +425,43 @@ fn a_state_file_over_the_cap_is_refused_without_being_read_whole() {
     load(&path, "mesh-system").expect("under the cap");
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn a_policy_in_istios_root_namespace_is_named_when_it_applies_to_nothing() {
+    const IN_ISTIO_SYSTEM: &str = r#"
+  - metadata: {name: deny-all, namespace: istio-system}
+    spec: {action: DENY, rules: [{}]}
+"#;
+    let warning = |snap: &Snapshot| {
+        let p = snap
+            .policies
+            .values()
+            .find(|p| p.namespace == "istio-system")
+            .expect("the policy");
+        foreign_root_namespace(snap, p)
+    };
+    let dir = std::env::temp_dir().join(format!("mesh-foreign-root-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("state.yaml");
+    std::fs::write(&path, with_policies(IN_ISTIO_SYSTEM)).expect("write");
+    // The default root namespace is mesh-system: the policy applies to nothing, and says so.
+    let (snap, _, _) = load(&path, "mesh-system").expect("load");
+    let w = warning(&snap).expect("a warning");
+    assert!(
+        w.contains("namespace istio-system is Istio's root namespace")
+            && w.contains("policy.root_namespace: istio-system"),
+        "{w}"
+    );
+    // With istio-system as the root namespace it applies mesh-wide: no warning.
+    let (snap, _, _) = load(&path, "istio-system").expect("load");
+    assert_eq!(warning(&snap), None);
+    // Nor when the state has such a namespace (its pods are what it selects).
+    let with_ns = with_policies(IN_ISTIO_SYSTEM).replace(
+        "namespaces: [{name: shop, enabled: true}, {name: legacy}]",
+        "namespaces: [{name: shop, enabled: true}, {name: legacy}, {name: istio-system}]",
+    );
+    std::fs::write(&path, with_ns).expect("write");
+    let (snap, _, _) = load(&path, "mesh-system").expect("load");
+    assert_eq!(warning(&snap), None);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
