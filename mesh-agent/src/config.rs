@@ -126,10 +126,26 @@ pub struct HboneConfig {
     /// sends same-node traffic through HBONE as well.
     #[serde(default = "default_true")]
     pub same_node_fast_path: bool,
+    /// An HBONE connection takes no new stream after this many seconds (nor after its peer's
+    /// certificate expires): the server sends GOAWAY, the client opens a new connection, with
+    /// current certificates. Streams already open go on. Default 3600; 60 to 604800.
+    #[serde(default = "default_max_connection_age_secs")]
+    pub max_connection_age_secs: u64,
 }
 
 fn default_true() -> bool {
     true
+}
+
+fn default_max_connection_age_secs() -> u64 {
+    3600
+}
+
+impl HboneConfig {
+    /// How long an HBONE connection takes new streams.
+    pub fn max_connection_age(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.max_connection_age_secs)
+    }
 }
 
 impl Default for HboneConfig {
@@ -137,6 +153,7 @@ impl Default for HboneConfig {
         Self {
             connections_per_peer: crate::tunnel::client::default_max_conns(),
             same_node_fast_path: true,
+            max_connection_age_secs: default_max_connection_age_secs(),
         }
     }
 }
@@ -242,6 +259,12 @@ impl Config {
             return Err(format!(
                 "`hbone.connections_per_peer` is {}: use 1 to 64",
                 self.hbone.connections_per_peer
+            ));
+        }
+        if !(60..=7 * 24 * 3600).contains(&self.hbone.max_connection_age_secs) {
+            return Err(format!(
+                "`hbone.max_connection_age_secs` is {}: use 60 to 604800",
+                self.hbone.max_connection_age_secs
             ));
         }
         if self.lifecycle.drain_timeout_secs > 24 * 3600 {

@@ -235,6 +235,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         pool,
         local: proxy::LocalPods::default(),
         same_node_fast_path: config.hbone.same_node_fast_path,
+        hbone_max_age: config.hbone.max_connection_age(),
         tasks: tokio_util::task::TaskTracker::new(),
         hbone: tokio_util::task::TaskTracker::new(),
         drain,
@@ -521,6 +522,7 @@ fn hbone_pool(config: &config::Config, metrics: &metrics::Metrics) -> Arc<tunnel
     );
     let pool_config = tunnel::client::PoolConfig {
         max_conns: config.hbone.connections_per_peer,
+        max_age: config.hbone.max_connection_age(),
         ..tunnel::client::PoolConfig::default()
     };
     tunnel::client::Pool::new(pool_config, pool_metrics)

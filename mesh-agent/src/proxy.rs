@@ -50,6 +50,8 @@ pub struct Inputs {
     pub local: LocalPods,
     /// Whether the same-node fast path is on (`hbone.same_node_fast_path`).
     pub same_node_fast_path: bool,
+    /// How long an inbound HBONE connection takes new streams (`hbone.max_connection_age_secs`).
+    pub hbone_max_age: Duration,
     /// Every proxied connection and HBONE stream: an agent that stops waits on it until they
     /// have ended (or its drain deadline passes).
     pub tasks: tokio_util::task::TaskTracker,

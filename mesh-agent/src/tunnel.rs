@@ -38,6 +38,18 @@ pub mod settings {
     pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 }
 
+/// When a connection stops taking new streams: at `max_age` from now, or when the peer's
+/// certificate expires (`peer_not_after`, Unix seconds), whichever comes first.
+pub fn retire_at(peer_not_after: i64, max_age: Duration) -> tokio::time::Instant {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let left = u64::try_from(peer_not_after)
+        .unwrap_or(0)
+        .saturating_sub(now_unix);
+    tokio::time::Instant::now() + max_age.min(Duration::from_secs(left))
+}
+
 /// How long a TLS + HTTP/2 handshake may take (client side).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a peer may take over its handshake with our server: a connection that stalls it

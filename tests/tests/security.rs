@@ -256,3 +256,70 @@ fn pods_of_one_service_account_do_not_share_tunnels() {
     });
     lab.down();
 }
+
+/// With 10 s certificates, an HBONE connection takes no new stream once a certificate it was
+/// made with has expired: the next connection is a new one, with a renewed certificate, while
+/// a stream opened before keeps flowing.
+#[test]
+fn no_new_stream_rides_a_connection_past_its_certificates() {
+    if !mesh_lab::require_privileged("no_new_stream_rides_a_connection_past_its_certificates") {
+        return;
+    }
+    let lab = Lab::up(LabOptions {
+        leaf_lifetime_secs: 10,
+        ..LabOptions::default()
+    });
+    let vip = format!("{}:80", lab.service_vip("shop/api"));
+    let _api = serve(&lab, "shop/api", 8080);
+    let opened = |lab: &Lab| lab.metric("n1", "mesh_hbone_connections_opened_total", &[]);
+    traffic::send(&lab, "shop/client", &vip, 1 << 16);
+    let mut stream = Running::spawn(
+        "stream from shop/client",
+        lab.command("shop/client", labtool_bin())
+            .args(["stream", "--to", &vip]),
+    );
+    stream.wait_line("progress", WAIT);
+    assert_eq!(opened(&lab), 1.0, "the stream shares the first connection");
+    // Both certificates of that connection were issued when the agents started: wait until
+    // they have expired (the agents renewed them at half-life).
+    let log = lab.agent_log("n1");
+    let established = log
+        .lines()
+        .find(|l| l.contains("HBONE connection opened"))
+        .unwrap_or_else(|| panic!("no HBONE connection in n1's log:\n{log}"))
+        .to_owned();
+    let expiry = |node: &str, sa: &str| {
+        lab.metric(
+            node,
+            "mesh_certificate_expiry_timestamp_seconds",
+            &[("namespace", "shop"), ("service_account", sa)],
+        )
+    };
+    let first_expiry = expiry("n1", "client").min(expiry("n2", "api"));
+    wait_until(
+        "the connection's certificates to expire",
+        Duration::from_secs(25),
+        || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+                > first_expiry + 1.0
+        },
+    );
+    // The stream from before goes on past them, and ends cleanly.
+    let before = traffic::echoed(&mut stream);
+    wait_until("the old stream to keep flowing", WAIT, || {
+        traffic::echoed(&mut stream) > before
+    });
+    stream.close_stdin();
+    stream.wait_success(WAIT);
+    // The first connection is idle again, but too old for a new stream: the next connection
+    // from the same pod to the same destination gets a new HBONE connection.
+    traffic::send(&lab, "shop/client", &vip, 1 << 16);
+    assert_eq!(
+        opened(&lab),
+        2.0,
+        "a new stream rode the connection opened at: {established}"
+    );
+    lab.down();
+}

@@ -162,7 +162,7 @@ pub async fn serve_hbone(
             std::future::pending::<()>().await;
         }
     };
-    let result = tunnel::server::serve(tcp, server_tls, handler, drain)
+    let result = tunnel::server::serve(tcp, server_tls, handler, drain, inputs.hbone_max_age)
         .instrument(span.clone())
         .await;
     if let Err(e) = result {

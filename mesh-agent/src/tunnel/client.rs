@@ -63,6 +63,9 @@ pub struct PoolConfig {
     pub max_conns: usize,
     /// Idle time after which a connection without streams is closed.
     pub idle: Duration,
+    /// A connection takes no new stream after this, nor after the server's certificate
+    /// expires; it closes once its last stream has ended.
+    pub max_age: Duration,
 }
 
 impl Default for PoolConfig {
@@ -71,6 +74,7 @@ impl Default for PoolConfig {
             max_streams: settings::MAX_CONCURRENT_STREAMS as usize,
             max_conns: default_max_conns(),
             idle: Duration::from_secs(60),
+            max_age: Duration::from_secs(3600),
         }
     }
 }
@@ -89,6 +93,15 @@ struct Conn {
     /// request handle: h2 closes a connection once every request handle is dropped).
     closed: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
+    /// From then on the connection takes no new stream (see [`PoolConfig::max_age`]).
+    retire_at: tokio::time::Instant,
+}
+
+impl Conn {
+    /// Open, and young enough for a new stream.
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && tokio::time::Instant::now() < self.retire_at
+    }
 }
 
 /// A CONNECT stream; holding it keeps the connection's stream count.
@@ -303,11 +316,12 @@ impl Pool {
         self.metrics
             .connections
             .dec_by(i64::try_from(before - list.len()).unwrap_or(0));
-        let may_grow = list.len() < self.config.max_conns;
+        let may_grow = list.iter().filter(|c| c.usable()).count() < self.config.max_conns;
         // Streams are only added under this lock; they may end concurrently, which only makes
         // the choice conservative.
         let conn = list
             .iter()
+            .filter(|c| c.usable())
             .min_by_key(|c| c.active.load(Ordering::Acquire))?;
         let active = conn.active.load(Ordering::Acquire);
         if active >= self.config.max_streams || (active > 0 && may_grow) {
@@ -323,7 +337,7 @@ impl Pool {
         conns
             .get(key)?
             .iter()
-            .filter(|c| !c.closed.load(Ordering::Acquire))
+            .filter(|c| c.usable())
             .find(|c| {
                 c.active
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -358,6 +372,11 @@ impl Pool {
             if tls.alpn_protocol() != Some(tls::ALPN_H2) {
                 return Err(Error::Alpn { addr });
             }
+            let peer_not_after = tls
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(tls::not_after_of)
+                .unwrap_or(0);
             h2::client::Builder::new()
                 .initial_window_size(settings::STREAM_WINDOW)
                 .initial_connection_window_size(settings::CLIENT_CONNECTION_WINDOW)
@@ -366,11 +385,13 @@ impl Pool {
                 .max_concurrent_reset_streams(settings::MAX_CONCURRENT_RESET_STREAMS)
                 .handshake::<_, Bytes>(tls)
                 .await
+                .map(|(send, connection)| (send, connection, peer_not_after))
                 .map_err(|source| Error::H2 { addr, source })
         };
-        let (send, mut connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-            .await
-            .map_err(|_| Error::Timeout { addr })??;
+        let (send, mut connection, peer_not_after) =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+                .await
+                .map_err(|_| Error::Timeout { addr })??;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             id,
@@ -378,6 +399,7 @@ impl Pool {
             active: AtomicUsize::new(1),
             closed: Arc::new(AtomicBool::new(false)),
             idle_since: Mutex::new(Instant::now()),
+            retire_at: super::retire_at(peer_not_after, self.config.max_age),
         });
         info!(conn = id, dst = %addr, src = %key.src, peer_identity = %key.expected, "HBONE connection opened");
         self.metrics.connections_opened.inc();
@@ -421,10 +443,17 @@ impl Pool {
                 let idle = c.active.load(Ordering::Acquire) == 0
                     && now.duration_since(*c.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
                         >= self.config.idle;
-                let keep = !idle && !c.closed.load(Ordering::Acquire);
+                // A retired connection leaves the pool at once: its open streams keep it (they
+                // hold it), and h2 closes it after the last one.
+                let retired = tokio::time::Instant::now() >= c.retire_at;
+                let keep = !idle && !retired && !c.closed.load(Ordering::Acquire);
                 if !keep {
                     removed += 1;
-                    debug!(conn = c.id, "HBONE connection expired");
+                    if retired {
+                        debug!(conn = c.id, "HBONE connection retired (maximum age or the server's certificate expired)");
+                    } else {
+                        debug!(conn = c.id, "HBONE connection expired");
+                    }
                 }
                 keep
             });

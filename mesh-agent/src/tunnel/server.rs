@@ -56,12 +56,14 @@ fn response(status: StatusCode) -> Response<()> {
 /// handler to answer 400 and count. When `drain` completes (the agent hands its work to a
 /// successor), the connection is shut down gracefully: GOAWAY (h2 sends two, a PING apart, so
 /// that no stream in flight is lost), the streams already open go on, the client opens its
-/// next streams on a new connection. Returns when the connection ends.
+/// next streams on a new connection. The same happens at `max_age`, and when the client's
+/// certificate expires. Returns when the connection ends.
 pub async fn serve<F, Fut>(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     handle: F,
     drain: impl std::future::Future<Output = ()>,
+    max_age: std::time::Duration,
 ) -> Result<(), Error>
 where
     F: Fn(Request) -> Fut,
@@ -116,6 +118,8 @@ where
     debug!(%remote, %peer, peer_not_after, ?suite, "HBONE connection established");
     let peer = Arc::new(peer);
     let mut drain = std::pin::pin!(drain);
+    let retire = tokio::time::sleep_until(super::retire_at(peer_not_after, max_age));
+    let mut retire = std::pin::pin!(retire);
     let mut draining = false;
     loop {
         // `accept` also drives the connection (the open streams' data): it runs until the
@@ -125,6 +129,14 @@ where
             () = &mut drain, if !draining => {
                 draining = true;
                 debug!(%remote, "draining: GOAWAY");
+                conn.graceful_shutdown();
+                continue;
+            }
+            // No new stream past the client's certificate or the connection's maximum age:
+            // its next ones come on a new connection, with a current certificate.
+            () = &mut retire, if !draining => {
+                draining = true;
+                debug!(%remote, %peer, peer_not_after, "HBONE connection retired (maximum age or the client's certificate expired): GOAWAY");
                 conn.graceful_shutdown();
                 continue;
             }

@@ -113,6 +113,11 @@ struct Server {
 
 impl Server {
     async fn start(config: Arc<rustls::ServerConfig>) -> Server {
+        Server::start_aged(config, DAY).await
+    }
+
+    /// A server whose connections take new streams for `max_age` only.
+    async fn start_aged(config: Arc<rustls::ServerConfig>, max_age: Duration) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HBONE");
         let addr = listener.local_addr().expect("HBONE address");
         let (seen_tx, seen) = mpsc::unbounded_channel();
@@ -131,7 +136,7 @@ impl Server {
                             std::future::pending::<()>().await;
                         }
                     };
-                    let _ = ended.send(server::serve(tcp, config, handler, drain).await);
+                    let _ = ended.send(server::serve(tcp, config, handler, drain, max_age).await);
                 });
             }
         });
@@ -252,6 +257,7 @@ fn spreading_pool(
         max_streams,
         max_conns,
         idle,
+        max_age: DAY,
     };
     (Pool::new(config, metrics.clone()), metrics)
 }
@@ -1027,4 +1033,96 @@ async fn a_header_block_over_the_limit_ends_the_connection_before_the_handler() 
         server.seen.try_recv().is_err(),
         "the oversized request reached the handler"
     );
+}
+
+/// A pool of one connection per key whose connections take new streams for `max_age`.
+fn aged_pool(max_age: Duration) -> (Arc<Pool>, PoolMetrics) {
+    let metrics = PoolMetrics::default();
+    let config = PoolConfig {
+        max_streams: 100,
+        max_conns: 1,
+        idle: DAY,
+        max_age,
+    };
+    (Pool::new(config, metrics.clone()), metrics)
+}
+
+#[tokio::test]
+async fn a_connection_past_its_maximum_age_takes_no_new_stream_from_the_client() {
+    let mesh = Mesh::up().await;
+    let max_age = Duration::from_millis(300);
+    let (pool, metrics) = aged_pool(max_age);
+    let mut first = mesh.open(&pool).await.expect("first stream");
+    // The connection is at least this old from here on.
+    let born = std::time::Instant::now();
+    h2_echo(&mut first.send, &mut first.recv, b"young").await;
+    wait_for("the connection to pass its maximum age", || {
+        born.elapsed() > max_age
+    })
+    .await;
+    let mut second = mesh.open(&pool).await.expect("second stream");
+    assert_ne!(
+        second.conn_id, first.conn_id,
+        "a new stream on an old connection"
+    );
+    assert_eq!(metrics.connections_opened.get(), 2);
+    h2_echo(&mut second.send, &mut second.recv, b"new").await;
+    // The old connection's stream goes on.
+    h2_echo(&mut first.send, &mut first.recv, b"old, still flowing").await;
+}
+
+#[tokio::test]
+async fn a_server_sends_goaway_at_the_maximum_age_and_open_streams_go_on() {
+    let ca = Ca::new(TD);
+    let max_age = Duration::from_millis(300);
+    let server = Server::start_aged(ca.server_config(), max_age).await;
+    let mesh = Mesh {
+        ca,
+        server,
+        echo: echo_server(false).await,
+    };
+    let (pool, metrics) = new_pool(100, DAY);
+    let mut first = mesh.open(&pool).await.expect("first stream");
+    // The connection is at least this old from here on.
+    let born = std::time::Instant::now();
+    wait_for("the connection to pass its maximum age", || {
+        born.elapsed() > max_age
+    })
+    .await;
+    // After the server's GOAWAY the client opens its next stream on a new connection.
+    let mut second = within("a stream on a new connection", async {
+        loop {
+            let mut stream = mesh.open(&pool).await.expect("a stream");
+            h2_echo(&mut stream.send, &mut stream.recv, b"after").await;
+            if stream.conn_id != first.conn_id {
+                break stream;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(metrics.connections_opened.get() >= 2);
+    h2_echo(&mut second.send, &mut second.recv, b"new").await;
+    h2_echo(&mut first.send, &mut first.recv, b"old, still flowing").await;
+}
+
+#[test]
+fn connections_retire_at_the_peer_certificates_expiry_or_their_maximum_age() {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let in_secs = |at: tokio::time::Instant| {
+        at.saturating_duration_since(tokio::time::Instant::now())
+            .as_secs_f64()
+    };
+    let not_after = i64::try_from(now + 5).expect("fits");
+    // The certificate expires first.
+    let at = in_secs(super::retire_at(not_after, DAY));
+    assert!((3.0..=5.0).contains(&at), "{at}");
+    // The maximum age comes first.
+    let at = in_secs(super::retire_at(not_after, Duration::from_secs(1)));
+    assert!((0.0..=1.0).contains(&at), "{at}");
+    // An expired certificate: at once.
+    assert_eq!(in_secs(super::retire_at(0, DAY)), 0.0);
 }
