@@ -22,7 +22,7 @@ use std::{
 pub use ca::{Issuer, Leaf, TrustBundle};
 pub use manager::{CertLabels, CertManager};
 pub use spiffe::SpiffeId;
-pub use verify::{verify_peer, PeerRole};
+pub use verify::{verify_peer, verify_peer_issued, PeerRole, Placement};
 
 /// The trust domain used when neither the configuration nor the CA certificate names one.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -129,6 +129,16 @@ pub enum Error {
 
     #[error("peer certificate does not chain to a trusted root: is the peer in another trust domain, or is its root missing from the trust bundle?")]
     PeerUnknownIssuer,
+
+    #[error("peer certificate for {identity} was issued by node {node}, which runs no workload with that identity (a node mints only its own pods' identities)")]
+    PeerIssuedByAnotherNode { identity: String, node: String },
+
+    #[error("peer certificate for {identity} was issued by node {node}, but the destination runs on node {expected}")]
+    PeerNotFromDestinationNode {
+        identity: String,
+        node: String,
+        expected: String,
+    },
 
     #[error("peer certificate for {identity} chains to a root of trust domain {root_domain}, which vouches only for its own identities")]
     PeerRootOfAnotherDomain {

@@ -349,6 +349,36 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Whether a workload of `id`'s namespace with its service account runs on `node`.
+    pub fn places(&self, node: &str, id: &crate::identity::SpiffeId) -> bool {
+        let prefix = format!("{}/", id.namespace);
+        self.workloads
+            .range::<_, str>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(key, _)| key.starts_with(&prefix))
+            .any(|(_, w)| w.node == node && w.service_account == id.service_account)
+    }
+}
+
+/// A node may issue the identities of the workloads the state places on it now, or placed
+/// there within [`PLACEMENT_GRACE`].
+impl crate::identity::Placement for Store {
+    fn may_issue(&self, node: &str, id: &crate::identity::SpiffeId) -> bool {
+        if self.load().places(node, id) {
+            return true;
+        }
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history
+            .iter()
+            .rev()
+            .filter(|(at, _)| at.elapsed() <= PLACEMENT_GRACE)
+            .any(|(_, snap)| snap.places(node, id))
+    }
+}
+
 /// The current snapshot plus change notification for the control path.
 #[derive(Debug)]
 pub struct Store {
@@ -358,7 +388,15 @@ pub struct Store {
     authz_generation: watch::Sender<u64>,
     /// Serialises writers: each update is computed from the snapshot it replaces.
     writer: Mutex<()>,
+    /// Snapshots replaced within the last [`PLACEMENT_GRACE`], newest last, with when they
+    /// were replaced: where workloads were a moment ago (snapshots share their structure, so
+    /// this costs little).
+    history: Mutex<std::collections::VecDeque<(std::time::Instant, Arc<Snapshot>)>>,
 }
+
+/// How long a node may still issue the identity of a workload that left it (a pod that just
+/// moved, or a state that reached one agent before another).
+pub const PLACEMENT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Store {
     pub fn new() -> Self {
@@ -367,7 +405,21 @@ impl Store {
             generation: watch::channel(0).0,
             authz_generation: watch::channel(0).0,
             writer: Mutex::new(()),
+            history: Mutex::default(),
         }
+    }
+
+    /// Keeps `old`, just replaced, for [`PLACEMENT_GRACE`]; forgets older ones.
+    fn remember(&self, old: Arc<Snapshot>) {
+        let now = std::time::Instant::now();
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        while history
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > PLACEMENT_GRACE)
+        {
+            history.pop_front();
+        }
+        history.push_back((now, old));
     }
 
     /// The current snapshot (cheap; never blocks).
@@ -378,7 +430,7 @@ impl Store {
     /// Replaces the snapshot and wakes subscribers.
     pub fn replace(&self, snapshot: Snapshot) {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.current.store(Arc::new(snapshot));
+        self.remember(self.current.swap(Arc::new(snapshot)));
         self.generation.send_modify(|g| *g += 1);
         self.authz_generation.send_modify(|g| *g += 1);
     }
@@ -390,7 +442,7 @@ impl Store {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let (next, applied) = self.current.load().apply(changes)?;
         if !applied.is_empty() {
-            self.current.store(Arc::new(next));
+            self.remember(self.current.swap(Arc::new(next)));
             self.generation.send_modify(|g| *g += 1);
             if applied.authz > 0 {
                 self.authz_generation.send_modify(|g| *g += 1);

@@ -323,3 +323,42 @@ fn no_new_stream_rides_a_connection_past_its_certificates() {
     );
     lab.down();
 }
+
+/// A node mints only its own pods' identities: a leaf for shop/api (which runs on n2) issued by
+/// n1's intermediate is refused by every agent; the same leaf issued by n2's is accepted.
+#[test]
+fn an_identity_is_accepted_only_from_the_node_that_runs_it() {
+    if !mesh_lab::require_privileged("an_identity_is_accepted_only_from_the_node_that_runs_it") {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let api = lab.pod("shop/api").ip;
+    let db = lab.pod("shop/db").ip;
+    let _api = serve(&lab, "shop/api", 8080);
+    let _db = serve(&lab, "shop/db", 9090);
+    let api_id = certs::id("shop", "api");
+    let from_n1 = certs::issue_node_leaf(&lab, "n1", &api_id, "api-from-n1");
+    let from_n2 = certs::issue_node_leaf(&lab, "n2", &api_id, "api-from-n2");
+    for (node, pod, target) in [
+        ("n2", api, format!("{api}:8080")),
+        ("n1", db, format!("{db}:9090")),
+    ] {
+        let to = format!("{pod}:15008");
+        let request = [format!("CONNECT {target}")];
+        let forged = certs::hbone_client(&lab, "legacy/client", &to, Some(&from_n1), &request);
+        assert!(
+            !forged.iter().any(|l| l.contains("status=200")),
+            "{node} accepted shop/api from n1: {forged:?}"
+        );
+        let genuine = certs::hbone_client(&lab, "legacy/client", &to, Some(&from_n2), &request);
+        assert!(
+            genuine.iter().any(|l| l == "response 0 status=200"),
+            "{node} refused shop/api from n2: {genuine:?}"
+        );
+        wait_until(&format!("{node} to log the refusal"), WAIT, || {
+            lab.agent_log(node)
+                .contains("was issued by node n1, which runs no workload with that identity")
+        });
+    }
+    lab.down();
+}

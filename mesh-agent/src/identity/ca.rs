@@ -213,8 +213,9 @@ impl Issuer {
     }
 
     /// Issues the intermediate CA of one node agent: ECDSA P-256, `CA:true` with
-    /// `pathlen:0` (it can only sign leaves), keyCertSign, CN `mesh node <node>`, O and URI SAN
-    /// naming the trust domain; it expires no later than this issuer.
+    /// `pathlen:0` (it can only sign leaves), keyCertSign, CN `mesh node <node>`, O naming the
+    /// trust domain and URI SAN `spiffe://<td>/node/<node>` naming the node (verifiers accept
+    /// its leaves only for workloads of that node); it expires no later than this issuer.
     pub fn issue_intermediate(&self, node: &str, lifetime: Duration) -> Result<Issuer, Error> {
         if !self.can_sign_cas {
             return Err(Error::CannotSignCa {
@@ -228,6 +229,9 @@ impl Issuer {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate(what()))?;
         let mut params = ca_params(&format!("mesh node {node}"), &self.trust_domain)
             .map_err(generate(what()))?;
+        params.subject_alt_names = vec![SanType::URI(
+            Ia5String::try_from(node_uri(&self.trust_domain, node)).map_err(generate(what()))?,
+        )];
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before.into();
@@ -717,6 +721,26 @@ pub(crate) fn check_node_name(node: &str) -> Result<(), Error> {
             node: node.to_owned(),
         })
     }
+}
+
+/// The URI SAN of a node's intermediate: `spiffe://<td>/node/<name>`, which verifiers read to
+/// know which node issued a leaf (docs/identity.md).
+pub fn node_uri(trust_domain: &str, node: &str) -> String {
+    format!("spiffe://{trust_domain}/node/{node}")
+}
+
+/// The node a CA certificate says it belongs to (its URI SAN `spiffe://<td>/node/<name>`).
+pub fn node_of_ca(der: &CertificateDer<'_>) -> Option<String> {
+    let cert = parse(der).ok()?;
+    let sans = cert.subject_alternative_name().ok()??;
+    sans.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => {
+            let rest = uri.strip_prefix("spiffe://")?;
+            let (_, node) = rest.split_once("/node/")?;
+            check_node_name(node).ok().map(|()| node.to_owned())
+        }
+        _ => None,
+    })
 }
 
 fn ca_params(common_name: &str, trust_domain: &str) -> Result<CertificateParams, rcgen::Error> {

@@ -857,3 +857,31 @@ fn a_root_vouches_only_for_its_own_trust_domain() {
         );
     }
 }
+
+#[test]
+fn a_verified_chain_names_the_node_that_issued_the_leaf() {
+    let (root, node) = ca("cluster.local");
+    let bundle = bundle_of(&root);
+    let want = id("cluster.local", "shop", "api");
+    let leaf = node.issue_leaf(&want, DAY).expect("leaf");
+    let (got, issuer) = verify_peer_issued(
+        &leaf.chain[0],
+        &leaf.chain[1..],
+        &bundle,
+        UnixTime::now(),
+        PeerRole::Client,
+    )
+    .expect("verifies");
+    assert_eq!((got, issuer.as_deref()), (want.clone(), Some("node-1")));
+    // A leaf from the root (a central CA): bound to no node.
+    let central = root.issue_leaf(&want, DAY).expect("leaf");
+    let (_, issuer) = verify_peer_issued(
+        &central.chain[0],
+        &central.chain[1..],
+        &bundle,
+        UnixTime::now(),
+        PeerRole::Client,
+    )
+    .expect("verifies");
+    assert_eq!(issuer, None);
+}

@@ -41,6 +41,20 @@ pub fn verify_peer(
     now: UnixTime,
     role: PeerRole,
 ) -> Result<SpiffeId, Error> {
+    verify_peer_issued(end_entity, intermediates, bundle, now, role).map(|(id, _)| id)
+}
+
+/// [`verify_peer`], and the node that issued the certificate: the node its issuer (the first
+/// intermediate of the verified chain) names in its URI SAN `spiffe://<td>/node/<name>`.
+/// `None` for a leaf signed by a root or by an intermediate that names no node (a central CA,
+/// as istiod issues): such leaves are not bound to a node.
+pub fn verify_peer_issued(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: UnixTime,
+    role: PeerRole,
+) -> Result<(SpiffeId, Option<String>), Error> {
     let cert = EndEntityCert::try_from(end_entity).map_err(Error::PeerRejected)?;
     let usage = match role {
         PeerRole::Client => KeyUsage::client_auth(),
@@ -58,6 +72,10 @@ pub fn verify_peer(
         )
         .map_err(|e| map_webpki(e, role))?;
     let root_domain = bundle.domain_of(path.anchor()).map(str::to_owned);
+    let issuer_node = path
+        .intermediate_certificates()
+        .next()
+        .and_then(|issuer| super::ca::node_of_ca(&issuer.der()));
 
     // webpki accepts an end-entity certificate without any extended key usage; mesh
     // certificates always carry it, so require it explicitly.
@@ -109,8 +127,16 @@ pub fn verify_peer(
             identity: id.to_string(),
             root_domain: domain,
         }),
-        _ => Ok(id),
+        _ => Ok((id, issuer_node)),
     }
+}
+
+/// Which nodes may issue which identities: a node mints leaves only for the service accounts of
+/// its own pods, so a leaf for `ns/X/sa/Y` issued by node N is accepted only when the mesh
+/// state places (or placed, within a short grace) a workload of X with service account Y on N.
+pub trait Placement: Send + Sync + std::fmt::Debug {
+    /// Whether `node` may have issued a certificate for `id`.
+    fn may_issue(&self, node: &str, id: &SpiffeId) -> bool;
 }
 
 fn map_webpki(error: webpki::Error, role: PeerRole) -> Error {

@@ -35,9 +35,13 @@ pub async fn proxy(
         Destination::Passthrough(addr) => (addr, "direct"),
     };
     // A destination in the mesh is reached over HBONE with its workload's identity.
-    let peer = snap
-        .meshed_workload(target.ip())
-        .map(|w| (w.namespace.clone(), w.service_account.clone()));
+    let peer = snap.meshed_workload(target.ip()).map(|w| {
+        (
+            w.namespace.clone(),
+            w.service_account.clone(),
+            w.node.clone(),
+        )
+    });
     drop(snap);
     // A meshed destination this agent captures too: the same-node fast path.
     let local = match &peer {
@@ -72,7 +76,7 @@ pub async fn proxy(
         .await;
     }
     match peer {
-        Some((namespace, service_account)) => {
+        Some((namespace, service_account, node)) => {
             let expected =
                 SpiffeId::new(inputs.certs.trust_domain(), &namespace, &service_account)?;
             span.record("peer_identity", tracing::field::display(&expected));
@@ -82,7 +86,7 @@ pub async fn proxy(
             let sent_first = initial.as_ref().map_or(0, |b| b.len() as u64);
             // Boxed: opening a stream may dial and handshake, a future of many KiB that would
             // otherwise stay allocated for the whole life of the connection.
-            let opened = open_hbone(client, pod, inputs, target, expected, initial);
+            let opened = open_hbone(client, pod, inputs, target, (expected, node), initial);
             let tunnel = match Box::pin(opened).await {
                 Ok(tunnel) => tunnel,
                 Err(e) => {
@@ -108,13 +112,14 @@ pub async fn proxy(
 }
 
 /// A CONNECT stream to `target` through a pooled HBONE connection to the target's pod,
-/// authenticated as this pod and accepting only the `expected` server identity.
+/// authenticated as this pod and accepting only the `expected` server identity, issued by the
+/// target's node (or by a central CA).
 async fn open_hbone(
     client: SocketAddr,
     pod: &Pod,
     inputs: &Inputs,
     target: SocketAddr,
-    expected: SpiffeId,
+    (expected, node): (SpiffeId, String),
     initial: Option<bytes::Bytes>,
 ) -> Result<tunnel::client::Stream, Error> {
     let state = pod.state();
@@ -131,6 +136,7 @@ async fn open_hbone(
             inputs.certs.bundle().clone(),
             leaf,
             vec![key.expected.clone()],
+            Some(node.clone()),
         )?)
     };
     // The HBONE connection leaves from the pod's namespace, with the pod's address.

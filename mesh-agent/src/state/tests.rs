@@ -746,3 +746,31 @@ fn a_mesh_of_10000_services_and_50000_workloads() {
         "incremental != full build"
     );
 }
+
+#[test]
+fn a_node_may_issue_the_identities_of_its_workloads_and_of_those_that_just_left() {
+    use crate::identity::{Placement as _, SpiffeId};
+    let store = Store::new();
+    store.apply(small()).expect("valid");
+    let default_of = |ns: &str| SpiffeId::new("cluster.local", ns, "default").expect("id");
+    // shop/api-1 (service account default) runs on n1, shop/api-2 on n2; nothing of legacy
+    // runs on n2.
+    assert!(store.may_issue("n1", &default_of("shop")));
+    assert!(store.may_issue("n2", &default_of("shop")));
+    assert!(store.may_issue("n1", &default_of("legacy")));
+    assert!(!store.may_issue("n2", &default_of("legacy")));
+    assert!(!store.may_issue("n3", &default_of("shop")));
+    let other_sa = SpiffeId::new("cluster.local", "shop", "admin").expect("id");
+    assert!(!store.may_issue("n1", &other_sa));
+    // legacy/old moves from n1 to n2: n2 may issue it now, and n1 still may for a while (the
+    // grace period), not forever.
+    store
+        .apply(Changes {
+            workloads: vec![workload("legacy", "old", "n2", &["10.0.2.9"], "api")],
+            ..Changes::default()
+        })
+        .expect("valid");
+    assert!(store.may_issue("n2", &default_of("legacy")));
+    assert!(store.may_issue("n1", &default_of("legacy")), "no grace");
+    assert!(!store.load().places("n1", &default_of("legacy")));
+}

@@ -83,11 +83,12 @@ impl Ca {
     }
 
     pub(super) fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        tls::server_config(self.bundle(), TD.into(), self.leaf(&api())).expect("server config")
+        tls::server_config(self.bundle(), TD.into(), self.leaf(&api()), None)
+            .expect("server config")
     }
 
     pub(super) fn client_config(&self, expected: SpiffeId) -> Arc<rustls::ClientConfig> {
-        tls::client_config(self.bundle(), self.leaf(&client_id()), vec![expected])
+        tls::client_config(self.bundle(), self.leaf(&client_id()), vec![expected], None)
             .expect("client config")
     }
 }
@@ -453,7 +454,7 @@ async fn server_refuses_a_client_of_another_trust_domain() {
     let other = Ca::new("other.domain");
     let stranger = other.leaf(&id("other.domain", "x", "y"));
     let client_config =
-        tls::client_config(ca.bundle(), stranger, vec![api()]).expect("client config");
+        tls::client_config(ca.bundle(), stranger, vec![api()], None).expect("client config");
 
     // Its root unknown to the server: an unknown issuer.
     let (client, server) = refused(ca.server_config(), client_config.clone()).await;
@@ -465,7 +466,7 @@ async fn server_refuses_a_client_of_another_trust_domain() {
     let roots = [&ca.root, &other.root].map(|r| r.root_cert_der().expect("root"));
     let both = TrustBundle::from_roots(roots.to_vec());
     let server_config =
-        tls::server_config(both, TD.into(), ca.leaf(&api())).expect("server config");
+        tls::server_config(both, TD.into(), ca.leaf(&api()), None).expect("server config");
     let (client, server) = refused(server_config, client_config).await;
     let denied = CertificateError::ApplicationVerificationFailure;
     let denied = rustls::Error::InvalidCertificate(denied);
@@ -477,8 +478,9 @@ async fn server_refuses_a_client_of_another_trust_domain() {
 async fn server_refuses_a_client_of_an_untrusted_root_of_the_same_domain() {
     let ca = Ca::new(TD);
     let rogue = Ca::new(TD);
-    let client_config = tls::client_config(ca.bundle(), rogue.leaf(&client_id()), vec![api()])
-        .expect("client config");
+    let client_config =
+        tls::client_config(ca.bundle(), rogue.leaf(&client_id()), vec![api()], None)
+            .expect("client config");
     let (client, server) = refused(ca.server_config(), client_config).await;
     let unknown = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
     assert_eq!(rustls_error(&server), &unknown, "server: {server}");
@@ -497,7 +499,7 @@ async fn server_refuses_an_expired_client_certificate() {
         "leaf should be expired"
     );
     let client_config =
-        tls::client_config(ca.bundle(), handle(expired), vec![api()]).expect("client config");
+        tls::client_config(ca.bundle(), handle(expired), vec![api()], None).expect("client config");
     let (client, server) = refused(ca.server_config(), client_config).await;
     let expired = rustls::Error::InvalidCertificate(CertificateError::Expired);
     assert_eq!(rustls_error(&server), &expired, "server: {server}");
@@ -881,11 +883,12 @@ async fn rotation_keeps_streams_and_new_connections_get_the_new_certificate() {
     let bundle = ca.bundle();
     let manager = CertManager::new(ca.node, bundle.clone(), lifetime, Family::default());
     let current = manager.get(&api()).expect("server leaf");
-    let config = tls::server_config(bundle.clone(), TD.into(), current.clone()).expect("config");
+    let config =
+        tls::server_config(bundle.clone(), TD.into(), current.clone(), None).expect("config");
     let mut server = Server::start(config).await;
     let echo = echo_server(false).await;
     let client_leaf = handle(node2.issue_leaf(&client_id(), DAY).expect("client leaf"));
-    let client = tls::client_config(bundle, client_leaf, vec![api()]).expect("client config");
+    let client = tls::client_config(bundle, client_leaf, vec![api()], None).expect("client config");
 
     let old = current.load_full();
     let (mut conn, certs) = h2_connect(server.addr, &client).await;
@@ -1125,4 +1128,84 @@ fn connections_retire_at_the_peer_certificates_expiry_or_their_maximum_age() {
     assert!((0.0..=1.0).contains(&at), "{at}");
     // An expired certificate: at once.
     assert_eq!(in_secs(super::retire_at(0, DAY)), 0.0);
+}
+
+/// Placement of the tests: node-1 may issue only shop/client.
+#[derive(Debug)]
+struct OnlyClientOnNode1;
+
+impl crate::identity::Placement for OnlyClientOnNode1 {
+    fn may_issue(&self, node: &str, id: &SpiffeId) -> bool {
+        node == "node-1" && *id == client_id()
+    }
+}
+
+#[tokio::test]
+async fn a_server_accepts_a_node_issued_client_only_from_the_node_that_runs_it() {
+    let ca = Ca::new(TD);
+    let server_config = |placement: OnlyClientOnNode1| {
+        tls::server_config(
+            ca.bundle(),
+            TD.into(),
+            ca.leaf(&api()),
+            Some(Arc::new(placement)),
+        )
+        .expect("server config")
+    };
+    // shop/client from node-1, which runs it: accepted.
+    let mut server = Server::start(server_config(OnlyClientOnNode1)).await;
+    let echo = echo_server(false).await;
+    let (pool, _) = new_pool(200, DAY);
+    let config = ca.client_config(api());
+    let mut stream = open(&pool, &key(server.addr), config, echo)
+        .await
+        .expect("accepted");
+    h2_echo(&mut stream.send, &mut stream.recv, b"placed").await;
+    assert_eq!(server.next_seen().await.peer, client_id());
+    // Another identity from node-1 (which does not run it): refused.
+    let impostor = tls::client_config(
+        ca.bundle(),
+        ca.leaf(&id(TD, "shop", "db")),
+        vec![api()],
+        None,
+    )
+    .expect("client config");
+    let (_, server) = refused(server_config(OnlyClientOnNode1), impostor).await;
+    // (rustls shows the identity error in its Debug form.)
+    let text = server.to_string();
+    assert!(
+        text.contains("PeerIssuedByAnotherNode") && text.contains(r#"node: "node-1""#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_accepts_a_node_issued_server_only_from_the_destinations_node() {
+    let ca = Ca::new(TD);
+    let server = Server::start(ca.server_config()).await;
+    let echo = echo_server(false).await;
+    let (pool, _) = new_pool(200, DAY);
+    let to = |node: &str| {
+        tls::client_config(
+            ca.bundle(),
+            ca.leaf(&client_id()),
+            vec![api()],
+            Some(node.to_owned()),
+        )
+        .expect("client config")
+    };
+    // The server's leaf comes from node-1.
+    let mut stream = open(&pool, &key(server.addr), to("node-1"), echo)
+        .await
+        .expect("the destination's node");
+    h2_echo(&mut stream.send, &mut stream.recv, b"from its node").await;
+    let (pool, _) = new_pool(200, DAY);
+    let err = open(&pool, &key(server.addr), to("node-2"), echo)
+        .await
+        .expect_err("another node's leaf for the destination");
+    let text = err.to_string();
+    assert!(
+        text.contains("PeerNotFromDestinationNode") && text.contains(r#"expected: "node-2""#),
+        "{text}"
+    );
 }

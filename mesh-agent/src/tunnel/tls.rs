@@ -23,7 +23,9 @@ use rustls::{
 };
 use tracing::warn;
 
-use crate::identity::{verify_peer, Leaf, PeerRole, SpiffeId, TrustBundle};
+use crate::identity::{
+    verify_peer_issued, Error as IdentityError, Leaf, PeerRole, Placement, SpiffeId, TrustBundle,
+};
 
 /// ALPN of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -46,11 +48,13 @@ pub fn server_config(
     bundle: TrustBundle,
     trust_domain: String,
     leaf: Arc<ArcSwap<Leaf>>,
+    placement: Option<Arc<dyn Placement>>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
     let verifier = SpiffeClientVerifier {
         bundle,
         trust_domain,
+        placement,
         provider: provider.clone(),
     };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -72,11 +76,13 @@ pub fn client_config(
     bundle: TrustBundle,
     leaf: Arc<ArcSwap<Leaf>>,
     expected: Vec<SpiffeId>,
+    destination_node: Option<String>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = SpiffeServerVerifier {
         bundle,
         expected,
+        destination_node,
         provider: provider.clone(),
     };
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -174,6 +180,8 @@ macro_rules! signature_checks {
 struct SpiffeClientVerifier {
     bundle: TrustBundle,
     trust_domain: String,
+    /// Binds node-issued identities to their nodes; `None` (tests): not checked.
+    placement: Option<Arc<dyn Placement>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -188,7 +196,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        let id = verify_peer(
+        let (id, issuer_node) = verify_peer_issued(
             end_entity,
             intermediates,
             &self.bundle,
@@ -205,6 +213,16 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                 CertificateError::ApplicationVerificationFailure,
             ));
         }
+        if let (Some(node), Some(placement)) = (issuer_node, &self.placement) {
+            if !placement.may_issue(&node, &id) {
+                let e = IdentityError::PeerIssuedByAnotherNode {
+                    identity: id.to_string(),
+                    node,
+                };
+                warn!(error = %e, "HBONE client certificate rejected");
+                return Err(e.into());
+            }
+        }
         Ok(ClientCertVerified::assertion())
     }
 
@@ -217,6 +235,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 struct SpiffeServerVerifier {
     bundle: TrustBundle,
     expected: Vec<SpiffeId>,
+    /// The destination pod's node: a node-issued server certificate must come from it.
+    destination_node: Option<String>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -229,7 +249,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let id = verify_peer(
+        let (id, issuer_node) = verify_peer_issued(
             end_entity,
             intermediates,
             &self.bundle,
@@ -240,6 +260,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             warn!(error = %e, "HBONE server certificate rejected");
             TlsError::from(e)
         })?;
+        if let (Some(node), Some(expected)) = (issuer_node, &self.destination_node) {
+            if node != *expected {
+                let e = IdentityError::PeerNotFromDestinationNode {
+                    identity: id.to_string(),
+                    node,
+                    expected: expected.clone(),
+                };
+                warn!(error = %e, "HBONE server certificate rejected");
+                return Err(e.into());
+            }
+        }
         if !self.expected.contains(&id) {
             let expected: Vec<String> = self.expected.iter().map(ToString::to_string).collect();
             warn!(identity = %id, expected = %expected.join(" or "), "HBONE server identity mismatch: refused");
