@@ -157,9 +157,9 @@ impl Desired {
     /// Decides what each invalid policy becomes against the state in force (`policies::settle`;
     /// `start`: the agent is starting, nothing is known of earlier versions) and returns the
     /// rejections, for the log and the metrics.
-    pub fn settle(&mut self, current: &Snapshot, start: bool) -> Vec<Rejection> {
+    pub fn settle(&mut self, current: &Snapshot) -> Vec<Rejection> {
         let (in_force, rejections) =
-            policies::settle(current, std::mem::take(&mut self.invalid_policies), start);
+            policies::settle(current, std::mem::take(&mut self.invalid_policies));
         self.policies.extend(in_force);
         rejections
     }
@@ -307,7 +307,7 @@ pub fn load(
     let parse_ms = millis(started.elapsed());
     let started = Instant::now();
     let base = Snapshot::with_root_namespace(root_namespace);
-    let rejections = desired.settle(&base, true);
+    let rejections = desired.settle(&base);
     let snap = build(path, desired, &base)?;
     info!(
         path = %path.display(),
@@ -390,7 +390,7 @@ fn reload(path: &Path, bytes: &[u8], store: &Store, metrics: &Metrics) -> Result
     let mut desired = parsed?;
     let started = Instant::now();
     let current = store.load();
-    let rejections = desired.settle(&current, false);
+    let rejections = desired.settle(&current);
     let changes = diff(&current, desired);
     let diff_time = started.elapsed();
     let upserted: Vec<Policy> = changes.policies.clone();

@@ -59,14 +59,16 @@ impl fmt::Display for Rejection {
         let what = match (self.outcome, self.invalid.action) {
             (Outcome::FailClosed, Some(Action::Allow)) => {
                 "an invalid ALLOW fails closed: the workloads it selects accept only what their \
-                 other ALLOW policies allow until it is fixed (its last good version is not known)"
+                 other ALLOW policies allow until it is fixed (no valid version of it is in force)"
             }
             (Outcome::FailClosed, _) => {
                 "an invalid DENY fails closed: the workloads it selects deny every connection \
                  until it is fixed"
             }
             (Outcome::KeptLastGood, _) => "its last good version stays in force",
-            (Outcome::NotApplied, _) => "it is not applied (it has no earlier valid version)",
+            (Outcome::NotApplied, _) => {
+                "it is not applied (an AUDIT with no earlier valid version)"
+            }
         };
         write!(f, "{}; {what}", self.invalid)
     }
@@ -151,12 +153,11 @@ pub fn entry(i: usize, value: Value) -> Result<(String, Result<Policy, Invalid>)
 }
 
 /// Decides, against the state in force, what each invalid policy becomes: returns the policies
-/// to put in force in their place, with what became of each. `start`: the state in force is
-/// not the last good one (the agent is starting), so nothing is known of earlier versions.
+/// to put in force in their place, with what became of each. At start the state in force is
+/// empty, so nothing is known of earlier versions.
 pub fn settle(
     current: &Snapshot,
     invalid: Vec<Invalid>,
-    start: bool,
 ) -> (Vec<(String, Policy)>, Vec<Rejection>) {
     let mut in_force = Vec::new();
     let mut rejections = Vec::with_capacity(invalid.len());
@@ -174,7 +175,10 @@ pub fn settle(
             };
             in_force.push((key, Policy::clone(kept)));
             outcome
-        } else if let Some(stand_in) = inv.allow_nothing().filter(|_| start) {
+        } else if let Some(stand_in) = inv.allow_nothing() {
+            // At start (no earlier version is known) and on a reload (a new policy) alike: an
+            // ALLOW means the workloads it selects accept only what ALLOW policies allow, so
+            // leaving it out would open them wider than intended.
             in_force.push((key, stand_in));
             Outcome::FailClosed
         } else {

@@ -37,7 +37,7 @@ fn reload_str(store: &Store, text: &str) -> Result<Applied, String> {
 /// As [`reload_str`], also returning the rejected policies.
 fn reload_policies(store: &Store, text: &str) -> Result<(Applied, Vec<Rejection>), String> {
     let mut desired = parse(Path::new("state.yaml"), text).map_err(|e| e.to_string())?;
-    let rejections = desired.settle(&store.load(), false);
+    let rejections = desired.settle(&store.load());
     let applied = store
         .apply(diff(&store.load(), desired))
         .map_err(|e| e.to_string())?;
@@ -239,7 +239,8 @@ fn an_invalid_policy_is_rejected_alone_and_the_rest_applies() {
     .expect("the file is applied");
     let described: Vec<String> = rejections.iter().map(ToString::to_string).collect();
     assert_eq!(rejections.len(), 2, "{described:#?}");
-    assert_eq!(rejections[0].outcome, policies::Outcome::NotApplied);
+    // A new invalid ALLOW fails closed on a reload as it does at start.
+    assert_eq!(rejections[0].outcome, policies::Outcome::FailClosed);
     assert!(
         described[0].starts_with(
             "policy shop/allow-client: spec.rules[0].from[0].source.principal: unknown field `principal`"
@@ -255,14 +256,17 @@ fn an_invalid_policy_is_rejected_alone_and_the_rest_applies() {
         "{}",
         described[1]
     );
-    // The invalid DENY stands in as a DENY of everything for the workloads it selects.
-    assert_eq!(applied.policies, 1);
+    // The invalid DENY stands in as a DENY of everything, the invalid ALLOW as an ALLOW of
+    // nothing, for the workloads they select.
+    assert_eq!(applied.policies, 2);
     let snap = store.load();
     let selected = snap.authorization("shop/api").expect("selected");
-    assert!(
-        selected.allow.is_empty(),
-        "the invalid ALLOW is not applied"
+    assert_eq!(
+        selected.allow.len(),
+        1,
+        "the invalid ALLOW does not stand in"
     );
+    assert!(selected.allow[0].invalid.is_some() && selected.allow[0].rules.is_empty());
     assert_eq!(selected.deny.len(), 1);
     assert!(selected.deny[0].invalid.is_some());
     assert_eq!(
@@ -329,7 +333,7 @@ fn the_object_around_the_spec_is_checked_too() {
         ));
         let mut desired = parse(Path::new("state.yaml"), &text).expect("the file parses");
         assert_eq!(desired.invalid_policies.len(), 1, "{line}");
-        let rejections = desired.settle(&Snapshot::default(), false);
+        let rejections = desired.settle(&Snapshot::default());
         let shown = rejections[0].to_string();
         assert!(shown.contains(want), "{line}: {shown}");
         // A DENY around a broken object still fails closed.
@@ -369,7 +373,7 @@ fn at_start_an_invalid_allow_fails_closed_until_fixed() {
     let path = Path::new("state.yaml");
     let mut desired = parse(path, &with_policies(ALLOW_CLIENT_BROKEN)).expect("parses");
     let base = Snapshot::default();
-    let rejections = desired.settle(&base, true);
+    let rejections = desired.settle(&base);
     assert_eq!(rejections[0].outcome, policies::Outcome::FailClosed);
     assert!(
         rejections[0]
