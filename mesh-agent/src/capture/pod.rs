@@ -401,7 +401,6 @@ fn identity(
         inputs.certs.bundle().clone(),
         inputs.certs.trust_domain().to_owned(),
         leaf,
-        Some(inputs.store.clone() as Arc<dyn crate::identity::Placement>),
     )
     .map_err(|e| Error::Tls {
         pod: pod.clone(),

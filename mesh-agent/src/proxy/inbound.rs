@@ -162,13 +162,72 @@ pub async fn serve_hbone(
             std::future::pending::<()>().await;
         }
     };
-    let result = tunnel::server::serve(tcp, server_tls, handler, drain, inputs.hbone_max_age)
-        .instrument(span.clone())
-        .await;
+    let admitted = {
+        let inputs = inputs.clone();
+        move |chain| async move { admit(&inputs, chain).await }
+    };
+    let result = tunnel::server::serve(
+        tcp,
+        server_tls,
+        handler,
+        drain,
+        inputs.hbone_max_age,
+        admitted,
+    )
+    .instrument(span.clone())
+    .await;
     if let Err(e) = result {
         let e = Error::Hbone(e);
         span.in_scope(|| tracing::warn!(error = %e, "HBONE connection failed"));
         pod.count_failure(&inputs.metrics, super::Direction::Inbound, &e);
+    }
+}
+
+/// How long an HBONE client whose identity the state does not (yet) place on the node that
+/// issued it waits for the state to catch up (a pod just scheduled, a new service account, a
+/// state that reached its node's agent first) before it is refused.
+const PLACEMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Admits an HBONE client: a leaf issued by a node (its issuer names the node) only when the
+/// state places a workload of its namespace and service account on that node, now, within
+/// [`crate::state::PLACEMENT_GRACE`], or within [`PLACEMENT_WAIT`] from now. Leaves from a
+/// central CA are not bound to a node.
+async fn admit(
+    inputs: &Inputs,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> Result<(), String> {
+    use crate::identity::Placement as _;
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err("no client certificate".to_owned());
+    };
+    // The same verification as the handshake's, for the issuer it found.
+    let (id, issuer) = crate::identity::verify_peer_issued(
+        leaf,
+        intermediates,
+        inputs.certs.bundle(),
+        rustls::pki_types::UnixTime::now(),
+        crate::identity::PeerRole::Client,
+    )
+    .map_err(|e| e.to_string())?;
+    let Some(node) = issuer else {
+        return Ok(());
+    };
+    let mut changed = inputs.store.subscribe();
+    let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
+    loop {
+        if inputs.store.may_issue(&node, &id) {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, changed.changed()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                return Err(crate::identity::Error::PeerIssuedByAnotherNode {
+                    identity: id.to_string(),
+                    node,
+                }
+                .to_string())
+            }
+        }
     }
 }
 

@@ -58,16 +58,23 @@ fn response(status: StatusCode) -> Response<()> {
 /// that no stream in flight is lost), the streams already open go on, the client opens its
 /// next streams on a new connection. The same happens at `max_age`, and when the client's
 /// certificate expires. Returns when the connection ends.
-pub async fn serve<F, Fut>(
+///
+/// `admit` sees the client's certificate chain (already verified) before any stream is
+/// served, and may take its time (the agent waits for its state to place the client's
+/// identity on the node that issued it); `Err(why)` closes the connection.
+pub async fn serve<F, Fut, A, AFut>(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     handle: F,
     drain: impl std::future::Future<Output = ()>,
     max_age: std::time::Duration,
+    admit: A,
 ) -> Result<(), Error>
 where
     F: Fn(Request) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
+    A: FnOnce(Vec<rustls::pki_types::CertificateDer<'static>>) -> AFut,
+    AFut: std::future::Future<Output = Result<(), String>>,
 {
     let remote = tcp.peer_addr().map_err(|source| Error::Connect {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -94,6 +101,10 @@ where
             source: std::io::Error::other("verified peer has no SPIFFE id"),
         })?;
         let peer_not_after = leaf.and_then(tls::not_after_of).unwrap_or(0);
+        let chain = tls
+            .peer_certificates()
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
         let suite = tls.negotiated_cipher_suite().suite();
         let conn = h2::server::Builder::new()
             .initial_window_size(settings::STREAM_WINDOW)
@@ -109,12 +120,17 @@ where
                 addr: remote,
                 source,
             })?;
-        Ok((peer, peer_not_after, suite, conn))
+        Ok((peer, peer_not_after, suite, conn, chain))
     };
-    let (peer, peer_not_after, suite, mut conn) =
+    let (peer, peer_not_after, suite, mut conn, chain) =
         tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| Error::Timeout { addr: remote })??;
+    // No stream is served before the client is admitted (h2 holds what it sends meanwhile).
+    admit(chain).await.map_err(|why| Error::Tls {
+        addr: remote,
+        source: std::io::Error::other(why),
+    })?;
     debug!(%remote, %peer, peer_not_after, ?suite, "HBONE connection established");
     let peer = Arc::new(peer);
     let mut drain = std::pin::pin!(drain);

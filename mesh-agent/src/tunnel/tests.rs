@@ -83,8 +83,7 @@ impl Ca {
     }
 
     pub(super) fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        tls::server_config(self.bundle(), TD.into(), self.leaf(&api()), None)
-            .expect("server config")
+        tls::server_config(self.bundle(), TD.into(), self.leaf(&api())).expect("server config")
     }
 
     pub(super) fn client_config(&self, expected: SpiffeId) -> Arc<rustls::ClientConfig> {
@@ -92,6 +91,9 @@ impl Ca {
             .expect("client config")
     }
 }
+
+/// The test server's admission of a client, from its certificate chain.
+type Admit = Arc<dyn Fn(&[CertificateDer<'static>]) -> Result<(), String> + Send + Sync>;
 
 /// What the test's inbound proxy saw of a CONNECT.
 #[derive(Debug)]
@@ -119,6 +121,20 @@ impl Server {
 
     /// A server whose connections take new streams for `max_age` only.
     async fn start_aged(config: Arc<rustls::ServerConfig>, max_age: Duration) -> Server {
+        Server::start_with(
+            config,
+            max_age,
+            Arc::new(|_: &[CertificateDer<'static>]| Ok(())),
+        )
+        .await
+    }
+
+    /// A server that admits a client only when `admit` says so.
+    async fn start_with(
+        config: Arc<rustls::ServerConfig>,
+        max_age: Duration,
+        admit: Admit,
+    ) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HBONE");
         let addr = listener.local_addr().expect("HBONE address");
         let (seen_tx, seen) = mpsc::unbounded_channel();
@@ -130,6 +146,7 @@ impl Server {
                 let (config, seen, copied) = (config.clone(), seen_tx.clone(), copied_tx.clone());
                 let ended = ended_tx.clone();
                 let mut draining = draining.clone();
+                let admit = admit.clone();
                 tokio::spawn(async move {
                     let handler = move |req| proxy(req, seen.clone(), copied.clone());
                     let drain = async move {
@@ -137,7 +154,10 @@ impl Server {
                             std::future::pending::<()>().await;
                         }
                     };
-                    let _ = ended.send(server::serve(tcp, config, handler, drain, max_age).await);
+                    let admitted =
+                        move |chain: Vec<CertificateDer<'static>>| async move { admit(&chain) };
+                    let served = server::serve(tcp, config, handler, drain, max_age, admitted);
+                    let _ = ended.send(served.await);
                 });
             }
         });
@@ -466,7 +486,7 @@ async fn server_refuses_a_client_of_another_trust_domain() {
     let roots = [&ca.root, &other.root].map(|r| r.root_cert_der().expect("root"));
     let both = TrustBundle::from_roots(roots.to_vec());
     let server_config =
-        tls::server_config(both, TD.into(), ca.leaf(&api()), None).expect("server config");
+        tls::server_config(both, TD.into(), ca.leaf(&api())).expect("server config");
     let (client, server) = refused(server_config, client_config).await;
     let denied = CertificateError::ApplicationVerificationFailure;
     let denied = rustls::Error::InvalidCertificate(denied);
@@ -883,8 +903,7 @@ async fn rotation_keeps_streams_and_new_connections_get_the_new_certificate() {
     let bundle = ca.bundle();
     let manager = CertManager::new(ca.node, bundle.clone(), lifetime, Family::default());
     let current = manager.get(&api()).expect("server leaf");
-    let config =
-        tls::server_config(bundle.clone(), TD.into(), current.clone(), None).expect("config");
+    let config = tls::server_config(bundle.clone(), TD.into(), current.clone()).expect("config");
     let mut server = Server::start(config).await;
     let echo = echo_server(false).await;
     let client_leaf = handle(node2.issue_leaf(&client_id(), DAY).expect("client leaf"));
@@ -1141,28 +1160,40 @@ impl crate::identity::Placement for OnlyClientOnNode1 {
 }
 
 #[tokio::test]
-async fn a_server_accepts_a_node_issued_client_only_from_the_node_that_runs_it() {
+async fn a_server_admits_a_node_issued_client_only_from_the_node_that_runs_it() {
+    use crate::identity::Placement as _;
     let ca = Ca::new(TD);
-    let server_config = |placement: OnlyClientOnNode1| {
-        tls::server_config(
-            ca.bundle(),
-            TD.into(),
-            ca.leaf(&api()),
-            Some(Arc::new(placement)),
+    let bundle = ca.bundle();
+    // The agent's rule (proxy::inbound's admission), without the wait.
+    let admit: Admit = Arc::new(move |chain: &[CertificateDer<'static>]| {
+        let (leaf, rest) = chain.split_first().ok_or("no certificate")?;
+        let (id, node) = crate::identity::verify_peer_issued(
+            leaf,
+            rest,
+            &bundle,
+            rustls::pki_types::UnixTime::now(),
+            crate::identity::PeerRole::Client,
         )
-        .expect("server config")
-    };
-    // shop/client from node-1, which runs it: accepted.
-    let mut server = Server::start(server_config(OnlyClientOnNode1)).await;
+        .map_err(|e| e.to_string())?;
+        match node {
+            Some(node) if !OnlyClientOnNode1.may_issue(&node, &id) => Err(format!(
+                "{id} was issued by node {node}, which runs no workload with that identity"
+            )),
+            _ => Ok(()),
+        }
+    });
+    // shop/client from node-1, which runs it: served.
+    let mut server = Server::start_with(ca.server_config(), DAY, admit.clone()).await;
     let echo = echo_server(false).await;
     let (pool, _) = new_pool(200, DAY);
-    let config = ca.client_config(api());
-    let mut stream = open(&pool, &key(server.addr), config, echo)
+    let mut stream = open(&pool, &key(server.addr), ca.client_config(api()), echo)
         .await
-        .expect("accepted");
+        .expect("admitted");
     h2_echo(&mut stream.send, &mut stream.recv, b"placed").await;
     assert_eq!(server.next_seen().await.peer, client_id());
-    // Another identity from node-1 (which does not run it): refused.
+    // Another identity from node-1 (which does not run it): the connection is closed before
+    // any stream is served.
+    let mut server = Server::start_with(ca.server_config(), DAY, admit).await;
     let impostor = tls::client_config(
         ca.bundle(),
         ca.leaf(&id(TD, "shop", "db")),
@@ -1170,13 +1201,18 @@ async fn a_server_accepts_a_node_issued_client_only_from_the_node_that_runs_it()
         None,
     )
     .expect("client config");
-    let (_, server) = refused(server_config(OnlyClientOnNode1), impostor).await;
-    // (rustls shows the identity error in its Debug form.)
-    let text = server.to_string();
+    let (pool, _) = new_pool(200, DAY);
+    open(&pool, &key(server.addr), impostor, echo)
+        .await
+        .expect_err("not admitted");
+    let ended = server.next_end().await.expect_err("serve refuses it");
     assert!(
-        text.contains("PeerIssuedByAnotherNode") && text.contains(r#"node: "node-1""#),
-        "{text}"
+        ended
+            .to_string()
+            .contains("was issued by node node-1, which runs no workload"),
+        "{ended}"
     );
+    assert!(server.seen.try_recv().is_err(), "a stream was served");
 }
 
 #[tokio::test]

@@ -24,7 +24,7 @@ use rustls::{
 use tracing::warn;
 
 use crate::identity::{
-    verify_peer_issued, Error as IdentityError, Leaf, PeerRole, Placement, SpiffeId, TrustBundle,
+    verify_peer_issued, Error as IdentityError, Leaf, PeerRole, SpiffeId, TrustBundle,
 };
 
 /// ALPN of HBONE.
@@ -48,13 +48,11 @@ pub fn server_config(
     bundle: TrustBundle,
     trust_domain: String,
     leaf: Arc<ArcSwap<Leaf>>,
-    placement: Option<Arc<dyn Placement>>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
     let verifier = SpiffeClientVerifier {
         bundle,
         trust_domain,
-        placement,
         provider: provider.clone(),
     };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -180,8 +178,6 @@ macro_rules! signature_checks {
 struct SpiffeClientVerifier {
     bundle: TrustBundle,
     trust_domain: String,
-    /// Binds node-issued identities to their nodes; `None` (tests): not checked.
-    placement: Option<Arc<dyn Placement>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -196,7 +192,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        let (id, issuer_node) = verify_peer_issued(
+        // Which node issued it is checked once the handshake is done (tunnel::server's
+        // `admit`: the agent may wait there for its state to catch up).
+        let (id, _) = verify_peer_issued(
             end_entity,
             intermediates,
             &self.bundle,
@@ -212,16 +210,6 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             return Err(TlsError::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ));
-        }
-        if let (Some(node), Some(placement)) = (issuer_node, &self.placement) {
-            if !placement.may_issue(&node, &id) {
-                let e = IdentityError::PeerIssuedByAnotherNode {
-                    identity: id.to_string(),
-                    node,
-                };
-                warn!(error = %e, "HBONE client certificate rejected");
-                return Err(e.into());
-            }
         }
         Ok(ClientCertVerified::assertion())
     }
