@@ -48,6 +48,9 @@ pub struct TlsStream {
     idle: Idle,
     /// The first TLS error; every later call fails with it.
     failed: Option<Error>,
+    /// A socket error met while sending what was already sealed (and so reported written), or
+    /// a KeyUpdate answer: every later write, flush or shutdown fails with it.
+    write_error: Option<(io::ErrorKind, String)>,
 }
 
 impl fmt::Debug for TlsStream {
@@ -105,7 +108,22 @@ impl TlsStream {
             key_updates_in_a_row: 0,
             idle: Idle::default(),
             failed: None,
+            write_error: None,
         })
+    }
+
+    /// Keeps a socket error of the write side for the next write, flush or shutdown (the
+    /// first one is kept).
+    fn defer_write_error(&mut self, e: &io::Error) {
+        self.write_error
+            .get_or_insert_with(|| (e.kind(), e.to_string()));
+    }
+
+    /// The deferred write error, if there is one.
+    fn write_error(&self) -> Option<io::Error> {
+        self.write_error
+            .as_ref()
+            .map(|(kind, message)| io::Error::new(*kind, message.clone()))
     }
 
     /// The ALPN protocol the handshake agreed on.
@@ -348,9 +366,12 @@ impl AsyncRead for TlsStream {
             return Poll::Ready(Ok(()));
         }
         // A KeyUpdate answer the read side queued leaves as soon as the socket takes it, even
-        // if the application does not write.
-        if this.writer.key_update_unsent() {
-            this.try_drain()?;
+        // if the application does not write. If the socket refuses it, that is the write
+        // side's error: what was received is still read.
+        if this.writer.key_update_unsent() && this.write_error.is_none() {
+            if let Err(e) = this.try_drain() {
+                this.defer_write_error(&e);
+            }
         }
         let before = dst.filled().len();
         match this.poll_read_records(cx, dst) {
@@ -394,6 +415,9 @@ impl AsyncWrite for TlsStream {
         if let Some(e) = &this.failed {
             return Poll::Ready(Err(e.clone().into()));
         }
+        if let Some(e) = this.write_error() {
+            return Poll::Ready(Err(e));
+        }
         if this.writer.is_closed() {
             return Poll::Ready(Err(Error::WriteAfterClose.into()));
         }
@@ -413,8 +437,10 @@ impl AsyncWrite for TlsStream {
         };
         this.idle.busy = true;
         // Start sending now; what the socket does not take waits for the next write or flush.
+        // The `n` bytes are sealed, so they are written as far as the caller is concerned: a
+        // socket error now is reported by the next call, not instead of them.
         if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-            return Poll::Ready(Err(e));
+            this.defer_write_error(&e);
         }
         Poll::Ready(Ok(n))
     }
@@ -425,6 +451,9 @@ impl AsyncWrite for TlsStream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.write_error() {
+            return Poll::Ready(Err(e));
+        }
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.tcp).poll_flush(cx)
     }
@@ -432,6 +461,9 @@ impl AsyncWrite for TlsStream {
     /// Sends close_notify, then shuts the socket's write half.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.write_error() {
+            return Poll::Ready(Err(e));
+        }
         if this.failed.is_none() {
             if let Err(e) = this.writer.close() {
                 return Poll::Ready(Err(this.fail(e)));

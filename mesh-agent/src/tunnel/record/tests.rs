@@ -580,3 +580,26 @@ async fn idle_connections_release_their_buffers() {
         .expect("read");
     assert_eq!(&got, b"again");
 }
+
+#[tokio::test]
+async fn bytes_sealed_before_a_socket_error_count_as_written_and_the_error_comes_next() {
+    use std::os::fd::AsFd as _;
+    let ca = Ca::new(TD);
+    let (mut ours, peer) = our_pair(&ca).await;
+    // The peer's socket resets; our read sees it, so the next write meets it too.
+    crate::sys::set_linger_zero(peer.tcp.as_fd()).expect("linger");
+    drop(peer);
+    let read = within("our read", ours.read(&mut [0u8; 16])).await;
+    assert_eq!(
+        read.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+    // The bytes are sealed (taken): reported written. The socket's error comes with the next
+    // call, and every one after it.
+    let written = ours.write(b"sealed").await;
+    assert_eq!(written.as_ref().ok(), Some(&6), "{written:?}");
+    let flushed = ours.flush().await;
+    assert!(flushed.is_err(), "{flushed:?}");
+    assert!(ours.write(b"more").await.is_err());
+}
