@@ -104,7 +104,14 @@ pub(super) async fn drive<C: Unbuffered>(
     let mut plaintext: Vec<u8> = Vec::new();
     let mut peer_closed = false;
     loop {
-        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming);
+        // One record at a time: rustls must stop at the end of the handshake. A record after
+        // the peer's Finished (in the same flight) is ours to read: were rustls to process a
+        // KeyUpdate there, it would answer it into a queue the hand-over drops, and change
+        // our key with no KeyUpdate on the wire.
+        let end = first_record_end(&incoming);
+        // More records are buffered behind this one: take them before reading the socket.
+        let more_buffered = end < incoming.len();
+        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..end]);
         let state = match state {
             Ok(state) => state,
             Err(e) => {
@@ -144,7 +151,7 @@ pub(super) async fn drive<C: Unbuffered>(
             }
             need_input = true;
         }
-        if need_input {
+        if need_input && !more_buffered {
             if peer_closed {
                 return Err(Error::HandshakeEof.into());
             }
@@ -170,6 +177,22 @@ pub(super) async fn drive<C: Unbuffered>(
         plaintext,
         peer_closed,
     })
+}
+
+/// The end of the first complete TLS record in `buf` (5-byte header: type, version, length),
+/// or the whole buffer when none is complete (rustls then asks for more).
+fn first_record_end(buf: &[u8]) -> usize {
+    match buf {
+        [_, _, _, hi, lo, ..] => {
+            let end = 5 + usize::from(u16::from_be_bytes([*hi, *lo]));
+            if end <= buf.len() {
+                end
+            } else {
+                buf.len()
+            }
+        }
+        _ => buf.len(),
+    }
 }
 
 /// Encodes the handshake record rustls has ready at the end of `out`.
