@@ -1,25 +1,12 @@
 //! `mesh-agent`: the node agent of the mesh. `mesh-agent node --config FILE` runs it;
-//! `mesh-agent check` only runs the start-up checks.
-#![deny(unsafe_code)]
-
-mod admin;
-mod capture;
-mod config;
-mod discovery;
-mod handover;
-mod identity;
-mod metrics;
-mod node;
-mod policy;
-mod preflight;
-mod proxy;
-mod state;
-mod sys;
-mod tunnel;
+//! `mesh-agent check` only runs the start-up checks. The agent itself is the `mesh_agent`
+//! library (src/lib.rs); this is its command line.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use mesh_agent::{identity, node, policy, preflight, state, tunnel};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -398,6 +398,12 @@ pub struct Store {
 /// moved, or a state that reached one agent before another).
 pub const PLACEMENT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Store {
     pub fn new() -> Self {
         Self {

@@ -1,0 +1,19 @@
+//! The node agent of the mesh, as a library: `src/main.rs` is its command line; other targets
+//! (fuzzing) link the library to drive its parsers directly. ARCHITECTURE.md says where each
+//! concern lives.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod capture;
+pub mod config;
+pub mod discovery;
+pub mod handover;
+pub mod identity;
+pub mod metrics;
+pub mod node;
+pub mod policy;
+pub mod preflight;
+pub mod proxy;
+pub mod state;
+pub mod sys;
+pub mod tunnel;
