@@ -138,7 +138,20 @@ pub(crate) fn start(
             setsid: true,
         },
     )?;
-    let child = cmd.spawn().with_context(|| {
+    // A binary just copied (`Lab::upgrade_agent`) may be "busy" for a moment: another thread
+    // of this process that forked meanwhile holds the copy's write descriptor until its child
+    // execs. That ends on its own; a few tries, then the error.
+    let mut tries = 0;
+    let spawned = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => break other,
+        }
+    };
+    let child = spawned.with_context(|| {
         format!(
             "starting agent {} for node {} (cgroup {}, netns {})",
             bin.display(),

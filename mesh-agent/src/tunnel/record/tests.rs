@@ -471,18 +471,31 @@ async fn read_tls(conn: &mut Connection, tcp: &mut TcpStream) {
     conn.process_new_packets().expect("process");
 }
 
+/// A hand-driven rustls client against our server, its handshake done but its Finished still
+/// queued (not sent); our server's accept runs in a task.
+async fn client_with_its_finished_queued(
+    ca: &Ca,
+) -> (
+    Connection,
+    TcpStream,
+    tokio::task::JoinHandle<std::io::Result<TlsStream>>,
+) {
+    let (mut c, s) = tcp_pair().await;
+    let server = tokio::spawn(accept(ca.server_config(), s));
+    let client = ClientConnection::new(ca.client_config(api()), name()).expect("client");
+    let mut conn = Connection::Client(client);
+    flush_tls(&mut conn, &mut c).await;
+    while conn.is_handshaking() {
+        read_tls(&mut conn, &mut c).await;
+    }
+    (conn, c, server)
+}
+
 #[tokio::test]
 async fn application_data_in_the_segment_of_the_client_finished_is_kept() {
     let ca = Ca::new(TD);
     for len in [1200, 40_000] {
-        let (mut c, s) = tcp_pair().await;
-        let server = tokio::spawn(accept(ca.server_config(), s));
-        let client = ClientConnection::new(ca.client_config(api()), name()).expect("client");
-        let mut conn = Connection::Client(client);
-        flush_tls(&mut conn, &mut c).await;
-        while conn.is_handshaking() {
-            read_tls(&mut conn, &mut c).await;
-        }
+        let (mut conn, mut c, server) = client_with_its_finished_queued(&ca).await;
         // The client Finished is queued, not sent: the data joins it in one write.
         let data = pattern(len, 11);
         std::io::Write::write_all(&mut conn.writer(), &data).expect("plaintext");
@@ -603,14 +616,7 @@ async fn bytes_sealed_before_a_socket_error_count_as_written_and_the_error_comes
 #[tokio::test]
 async fn a_key_update_request_in_the_flight_of_the_client_finished_is_answered() {
     let ca = Ca::new(TD);
-    let (mut c, s) = tcp_pair().await;
-    let server = tokio::spawn(accept(ca.server_config(), s));
-    let client = ClientConnection::new(ca.client_config(api()), name()).expect("client");
-    let mut conn = Connection::Client(client);
-    flush_tls(&mut conn, &mut c).await;
-    while conn.is_handshaking() {
-        read_tls(&mut conn, &mut c).await;
-    }
+    let (mut conn, mut c, server) = client_with_its_finished_queued(&ca).await;
     // The client Finished is queued, not sent: a KeyUpdate(update_requested) and data join it
     // in one write.
     conn.refresh_traffic_keys().expect("key update request");
