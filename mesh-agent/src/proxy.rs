@@ -206,6 +206,8 @@ pub enum Error {
     Identity(#[from] crate::identity::Error),
     #[error("bad HBONE request from {peer}: {why}")]
     BadRequest { peer: SpiffeId, why: String },
+    #[error("{peer} reset the stream before the application was connected: not connected")]
+    EarlyReset { peer: SpiffeId },
     #[error("tunnelled stream: {0}")]
     Stream(std::io::Error),
     #[error("same-node delivery to {pod} failed (its inbound log line says why)")]
@@ -256,6 +258,7 @@ impl Error {
             Error::Hbone(_) => "hbone",
             Error::Identity(_) => "identity",
             Error::BadRequest { .. } => "bad_request",
+            Error::EarlyReset { .. } => "early_reset",
             Error::Stream(_) => "stream",
             Error::LocalDelivery { .. } => "local_delivery",
             Error::Denied(_) => "policy_denied",
@@ -470,6 +473,8 @@ async fn account(
                     reason = %d.reason,
                     "connection closed by a policy change"
                 ),
+                // Counted; not worth a line each (a flood of them closes the connection, logged).
+                Error::EarlyReset { .. } => tracing::debug!(error = %e, "connection failed"),
                 // A decision too, the destination's: its own log names the policy.
                 e if e.denied_by_destination() => {
                     tracing::info!(error = %e, "connection denied by the destination's policy")

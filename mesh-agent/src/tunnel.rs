@@ -30,6 +30,10 @@ pub mod settings {
     pub const MAX_SEND_BUFFER: usize = 1 << 20;
     /// Reset streams remembered; bounds the cost of reset floods.
     pub const MAX_CONCURRENT_RESET_STREAMS: usize = 64;
+    /// Streams of one connection the client may reset before they are answered (after h2
+    /// accepted them; h2 itself bounds those reset before); one more and the connection is
+    /// closed with GOAWAY(ENHANCE_YOUR_CALM).
+    pub const MAX_EARLY_RESETS: u32 = 100;
     /// Largest header list the server takes (SETTINGS_MAX_HEADER_LIST_SIZE): a CONNECT carries
     /// a few short headers; a larger block is refused before it costs memory.
     pub const MAX_HEADER_LIST: u32 = 16 << 10;

@@ -233,7 +233,7 @@ async fn admit(
 
 /// One CONNECT stream: checks the authority, connects to the application, answers, copies.
 async fn hbone_stream(
-    req: tunnel::server::Request,
+    mut req: tunnel::server::Request,
     pod: &Pod,
     inputs: &Inputs,
 ) -> Result<(u64, u64), Error> {
@@ -284,11 +284,18 @@ async fn hbone_stream(
             return Err(denied);
         }
     };
-    let app = match Box::pin(connect_in_pod(pod, &inputs.home, dst)).await {
-        Ok(app) => app,
-        Err(e) => {
+    // Tied to the stream: a client that resets it meanwhile (rapid reset) gets no connection.
+    let connect = Box::pin(connect_in_pod(pod, &inputs.home, dst));
+    let app = match req.unless_reset(connect).await {
+        Some(Ok(app)) => app,
+        Some(Err(e)) => {
             req.reject(StatusCode::SERVICE_UNAVAILABLE);
             return Err(e);
+        }
+        None => {
+            return Err(Error::EarlyReset {
+                peer: (*req.peer).clone(),
+            })
         }
     };
     let (send, recv) = req

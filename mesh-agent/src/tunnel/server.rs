@@ -28,9 +28,43 @@ pub struct Request {
     pub forwarded: Option<String>,
     respond: SendResponse<Bytes>,
     body: RecvStream,
+    early_resets: Arc<EarlyResets>,
+}
+
+/// Streams of one connection the client reset before they were answered (rapid reset: each
+/// costs the server work and costs the client nothing).
+#[derive(Debug, Default)]
+struct EarlyResets {
+    count: std::sync::atomic::AtomicU32,
+    over: tokio::sync::Notify,
 }
 
 impl Request {
+    /// Runs `work` (connecting to the application) unless the client resets the stream first:
+    /// the work of a reset stream is dropped, never finished. `None` when it was reset; past
+    /// [`settings::MAX_EARLY_RESETS`] such streams the connection is closed with
+    /// GOAWAY(ENHANCE_YOUR_CALM).
+    pub async fn unless_reset<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let reset = std::future::poll_fn(|cx| self.respond.poll_reset(cx));
+        tokio::select! {
+            done = work => Some(done),
+            _ = reset => {
+                let n = self
+                    .early_resets
+                    .count
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                if n == settings::MAX_EARLY_RESETS {
+                    self.early_resets.over.notify_one();
+                }
+                None
+            }
+        }
+    }
+
     /// Answers with an error status and ends the stream.
     pub fn reject(mut self, status: StatusCode) {
         let _ = self.respond.send_response(response(status), true);
@@ -137,11 +171,19 @@ where
     let retire = tokio::time::sleep_until(super::retire_at(peer_not_after, max_age));
     let mut retire = std::pin::pin!(retire);
     let mut draining = false;
+    let early_resets = Arc::new(EarlyResets::default());
+    let mut calmed = false;
     loop {
         // `accept` also drives the connection (the open streams' data): it runs until the
         // connection ends, draining or not.
         let next = tokio::select! {
             next = conn.accept() => next,
+            () = early_resets.over.notified(), if !calmed => {
+                calmed = true;
+                tracing::warn!(%remote, %peer, resets = settings::MAX_EARLY_RESETS, "HBONE client reset its streams before they were answered, again and again (rapid reset): GOAWAY(ENHANCE_YOUR_CALM)");
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                continue;
+            }
             () = &mut drain, if !draining => {
                 draining = true;
                 debug!(%remote, "draining: GOAWAY");
@@ -191,6 +233,7 @@ where
             forwarded,
             respond,
             body,
+            early_resets: early_resets.clone(),
         }));
     }
     Ok(())

@@ -1245,3 +1245,82 @@ async fn a_client_accepts_a_node_issued_server_only_from_the_destinations_node()
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn streams_reset_before_they_are_answered_never_reach_the_application_and_a_flood_ends_in_goaway(
+) {
+    let ca = Ca::new(TD);
+    let echo = echo_server(false).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Handlers started, finished, and those that reached the application.
+    let counts: Arc<[std::sync::atomic::AtomicUsize; 3]> = Arc::default();
+    let config = ca.server_config();
+    let counted = counts.clone();
+    let served = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let handler = move |mut req: Request| {
+            let counts = counted.clone();
+            counts[0].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                // An application that takes a moment to connect to (a backlog, another
+                // namespace): the window a reset stream must not get through.
+                let connect = async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    TcpStream::connect(echo).await
+                };
+                if let Some(Ok(_app)) = req.unless_reset(connect).await {
+                    counts[2].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    req.reject(StatusCode::SERVICE_UNAVAILABLE);
+                }
+                counts[1].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        };
+        let admitted = |_chain: Vec<CertificateDer<'static>>| async { Ok(()) };
+        server::serve(tcp, config, handler, std::future::pending(), DAY, admitted).await
+    });
+    let (conn, _) = h2_connect(addr, &ca.client_config(api())).await;
+    // Each stream is reset once the server has taken it (h2 itself closes a connection whose
+    // streams are reset before it takes them).
+    let mut refused = None;
+    for i in 0..1000 {
+        let req = http::Request::builder()
+            .method(Method::CONNECT)
+            .uri(echo.to_string())
+            .body(())
+            .expect("request");
+        let sent = match conn.clone().ready().await {
+            Ok(mut ready) => ready.send_request(req, false),
+            Err(e) => Err(e),
+        };
+        let (_response, mut body) = match sent {
+            Ok(stream) => stream,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        };
+        let taken = || counts[0].load(std::sync::atomic::Ordering::SeqCst) > i;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !taken() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        body.send_reset(h2::Reason::CANCEL);
+    }
+    let ended = within("serve to end", served).await.expect("join");
+    let calmed =
+        |e: &h2::Error| e.is_go_away() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+    assert!(
+        matches!(&ended, Err(Error::H2 { source, .. }) if calmed(source))
+            || refused.as_ref().is_some_and(calmed),
+        "server: {ended:?}; client: {refused:?}"
+    );
+    let load = |i: usize| counts[i].load(std::sync::atomic::Ordering::SeqCst);
+    wait_for("every handler to finish", || load(1) == load(0)).await;
+    let (started, reached) = (load(0), load(2));
+    assert!(
+        reached < 50,
+        "{reached} of {started} reset streams reached the application"
+    );
+    assert!(started <= 110, "{started} streams taken before the GOAWAY");
+}
