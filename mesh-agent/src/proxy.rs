@@ -10,6 +10,7 @@ mod authz;
 mod copy;
 mod inbound;
 mod outbound;
+pub mod sampled;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -109,6 +110,8 @@ pub struct Pod {
     pub inbound: ConnCounters,
     /// `mesh_outbound_routes_total` of this pod.
     pub routes: RouteCounters,
+    /// Samples the log lines a peer can provoke at will (denials, bad requests).
+    pub sampled: sampled::LogSampler,
 }
 
 /// What can change about a captured pod without capturing it again.
@@ -129,6 +132,7 @@ impl Pod {
             outbound: metrics.conn_counters("outbound", &w.namespace, &w.name),
             inbound: metrics.conn_counters("inbound", &w.namespace, &w.name),
             routes: RouteCounters::new(&w.namespace, &w.name),
+            sampled: sampled::LogSampler::default(),
             current: arc_swap::ArcSwap::from_pointee(state),
             netns,
             netns_cookie,
@@ -465,8 +469,13 @@ async fn account(
         Err(e) => {
             pod.count_failure(&inputs.metrics, direction, &e);
             match &e {
-                // Decisions, not faults: the span says which policy and rule.
-                Error::Denied(d) => tracing::info!(reason = %d.reason, "connection denied"),
+                // Decisions, not faults: the span says which policy and rule. A peer can
+                // provoke these at will: counted always, logged sampled.
+                Error::Denied(d) => {
+                    if let Some(left_out) = pod.sampled.admit() {
+                        tracing::info!(reason = %d.reason, left_out, "connection denied");
+                    }
+                }
                 Error::Revoked(d) => tracing::info!(
                     policy = %d.policy_str(),
                     rule = %d.rule_str(),
@@ -478,6 +487,11 @@ async fn account(
                 // A decision too, the destination's: its own log names the policy.
                 e if e.denied_by_destination() => {
                     tracing::info!(error = %e, "connection denied by the destination's policy")
+                }
+                Error::BadRequest { .. } => {
+                    if let Some(left_out) = pod.sampled.admit() {
+                        tracing::warn!(error = %e, left_out, "connection failed");
+                    }
                 }
                 _ => tracing::warn!(error = %e, "connection failed"),
             }
