@@ -18,6 +18,18 @@ pub fn serve(lab: &Lab, pod: &str, port: u16) -> Running {
     server
 }
 
+/// Starts `mesh-labtool stream` from `client` to `addr` (a long-lived connection that echoes a
+/// chunk at a time) and waits for its first round trip.
+pub fn stream(lab: &Lab, client: &str, addr: &str) -> Running {
+    let mut stream = Running::spawn(
+        &format!("stream from {client} to {addr}"),
+        lab.command(client, labtool_bin())
+            .args(["stream", "--to", addr]),
+    );
+    stream.wait_line("progress", WAIT);
+    stream
+}
+
 /// Sends `bytes` from `client` to `addr`, half-closes, checks the echo byte for byte, and
 /// returns the tool's output (`connected local=.. peer=..`, `ok sent=N received=N`).
 pub fn send(lab: &Lab, client: &str, addr: &str, bytes: u64) -> Vec<String> {

@@ -13,7 +13,7 @@ use std::{
 use mesh_lab::{
     agent_bin, labtool_bin,
     pcap::{self, Pcap},
-    traffic::{connected, peer_of, send, serve, WAIT},
+    traffic::{self, connected, peer_of, send, serve, WAIT},
     wait_until, Lab, LabOptions, Running,
 };
 
@@ -446,12 +446,7 @@ fn a_changed_service_account_is_the_identity_of_new_connections() {
         inbound_with(&lab, "client") == 1
     });
     // A long-lived connection opened before the change.
-    let mut stream = Running::spawn(
-        "stream from shop/client",
-        lab.command("shop/client", labtool_bin())
-            .args(["stream", "--to", &vip]),
-    );
-    stream.wait_line("progress", WAIT);
+    let mut stream = traffic::stream(&lab, "shop/client", &vip);
 
     edit_workload(
         &lab,
@@ -499,12 +494,7 @@ fn sigterm_keeps_capture_and_only_uninstall_releases_it() {
     // SIGTERM (a node drain: no successor) while shop/api holds a connection to shop/db
     // through n1's HBONE inbound: n1's agent keeps serving, new connections included, each
     // on a pooled HBONE connection (not a handshake per stream).
-    let mut stream = Running::spawn(
-        "stream from shop/api",
-        lab.command("shop/api", labtool_bin())
-            .args(["stream", "--to", &db]),
-    );
-    stream.wait_line("progress", WAIT);
+    let mut stream = traffic::stream(&lab, "shop/api", &db);
     let opened = |lab: &Lab| counter(lab, "n2", "mesh_hbone_connections_opened_total", &[]);
     let opened_before = opened(&lab);
     let pid = lab.signal_agent("n1", libc::SIGTERM);
@@ -870,12 +860,7 @@ fn the_drain_deadline_resets_what_is_left_and_the_old_agent_exits() {
     });
     let db = format!("{}:9090", lab.pod("shop/db").ip);
     let _db = serve(&lab, "shop/db", 9090);
-    let mut stream = Running::spawn(
-        "stream from shop/client",
-        lab.command("shop/client", labtool_bin())
-            .args(["stream", "--to", &db]),
-    );
-    stream.wait_line("progress", WAIT);
+    let mut stream = traffic::stream(&lab, "shop/client", &db);
     let upgrade = lab.upgrade_agent("n1", None).expect("upgrading n1's agent");
     let old = upgrade.old.expect("an agent was running on n1");
     let started = Instant::now();

@@ -188,12 +188,7 @@ fn a_tunnel_cut_mid_transfer_resets_the_application_connection() {
     let vip = format!("{}:80", lab.service_vip("shop/api"));
     let api = lab.pod("shop/api").ip;
     let _api = serve(&lab, "shop/api", 8080);
-    let mut stream = Running::spawn(
-        "stream from shop/client",
-        lab.command("shop/client", labtool_bin())
-            .args(["stream", "--to", &vip]),
-    );
-    stream.wait_line("progress", WAIT);
+    let mut stream = traffic::stream(&lab, "shop/client", &vip);
     // Kill the HBONE TCP connection (it lives in shop/client's namespace, opened by n1's agent).
     run_ok(
         &lab,
@@ -273,12 +268,7 @@ fn no_new_stream_rides_a_connection_past_its_certificates() {
     let _api = serve(&lab, "shop/api", 8080);
     let opened = |lab: &Lab| lab.metric("n1", "mesh_hbone_connections_opened_total", &[]);
     traffic::send(&lab, "shop/client", &vip, 1 << 16);
-    let mut stream = Running::spawn(
-        "stream from shop/client",
-        lab.command("shop/client", labtool_bin())
-            .args(["stream", "--to", &vip]),
-    );
-    stream.wait_line("progress", WAIT);
+    let mut stream = traffic::stream(&lab, "shop/client", &vip);
     assert_eq!(opened(&lab), 1.0, "the stream shares the first connection");
     // Both certificates of that connection were issued when the agents started: wait until
     // they have expired (the agents renewed them at half-life).

@@ -35,13 +35,9 @@ pub async fn proxy(
         Destination::Passthrough(addr) => (addr, "direct"),
     };
     // A destination in the mesh is reached over HBONE with its workload's identity.
-    let peer = snap.meshed_workload(target.ip()).map(|w| {
-        (
-            w.namespace.clone(),
-            w.service_account.clone(),
-            w.node.clone(),
-        )
-    });
+    // The workload itself (a reference count), not copies of its strings: this runs per
+    // connection.
+    let peer = snap.meshed_workload(target.ip()).cloned();
     drop(snap);
     // A meshed destination this agent captures too: the same-node fast path.
     let local = match &peer {
@@ -76,9 +72,12 @@ pub async fn proxy(
         .await;
     }
     match peer {
-        Some((namespace, service_account, node)) => {
-            let expected =
-                SpiffeId::new(inputs.certs.trust_domain(), &namespace, &service_account)?;
+        Some(peer) => {
+            let expected = SpiffeId::new(
+                inputs.certs.trust_domain(),
+                &peer.namespace,
+                &peer.service_account,
+            )?;
             span.record("peer_identity", tracing::field::display(&expected));
             // What the client has already sent travels with the CONNECT request. Never waited
             // for: a server-speaks-first protocol sends nothing first.
@@ -86,7 +85,7 @@ pub async fn proxy(
             let sent_first = initial.as_ref().map_or(0, |b| b.len() as u64);
             // Boxed: opening a stream may dial and handshake, a future of many KiB that would
             // otherwise stay allocated for the whole life of the connection.
-            let opened = open_hbone(client, pod, inputs, target, (expected, node), initial);
+            let opened = open_hbone(client, pod, inputs, target, (expected, &peer.node), initial);
             let tunnel = match Box::pin(opened).await {
                 Ok(tunnel) => tunnel,
                 Err(e) => {
@@ -119,7 +118,7 @@ async fn open_hbone(
     pod: &Pod,
     inputs: &Inputs,
     target: SocketAddr,
-    (expected, node): (SpiffeId, String),
+    (expected, node): (SpiffeId, &str),
     initial: Option<bytes::Bytes>,
 ) -> Result<tunnel::client::Stream, Error> {
     let state = pod.state();
@@ -136,7 +135,7 @@ async fn open_hbone(
             inputs.certs.bundle().clone(),
             leaf,
             vec![key.expected.clone()],
-            Some(node.clone()),
+            Some(node.to_owned()),
         )?)
     };
     // The HBONE connection leaves from the pod's namespace, with the pod's address.
