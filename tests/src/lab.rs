@@ -118,8 +118,17 @@ impl Lab {
             None => sys::random_id()?,
         };
         let layout = Layout::new(&id, &opts.topology, &cgroup2);
-        std::fs::create_dir_all(RUN_ROOT).with_context(|| format!("creating {RUN_ROOT}"))?;
-        match std::fs::create_dir(&layout.run_dir) {
+        // The sweep of another test process removes RUN_ROOT once it holds no lab, possibly
+        // between these two steps: then make it again.
+        let mut tries = 0;
+        let created = loop {
+            std::fs::create_dir_all(RUN_ROOT).with_context(|| format!("creating {RUN_ROOT}"))?;
+            match std::fs::create_dir(&layout.run_dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 5 => tries += 1,
+                other => break other,
+            }
+        };
+        match created {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
                 "lab {id} already exists ({} is there): take it down first with \
