@@ -122,7 +122,7 @@ impl Lab {
         // between these two steps: then make it again.
         let mut tries = 0;
         let created = loop {
-            std::fs::create_dir_all(RUN_ROOT).with_context(|| format!("creating {RUN_ROOT}"))?;
+            sys::create_dirs(Path::new(RUN_ROOT))?;
             match std::fs::create_dir(&layout.run_dir) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 5 => tries += 1,
                 other => break other,
@@ -181,8 +181,7 @@ impl Lab {
             .map(|p| &p.cgroup)
             .chain(layout.nodes.iter().map(|n| &n.agent_cgroup));
         for dir in cgroups {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating cgroup {}", dir.display()))?;
+            sys::create_dirs(dir).context("creating a cgroup")?;
         }
         net::build(layout)?;
         let state = state::state_yaml(layout, &self.topology)?;
@@ -204,8 +203,7 @@ impl Lab {
         agent::make_ca(layout)?;
         sys::ensure_bpffs()?;
         for node in &layout.nodes {
-            std::fs::create_dir_all(&node.bpf_dir)
-                .with_context(|| format!("creating bpffs directory {}", node.bpf_dir.display()))?;
+            sys::create_dirs(&node.bpf_dir).context("creating a bpffs directory")?;
             self.agents
                 .push(agent::start(layout, node, 1, &agent::agent_bin())?);
         }

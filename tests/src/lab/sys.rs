@@ -249,6 +249,20 @@ pub(crate) fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> b
     }
 }
 
+/// `create_dir_all` that holds up against another test process's sweep, which removes the
+/// labs' shared parents (`/run/mesh-lab`, `<cgroup2>/mesh-lab`, `/sys/fs/bpf/mesh-lab`) once
+/// they hold no lab: should a parent vanish between two levels, start over (a few times).
+pub(crate) fn create_dirs(path: &Path) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match std::fs::create_dir_all(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 5 => tries += 1,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        }
+    }
+}
+
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, then rename.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let dir = path
