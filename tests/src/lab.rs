@@ -53,6 +53,9 @@ pub struct LabOptions {
     /// The agents' `lifecycle.drain_timeout_secs`: how long an agent that handed over (or was
     /// told to stop) keeps its established connections.
     pub drain_timeout_secs: u64,
+    /// The agents' `hbone.server` settings (limits, idle timeout, PINGs) that differ from the
+    /// agent's defaults.
+    pub hbone_server: std::collections::BTreeMap<String, u64>,
 }
 
 impl Default for LabOptions {
@@ -67,6 +70,7 @@ impl Default for LabOptions {
             leaf_lifetime_secs: 24 * 3600,
             same_node_fast_path: true,
             drain_timeout_secs: 300,
+            hbone_server: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -194,6 +198,7 @@ impl Lab {
                 opts.leaf_lifetime_secs,
                 opts.same_node_fast_path,
                 opts.drain_timeout_secs,
+                &opts.hbone_server,
             )?;
             sys::write_atomic(&layout.agent_config_path(&node.name), config.as_bytes())?;
         }

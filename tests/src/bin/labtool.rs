@@ -95,6 +95,12 @@ enum Cmd {
     Hold(idle::HoldArgs),
     /// Connects again and again until stdin closes; prints each attempt's outcome and time.
     Probe(probe::Args),
+    /// A server that, once a connection sends a byte, writes to it without end; prints
+    /// `listening <addr>`, then `flooded bytes=N` as each connection fails.
+    Flood(idle::FloodArgs),
+    /// Opens N connections that send nothing (or, with `--partial`, the start of a TLS
+    /// record), prints `opened N`, then `closed N` once the server has closed every one.
+    Connects(idle::ConnectsArgs),
     /// Connects and exits 0, or prints the error and exits 1.
     Connect {
         /// Server address.
@@ -116,6 +122,8 @@ fn main() -> ExitCode {
             many: true,
         } => idle::serve_many(SocketAddr::new(bind, port)),
         Cmd::Hold(args) => idle::hold(args),
+        Cmd::Flood(args) => idle::flood(args),
+        Cmd::Connects(args) => idle::connects(args),
         Cmd::Send {
             to,
             bytes,

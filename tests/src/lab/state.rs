@@ -64,7 +64,7 @@ struct AgentConfig<'a> {
     state_poll_interval_ms: u64,
     capture: &'a CaptureExclusions,
     identity: Identity,
-    hbone: Hbone,
+    hbone: Hbone<'a>,
     lifecycle: Lifecycle,
 }
 
@@ -77,8 +77,10 @@ struct Lifecycle {
 
 /// The `hbone` block of an agent config.
 #[derive(Debug, Serialize)]
-struct Hbone {
+struct Hbone<'a> {
     same_node_fast_path: bool,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    server: &'a BTreeMap<String, u64>,
 }
 
 /// The `identity` block of an agent config: the node's intermediate CA made by `up`.
@@ -133,6 +135,7 @@ pub(crate) fn agent_config_yaml(
     leaf_lifetime_secs: u64,
     same_node_fast_path: bool,
     drain_timeout_secs: u64,
+    hbone_server: &BTreeMap<String, u64>,
 ) -> Result<String> {
     let bpf_dir = layout
         .nodes
@@ -157,6 +160,7 @@ pub(crate) fn agent_config_yaml(
         },
         hbone: Hbone {
             same_node_fast_path,
+            server: hbone_server,
         },
         lifecycle: Lifecycle {
             handover_socket: layout.handover_socket(node),
@@ -265,7 +269,8 @@ mod tests {
             exclude_outbound_ports: vec![22],
             ..Default::default()
         };
-        let yaml = agent_config_yaml(&layout, "n2", &capture, 3600, false, 30).expect("serialises");
+        let yaml = agent_config_yaml(&layout, "n2", &capture, 3600, false, 30, &BTreeMap::new())
+            .expect("serialises");
         let v: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("parses");
         assert_eq!(v["node"].as_str(), Some("n2"));
         assert_eq!(

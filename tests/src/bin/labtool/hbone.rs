@@ -33,6 +33,55 @@ pub struct Args {
     /// Bytes to echo through each stream answered 200.
     #[arg(long, default_value_t = 65536)]
     echo_bytes: usize,
+    /// Instead of echoing: advertise the largest flow-control windows, stop reading the
+    /// connection, then send one byte on every stream answered 200 (a `flood` server starts
+    /// writing on it), print `stalled N` and wait until stdin closes: a client that makes the
+    /// server hold what it cannot deliver.
+    #[arg(long)]
+    stall: bool,
+}
+
+/// A connection whose reads stop for good once `paused` is set.
+struct Pausable {
+    tcp: tokio::net::TcpStream,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Pausable {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Pausable {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -56,9 +105,13 @@ async fn run_async(args: Args) -> Result<()> {
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     config.enable_sni = false;
-    let tcp = tokio::net::TcpStream::connect(args.to)
-        .await
-        .with_context(|| format!("connecting to {}", args.to))?;
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tcp = Pausable {
+        tcp: tokio::net::TcpStream::connect(args.to)
+            .await
+            .with_context(|| format!("connecting to {}", args.to))?,
+        paused: paused.clone(),
+    };
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::IpAddress(args.to.ip().into()), tcp)
         .await;
@@ -76,7 +129,13 @@ async fn run_async(args: Args) -> Result<()> {
         .and_then(|c| c.first())
         .and_then(uri_san);
     println!("server_identity {}", server_id.as_deref().unwrap_or("none"));
-    let (client, connection) = match h2::client::handshake(tls).await {
+    let mut h2 = h2::client::Builder::new();
+    if args.stall {
+        const LARGEST_WINDOW: u32 = (1 << 31) - 1;
+        h2.initial_window_size(LARGEST_WINDOW)
+            .initial_connection_window_size(LARGEST_WINDOW);
+    }
+    let (client, connection) = match h2.handshake(tls).await {
         Ok(parts) => parts,
         Err(e) => {
             // TLS 1.3 reports a rejected client certificate only when the client reads.
@@ -123,6 +182,17 @@ async fn run_async(args: Args) -> Result<()> {
             }
             Err(e) => println!("response {i} error={e}"),
         }
+    }
+    if args.stall {
+        paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut held = Vec::new();
+        for (_, mut send, recv) in open {
+            send.send_data(Bytes::from_static(b"g"), false)?;
+            held.push((send, recv));
+        }
+        println!("stalled {}", held.len());
+        let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut tokio::io::sink()).await;
+        return Ok(());
     }
     for (i, send, recv) in open {
         match echo(send, recv, args.echo_bytes).await {

@@ -104,6 +104,129 @@ pub fn serve_many(addr: SocketAddr) -> Result<()> {
     })
 }
 
+/// Arguments of `mesh-labtool flood`.
+#[derive(clap::Args, Debug)]
+pub struct FloodArgs {
+    /// Port to listen on (all addresses).
+    #[arg(long)]
+    port: u16,
+}
+
+/// Writes without end to every connection once it has sent a byte; prints `flooded bytes=N`
+/// when a connection fails (the peer reset it or went away).
+pub fn flood(args: FloodArgs) -> Result<()> {
+    raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let addr = SocketAddr::from(([0, 0, 0, 0], args.port));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        crate::say(&format!(
+            "listening {}",
+            listener.local_addr().context("getsockname")?
+        ));
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                tokio::task::yield_now().await;
+                continue;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut go = [0u8; 1];
+                if conn.read(&mut go).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let chunk = vec![0x5a_u8; 64 << 10];
+                let mut total = 0u64;
+                while let Ok(n) = conn.write(&chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                crate::say(&format!("flooded bytes={total}"));
+            });
+        }
+    })
+}
+
+/// Arguments of `mesh-labtool connects`.
+#[derive(clap::Args, Debug)]
+pub struct ConnectsArgs {
+    /// Where to connect, `IP:PORT`.
+    #[arg(long)]
+    to: SocketAddr,
+    /// How many connections.
+    #[arg(long)]
+    conns: usize,
+    /// Send the first bytes of a TLS handshake record (and nothing more) on each.
+    #[arg(long)]
+    partial: bool,
+}
+
+/// Opens `conns` connections that stall: they send nothing, or the start of a TLS record.
+/// Prints `opened N`, then `closed N` once the server has closed (or reset) every connection;
+/// stdin closing ends it early.
+pub fn connects(args: ConnectsArgs) -> Result<()> {
+    let limit = raise_nofile_limit();
+    if args.conns + 64 > limit {
+        bail!(
+            "--conns {} needs more open files than the limit allows ({limit})",
+            args.conns
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut open = Vec::with_capacity(args.conns);
+        for i in 0..args.conns {
+            let mut conn = tokio::net::TcpStream::connect(args.to)
+                .await
+                .with_context(|| format!("connection {i} to {}", args.to))?;
+            if args.partial {
+                // A handshake record header announcing 512 bytes, and the first 3 of them.
+                conn.write_all(&[22, 3, 1, 2, 0, 1, 0, 1]).await?;
+            }
+            open.push(conn);
+        }
+        crate::say(&format!("opened {}", args.conns));
+        let waits = open.into_iter().map(|mut conn| async move {
+            let mut buf = [0u8; 64];
+            // Any answer (EOF, reset, an alert) is the server closing it.
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+        let waits: Vec<_> = waits.collect();
+        let all = async {
+            for w in waits {
+                w.await;
+            }
+        };
+        let stdin = async {
+            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut tokio::io::sink()).await;
+        };
+        tokio::select! {
+            () = all => crate::say(&format!("closed {}", args.conns)),
+            () = stdin => {}
+        }
+        Ok(())
+    });
+    // The stdin reader is a blocking thread that may never return: do not wait for it.
+    rt.shutdown_background();
+    result
+}
+
 /// Raises the soft (and, when allowed, the hard) limit on open files; returns the soft limit.
 fn raise_nofile_limit() -> usize {
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
