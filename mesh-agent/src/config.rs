@@ -131,6 +131,100 @@ pub struct HboneConfig {
     /// current certificates. Streams already open go on. Default 3600; 60 to 604800.
     #[serde(default = "default_max_connection_age_secs")]
     pub max_connection_age_secs: u64,
+    /// The HBONE server of every captured pod (port 15008).
+    #[serde(default)]
+    pub server: HboneServerConfig,
+}
+
+/// Bounds on what HBONE clients may make the agent hold (every captured pod's port 15008,
+/// counted for the agent as a whole). A peer is a client address: a node, or a pod that
+/// connects to another pod's port 15008 itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HboneServerConfig {
+    /// Inbound HBONE connections at once; past it a new one is closed at once (counted).
+    pub max_connections: usize,
+    /// Inbound HBONE connections at once from one peer address.
+    pub max_connections_per_peer: usize,
+    /// TLS handshakes in flight; a client waits for a slot (within the 5 s handshake timeout)
+    /// once it has sent its first bytes (a connect that sends nothing takes none).
+    pub max_handshakes: usize,
+    /// TLS handshakes in flight from one peer address.
+    pub max_handshakes_per_peer: usize,
+    /// Connects to applications in flight for HBONE streams; a stream waits for a slot
+    /// (within the connect timeout).
+    pub max_connects_in_flight: usize,
+    /// An HBONE connection without an open stream for this long is closed (GOAWAY).
+    pub idle_timeout_secs: u64,
+    /// How often the server PINGs its clients.
+    pub ping_interval_secs: u64,
+    /// A client that leaves a PING unanswered this long is dropped (it reads nothing it is
+    /// sent, and its streams' data piles up in the agent).
+    pub ping_timeout_secs: u64,
+}
+
+impl Default for HboneServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            max_connections_per_peer: 1024,
+            max_handshakes: 256,
+            max_handshakes_per_peer: 32,
+            max_connects_in_flight: 1024,
+            idle_timeout_secs: crate::tunnel::settings::SERVER_IDLE_TIMEOUT.as_secs(),
+            ping_interval_secs: crate::tunnel::settings::SERVER_PING_INTERVAL.as_secs(),
+            ping_timeout_secs: crate::tunnel::settings::SERVER_PING_TIMEOUT.as_secs(),
+        }
+    }
+}
+
+impl HboneServerConfig {
+    fn validate(&self) -> Result<(), String> {
+        let ranges: [(&str, u64, u64, u64); 8] = [
+            ("max_connections", self.max_connections as u64, 1, 1_000_000),
+            (
+                "max_connections_per_peer",
+                self.max_connections_per_peer as u64,
+                1,
+                self.max_connections as u64,
+            ),
+            ("max_handshakes", self.max_handshakes as u64, 1, 65_536),
+            (
+                "max_handshakes_per_peer",
+                self.max_handshakes_per_peer as u64,
+                1,
+                self.max_handshakes as u64,
+            ),
+            (
+                "max_connects_in_flight",
+                self.max_connects_in_flight as u64,
+                1,
+                65_536,
+            ),
+            ("idle_timeout_secs", self.idle_timeout_secs, 1, 86_400),
+            ("ping_interval_secs", self.ping_interval_secs, 1, 3600),
+            ("ping_timeout_secs", self.ping_timeout_secs, 1, 600),
+        ];
+        for (name, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(format!(
+                    "`hbone.server.{name}` is {value}: use {min} to {max}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How the server treats connections.
+    pub fn options(&self, max_age: std::time::Duration) -> crate::tunnel::server::Options {
+        use std::time::Duration;
+        crate::tunnel::server::Options {
+            max_age,
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            ping_interval: Duration::from_secs(self.ping_interval_secs),
+            ping_timeout: Duration::from_secs(self.ping_timeout_secs),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -154,6 +248,7 @@ impl Default for HboneConfig {
             connections_per_peer: crate::tunnel::client::default_max_conns(),
             same_node_fast_path: true,
             max_connection_age_secs: default_max_connection_age_secs(),
+            server: HboneServerConfig::default(),
         }
     }
 }
@@ -267,6 +362,7 @@ impl Config {
                 self.hbone.max_connection_age_secs
             ));
         }
+        self.hbone.server.validate()?;
         if self.lifecycle.drain_timeout_secs > 24 * 3600 {
             return Err(format!(
                 "`lifecycle.drain_timeout_secs` is {}: use 0 to 86400",
@@ -389,6 +485,18 @@ mod tests {
         let e = parse("node: n1\nstate_file: /s\nhbone: {connections_per_peer: 0}\n")
             .expect_err("no connections");
         assert!(e.contains("hbone.connections_per_peer"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\nhbone: {server: {max_handshakes: 8, max_handshakes_per_peer: 9}}\n")
+            .expect_err("per peer above total");
+        assert!(
+            e.contains("`hbone.server.max_handshakes_per_peer` is 9: use 1 to 8"),
+            "{e}"
+        );
+        let e = parse("node: n1\nstate_file: /s\nhbone: {server: {ping_timeout_secs: 0}}\n")
+            .expect_err("no ping timeout");
+        assert!(e.contains("`hbone.server.ping_timeout_secs` is 0"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\nhbone: {server: {max_streams: 5}}\n")
+            .expect_err("unknown server field");
+        assert!(e.contains("unknown field `max_streams`"), "{e}");
         let e = parse("node: n1\nstate_file: /s\nlifecycle: {handover_socket: rel.sock}\n")
             .expect_err("relative socket");
         assert!(e.contains("lifecycle.handover_socket"), "{e}");

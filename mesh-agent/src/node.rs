@@ -235,7 +235,11 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         pool,
         local: proxy::LocalPods::default(),
         same_node_fast_path: config.hbone.same_node_fast_path,
-        hbone_max_age: config.hbone.max_connection_age(),
+        hbone_server: config
+            .hbone
+            .server
+            .options(config.hbone.max_connection_age()),
+        limits: proxy::limits::Limits::new(&config.hbone.server, &metrics),
         tasks: tokio_util::task::TaskTracker::new(),
         hbone: tokio_util::task::TaskTracker::new(),
         drain,

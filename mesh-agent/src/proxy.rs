@@ -9,6 +9,7 @@
 mod authz;
 mod copy;
 mod inbound;
+pub mod limits;
 mod outbound;
 pub mod sampled;
 
@@ -51,8 +52,11 @@ pub struct Inputs {
     pub local: LocalPods,
     /// Whether the same-node fast path is on (`hbone.same_node_fast_path`).
     pub same_node_fast_path: bool,
-    /// How long an inbound HBONE connection takes new streams (`hbone.max_connection_age_secs`).
-    pub hbone_max_age: Duration,
+    /// How inbound HBONE connections are treated (`hbone.max_connection_age_secs`, idle
+    /// timeout and PINGs from `hbone.server`).
+    pub hbone_server: tunnel::server::Options,
+    /// What inbound HBONE clients may hold (`hbone.server`).
+    pub limits: Arc<limits::Limits>,
     /// Every proxied connection and HBONE stream: an agent that stops waits on it until they
     /// have ended (or its drain deadline passes).
     pub tasks: tokio_util::task::TaskTracker,
@@ -210,6 +214,8 @@ pub enum Error {
     Identity(#[from] crate::identity::Error),
     #[error("bad HBONE request from {peer}: {why}")]
     BadRequest { peer: SpiffeId, why: String },
+    #[error("no slot to connect to {addr} within {CONNECT_TIMEOUT:?}: hbone.server.max_connects_in_flight are in flight")]
+    ConnectsInFlight { addr: SocketAddr },
     #[error("{peer} reset the stream before the application was connected: not connected")]
     EarlyReset { peer: SpiffeId },
     #[error("tunnelled stream: {0}")]
@@ -254,6 +260,7 @@ impl Error {
             Error::Connect { .. } => "connect",
             Error::NoLocalPort { .. } => "no_local_port",
             Error::ConnectTimeout { .. } => "connect_timeout",
+            Error::ConnectsInFlight { .. } => "connects_in_flight",
             Error::Socket(_) => "socket",
             // The destination's agent denied it: its log line names the policy.
             e if e.denied_by_destination() => "hbone_forbidden",
@@ -349,11 +356,45 @@ pub fn spawn_listener(
                         tasks.spawn(serve_inbound(stream, peer, pod, inputs));
                     }
                     Listener::Hbone => {
+                        let admitted = match inputs.limits.admit(peer.ip()) {
+                            Ok(admitted) => admitted,
+                            Err(why) => {
+                                if let Some(left_out) = pod.sampled.admit() {
+                                    tracing::warn!(src = %peer, limit = why.as_str(), left_out, "HBONE connection refused: limit reached (hbone.server)");
+                                }
+                                reset(stream);
+                                return;
+                            }
+                        };
                         // Read at accept, not when the task first runs (which may be after
                         // the agent started draining).
                         let late = *inputs.drain.borrow() != Drain::Serving;
                         let hbone = inputs.hbone.clone();
-                        hbone.spawn(inbound::serve_hbone(stream, peer, late, pod, inputs));
+                        hbone.spawn(async move {
+                            // Until the client sends something, its connection costs its
+                            // socket and this small task: the connection's (larger) future is
+                            // made once there is a handshake to serve.
+                            let first = tokio::time::timeout(
+                                tunnel::SERVER_HANDSHAKE_TIMEOUT,
+                                stream.readable(),
+                            );
+                            match first.await {
+                                Ok(Ok(())) => {
+                                    inbound::serve_hbone_boxed(
+                                        stream, peer, late, admitted, pod, inputs,
+                                    )
+                                    .await;
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::debug!(src = %peer, error = %e, "HBONE connection failed before its handshake");
+                                }
+                                Err(_) => {
+                                    tracing::debug!(src = %peer, "HBONE client sent nothing: closed at the handshake timeout");
+                                    let e = Error::Hbone(tunnel::Error::Timeout { addr: peer });
+                                    pod.count_failure(&inputs.metrics, Direction::Inbound, &e);
+                                }
+                            }
+                        });
                     }
                 }
             };

@@ -26,8 +26,9 @@ pub mod settings {
     pub const SERVER_CONNECTION_WINDOW: u32 = 16 << 20;
     /// Largest DATA frame: 1 MiB, fewer frames per byte.
     pub const MAX_FRAME: u32 = 1 << 20;
-    /// Send buffer per stream before backpressure.
-    pub const MAX_SEND_BUFFER: usize = 1 << 20;
+    /// Send buffer per stream before backpressure: what a client that stops reading can make
+    /// the server hold per stream (its streams × this, until its PING goes unanswered).
+    pub const MAX_SEND_BUFFER: usize = 256 << 10;
     /// Reset streams remembered; bounds the cost of reset floods.
     pub const MAX_CONCURRENT_RESET_STREAMS: usize = 64;
     /// Streams of one connection the client may reset before they are answered (after h2
@@ -40,6 +41,13 @@ pub mod settings {
     /// Client PING interval and the time without an answer after which the connection is dropped.
     pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
     pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+    /// Server: an HBONE connection with no open stream for this long is closed (GOAWAY); well
+    /// above the client pool's idle time, so that clients close their own first.
+    pub const SERVER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+    /// Server PING interval.
+    pub const SERVER_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+    /// Server: a client that leaves a PING unanswered this long is dropped.
+    pub const SERVER_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 }
 
 /// When a connection stops taking new streams: at `max_age` from now, or when the peer's
@@ -77,6 +85,8 @@ pub enum Error {
     },
     #[error("TLS configuration: {0}")]
     TlsConfig(#[from] rustls::Error),
+    #[error("HBONE peer {addr} left a PING unanswered for {waited:?}: it reads nothing we send, connection dropped")]
+    Unresponsive { addr: SocketAddr, waited: Duration },
     #[error("HBONE peer {addr} did not negotiate ALPN h2")]
     Alpn { addr: SocketAddr },
     #[error("HTTP/2 with {addr}: {source}")]

@@ -113,12 +113,33 @@ pub async fn deliver_local(
     }
 }
 
-/// One HBONE connection to this pod's port 15008: TLS with the pod's identity, then one
-/// tunnelled connection per CONNECT stream. `accepted_while_draining`: see [`super::Drain`].
-pub async fn serve_hbone(
+/// [`serve_hbone`], made on the heap by a plain function: an async caller that awaits it holds
+/// a pointer, never room for the whole future (which a debug build would keep inline).
+pub fn serve_hbone_boxed(
     tcp: TcpStream,
     peer: SocketAddr,
     accepted_while_draining: bool,
+    admitted: super::limits::Admitted,
+    pod: Arc<Pod>,
+    inputs: Arc<Inputs>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(serve_hbone(
+        tcp,
+        peer,
+        accepted_while_draining,
+        admitted,
+        pod,
+        inputs,
+    ))
+}
+
+/// One HBONE connection to this pod's port 15008: TLS with the pod's identity, then one
+/// tunnelled connection per CONNECT stream. `accepted_while_draining`: see [`super::Drain`].
+async fn serve_hbone(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    accepted_while_draining: bool,
+    admitted: super::limits::Admitted,
     pod: Arc<Pod>,
     inputs: Arc<Inputs>,
 ) {
@@ -162,7 +183,7 @@ pub async fn serve_hbone(
             std::future::pending::<()>().await;
         }
     };
-    let admitted = {
+    let admit_client = {
         let inputs = inputs.clone();
         move |chain| async move { admit(&inputs, chain).await }
     };
@@ -171,8 +192,9 @@ pub async fn serve_hbone(
         server_tls,
         handler,
         drain,
-        inputs.hbone_max_age,
-        admitted,
+        inputs.hbone_server,
+        admitted.handshake_slot(),
+        admit_client,
     )
     .instrument(span.clone())
     .await;
@@ -285,7 +307,14 @@ async fn hbone_stream(
         }
     };
     // Tied to the stream: a client that resets it meanwhile (rapid reset) gets no connection.
-    let connect = Box::pin(connect_in_pod(pod, &inputs.home, dst));
+    // At most `hbone.server.max_connects_in_flight` at once, agent-wide.
+    let connect = Box::pin(async {
+        let slot = inputs.limits.connect_slot();
+        let Ok(_slot) = tokio::time::timeout(super::CONNECT_TIMEOUT, slot).await else {
+            return Err(Error::ConnectsInFlight { addr: dst });
+        };
+        connect_in_pod(pod, &inputs.home, dst).await
+    });
     let app = match req.unless_reset(connect).await {
         Some(Ok(app)) => app,
         Some(Err(e)) => {

@@ -2,7 +2,7 @@
 //! Everything in a request is untrusted input: only the verified peer certificate says who the
 //! client is; the authority only selects a port, and the proxy checks it names this pod.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream, SendStream};
@@ -85,23 +85,55 @@ fn response(status: StatusCode) -> Response<()> {
     r
 }
 
+/// How a server treats its connections besides their streams (`hbone.server` in the agent's
+/// configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// A connection takes no new stream after this long (nor past the client's certificate).
+    pub max_age: Duration,
+    /// A connection without an open stream for this long is closed (GOAWAY).
+    pub idle_timeout: Duration,
+    /// How often the server PINGs the client.
+    pub ping_interval: Duration,
+    /// A client that leaves a PING unanswered this long is dropped: it no longer reads what
+    /// it is sent (dead, or keeping the server's buffers full on purpose).
+    pub ping_timeout: Duration,
+}
+
+impl Options {
+    /// The defaults, with connections retired at `max_age`.
+    pub fn with_max_age(max_age: Duration) -> Self {
+        Self {
+            max_age,
+            idle_timeout: settings::SERVER_IDLE_TIMEOUT,
+            ping_interval: settings::SERVER_PING_INTERVAL,
+            ping_timeout: settings::SERVER_PING_TIMEOUT,
+        }
+    }
+}
+
 /// Serves one HBONE connection: handshakes, then hands every request to `handle` (spawned per
 /// stream); a request that is not a usable CONNECT arrives with `authority: Err(why)`, for the
 /// handler to answer 400 and count. When `drain` completes (the agent hands its work to a
 /// successor), the connection is shut down gracefully: GOAWAY (h2 sends two, a PING apart, so
 /// that no stream in flight is lost), the streams already open go on, the client opens its
-/// next streams on a new connection. The same happens at `max_age`, and when the client's
-/// certificate expires. Returns when the connection ends.
+/// next streams on a new connection. The same happens at `options.max_age`, when the client's
+/// certificate expires and when no stream has been open for `options.idle_timeout`. A client
+/// that leaves a PING unanswered for `options.ping_timeout` is dropped. Returns when the
+/// connection ends.
 ///
-/// `admit` sees the client's certificate chain (already verified) before any stream is
-/// served, and may take its time (the agent waits for its state to place the client's
+/// `gate` is awaited once the client has sent its first bytes, and what it yields is held until
+/// the handshake is over (the caller's bound on handshakes in flight); the wait counts against the handshake
+/// timeout. `admit` sees the client's certificate chain (already verified) before any stream
+/// is served, and may take its time (the agent waits for its state to place the client's
 /// identity on the node that issued it); `Err(why)` closes the connection.
-pub async fn serve<F, Fut, A, AFut>(
+pub async fn serve<F, Fut, A, AFut, G>(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     handle: F,
     drain: impl std::future::Future<Output = ()>,
-    max_age: std::time::Duration,
+    options: Options,
+    gate: impl std::future::Future<Output = G>,
     admit: A,
 ) -> Result<(), Error>
 where
@@ -120,6 +152,12 @@ where
     })?;
     let _ = tcp.set_nodelay(true);
     let handshake = async {
+        // A connect that never sends takes no handshake slot (nor any buffer) while it waits.
+        tcp.readable().await.map_err(|source| Error::Tls {
+            addr: remote,
+            source,
+        })?;
+        let _permit = gate.await;
         let tls = record::accept(config, tcp)
             .await
             .map_err(|source| Error::Tls {
@@ -168,11 +206,16 @@ where
     debug!(%remote, %peer, peer_not_after, ?suite, "HBONE connection established");
     let peer = Arc::new(peer);
     let mut drain = std::pin::pin!(drain);
-    let retire = tokio::time::sleep_until(super::retire_at(peer_not_after, max_age));
+    let retire = tokio::time::sleep_until(super::retire_at(peer_not_after, options.max_age));
     let mut retire = std::pin::pin!(retire);
     let mut draining = false;
     let early_resets = Arc::new(EarlyResets::default());
     let mut calmed = false;
+    let open = Arc::new(OpenStreams::default());
+    let idle = tokio::time::sleep(options.idle_timeout);
+    let mut idle = std::pin::pin!(idle);
+    let pings = unanswered_ping(conn.ping_pong(), options);
+    let mut pings = std::pin::pin!(pings);
     loop {
         // `accept` also drives the connection (the open streams' data): it runs until the
         // connection ends, draining or not.
@@ -198,12 +241,40 @@ where
                 conn.graceful_shutdown();
                 continue;
             }
+            () = &mut idle, if !draining => {
+                match open.idle_since() {
+                    Some(since) if since.elapsed() >= options.idle_timeout => {
+                        draining = true;
+                        debug!(%remote, %peer, idle = ?options.idle_timeout, "HBONE connection idle: GOAWAY");
+                        conn.graceful_shutdown();
+                    }
+                    Some(since) => idle.as_mut().reset(since + options.idle_timeout),
+                    None => idle.as_mut().reset(tokio::time::Instant::now() + options.idle_timeout),
+                }
+                continue;
+            }
+            // The client stopped reading: its streams' data piles up here. Dropping the
+            // connection frees it (the streams' applications see a reset).
+            () = &mut pings => {
+                return Err(Error::Unresponsive { addr: remote, waited: options.ping_timeout });
+            }
         };
-        let Some(next) = next else { break };
-        let (req, respond) = next.map_err(|source| Error::H2 {
-            addr: remote,
-            source,
-        })?;
+        let (req, respond) = match next {
+            None => break,
+            Some(Ok(next)) => next,
+            // Told to go away, the client may close as soon as it has no stream left, before
+            // the server's final GOAWAY is out: an end, not a failure.
+            Some(Err(e)) if draining && e.is_io() => {
+                debug!(%remote, error = %e, "HBONE client closed after GOAWAY");
+                break;
+            }
+            Some(Err(source)) => {
+                return Err(Error::H2 {
+                    addr: remote,
+                    source,
+                })
+            }
+        };
         let authority = match req.uri().authority() {
             _ if req.method() != Method::CONNECT => Err("not a CONNECT request"),
             None => Err("no :authority"),
@@ -225,7 +296,8 @@ where
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let body = req.into_body();
-        tokio::spawn(handle(Request {
+        let stream = OpenStreams::open(&open);
+        let work = handle(Request {
             peer: peer.clone(),
             local,
             remote,
@@ -234,7 +306,75 @@ where
             respond,
             body,
             early_resets: early_resets.clone(),
-        }));
+        });
+        tokio::spawn(async move {
+            let _stream = stream;
+            work.await;
+        });
     }
     Ok(())
+}
+
+/// The streams of a connection that are being served, and since when none is.
+#[derive(Debug)]
+struct OpenStreams {
+    /// (open streams, when the last one ended or the connection was established).
+    state: std::sync::Mutex<(usize, tokio::time::Instant)>,
+}
+
+impl Default for OpenStreams {
+    fn default() -> Self {
+        Self {
+            state: std::sync::Mutex::new((0, tokio::time::Instant::now())),
+        }
+    }
+}
+
+impl OpenStreams {
+    fn open(this: &Arc<Self>) -> OpenStream {
+        this.lock().0 += 1;
+        OpenStream(this.clone())
+    }
+
+    /// Since when no stream is open; `None` while one is.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        let (open, since) = *self.lock();
+        (open == 0).then_some(since)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, tokio::time::Instant)> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A stream being served; dropped when its work ends.
+#[derive(Debug)]
+struct OpenStream(Arc<OpenStreams>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.0 -= 1;
+        if state.0 == 0 {
+            state.1 = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// PINGs the client every `ping_interval`; completes when one stays unanswered for
+/// `ping_timeout`. Pends forever once the connection has ended (its end is `accept`'s to tell).
+async fn unanswered_ping(ping_pong: Option<h2::PingPong>, options: Options) {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(options.ping_interval).await;
+        match tokio::time::timeout(options.ping_timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
 }

@@ -95,6 +95,10 @@ impl Ca {
 /// The test server's admission of a client, from its certificate chain.
 type Admit = Arc<dyn Fn(&[CertificateDer<'static>]) -> Result<(), String> + Send + Sync>;
 
+fn admit_all() -> Admit {
+    Arc::new(|_: &[CertificateDer<'static>]| Ok(()))
+}
+
 /// What the test's inbound proxy saw of a CONNECT.
 #[derive(Debug)]
 struct Seen {
@@ -121,18 +125,13 @@ impl Server {
 
     /// A server whose connections take new streams for `max_age` only.
     async fn start_aged(config: Arc<rustls::ServerConfig>, max_age: Duration) -> Server {
-        Server::start_with(
-            config,
-            max_age,
-            Arc::new(|_: &[CertificateDer<'static>]| Ok(())),
-        )
-        .await
+        Server::start_with(config, server::Options::with_max_age(max_age), admit_all()).await
     }
 
     /// A server that admits a client only when `admit` says so.
     async fn start_with(
         config: Arc<rustls::ServerConfig>,
-        max_age: Duration,
+        options: server::Options,
         admit: Admit,
     ) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HBONE");
@@ -156,7 +155,15 @@ impl Server {
                     };
                     let admitted =
                         move |chain: Vec<CertificateDer<'static>>| async move { admit(&chain) };
-                    let served = server::serve(tcp, config, handler, drain, max_age, admitted);
+                    let served = server::serve(
+                        tcp,
+                        config,
+                        handler,
+                        drain,
+                        options,
+                        std::future::ready(()),
+                        admitted,
+                    );
                     let _ = ended.send(served.await);
                 });
             }
@@ -1183,7 +1190,12 @@ async fn a_server_admits_a_node_issued_client_only_from_the_node_that_runs_it() 
         }
     });
     // shop/client from node-1, which runs it: served.
-    let mut server = Server::start_with(ca.server_config(), DAY, admit.clone()).await;
+    let mut server = Server::start_with(
+        ca.server_config(),
+        server::Options::with_max_age(DAY),
+        admit.clone(),
+    )
+    .await;
     let echo = echo_server(false).await;
     let (pool, _) = new_pool(200, DAY);
     let mut stream = open(&pool, &key(server.addr), ca.client_config(api()), echo)
@@ -1193,7 +1205,12 @@ async fn a_server_admits_a_node_issued_client_only_from_the_node_that_runs_it() 
     assert_eq!(server.next_seen().await.peer, client_id());
     // Another identity from node-1 (which does not run it): the connection is closed before
     // any stream is served.
-    let mut server = Server::start_with(ca.server_config(), DAY, admit).await;
+    let mut server = Server::start_with(
+        ca.server_config(),
+        server::Options::with_max_age(DAY),
+        admit,
+    )
+    .await;
     let impostor = tls::client_config(
         ca.bundle(),
         ca.leaf(&id(TD, "shop", "db")),
@@ -1277,7 +1294,16 @@ async fn streams_reset_before_they_are_answered_never_reach_the_application_and_
             }
         };
         let admitted = |_chain: Vec<CertificateDer<'static>>| async { Ok(()) };
-        server::serve(tcp, config, handler, std::future::pending(), DAY, admitted).await
+        server::serve(
+            tcp,
+            config,
+            handler,
+            std::future::pending(),
+            server::Options::with_max_age(DAY),
+            std::future::ready(()),
+            admitted,
+        )
+        .await
     });
     let (conn, _) = h2_connect(addr, &ca.client_config(api())).await;
     // Each stream is reset once the server has taken it (h2 itself closes a connection whose
@@ -1324,3 +1350,5 @@ async fn streams_reset_before_they_are_answered_never_reach_the_application_and_
     );
     assert!(started <= 110, "{started} streams taken before the GOAWAY");
 }
+
+mod server_limits;

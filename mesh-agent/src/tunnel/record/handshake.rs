@@ -12,10 +12,7 @@ use rustls::{
     unbuffered::{ConnectionState, EncodeError, EncodeTlsData, UnbufferedStatus},
     ExtractedSecrets,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use super::{read::READ_MIN, Error, MAX_HANDSHAKE_MESSAGE};
 
@@ -99,7 +96,9 @@ pub(super) async fn drive<C: Unbuffered>(
     mut conn: C,
     tcp: &mut TcpStream,
 ) -> io::Result<Established<C::Data>> {
-    let mut incoming: Vec<u8> = Vec::with_capacity(READ_MIN);
+    // No buffer before the peer sends something: a connection that never does (thousands of
+    // idle connects) costs no more than its socket.
+    let mut incoming: Vec<u8> = Vec::new();
     let mut outgoing: Vec<u8> = Vec::new();
     let mut plaintext: Vec<u8> = Vec::new();
     let mut peer_closed = false;
@@ -159,8 +158,7 @@ pub(super) async fn drive<C: Unbuffered>(
                 let len = incoming.len();
                 return Err(Error::HandshakeStalled { len }.into());
             }
-            incoming.reserve(READ_MIN);
-            if tcp.read_buf(&mut incoming).await? == 0 {
+            if read_more(tcp, &mut incoming).await? == 0 {
                 return Err(Error::HandshakeEof.into());
             }
         }
@@ -178,6 +176,30 @@ pub(super) async fn drive<C: Unbuffered>(
         peer_closed,
     })
 }
+
+/// Reads what the peer sent into `incoming`, taking buffer space only once there is something
+/// to read: a first flight (a ClientHello, a certificate chain) fits [`FIRST_READ`]; later reads
+/// take [`READ_MIN`].
+async fn read_more(tcp: &mut TcpStream, incoming: &mut Vec<u8>) -> io::Result<usize> {
+    loop {
+        tcp.readable().await?;
+        let want = if incoming.capacity() == 0 {
+            FIRST_READ
+        } else {
+            READ_MIN
+        };
+        if incoming.capacity() - incoming.len() < want / 2 {
+            incoming.reserve(want);
+        }
+        match tcp.try_read_buf(incoming) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            read => return read,
+        }
+    }
+}
+
+/// The first read of a handshake: enough for a ClientHello or a server's whole first flight.
+const FIRST_READ: usize = 4 << 10;
 
 /// The end of the first complete TLS record in `buf` (5-byte header: type, version, length),
 /// or the whole buffer when none is complete (rustls then asks for more).
