@@ -380,7 +380,7 @@ pub fn spawn_listener(
                             );
                             match first.await {
                                 Ok(Ok(())) => {
-                                    inbound::serve_hbone_boxed(
+                                    inbound::serve_hbone(
                                         stream, peer, late, admitted, pod, inputs,
                                     )
                                     .await;

@@ -113,9 +113,11 @@ pub async fn deliver_local(
     }
 }
 
-/// [`serve_hbone`], made on the heap by a plain function: an async caller that awaits it holds
-/// a pointer, never room for the whole future (which a debug build would keep inline).
-pub fn serve_hbone_boxed(
+/// One HBONE connection to this pod's port 15008: TLS with the pod's identity, then one
+/// tunnelled connection per CONNECT stream. `accepted_while_draining`: see [`super::Drain`].
+/// Made on the heap by a plain function: a caller that awaits it holds a pointer, never room
+/// for the whole future (which a debug build would keep inline, across its other awaits).
+pub fn serve_hbone(
     tcp: TcpStream,
     peer: SocketAddr,
     accepted_while_draining: bool,
@@ -123,86 +125,68 @@ pub fn serve_hbone_boxed(
     pod: Arc<Pod>,
     inputs: Arc<Inputs>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(serve_hbone(
-        tcp,
-        peer,
-        accepted_while_draining,
-        admitted,
-        pod,
-        inputs,
-    ))
-}
-
-/// One HBONE connection to this pod's port 15008: TLS with the pod's identity, then one
-/// tunnelled connection per CONNECT stream. `accepted_while_draining`: see [`super::Drain`].
-async fn serve_hbone(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    accepted_while_draining: bool,
-    admitted: super::limits::Admitted,
-    pod: Arc<Pod>,
-    inputs: Arc<Inputs>,
-) {
-    use tracing::Instrument as _;
-    let span = tracing::info_span!("hbone", pod = %pod.key, src = %peer);
-    let handler = {
-        let (pod, inputs) = (pod.clone(), inputs.clone());
-        move |req: tunnel::server::Request| {
+    Box::pin(async move {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!("hbone", pod = %pod.key, src = %peer);
+        let handler = {
             let (pod, inputs) = (pod.clone(), inputs.clone());
-            // The stream is a task of its own (spawned by the server): counted for draining.
-            let token = inputs.tasks.token();
-            let span = tracing::info_span!(
-                "inbound",
-                pod = %pod.key,
-                src = %req.remote,
-                identity = %req.peer,
-                dst = tracing::field::Empty,
-                forwarded = req.forwarded.as_deref().unwrap_or(""),
-                decision = tracing::field::Empty,
-                policy = tracing::field::Empty,
-                rule = tracing::field::Empty,
-                audit = tracing::field::Empty
-            );
-            async move {
-                let _token = token;
-                let work = std::pin::pin!(hbone_stream(req, &pod, &inputs));
-                super::account(super::Direction::Inbound, &pod, &inputs, work).await;
+            move |req: tunnel::server::Request| {
+                let (pod, inputs) = (pod.clone(), inputs.clone());
+                // The stream is a task of its own (spawned by the server): counted for draining.
+                let token = inputs.tasks.token();
+                let span = tracing::info_span!(
+                    "inbound",
+                    pod = %pod.key,
+                    src = %req.remote,
+                    identity = %req.peer,
+                    dst = tracing::field::Empty,
+                    forwarded = req.forwarded.as_deref().unwrap_or(""),
+                    decision = tracing::field::Empty,
+                    policy = tracing::field::Empty,
+                    rule = tracing::field::Empty,
+                    audit = tracing::field::Empty
+                );
+                async move {
+                    let _token = token;
+                    let work = std::pin::pin!(hbone_stream(req, &pod, &inputs));
+                    super::account(super::Direction::Inbound, &pod, &inputs, work).await;
+                }
+                .instrument(span)
             }
-            .instrument(span)
-        }
-    };
-    let server_tls = pod.state().server_tls.clone();
-    let mut drain_state = inputs.drain.subscribe();
-    let drain = async move {
-        let goaway = |d: &super::Drain| match accepted_while_draining {
-            false => *d != super::Drain::Serving,
-            true => *d == super::Drain::Closing,
         };
-        // A closed channel means the agent is going away without draining: nothing to do.
-        if drain_state.wait_for(goaway).await.is_err() {
-            std::future::pending::<()>().await;
+        let server_tls = pod.state().server_tls.clone();
+        let mut drain_state = inputs.drain.subscribe();
+        let drain = async move {
+            let goaway = |d: &super::Drain| match accepted_while_draining {
+                false => *d != super::Drain::Serving,
+                true => *d == super::Drain::Closing,
+            };
+            // A closed channel means the agent is going away without draining: nothing to do.
+            if drain_state.wait_for(goaway).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let admit_client = {
+            let inputs = inputs.clone();
+            move |chain| async move { admit(&inputs, chain).await }
+        };
+        let result = tunnel::server::serve(
+            tcp,
+            server_tls,
+            handler,
+            drain,
+            inputs.hbone_server,
+            admitted.handshake_slot(),
+            admit_client,
+        )
+        .instrument(span.clone())
+        .await;
+        if let Err(e) = result {
+            let e = Error::Hbone(e);
+            span.in_scope(|| tracing::warn!(error = %e, "HBONE connection failed"));
+            pod.count_failure(&inputs.metrics, super::Direction::Inbound, &e);
         }
-    };
-    let admit_client = {
-        let inputs = inputs.clone();
-        move |chain| async move { admit(&inputs, chain).await }
-    };
-    let result = tunnel::server::serve(
-        tcp,
-        server_tls,
-        handler,
-        drain,
-        inputs.hbone_server,
-        admitted.handshake_slot(),
-        admit_client,
-    )
-    .instrument(span.clone())
-    .await;
-    if let Err(e) = result {
-        let e = Error::Hbone(e);
-        span.in_scope(|| tracing::warn!(error = %e, "HBONE connection failed"));
-        pod.count_failure(&inputs.metrics, super::Direction::Inbound, &e);
-    }
+    })
 }
 
 /// How long an HBONE client whose identity the state does not (yet) place on the node that

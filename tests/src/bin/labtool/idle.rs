@@ -28,13 +28,7 @@ pub struct HoldArgs {
 /// prints `held N`, and keeps them open (idle) until stdin closes; then closes them and prints
 /// `released N`.
 pub fn hold(args: HoldArgs) -> Result<()> {
-    let limit = raise_nofile_limit();
-    if args.conns + 64 > limit {
-        bail!(
-            "--conns {} needs more open files than the limit allows ({limit})",
-            args.conns
-        );
-    }
+    room_for(args.conns)?;
     let mut held = Vec::with_capacity(args.conns);
     for i in 0..args.conns {
         held.push(probe(args.to).with_context(|| format!("connection {i} to {}", args.to))?);
@@ -62,12 +56,37 @@ fn probe(to: SocketAddr) -> io::Result<TcpStream> {
 /// connection. For thousands of connections; `serve` (a thread per connection) is the one with
 /// the lowest latency.
 pub fn serve_many(addr: SocketAddr) -> Result<()> {
+    serve_each(addr, |mut conn| async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut buf = [0u8; 512];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if conn.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = conn.shutdown().await;
+    })
+}
+
+/// Listens on `addr` (one thread, tokio), prints `listening <addr>`, and serves every
+/// connection with a task running `serve`.
+fn serve_each<F, Fut>(addr: SocketAddr, serve: F) -> Result<()>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(async move {
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
@@ -76,30 +95,16 @@ pub fn serve_many(addr: SocketAddr) -> Result<()> {
             listener.local_addr().context("getsockname")?
         ));
         loop {
-            let (mut conn, _) = match listener.accept().await {
-                Ok(c) => c,
+            match listener.accept().await {
+                Ok((conn, _)) => {
+                    tokio::task::spawn_local(serve(conn));
+                }
                 Err(e) => {
                     crate::say(&format!("accept error: {e}"));
                     // Out of descriptors: let some connections close first.
                     tokio::task::yield_now().await;
-                    continue;
                 }
-            };
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-                let mut buf = [0u8; 512];
-                loop {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if conn.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = conn.shutdown().await;
-            });
+            }
         }
     })
 }
@@ -115,43 +120,25 @@ pub struct FloodArgs {
 /// Writes without end to every connection once it has sent a byte; prints `flooded bytes=N`
 /// when a connection fails (the peer reset it or went away).
 pub fn flood(args: FloodArgs) -> Result<()> {
-    raise_nofile_limit();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
-        let addr = SocketAddr::from(([0, 0, 0, 0], args.port));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        crate::say(&format!(
-            "listening {}",
-            listener.local_addr().context("getsockname")?
-        ));
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                tokio::task::yield_now().await;
-                continue;
-            };
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-                let mut go = [0u8; 1];
-                if conn.read(&mut go).await.unwrap_or(0) == 0 {
-                    return;
+    serve_each(
+        SocketAddr::from(([0, 0, 0, 0], args.port)),
+        |mut conn| async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut go = [0u8; 1];
+            if conn.read(&mut go).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let chunk = vec![0x5a_u8; 64 << 10];
+            let mut total = 0u64;
+            while let Ok(n) = conn.write(&chunk).await {
+                if n == 0 {
+                    break;
                 }
-                let chunk = vec![0x5a_u8; 64 << 10];
-                let mut total = 0u64;
-                while let Ok(n) = conn.write(&chunk).await {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                }
-                crate::say(&format!("flooded bytes={total}"));
-            });
-        }
-    })
+                total += n as u64;
+            }
+            crate::say(&format!("flooded bytes={total}"));
+        },
+    )
 }
 
 /// Arguments of `mesh-labtool connects`.
@@ -172,13 +159,7 @@ pub struct ConnectsArgs {
 /// Prints `opened N`, then `closed N` once the server has closed (or reset) every connection;
 /// stdin closing ends it early.
 pub fn connects(args: ConnectsArgs) -> Result<()> {
-    let limit = raise_nofile_limit();
-    if args.conns + 64 > limit {
-        bail!(
-            "--conns {} needs more open files than the limit allows ({limit})",
-            args.conns
-        );
-    }
+    room_for(args.conns)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -225,6 +206,15 @@ pub fn connects(args: ConnectsArgs) -> Result<()> {
     // The stdin reader is a blocking thread that may never return: do not wait for it.
     rt.shutdown_background();
     result
+}
+
+/// Raises the open files limit and checks that `conns` connections fit under it.
+fn room_for(conns: usize) -> Result<()> {
+    let limit = raise_nofile_limit();
+    if conns + 64 > limit {
+        bail!("--conns {conns} needs more open files than the limit allows ({limit})");
+    }
+    Ok(())
 }
 
 /// Raises the soft (and, when allowed, the hard) limit on open files; returns the soft limit.
