@@ -17,6 +17,8 @@ use anyhow::{bail, Context, Result};
 mod hbone;
 #[path = "labtool/idle.rs"]
 mod idle;
+#[path = "labtool/maps.rs"]
+mod maps;
 #[path = "labtool/probe.rs"]
 mod probe;
 #[path = "labtool/rr.rs"]
@@ -101,6 +103,11 @@ enum Cmd {
     /// Opens N connections that send nothing (or, with `--partial`, the start of a TLS
     /// record), prints `opened N`, then `closed N` once the server has closed every one.
     Connects(idle::ConnectsArgs),
+    /// Connects from one bound port, then N more times from the same port to the same
+    /// destination (each fails after connect4: the 4-tuple is taken); prints `collided N other M`.
+    Collide(maps::CollideArgs),
+    /// Counts the entries of a pinned eBPF hash map; prints `entries N`.
+    MapCount(maps::MapCountArgs),
     /// Connects and exits 0, or prints the error and exits 1.
     Connect {
         /// Server address.
@@ -123,6 +130,8 @@ fn main() -> ExitCode {
         } => idle::serve_many(SocketAddr::new(bind, port)),
         Cmd::Hold(args) => idle::hold(args),
         Cmd::Flood(args) => idle::flood(args),
+        Cmd::Collide(args) => maps::collide(args),
+        Cmd::MapCount(args) => maps::map_count(args),
         Cmd::Connects(args) => idle::connects(args),
         Cmd::Send {
             to,
