@@ -53,8 +53,9 @@ pub mod programs {
 
 /// Names of the maps in the eBPF object.
 pub mod maps {
-    /// `LruHashMap<u64 socket cookie, OrigDst>`: set by connect4/6, read by sock_ops.
-    pub const PENDING: &str = "MESH_PENDING";
+    /// `SkStorage<OrigDst>` (a BTF map): the original destination on the client socket itself,
+    /// set by connect4/6, read and freed by sock_ops once the connection is established.
+    pub const SK_ORIG: &str = "MESH_SK_ORIG";
     /// `LruHashMap<ConnKey, OrigDst>`: set by sock_ops, read (and deleted) by the agent.
     pub const ORIG_DST: &str = "MESH_ORIG_DST";
     /// `HashMap<u64 netns cookie, PodConfig>`: captured pods, written by the agent.
@@ -72,7 +73,7 @@ pub mod maps {
     pub const COUNTERS: &str = "MESH_COUNTERS";
     /// All maps, for pinning and inspection.
     pub const ALL: [&str; 8] = [
-        PENDING,
+        SK_ORIG,
         ORIG_DST,
         PODS,
         POD_ADDRS,
@@ -93,14 +94,14 @@ pub mod globals {
 /// [`pins`]. Pinned state outlives the agent process, so an agent only adopts pins of its own
 /// ABI version; any change to a layout, a map, a reason or the pin layout bumps it (the
 /// `abi_fingerprint_is_recorded` test fails until it is bumped).
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// How the agent lays out what it pins under its bpffs directory (`bpf_dir`): everything of
 /// one ABI version lives in [`pins::ABI_DIR`]; maps and programs by their names directly in it;
 /// the links that attach the programs to one pod in [`pins::PODS_DIR`]`/<pod dir>/<program>`.
 pub mod pins {
     /// The directory of this ABI version under `bpf_dir` (`v` + [`crate::ABI_VERSION`]).
-    pub const ABI_DIR: &str = "v2";
+    pub const ABI_DIR: &str = "v3";
     /// The directory (under [`ABI_DIR`]) with one directory of link pins per captured pod.
     pub const PODS_DIR: &str = "pods";
     /// Separates the fields of a pod directory's name: `<netns cookie>_<namespace>_<name>`
@@ -110,8 +111,6 @@ pub mod pins {
 
 /// Map sizes. LRU maps bound kernel memory under connection churn.
 pub mod sizes {
-    /// Connects redirected but not yet established.
-    pub const PENDING: u32 = 65_536;
     /// Established redirected connections not yet accepted by the agent.
     pub const ORIG_DST: u32 = 65_536;
     /// Captured pods per node.
@@ -254,9 +253,10 @@ pub enum Reason {
     ConnectSkipExcludedPort = 4,
     /// connect: excluded destination CIDR.
     ConnectSkipExcludedCidr = 5,
-    /// connect: the pending map refused the entry: the connect fails with EPERM (fail
-    /// closed: a captured connection never goes direct).
-    ConnectErrPendingFull = 6,
+    /// connect: the kernel could not allocate the socket's storage for its original
+    /// destination: the connect fails with EPERM (fail closed: a captured connection never
+    /// goes direct).
+    ConnectErrStorage = 6,
     /// sock_ops: original destination recorded for the agent.
     SockOpsRecorded = 7,
     /// sock_ops: an established connection that was not redirected by us.
@@ -298,7 +298,7 @@ impl Reason {
         Reason::ConnectSkipNotCaptured,
         Reason::ConnectSkipExcludedPort,
         Reason::ConnectSkipExcludedCidr,
-        Reason::ConnectErrPendingFull,
+        Reason::ConnectErrStorage,
         Reason::SockOpsRecorded,
         Reason::SockOpsNotRedirected,
         Reason::SockOpsErrOrigDstFull,
@@ -321,7 +321,7 @@ impl Reason {
             Reason::ConnectSkipNotCaptured => ("connect", "skip_not_captured"),
             Reason::ConnectSkipExcludedPort => ("connect", "skip_excluded_port"),
             Reason::ConnectSkipExcludedCidr => ("connect", "skip_excluded_cidr"),
-            Reason::ConnectErrPendingFull => ("connect", "error_pending_map_full"),
+            Reason::ConnectErrStorage => ("connect", "error_socket_storage"),
             Reason::SockOpsRecorded => ("sock_ops", "recorded"),
             Reason::SockOpsNotRedirected => ("sock_ops", "skip_not_redirected"),
             Reason::SockOpsErrOrigDstFull => ("sock_ops", "error_orig_dst_map_full"),
@@ -388,7 +388,6 @@ mod tests {
             eat(&size.to_le_bytes());
         }
         for n in [
-            sizes::PENDING,
             sizes::ORIG_DST,
             sizes::PODS,
             sizes::EXCLUDED_PORTS,
@@ -419,7 +418,7 @@ mod tests {
     fn abi_fingerprint_is_recorded() {
         // Changing a layout, a name, a size or a reason changes what pinned state means: bump
         // ABI_VERSION (and pins::ABI_DIR), then record the new fingerprint here.
-        const RECORDED: (u32, u64) = (2, 5_758_072_055_785_061_173);
+        const RECORDED: (u32, u64) = (3, 5_468_834_615_120_971_992);
         assert_eq!(
             (ABI_VERSION, abi_fingerprint()),
             RECORDED,

@@ -1,20 +1,19 @@
 //! `cgroup/connect4` and `cgroup/connect6`: redirect TCP connects of a captured pod to the
 //! agent's outbound listener inside the pod's network namespace, and remember where they were
-//! going, keyed by socket cookie, until `sock_ops` sees the connection established.
+//! going on the socket itself (socket-local storage) until `sock_ops` sees the connection
+//! established.
 
 use core::ptr::{addr_of_mut, write_volatile};
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
     EbpfContext as _,
 };
 use mesh_common::{direction, family, OrigDst, Reason};
 
 use crate::maps::{
     cidr_excluded, count, is_loopback4, is_loopback6, is_v4_mapped, port_excluded, v4_mapped,
-    MESH_OUTBOUND_PORT, PENDING, PODS,
+    MESH_OUTBOUND_PORT, PODS, SK_ORIG,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -164,9 +163,14 @@ fn should_skip(
 
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, orig: OrigDst) -> Result<(), Reason> {
-    // SAFETY: the context is a valid sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    PENDING
-        .insert(cookie, orig, 0)
-        .map_err(|_| Reason::ConnectErrPendingFull)
+    // SAFETY: the context's socket, read at its constant offset.
+    let sk = unsafe {
+        core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk))
+    };
+    // SAFETY: the socket of a sock_addr context, as bpf_sk_storage_get takes it.
+    if unsafe { SK_ORIG.set(sk, orig) } {
+        Ok(())
+    } else {
+        Err(Reason::ConnectErrStorage)
+    }
 }

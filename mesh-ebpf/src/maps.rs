@@ -2,7 +2,7 @@
 //! from `mesh_common`.
 
 use aya_ebpf::{
-    macros::map,
+    macros::{btf_map, map},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     Global,
 };
@@ -15,8 +15,107 @@ use mesh_common::{
 #[unsafe(no_mangle)]
 pub static MESH_OUTBOUND_PORT: Global<u16> = Global::new(mesh_common::ports::OUTBOUND);
 
-#[map(name = "MESH_PENDING")]
-pub static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(sizes::PENDING, 0);
+/// `MESH_SK_ORIG`: socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`) holding the original
+/// destination of a redirected connect on the client socket itself, from connect4/6 until
+/// sock_ops sees the connection established. It lives and dies with its socket and is charged
+/// to it: a pod's connects that never complete hold nothing in a map other pods share, and
+/// nothing can evict another pod's entry. A BTF map (aya-ebpf's `btf_maps::SkStorage` works
+/// only in sock_addr programs and cannot be pinned), pinned by name like the others, so that
+/// programs of two agents (an upgrade) share it.
+#[repr(C)]
+pub struct SkOrigMap {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const OrigDst,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    pinning: *const [i32; LIBBPF_PIN_BY_NAME],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; nothing dereferences them.
+unsafe impl Sync for SkOrigMap {}
+
+const LIBBPF_PIN_BY_NAME: usize = 1;
+
+#[btf_map(name = "MESH_SK_ORIG")]
+pub static SK_ORIG: SkOrigMap = SkOrigMap {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+    pinning: core::ptr::null(),
+};
+
+impl SkOrigMap {
+    /// The map as the helpers take it.
+    #[inline(always)]
+    pub fn as_ptr(&'static self) -> *mut core::ffi::c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+
+    /// The original destination stored on socket `sk`, if any.
+    ///
+    /// # Safety
+    /// `sk` must be a socket pointer the verifier accepts for `bpf_sk_storage_get`.
+    #[inline(always)]
+    pub unsafe fn get(&'static self, sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<OrigDst> {
+        // SAFETY: a valid map and socket; no value to create.
+        let ptr = unsafe {
+            aya_ebpf::helpers::bpf_sk_storage_get(
+                self.as_ptr(),
+                sk.cast(),
+                core::ptr::null_mut(),
+                0,
+            )
+        }
+        .cast::<OrigDst>();
+        // SAFETY: a non-null result points at this socket's value.
+        (!ptr.is_null()).then(|| unsafe { core::ptr::read_volatile(ptr) })
+    }
+
+    /// Stores `orig` on socket `sk` (replacing what a previous connect of it stored); `false`
+    /// when the kernel cannot allocate it.
+    ///
+    /// # Safety
+    /// `sk` must be a socket pointer the verifier accepts for `bpf_sk_storage_get`.
+    #[inline(always)]
+    pub unsafe fn set(&'static self, sk: *mut aya_ebpf::bindings::bpf_sock, orig: OrigDst) -> bool {
+        let mut init = orig;
+        // SAFETY: a valid map and socket; `init` is copied by the helper when it creates.
+        let ptr = unsafe {
+            aya_ebpf::helpers::bpf_sk_storage_get(
+                self.as_ptr(),
+                sk.cast(),
+                core::ptr::from_mut(&mut init).cast(),
+                u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE),
+            )
+        }
+        .cast::<OrigDst>();
+        if ptr.is_null() {
+            return false;
+        }
+        // An existing value (the socket connected before) is overwritten; field by field, so
+        // that LLVM cannot merge the stores into wider ones than the value allows.
+        // SAFETY: a non-null result points at this socket's value.
+        unsafe {
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*ptr).ip), orig.ip);
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*ptr).port), orig.port);
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*ptr).family), orig.family);
+        }
+        true
+    }
+
+    /// Frees the storage of socket `sk` (its connection is established: the value has moved on).
+    ///
+    /// # Safety
+    /// `sk` must be a socket pointer the verifier accepts for `bpf_sk_storage_delete`.
+    #[inline(always)]
+    pub unsafe fn delete(&'static self, sk: *mut aya_ebpf::bindings::bpf_sock) {
+        // SAFETY: a valid map and socket.
+        let _ = unsafe { aya_ebpf::helpers::bpf_sk_storage_delete(self.as_ptr(), sk.cast()) };
+    }
+}
 
 #[map(name = "MESH_ORIG_DST")]
 pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(sizes::ORIG_DST, 0);

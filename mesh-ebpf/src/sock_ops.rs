@@ -1,18 +1,15 @@
 //! `sockops`: when a redirected connection becomes established on the client side, move its
-//! original destination from the cookie-keyed pending map to a map keyed by the client's
+//! original destination from the client socket's own storage to a map keyed by the client's
 //! address in the pod's network namespace, which is what the agent sees as the peer of the
 //! accepted socket. ACTIVE_ESTABLISHED fires while the client processes the SYN-ACK, before it
 //! sends the final ACK, so the entry exists before the agent can accept the connection.
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::sock_ops,
-    programs::SockOpsContext,
-    EbpfContext as _,
+    helpers::bpf_get_netns_cookie, macros::sock_ops, programs::SockOpsContext, EbpfContext as _,
 };
 use mesh_common::{family, ConnKey, Reason};
 
-use crate::maps::{count, is_v4_mapped, v4_mapped, ORIG_DST, PENDING};
+use crate::maps::{count, is_v4_mapped, v4_mapped, ORIG_DST, SK_ORIG};
 
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const AF_INET: u32 = 2;
@@ -29,15 +26,18 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<Reason, Reason> {
-    // SAFETY: valid sock_ops context for the helpers.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = PENDING.get_ptr(cookie) else {
+    let ops = ctx.ops;
+    let sk = crate::ctx_field!(ops, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return Ok(Reason::SockOpsNotRedirected);
+    }
+    // SAFETY: the context's socket, checked for null, as bpf_sk_storage_get takes it.
+    let Some(orig) = (unsafe { SK_ORIG.get(sk) }) else {
         return Ok(Reason::SockOpsNotRedirected);
     };
-    // SAFETY: pointer from a successful lookup, copied out at once.
-    let orig = unsafe { *orig };
-    let _ = PENDING.remove(cookie);
-    let ops = ctx.ops;
+    // The value has moved on: free it now rather than with the socket.
+    // SAFETY: as above.
+    unsafe { SK_ORIG.delete(sk) };
     let fam = crate::ctx_field!(ops, family);
     let ip4 = crate::ctx_field!(ops, local_ip4);
     let ip6 = crate::ctx_ip6!(ops, local_ip6);

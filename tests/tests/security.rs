@@ -352,3 +352,91 @@ fn an_identity_is_accepted_only_from_the_node_that_runs_it() {
     }
     lab.down();
 }
+
+/// The maps every captured pod of a node shares that take an entry per connection, with their
+/// key sizes: the pending connects of ABI v2 (keyed by socket cookie) and the connections
+/// waiting for the agent's accept.
+const PER_CONNECTION_MAPS: [(&str, usize); 2] = [("MESH_PENDING", 8), ("MESH_ORIG_DST", 32)];
+
+/// Entries of every per-connection map pinned for `node` (any ABI version present).
+fn per_connection_entries(lab: &Lab, node: &str) -> Vec<(String, u64)> {
+    let mut found = Vec::new();
+    let dirs = std::fs::read_dir(&lab.node(node).bpf_dir).expect("the agent's bpffs directory");
+    for dir in dirs
+        .flatten()
+        .filter(|d| d.file_name().to_string_lossy().starts_with('v'))
+    {
+        for (map, key_size) in PER_CONNECTION_MAPS {
+            let pin = dir.path().join(map);
+            if !pin.exists() {
+                continue;
+            }
+            let mut count = Running::spawn(
+                &format!("counting {}", pin.display()),
+                lab.command(node, labtool_bin())
+                    .arg("map-count")
+                    .arg("--pin")
+                    .arg(&pin)
+                    .args(["--key-size", &key_size.to_string()]),
+            );
+            let line = count.wait_line("entries ", WAIT);
+            let n = line["entries ".len()..].parse().expect("a count");
+            found.push((pin.display().to_string(), n));
+        }
+    }
+    found
+}
+
+/// Connects that fail after `connect4` redirected them (their 4-tuple is taken, EADDRNOTAVAIL:
+/// they never reach `sock_ops`) leave nothing in the maps all pods of the node share: one pod
+/// cannot fill them and crowd out (or, in an LRU, evict) the entries of the others. Its own
+/// and other pods' connections go on.
+#[test]
+fn connects_that_never_complete_leave_nothing_in_the_shared_maps() {
+    if !mesh_lab::require_privileged(
+        "connects_that_never_complete_leave_nothing_in_the_shared_maps",
+    ) {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let db = lab.pod("shop/db").ip;
+    let _db = serve(&lab, "shop/db", 9090);
+    let mut collide = Running::spawn(
+        "colliding connects from shop/client",
+        lab.command("shop/client", labtool_bin()).args([
+            "collide",
+            "--to",
+            &format!("{db}:9090"),
+            "--count",
+            "5000",
+        ]),
+    );
+    assert_eq!(
+        collide.wait_line("collided ", Duration::from_secs(60)),
+        "collided 5000 other 0"
+    );
+    let entries = per_connection_entries(&lab, "n1");
+    assert!(!entries.is_empty(), "no per-connection map pinned for n1");
+    for (pin, n) in &entries {
+        assert!(
+            *n < 100,
+            "{pin} holds {n} entries after 5,000 connects that never completed"
+        );
+    }
+    for (from, to) in [
+        ("shop/client", format!("{db}:9090")),
+        ("shop/api", format!("{db}:9090")),
+    ] {
+        assert!(
+            traffic::send_succeeds(&lab, from, &to, 4096),
+            "{from} could not reach {to} afterwards"
+        );
+    }
+    let misses = lab.metric(
+        "n1",
+        "mesh_tcp_connection_failures_total",
+        &[("reason", "no_original_destination")],
+    );
+    assert_eq!(misses, 0.0, "connections lost their original destination");
+    lab.down();
+}

@@ -3,7 +3,7 @@
 //! its connections (there is no listener to redirect them to), so the mesh fails closed.
 //!
 //! ```text
-//! <bpf_dir>/v2/                     pins::ABI_DIR: everything of this eBPF ABI version
+//! <bpf_dir>/v3/                     pins::ABI_DIR: everything of this eBPF ABI version
 //!   MESH_PODS, MESH_POD_ADDRS, ...  maps (by name)
 //!   mesh_connect4, ...              programs (by name; the newest agent's)
 //!   pods/<cookie>_<ns>_<name>/      one directory per captured pod: its netns cookie and name
