@@ -647,3 +647,54 @@ async fn a_key_update_request_in_the_flight_of_the_client_finished_is_answered()
     }
     assert_eq!(answer, b"answer");
 }
+
+/// A KeyUpdate(update_requested) whose answer the socket refuses (our write side is shut):
+/// what the peer sent is still read, and the refusal is the next write's error, never a failed
+/// read that would lose the data.
+#[tokio::test]
+async fn a_key_update_answer_the_socket_refuses_fails_the_next_write_not_the_read() {
+    let ca = Ca::new(TD);
+    let (mut ours, mut peer) = rustls_to_ours(&ca).await;
+    socket2::SockRef::from(&ours.tcp)
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shut our sending side");
+    // The KeyUpdate alone first: our read takes it (and queues the answer) with nothing to
+    // return yet; the data comes in a later flight, so the answer is tried before it is read.
+    peer.get_mut().1.refresh_traffic_keys().expect("key update");
+    peer.flush().await.expect("peer flush");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while ours.key_updates_received == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the key update never arrived"
+        );
+        let mut buf = [0u8; 1];
+        let mut rb = tokio::io::ReadBuf::new(&mut buf);
+        let polled = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut ours).poll_read(cx, &mut rb))
+        })
+        .await;
+        assert!(polled.is_pending(), "{polled:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    peer.write_all(b"after the key update")
+        .await
+        .expect("peer write");
+    peer.flush().await.expect("peer flush");
+    let mut got = [0u8; 20];
+    within("our read", ours.read_exact(&mut got))
+        .await
+        .expect("the data behind the key update is read");
+    assert_eq!(&got, b"after the key update");
+    assert_eq!(ours.key_updates_received, 1);
+    let written = async {
+        ours.write_all(b"x").await?;
+        ours.flush().await
+    };
+    let written = within("our write", written).await;
+    assert_eq!(
+        written.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::BrokenPipe),
+        "{written:?}"
+    );
+}
