@@ -122,10 +122,13 @@ pub fn serve_hbone(
     peer: SocketAddr,
     accepted_while_draining: bool,
     admitted: super::limits::Admitted,
+    slot: super::limits::HandshakeSlot,
     pod: Arc<Pod>,
     inputs: Arc<Inputs>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move {
+        // The connection's slot (hbone.server limits) is held as long as it is served.
+        let _admitted = admitted;
         use tracing::Instrument as _;
         let span = tracing::info_span!("hbone", pod = %pod.key, src = %peer);
         let handler = {
@@ -176,7 +179,7 @@ pub fn serve_hbone(
             handler,
             drain,
             inputs.hbone_server,
-            admitted.handshake_slot(),
+            std::future::ready(slot),
             admit_client,
         )
         .instrument(span.clone())

@@ -141,6 +141,9 @@ impl Limits {
     }
 }
 
+/// A handshake slot (the peer's and the agent's), given back when dropped.
+pub type HandshakeSlot = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
 /// An admitted HBONE connection's slot: given back when dropped.
 #[derive(Debug)]
 pub struct Admitted {
@@ -152,7 +155,7 @@ pub struct Admitted {
 
 impl Admitted {
     /// Waits for a handshake slot, the peer's and then the agent's; hold it for the handshake.
-    pub async fn handshake_slot(&self) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    pub async fn handshake_slot(&self) -> Option<HandshakeSlot> {
         let own = self.handshakes.clone().acquire_owned().await.ok()?;
         let total = self.limits.handshakes.clone().acquire_owned().await.ok()?;
         Some((own, total))

@@ -153,7 +153,8 @@ where
     let _ = tcp.set_nodelay(true);
     let handshake = async {
         // A connect that never sends takes no handshake slot (nor any buffer) while it waits.
-        tcp.readable().await.map_err(|source| Error::Tls {
+        // A peek: tokio may report the socket readable before anything arrived.
+        tcp.peek(&mut [0u8; 1]).await.map_err(|source| Error::Tls {
             addr: remote,
             source,
         })?;

@@ -168,12 +168,18 @@ pub fn connects(args: ConnectsArgs) -> Result<()> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let mut open = Vec::with_capacity(args.conns);
         for i in 0..args.conns {
-            let mut conn = tokio::net::TcpStream::connect(args.to)
-                .await
-                .with_context(|| format!("connection {i} to {}", args.to))?;
+            let mut conn = match tokio::net::TcpStream::connect(args.to).await {
+                Ok(conn) => conn,
+                // The server took it and reset it at once (a limit): closed already.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => continue,
+                Err(e) => return Err(e).with_context(|| format!("connection {i} to {}", args.to)),
+            };
             if args.partial {
                 // A handshake record header announcing 512 bytes, and the first 3 of them.
-                conn.write_all(&[22, 3, 1, 2, 0, 1, 0, 1]).await?;
+                // A reset meanwhile is the server closing it.
+                if conn.write_all(&[22, 3, 1, 2, 0, 1, 0, 1]).await.is_err() {
+                    continue;
+                }
             }
             open.push(conn);
         }
