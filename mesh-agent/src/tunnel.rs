@@ -1,12 +1,13 @@
 //! HBONE: TCP streams tunnelled as HTTP/2 CONNECT over mutual TLS between node agents, wire
 //! compatible with Istio ambient's ztunnel (docs/hbone.md).
 //!
-//! `server` terminates HBONE on a pod's port 15008; `client` keeps a pool of HBONE connections
+//! `server` terminates HBONE on a pod's port 15008 (`connect` judges its CONNECT requests); `client` keeps a pool of HBONE connections
 //! and opens one CONNECT stream per proxied TCP connection; `stream` copies between a TCP
 //! socket and an HTTP/2 stream; `tls` holds the TLS configurations and SPIFFE verification;
 //! `record` makes the handshake with rustls and then protects the TLS records itself.
 
 pub mod client;
+pub mod connect;
 pub mod record;
 pub mod server;
 pub mod stream;

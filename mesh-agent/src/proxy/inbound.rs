@@ -258,28 +258,30 @@ async fn hbone_stream(
     };
     // The authority must name the pod the tunnel reached: the address the client connected to,
     // one of this pod's own. The connection goes to that address, never to one from the request.
-    let local = req.local.ip().to_canonical();
-    let target = authority.ip().to_canonical();
-    if target != local || !pod.state().workload.ips.contains(&target) {
-        let what = match inputs.store.load().workloads_by_ip.get(&target) {
-            Some(w) if w.node == inputs.node => {
-                format!("another pod of node {} ({})", inputs.node, w.key())
-            }
-            Some(w) => format!("a pod of node {} ({})", w.node, w.key()),
-            None => "not a workload".to_owned(),
-        };
-        return bad(
-            req,
-            format!(
-                "authority {authority} is not {} (the pod this tunnel reached at {local}): {what}",
-                pod.key
-            ),
-        );
-    }
-    if mesh_common::ports::RESERVED.contains(&authority.port()) {
-        return bad(req, format!("authority {authority} names an agent port"));
-    }
-    let dst = SocketAddr::new(req.local.ip().to_canonical(), authority.port());
+    let dst = match tunnel::connect::target(authority, req.local, &pod.state().workload.ips) {
+        Ok(dst) => dst,
+        Err(tunnel::connect::Refusal::NotThePod) => {
+            let local = req.local.ip().to_canonical();
+            let target = authority.ip().to_canonical();
+            let what = match inputs.store.load().workloads_by_ip.get(&target) {
+                Some(w) if w.node == inputs.node => {
+                    format!("another pod of node {} ({})", inputs.node, w.key())
+                }
+                Some(w) => format!("a pod of node {} ({})", w.node, w.key()),
+                None => "not a workload".to_owned(),
+            };
+            return bad(
+                req,
+                format!(
+                    "authority {authority} is not {} (the pod this tunnel reached at {local}): {what}",
+                    pod.key
+                ),
+            );
+        }
+        Err(tunnel::connect::Refusal::AgentPort) => {
+            return bad(req, format!("authority {authority} names an agent port"));
+        }
+    };
     tracing::Span::current().record("dst", tracing::field::display(dst));
     // Authorized before the application is connected: a denied client never reaches it.
     let peer = Peer {

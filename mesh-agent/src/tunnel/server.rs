@@ -6,11 +6,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream, SendStream};
-use http::{Method, Response, StatusCode};
+use http::{Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{record, settings, tls, Error, SERVER_HANDSHAKE_TIMEOUT};
+use super::{connect, record, settings, tls, Error, SERVER_HANDSHAKE_TIMEOUT};
 use crate::identity::SpiffeId;
 
 /// One CONNECT request on an authenticated HBONE connection.
@@ -276,26 +276,8 @@ where
                 })
             }
         };
-        let authority = match req.uri().authority() {
-            _ if req.method() != Method::CONNECT => Err("not a CONNECT request"),
-            None => Err("no :authority"),
-            Some(a) => a
-                .as_str()
-                .parse::<SocketAddr>()
-                .map_err(|_| "authority is not ip:port")
-                .and_then(|addr| {
-                    if addr.port() == 0 {
-                        Err("port 0")
-                    } else {
-                        Ok(addr)
-                    }
-                }),
-        };
-        let forwarded = req
-            .headers()
-            .get("forwarded")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let authority = connect::authority(&req);
+        let forwarded = connect::forwarded(&req);
         let body = req.into_body();
         let stream = OpenStreams::open(&open);
         let work = handle(Request {
