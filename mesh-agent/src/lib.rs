@@ -7,6 +7,8 @@ pub mod admin;
 pub mod capture;
 pub mod config;
 pub mod discovery;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod handover;
 pub mod identity;
 pub mod metrics;

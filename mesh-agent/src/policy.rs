@@ -16,7 +16,7 @@ mod tests;
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-pub use compile::{compile, Invalid};
+pub use compile::{compile, compile_spec, Invalid};
 pub use eval::{evaluate, selects, Conn, Decision, Reason, Selected};
 use ipnet::IpNet;
 

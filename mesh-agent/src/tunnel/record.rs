@@ -10,6 +10,8 @@
 pub mod bench;
 mod cipher;
 mod conn;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzzing;
 mod handshake;
 mod read;
 #[cfg(test)]
