@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod lab;
 mod preflight;
 mod test;
@@ -29,6 +30,8 @@ enum Command {
     /// Build everything, bring up the lab, show a captured connection and the metrics that
     /// prove it, tear down.
     Demo,
+    /// Run the fuzz targets (fuzz/), each for a while; fails on any failing input, naming it.
+    Fuzz(fuzz::FuzzArgs),
     /// Manage the lab: network namespaces as nodes and pods, one agent per node.
     Lab(lab::LabArgs),
     /// Build the eBPF object, check formatting and lints, run unit and end-to-end tests.
@@ -60,6 +63,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::BuildEbpf => build::ebpf(),
         Command::Build => build::all(),
         Command::Demo => demo::run(),
+        Command::Fuzz(args) => fuzz::run_targets(args),
         Command::Lab(args) => return lab::run(args),
         Command::Test => test::run_all(),
     }
