@@ -33,9 +33,11 @@ pub fn run_all() -> anyhow::Result<()> {
     run(Command::new("cargo")
         .current_dir(&root)
         .args(["+nightly", "fmt", "--all", "--check"]))?;
-    run(Command::new("cargo")
-        .current_dir(root.join("mesh-ebpf"))
-        .args(["+nightly", "fmt", "--check"]))?;
+    for own_workspace in ["mesh-ebpf", "fuzz"] {
+        run(Command::new("cargo")
+            .current_dir(root.join(own_workspace))
+            .args(["+nightly", "fmt", "--check"]))?;
+    }
     step("clippy (host crates)");
     run(Command::new("cargo").current_dir(&root).args([
         "clippy",
