@@ -11,6 +11,15 @@
 //! KeyUpdates after which the harness seals with the next key, alerts), raw bytes, replays,
 //! skipped sequence numbers and corruptions of what is already there.
 //!
+//! Flags: bits 0-2 pick the first read size (the next reads take the next sizes in turn); bit 3:
+//! up to 17 KiB arrive with the handshake (`Reader::new`'s `buffered`); bit 4: the buffers are
+//! released between reads, or with bit 7 the peer closed during the handshake; bit 5:
+//! AES-128-GCM (else AES-256-GCM); bit 6: sequence numbers start 3 short of the end.
+//! Operations (the byte modulo 12, then their fields): 0 short data, 1 data of a length, fill
+//! and padding, 2 a record of any content type, 3 a handshake message fragmented over records,
+//! 4 a KeyUpdate, 5 an alert, 6 raw bytes, 7 a byte changed, 8 a replay, 9 a lost record, 10 a
+//! record of any outer type and inner plaintext, 11 the stream cut short.
+//!
 //! Checked on every input: nothing panics; the reader never yields more application data than
 //! the harness sealed, and what it yields is exactly a prefix of it, in order; what it holds
 //! stays bounded and is accounted for; a script of well-formed records only is read whole,
