@@ -10,6 +10,8 @@
 
 mod apply;
 pub mod bench;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod canonical;
 mod index;
 mod policies;
 #[cfg(test)]

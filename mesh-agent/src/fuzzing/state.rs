@@ -10,68 +10,12 @@
 //! version is accepted exactly when a fresh build of that version (with the same settled
 //! policies) is, and gives the same snapshot.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-    path::Path,
-};
+use std::path::Path;
 
 use crate::{
     discovery::file::{build, diff, parse, Desired},
-    policy::{Policy, Selected},
-    state::{Snapshot, Workload, DEFAULT_ROOT_NAMESPACE},
+    state::{canonical::canonical, Snapshot, DEFAULT_ROOT_NAMESPACE},
 };
-
-/// Everything a snapshot holds that the data path reads, in a comparable form.
-#[derive(Debug, PartialEq, Eq)]
-struct Comparable {
-    namespaces: BTreeMap<String, bool>,
-    workloads: BTreeMap<String, Workload>,
-    workloads_by_ip: BTreeMap<IpAddr, String>,
-    services: BTreeMap<SocketAddr, (String, Vec<SocketAddr>)>,
-    policies: BTreeMap<String, Policy>,
-    authz: BTreeMap<String, Option<Selected>>,
-}
-
-fn comparable(snap: &Snapshot) -> Comparable {
-    Comparable {
-        namespaces: snap
-            .namespaces
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect(),
-        workloads: snap
-            .workloads
-            .iter()
-            .map(|(k, w)| (k.to_string(), Workload::clone(w)))
-            .collect(),
-        workloads_by_ip: snap
-            .workloads_by_ip
-            .iter()
-            .map(|(ip, w)| (*ip, w.key()))
-            .collect(),
-        services: snap
-            .services
-            .iter()
-            .map(|(vip, p)| (*vip, (p.service.clone(), p.endpoints.clone())))
-            .collect(),
-        policies: snap
-            .policies
-            .iter()
-            .map(|(k, p)| (k.to_string(), Policy::clone(p)))
-            .collect(),
-        authz: snap
-            .workloads
-            .keys()
-            .map(|k| {
-                (
-                    k.to_string(),
-                    snap.authorization(k).map(|s| Selected::clone(s)),
-                )
-            })
-            .collect(),
-    }
-}
 
 /// Parses `text` and settles its invalid policies against `current`, as a load or a reload.
 fn parse_settled(text: &str, current: &Snapshot) -> Option<Desired> {
@@ -121,8 +65,8 @@ pub fn state_file(input: &[u8]) {
     let built = build(path, whole, &base);
     match (reloaded, built) {
         (Ok((reloaded, _)), Ok(built)) => assert_eq!(
-            comparable(&reloaded),
-            comparable(&built),
+            canonical(&reloaded),
+            canonical(&built),
             "a reload and a fresh build of the same file differ"
         ),
         (Ok(_), Err(e)) => panic!("a reload is accepted that a fresh build refuses: {e}"),

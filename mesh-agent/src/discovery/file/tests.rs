@@ -1,7 +1,7 @@
 use std::net::SocketAddr;
 
 use super::*;
-use crate::state::{tests::canonical, Applied};
+use crate::state::{canonical::canonical, Applied};
 
 const GOOD: &str = r#"
 namespaces: [{name: shop, enabled: true}, {name: legacy}]
