@@ -298,8 +298,7 @@ async fn hbone_stream(
     // Tied to the stream: a client that resets it meanwhile (rapid reset) gets no connection.
     // At most `hbone.server.max_connects_in_flight` at once, agent-wide.
     let connect = Box::pin(async {
-        let slot = inputs.limits.connect_slot();
-        let Ok(_slot) = tokio::time::timeout(super::CONNECT_TIMEOUT, slot).await else {
+        let Some(_slot) = inputs.limits.connect_slot(super::CONNECT_TIMEOUT).await else {
             return Err(Error::ConnectsInFlight { addr: dst });
         };
         connect_in_pod(pod, &inputs.home, dst).await

@@ -15,7 +15,7 @@ use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 use crate::{config::HboneServerConfig, metrics::Metrics};
 
@@ -125,9 +125,16 @@ impl Limits {
         })
     }
 
-    /// Waits for a slot to connect to an application (held until the connect is done).
-    pub async fn connect_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.connects.clone().acquire_owned().await.ok()
+    /// A slot to connect to an application (held until the connect is done), waited for at
+    /// most `wait`; `None` when none came. The usual case, a free slot, costs no timer.
+    pub async fn connect_slot(&self, wait: std::time::Duration) -> Option<SemaphorePermit<'_>> {
+        if let Ok(slot) = self.connects.try_acquire() {
+            return Some(slot);
+        }
+        tokio::time::timeout(wait, self.connects.acquire())
+            .await
+            .ok()?
+            .ok()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, Peer>> {
