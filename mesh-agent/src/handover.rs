@@ -34,11 +34,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::{
-    admin::Endpoint,
-    capture::{self, listeners::Opened},
-    sys::fdpass,
-};
+use crate::{admin::Endpoint, capture::listeners::Opened, pods, sys::fdpass};
 
 /// How long the taker may take from `Done` to `Taken` (loading, adopting, minting
 /// certificates for every pod): the giver's capture stays frozen meanwhile.
@@ -375,7 +371,7 @@ impl Giver {
     /// uninstalls. `capture` is the capture task, `admin` the HTTP listeners to hand over.
     pub fn spawn(
         self,
-        capture: mpsc::Sender<capture::Command>,
+        capture: mpsc::Sender<pods::Command>,
         admin: Vec<Endpoint>,
         events: mpsc::UnboundedSender<Event>,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -388,7 +384,7 @@ impl Giver {
 
     fn serve(
         self,
-        capture: &mpsc::Sender<capture::Command>,
+        capture: &mpsc::Sender<pods::Command>,
         admin: &[Endpoint],
         events: &mpsc::UnboundedSender<Event>,
         metrics: &crate::metrics::Metrics,
@@ -439,7 +435,7 @@ impl Giver {
     fn answer(
         &self,
         conn: &Conn,
-        capture: &mpsc::Sender<capture::Command>,
+        capture: &mpsc::Sender<pods::Command>,
         admin: &[Endpoint],
     ) -> Result<Option<Event>, Error> {
         let peer = conn.check_peer()?;
@@ -453,7 +449,7 @@ impl Giver {
             Message::Hello { version, pid } => {
                 info!(successor = pid, %version, "a successor is taking over");
                 let (tx, rx) = oneshot::channel();
-                send_cmd(capture::Command::Freeze(tx))?;
+                send_cmd(pods::Command::Freeze(tx))?;
                 let Ok(pods) = rx.blocking_recv() else {
                     let why = "this agent is already handing over or stopping".to_owned();
                     conn.send(&Message::Refused { why: why.clone() }, &[])?;
@@ -464,7 +460,7 @@ impl Giver {
                 match answer {
                     Ok((Message::Taken, _)) => {
                         let (tx, rx) = oneshot::channel();
-                        send_cmd(capture::Command::Relinquish(tx))?;
+                        send_cmd(pods::Command::Relinquish(tx))?;
                         let _ = rx.blocking_recv();
                         // The path is the successor's from now on.
                         let _ = std::fs::remove_file(&self.path);
@@ -473,7 +469,7 @@ impl Giver {
                         Ok(Some(Event::HandedOver { to: pid }))
                     }
                     other => {
-                        send_cmd(capture::Command::Thaw)?;
+                        send_cmd(pods::Command::Thaw)?;
                         match other {
                             Ok((Message::Abort { why }, _)) => {
                                 warn!(successor = pid, %why, "the successor gave up; carrying on");
@@ -488,7 +484,7 @@ impl Giver {
             Message::Uninstall => {
                 info!(by = peer, "uninstall requested");
                 let (tx, rx) = oneshot::channel();
-                send_cmd(capture::Command::Uninstall(tx))?;
+                send_cmd(pods::Command::Uninstall(tx))?;
                 let changes = rx
                     .blocking_recv()
                     .map_err(|_| conn.protocol("capture ended before uninstalling".into()))?;
@@ -513,7 +509,7 @@ impl Giver {
     fn give(
         &self,
         conn: &Conn,
-        pods: &[capture::HandoverPod],
+        pods: &[pods::HandoverPod],
         admin: &[Endpoint],
     ) -> Result<(), Error> {
         for pod in pods {

@@ -13,6 +13,7 @@ pub mod handover;
 pub mod identity;
 pub mod metrics;
 pub mod node;
+pub mod pods;
 pub mod policy;
 pub mod preflight;
 pub mod proxy;

@@ -25,8 +25,8 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    admin, capture, config, discovery, handover, identity, metrics, preflight, proxy, state, sys,
-    tunnel,
+    admin, capture, config, discovery, handover, identity, metrics, pods, preflight, proxy, state,
+    sys, tunnel,
 };
 
 /// How long a stopping agent waits with no proxied connection or stream before it closes its
@@ -248,7 +248,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         .as_mut()
         .map(|t| std::mem::take(&mut t.pods))
         .unwrap_or_default();
-    let capture = capture::Capture::new(
+    let pods = pods::Manager::new(
         loaded,
         layout,
         config.node.clone(),
@@ -264,8 +264,8 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         metrics.clone(),
     ));
     let (commands, command_rx) = mpsc::channel(4);
-    tokio::spawn(capture::run(
-        capture,
+    tokio::spawn(pods::run(
+        pods,
         store,
         readiness.clone(),
         Duration::from_secs(2),
@@ -464,13 +464,9 @@ async fn stop_signal(
 }
 
 /// Stops accepting without touching capture (a takeover that did not complete).
-async fn relinquish(commands: &mpsc::Sender<capture::Command>) {
+async fn relinquish(commands: &mpsc::Sender<pods::Command>) {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if commands
-        .send(capture::Command::Relinquish(tx))
-        .await
-        .is_ok()
-    {
+    if commands.send(pods::Command::Relinquish(tx)).await.is_ok() {
         let _ = rx.await;
     }
 }

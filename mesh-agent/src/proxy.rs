@@ -21,6 +21,7 @@ use std::{
 
 use tokio::sync::watch;
 
+pub use crate::capture::listeners::Listener;
 use crate::{
     capture::ebpf::OrigDstMap,
     identity::{CertManager, SpiffeId},
@@ -285,27 +286,6 @@ pub enum Direction {
     Outbound,
     /// The pod is connected to (its inbound listeners, through sk_lookup).
     Inbound,
-}
-
-/// The in-pod listeners.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Listener {
-    /// 127.0.0.1:15001: redirected outbound connections.
-    Outbound,
-    /// 127.0.0.1:15006: plaintext inbound connections.
-    Inbound,
-    /// 127.0.0.1:15008: HBONE connections (mTLS, many streams each).
-    Hbone,
-}
-
-impl Listener {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Listener::Outbound => "outbound",
-            Listener::Inbound => "inbound",
-            Listener::Hbone => "hbone",
-        }
-    }
 }
 
 impl Direction {

@@ -14,7 +14,28 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
 use super::Error;
-use crate::{proxy::Listener, sys::Netns};
+use crate::sys::Netns;
+
+/// The in-pod listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// 127.0.0.1:15001: redirected outbound connections.
+    Outbound,
+    /// 127.0.0.1:15006: plaintext inbound connections.
+    Inbound,
+    /// 127.0.0.1:15008: HBONE connections (mTLS, many streams each).
+    Hbone,
+}
+
+impl Listener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Outbound => "outbound",
+            Listener::Inbound => "inbound",
+            Listener::Hbone => "hbone",
+        }
+    }
+}
 
 /// One pod's listeners, shared with their accept loops.
 #[derive(Debug, Clone)]

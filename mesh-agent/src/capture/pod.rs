@@ -1,12 +1,14 @@
-//! One captured pod: its in-pod listeners, its entries in the kernel maps, and its programs'
-//! links, pinned so that they outlive the agent.
+//! One captured pod, its kernel side: its in-pod listeners, its entries in the kernel maps, and
+//! its programs' links, pinned so that they outlive the agent. Serving it (identity, proxy) is
+//! the pod lifecycle manager's part (`crate::pods`).
 //!
 //! Capture order makes every redirect land on a listener: listeners first, then map entries,
 //! then links. A pod whose links were pinned by a previous agent is adopted in the same order:
 //! its connections are refused (no listener) until the new listeners are registered, then
 //! served. Release runs in reverse: map entries go first (the programs stop redirecting at
 //! once), then the pins (the links detach), then the listeners stop accepting after taking what
-//! is already queued. Connections already proxied are separate tasks and keep running.
+//! is already queued (the lifecycle manager stops the accept loops). Connections already
+//! proxied are separate tasks and keep running.
 
 use std::{
     fs::File,
@@ -17,7 +19,6 @@ use std::{
 };
 
 use mesh_common::{listener, ListenerKey, PodAddr, PodConfig};
-use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{
@@ -27,12 +28,7 @@ use super::{
     pins::{self, Layout, PinnedPod, Target},
     Error,
 };
-use crate::{
-    identity::SpiffeId,
-    proxy::{self, PodState, Stop},
-    state::Workload,
-    sys::Netns,
-};
+use crate::{state::Workload, sys::Netns};
 
 /// Where pods are captured: what every capture needs besides the pod.
 #[derive(Debug)]
@@ -42,7 +38,8 @@ pub struct Env<'a> {
     /// The agent's own cgroup: a pod whose cgroup contains it is never captured (the programs
     /// would redirect the agent's own connections).
     pub agent_cgroup: &'a Path,
-    pub inputs: &'a Arc<proxy::Inputs>,
+    /// The agent's own network namespace, where threads return after opening pod sockets.
+    pub home: &'a Netns,
 }
 
 /// How a pod came to be served.
@@ -56,107 +53,86 @@ pub enum Outcome {
     Reattached,
 }
 
-/// A pod the agent captures and serves.
+/// A pod's sandbox opened and its listeners ready (opened, or received from a previous agent),
+/// before anything of it is in the kernel maps.
+#[derive(Debug)]
+pub struct Prepared {
+    workload: Arc<Workload>,
+    handles: Handles,
+    opened: Opened,
+}
+
+/// The kernel side of a captured pod.
 #[derive(Debug)]
 pub struct CapturedPod {
-    pub workload: Arc<Workload>,
-    identity: SpiffeId,
+    workload: Arc<Workload>,
     scope: u32,
     netns_cookie: u64,
+    netns: Arc<Netns>,
     pin_dir: PathBuf,
     listeners: Listeners,
     listener_keys: Vec<ListenerKey>,
-    /// Tells the accept loops how to stop.
-    stop: watch::Sender<Stop>,
-    proxy: Arc<proxy::Pod>,
 }
 
 /// The kernel side of a pod being captured: opened once, used by every step.
+#[derive(Debug)]
 struct Handles {
     cgroup: File,
     netns: Arc<Netns>,
 }
 
-impl CapturedPod {
-    pub fn identity(&self) -> &SpiffeId {
-        &self.identity
-    }
-
-    pub fn netns_cookie(&self) -> u64 {
-        self.netns_cookie
-    }
-
-    pub fn scope(&self) -> u32 {
-        self.scope
-    }
-
-    pub fn listeners(&self) -> &Listeners {
-        &self.listeners
-    }
-
-    /// The proxy's view of the pod (for same-node delivery).
-    pub fn proxy(&self) -> &Arc<proxy::Pod> {
-        &self.proxy
-    }
-
-    /// Whether `w` is still the same pod sandbox (same network namespace and cgroup); other
-    /// changes are applied in place by [`CapturedPod::update`].
-    pub fn same_sandbox(&self, w: &Workload) -> bool {
-        self.workload.netns == w.netns && self.workload.cgroup == w.cgroup
-    }
-
-    /// Captures `workload`: with the listeners handed over by a previous agent (`received`) or
-    /// new ones, adopting the links pinned for its network namespace (by a previous agent, or
-    /// by an attempt that could not serve it) or attaching new ones. `scope` gives the pod's
-    /// exclusion scope for a netns cookie (the one already in the maps, or a new one).
-    pub fn capture(
-        loaded: &mut Loaded,
+impl Prepared {
+    /// Opens `workload`'s cgroup and network namespace, and its listeners there (or takes
+    /// those a previous agent handed over, `received`).
+    pub fn open(
         env: &Env<'_>,
         workload: Arc<Workload>,
         received: Option<Opened>,
-        scope: impl FnOnce(u64) -> u32,
-    ) -> Result<(Self, Outcome), Error> {
-        let pod = workload.key();
+    ) -> Result<Self, Error> {
         let handles = open_handles(env, &workload)?;
         let opened = match received {
             Some(opened) => opened,
-            None => Opened::open(&pod, &handles.netns, &env.inputs.home)?,
+            None => Opened::open(&workload.key(), &handles.netns, env.home)?,
         };
-        let netns_cookie = opened.netns_cookie;
-        let (identity, server_tls) = identity(env.inputs, &workload)?;
-        let listeners = opened.register(&pod)?;
+        Ok(Self {
+            workload,
+            handles,
+            opened,
+        })
+    }
+
+    /// Registers the listeners, puts the pod in the kernel maps and attaches its programs
+    /// (adopting the links pinned for its network namespace, by a previous agent or by an
+    /// attempt that could not serve it). `scope` gives the pod's exclusion scope for its netns
+    /// cookie (the one already in the maps, or a new one).
+    pub fn attach(
+        self,
+        loaded: &mut Loaded,
+        env: &Env<'_>,
+        scope: impl FnOnce(u64) -> u32,
+    ) -> Result<(CapturedPod, Outcome), Error> {
+        let pod = self.workload.key();
+        let netns_cookie = self.opened.netns_cookie;
+        let listeners = self.opened.register(&pod)?;
         let scope = scope(netns_cookie);
         let pinned = env.layout.find(netns_cookie)?;
         let pin_dir = pinned
             .clone()
             .unwrap_or_else(|| env.layout.pod_dir(netns_cookie, &pod));
-        let (stop, stopped) = watch::channel(Stop::Running);
-        let ctx = Arc::new(proxy::Pod::new(
-            handles.netns.clone(),
-            netns_cookie,
-            PodState {
-                workload: workload.clone(),
-                identity: identity.clone(),
-                server_tls,
-            },
-            &env.inputs.metrics,
-        ));
-        let mut captured = Self {
-            workload,
-            identity,
+        let mut captured = CapturedPod {
+            workload: self.workload,
             scope,
             netns_cookie,
+            netns: self.handles.netns.clone(),
             pin_dir,
             listeners,
             listener_keys: Vec::new(),
-            stop,
-            proxy: ctx.clone(),
         };
         captured.install_entries(loaded)?;
         let target = Target {
             pod: &pod,
-            cgroup: &handles.cgroup,
-            netns: &handles.netns,
+            cgroup: &self.handles.cgroup,
+            netns: &self.handles.netns,
         };
         let outcome = match pinned {
             Some(_) => match pins::adopt(loaded, &captured.pin_dir, &target)? {
@@ -168,55 +144,78 @@ impl CapturedPod {
                 Outcome::Captured
             }
         };
-        for (kind, l) in captured.listeners.all() {
-            proxy::spawn_listener(l, kind, ctx.clone(), env.inputs.clone(), stopped.clone());
-        }
         Ok((captured, outcome))
     }
+}
 
-    /// Closes a pod that cannot be served (its listeners, identity or TLS failed): its map
-    /// entries and pinned links are put in place (or kept) without listeners, so that its
-    /// connections are refused rather than passed, until a later attempt serves it. Returns
-    /// its pins.
-    pub fn close(
-        loaded: &mut Loaded,
-        env: &Env<'_>,
-        workload: &Workload,
-        scope: impl FnOnce(u64) -> u32,
-    ) -> Result<PinnedPod, Error> {
-        let pod = workload.key();
-        let handles = open_handles(env, workload)?;
-        let netns_cookie =
-            crate::sys::netns_cookie_of(&handles.netns, &env.inputs.home).map_err(|source| {
-                Error::Netns {
-                    pod: pod.clone(),
-                    path: workload.netns.clone(),
-                    source,
-                }
-            })?;
-        let scope = scope(netns_cookie);
-        install_pod_entries(loaded, netns_cookie, scope, workload)?;
-        let target = Target {
-            pod: &pod,
-            cgroup: &handles.cgroup,
-            netns: &handles.netns,
-        };
-        let dir = match env.layout.find(netns_cookie)? {
-            Some(dir) => {
-                pins::adopt(loaded, &dir, &target)?;
-                dir
-            }
-            None => {
-                let dir = env.layout.pod_dir(netns_cookie, &pod);
-                pins::attach_all(loaded, &dir, &target)?;
-                dir
-            }
-        };
-        Ok(PinnedPod {
-            dir,
-            netns_cookie,
-            key: pod,
-        })
+/// Closes a pod that cannot be served (its listeners, identity or TLS failed): its map entries
+/// and pinned links are put in place (or kept) without listeners, so that its connections are
+/// refused rather than passed, until a later attempt serves it. Returns its pins.
+pub fn close(
+    loaded: &mut Loaded,
+    env: &Env<'_>,
+    workload: &Workload,
+    scope: impl FnOnce(u64) -> u32,
+) -> Result<PinnedPod, Error> {
+    let pod = workload.key();
+    let handles = open_handles(env, workload)?;
+    let netns_cookie =
+        crate::sys::netns_cookie_of(&handles.netns, env.home).map_err(|source| Error::Netns {
+            pod: pod.clone(),
+            path: workload.netns.clone(),
+            source,
+        })?;
+    let scope = scope(netns_cookie);
+    install_pod_entries(loaded, netns_cookie, scope, workload)?;
+    let target = Target {
+        pod: &pod,
+        cgroup: &handles.cgroup,
+        netns: &handles.netns,
+    };
+    let dir = match env.layout.find(netns_cookie)? {
+        Some(dir) => {
+            pins::adopt(loaded, &dir, &target)?;
+            dir
+        }
+        None => {
+            let dir = env.layout.pod_dir(netns_cookie, &pod);
+            pins::attach_all(loaded, &dir, &target)?;
+            dir
+        }
+    };
+    Ok(PinnedPod {
+        dir,
+        netns_cookie,
+        key: pod,
+    })
+}
+
+impl CapturedPod {
+    pub fn workload(&self) -> &Arc<Workload> {
+        &self.workload
+    }
+
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+
+    /// The pod's network namespace, open for the pod's life.
+    pub fn netns(&self) -> &Arc<Netns> {
+        &self.netns
+    }
+
+    pub fn scope(&self) -> u32 {
+        self.scope
+    }
+
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
+    /// Whether `w` is still the same pod sandbox (same network namespace and cgroup); other
+    /// changes are applied in place by [`CapturedPod::update`].
+    pub fn same_sandbox(&self, w: &Workload) -> bool {
+        self.workload.netns == w.netns && self.workload.cgroup == w.cgroup
     }
 
     /// Listener entries (so that sk_lookup finds a listener before anything steers to it),
@@ -257,14 +256,9 @@ impl CapturedPod {
         Ok(())
     }
 
-    /// Applies what changed about the pod in the same sandbox: exclusions, addresses, service
-    /// account (a new identity for new connections). Its capture never lapses meanwhile.
-    pub fn update(
-        &mut self,
-        loaded: &mut Loaded,
-        w: &Arc<Workload>,
-        inputs: &proxy::Inputs,
-    ) -> Result<(), Error> {
+    /// Applies what changed about the pod in the same sandbox to the kernel: exclusions and
+    /// addresses. Its capture never lapses meanwhile.
+    pub fn update(&mut self, loaded: &mut Loaded, w: &Arc<Workload>) -> Result<(), Error> {
         if Arc::ptr_eq(&self.workload, w) || *self.workload == **w {
             return Ok(());
         }
@@ -299,24 +293,12 @@ impl CapturedPod {
                 });
             }
         }
-        let server_tls = if self.workload.service_account == w.service_account {
-            self.proxy.state().server_tls.clone()
-        } else {
-            let (identity, server_tls) = identity(inputs, w)?;
-            tracing::info!(pod = %w.key(), from = %self.identity, to = %identity, "service account changed: new connections carry the new identity");
-            self.identity = identity;
-            server_tls
-        };
-        self.proxy.set_state(PodState {
-            workload: w.clone(),
-            identity: self.identity.clone(),
-            server_tls,
-        });
         self.workload = w.clone();
         Ok(())
     }
 
-    /// Undoes everything `capture` did; logs (does not fail on) individual errors.
+    /// Undoes everything [`Prepared::attach`] did; logs (does not fail on) individual errors.
+    /// The listeners are left to their accept loops, which the caller stops.
     pub fn release(self, loaded: &mut Loaded) {
         let pod = self.workload.key();
         // The links detach with their pins: connects stop being redirected, inbound stops
@@ -339,15 +321,7 @@ impl CapturedPod {
         if let Err(e) = loaded.sync_exclusions(self.scope, &Default::default()) {
             warn!(%pod, error = %e, "release: removing the exclusions failed");
         }
-        // Accept loops take what is queued, then stop; established connections continue.
-        self.stop.send_replace(Stop::Release);
-        debug!(%pod, "released");
-    }
-
-    /// Stops serving without touching the kernel: the accept loops stop at once (what is queued
-    /// stays for the agent that took the listeners over), capture stays in place.
-    pub fn relinquish(self) {
-        self.stop.send_replace(Stop::Handover);
+        debug!(%pod, "released from the kernel");
     }
 }
 
@@ -377,36 +351,6 @@ fn open_handles(env: &Env<'_>, w: &Workload) -> Result<Handles, Error> {
         source,
     })?);
     Ok(Handles { cgroup, netns })
-}
-
-/// The pod's SPIFFE id and the TLS configuration of its HBONE listener (its certificate is
-/// minted now if this node has none for the service account yet).
-fn identity(
-    inputs: &proxy::Inputs,
-    w: &Workload,
-) -> Result<(SpiffeId, Arc<rustls::ServerConfig>), Error> {
-    let pod = w.key();
-    let identity_err = |source| Error::Identity {
-        pod: pod.clone(),
-        source,
-    };
-    let identity = SpiffeId::new(
-        inputs.certs.trust_domain(),
-        &w.namespace,
-        &w.service_account,
-    )
-    .map_err(identity_err)?;
-    let leaf = inputs.certs.get(&identity).map_err(identity_err)?;
-    let server_tls = crate::tunnel::tls::server_config(
-        inputs.certs.bundle().clone(),
-        inputs.certs.trust_domain().to_owned(),
-        leaf,
-    )
-    .map_err(|e| Error::Tls {
-        pod: pod.clone(),
-        message: e.to_string(),
-    })?;
-    Ok((identity, server_tls))
 }
 
 /// Exclusions, then `MESH_PODS` and `MESH_POD_ADDRS`: after this the programs capture the pod.

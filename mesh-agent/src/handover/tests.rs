@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::{
     admin::Endpoint,
-    capture::{Changes, Command},
     metrics::Metrics,
+    pods::{Changes, Command},
 };
 
 /// What the stand-in capture task was asked, in order.
