@@ -57,6 +57,43 @@ pub struct Config {
     /// Restarts and upgrades.
     #[serde(default)]
     pub lifecycle: LifecycleConfig,
+    /// Finding the sandboxes of pods the state names by UID, and the CNI plugin.
+    #[serde(default)]
+    pub pods: PodsConfig,
+}
+
+/// How the node finds the cgroup and network namespace of a pod the state names by UID
+/// (`pods::sandbox`), and where the CNI plugin reaches the agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PodsConfig {
+    /// The kubelet's cgroup root, below which `kubepods` (cgroupfs driver) or `kubepods.slice`
+    /// (systemd driver) holds the pod cgroups; default: the cgroup v2 mount.
+    #[serde(default)]
+    pub kubelet_cgroup_root: Option<PathBuf>,
+    /// Directories of named network namespaces (the runtime's, as the agent sees them): a
+    /// pod's namespace found from one of its processes is named by its file here.
+    #[serde(default = "default_netns_dirs")]
+    pub netns_dirs: Vec<PathBuf>,
+    /// The Unix socket the CNI plugin (`mesh-agent cni`) asks the agent on; none by default
+    /// (no CNI plugin). Its directory also holds `meshed-namespaces`, which the plugin reads
+    /// when the agent does not answer.
+    #[serde(default)]
+    pub cni_socket: Option<PathBuf>,
+}
+
+fn default_netns_dirs() -> Vec<PathBuf> {
+    vec![PathBuf::from("/run/netns"), PathBuf::from("/var/run/netns")]
+}
+
+impl Default for PodsConfig {
+    fn default() -> Self {
+        Self {
+            kubelet_cgroup_root: None,
+            netns_dirs: default_netns_dirs(),
+            cni_socket: None,
+        }
+    }
 }
 
 /// How the agent hands over to a successor and stops.

@@ -58,10 +58,15 @@ pub struct Workload {
     pub service_account: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
-    /// The pod's network namespace file.
+    /// The pod's network namespace file; empty when the node finds it itself (from the CNI
+    /// plugin, or from a process of the pod: `pods::sandbox`).
     pub netns: PathBuf,
-    /// The pod's cgroup v2 directory.
+    /// The pod's cgroup v2 directory; empty when the node finds it itself (from `uid`, under
+    /// the kubelet's cgroup layouts).
     pub cgroup: PathBuf,
+    /// The pod's UID (Kubernetes `metadata.uid`): how the node finds the pod's cgroup and
+    /// network namespace when `netns` and `cgroup` are not given.
+    pub uid: Option<String>,
     pub labels: BTreeMap<String, String>,
     /// The pod's own exclusions.
     pub capture: CaptureExclusions,

@@ -64,8 +64,13 @@ pub struct WorkloadSpec {
     pub service_account: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
+    #[serde(default)]
     pub netns: PathBuf,
+    #[serde(default)]
     pub cgroup: PathBuf,
+    /// The pod's UID: with it and without netns and cgroup, the node finds the pod's sandbox.
+    #[serde(default)]
+    pub uid: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -104,6 +109,7 @@ impl From<WorkloadSpec> for Workload {
             ips: w.ips,
             netns: w.netns,
             cgroup: w.cgroup,
+            uid: w.uid,
             labels: w.labels,
             capture: w.capture,
         }

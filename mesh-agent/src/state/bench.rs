@@ -84,6 +84,7 @@ impl Shape {
             ips: vec![IpAddr::V4(Ipv4Addr::from(WORKLOAD_BASE + 1 + j))],
             netns: PathBuf::from(format!("/run/netns/w-{j}")),
             cgroup: PathBuf::from(format!("/sys/fs/cgroup/mesh/w-{j}")),
+            uid: None,
             labels: BTreeMap::from([
                 ("app".to_owned(), format!("app-{service}")),
                 ("version".to_owned(), format!("v{}", j % 3)),

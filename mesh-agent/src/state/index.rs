@@ -261,6 +261,7 @@ mod tests {
             ips: vec![ip.into()],
             netns: format!("/run/netns/{name}").into(),
             cgroup: format!("/cg/{name}").into(),
+            uid: None,
             labels: BTreeMap::from([("app".to_owned(), "x".to_owned())]),
             capture: Default::default(),
         }

@@ -24,6 +24,7 @@ fn workload(ns: &str, name: &str, node: &str, ips: &[&str], app: &str) -> Worklo
         ips: ips.iter().map(|s| ip(s)).collect(),
         netns: format!("/run/netns/{name}").into(),
         cgroup: format!("/cg/{name}").into(),
+        uid: None,
         labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
         capture: CaptureExclusions::default(),
     }

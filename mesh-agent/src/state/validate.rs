@@ -105,16 +105,26 @@ pub fn workload(
             ));
         }
     }
-    if !w.netns.is_absolute() {
+    // Either both paths, or neither and a UID (the node finds the sandbox from it).
+    let given = !w.netns.as_os_str().is_empty() || !w.cgroup.as_os_str().is_empty();
+    if given {
+        for (field, path) in [("netns", &w.netns), ("cgroup", &w.cgroup)] {
+            if !path.is_absolute() {
+                return Err(Problem::field(
+                    field,
+                    format!(
+                        "{:?} is not an absolute path (give both netns and cgroup, or neither \
+                         and the pod's uid)",
+                        path.display().to_string()
+                    ),
+                ));
+            }
+        }
+    } else if w.uid.as_deref().is_none_or(str::is_empty) {
         return Err(Problem::field(
-            "netns",
-            format!("{} is not an absolute path", w.netns.display()),
-        ));
-    }
-    if !w.cgroup.is_absolute() {
-        return Err(Problem::field(
-            "cgroup",
-            format!("{} is not an absolute path", w.cgroup.display()),
+            "uid",
+            "a workload without netns and cgroup needs the pod's uid (the node finds its \
+             cgroup and network namespace from it)",
         ));
     }
     w.capture.validate().map_err(|e| match e.split_once(": ") {
