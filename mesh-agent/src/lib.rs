@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod cni;
 pub mod config;
 pub mod discovery;
 #[cfg(any(test, feature = "fuzzing"))]

@@ -25,8 +25,8 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    admin, capture, config, discovery, handover, identity, metrics, pods, preflight, proxy, state,
-    sys, tunnel,
+    admin, capture, cni, config, discovery, handover, identity, metrics, pods, preflight, proxy,
+    state, sys, tunnel,
 };
 
 /// How long a stopping agent waits with no proxied connection or stream before it closes its
@@ -248,13 +248,35 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         .as_mut()
         .map(|t| std::mem::take(&mut t.pods))
         .unwrap_or_default();
+    let sandboxes = pods::sandbox::Sandboxes::new(
+        config
+            .pods
+            .kubelet_cgroup_root
+            .clone()
+            .unwrap_or_else(|| cgroup_root.clone()),
+        config.pods.netns_dirs.clone(),
+    );
+    let cni_dir = config
+        .pods
+        .cni_socket
+        .as_ref()
+        .and_then(|s| s.parent())
+        .map(|d| d.to_owned());
+    if let Some(dir) = &cni_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the CNI socket's directory {}", dir.display()))?;
+    }
     let pods = pods::Manager::new(
         loaded,
         layout,
-        config.node.clone(),
-        cgroup_root,
         inputs.clone(),
         received,
+        pods::NodeSetup {
+            name: config.node.clone(),
+            cgroup_root,
+            sandboxes,
+            cni_dir,
+        },
     )?;
     tokio::spawn(discovery::file::watch(
         config.state_file.clone(),
@@ -329,6 +351,14 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         }
     }
 
+    // The CNI plugin asks this agent from now on (after a takeover: not before, so that an
+    // abandoned takeover leaves the socket to the agent that keeps the node).
+    if let Some(path) = &config.pods.cni_socket {
+        let listener = cni::server::bind(path)
+            .with_context(|| format!("binding the CNI socket {}", path.display()))?;
+        tokio::spawn(cni::server::serve(listener, commands.clone()));
+        info!(socket = %path.display(), "serving the CNI plugin");
+    }
     let (events_tx, mut events) = mpsc::unbounded_channel();
     handover::Giver::bind(&socket_path)?.spawn(
         commands.clone(),

@@ -7,6 +7,8 @@
 //! agent pinned, takes over the listeners a running agent hands over, and closes (connections
 //! refused, never passed) a pod it cannot serve.
 
+mod cni;
+pub mod sandbox;
 mod served;
 
 use std::{
@@ -20,7 +22,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use self::served::ServedPod;
+use self::{sandbox::Sandboxes, served::ServedPod};
 use crate::{
     admin::Readiness,
     capture::{
@@ -72,6 +74,16 @@ pub struct Manager {
     next_scope: u32,
     /// The first reconcile reports what this agent found pinned.
     first: bool,
+    /// The sandboxes of pods the state names by UID.
+    sandboxes: Sandboxes,
+    /// CNI requests waiting for their pod to be captured.
+    pending: Vec<cni::Pending>,
+    /// Where the meshed namespaces are written for the CNI plugin (`pods.cni_socket`'s
+    /// directory), and what was written last.
+    cni_dir: Option<PathBuf>,
+    meshed_written: Option<Vec<String>>,
+    /// Pods whose sandbox has not started, as logged.
+    not_started: std::collections::BTreeSet<String>,
 }
 
 /// What a reconcile did, for the log line of the first one (an agent taking over pinned state)
@@ -85,6 +97,22 @@ pub struct Changes {
     pub released: usize,
     /// Pods that could not be served, with why.
     pub failed: BTreeMap<String, String>,
+    /// Pods named by UID whose sandbox has no process yet (looked for again at every retry).
+    pub not_started: Vec<String>,
+}
+
+/// What the manager knows of its node.
+#[derive(Debug)]
+pub struct NodeSetup {
+    /// The node's name: the state's pods of this node are captured.
+    pub name: String,
+    /// The cgroup v2 mount.
+    pub cgroup_root: PathBuf,
+    /// Where the sandboxes of pods named by UID are found.
+    pub sandboxes: Sandboxes,
+    /// The CNI socket's directory (the meshed namespaces are written there), if the CNI
+    /// plugin is used.
+    pub cni_dir: Option<PathBuf>,
 }
 
 /// The pod listeners of a running agent, for the agent that takes over.
@@ -106,6 +134,9 @@ pub enum Command {
     Relinquish(oneshot::Sender<()>),
     /// Release every pod and remove every pin (an orderly uninstall), then end.
     Uninstall(oneshot::Sender<Changes>),
+    /// A request of the CNI plugin: answered once the pod is captured (ADD), released (DEL)
+    /// or checked (CHECK).
+    Cni(crate::cni::Request, oneshot::Sender<crate::cni::Reply>),
 }
 
 impl Manager {
@@ -115,10 +146,9 @@ impl Manager {
     pub fn new(
         loaded: ebpf::Loaded,
         layout: pins::Layout,
-        node: String,
-        cgroup_root: PathBuf,
         inputs: Arc<proxy::Inputs>,
         received: Vec<Opened>,
+        node: NodeSetup,
     ) -> Result<Self, capture::Error> {
         let pinned = layout.list()?;
         let inventory = loaded.inventory();
@@ -131,6 +161,12 @@ impl Manager {
             .values()
             .max()
             .map_or(1, |s| s.wrapping_add(1).max(1));
+        let NodeSetup {
+            name: node,
+            cgroup_root,
+            sandboxes,
+            cni_dir,
+        } = node;
         let agent_cgroup = capture::own_cgroup(&cgroup_root);
         Ok(Self {
             loaded,
@@ -145,18 +181,22 @@ impl Manager {
             scopes,
             next_scope,
             first: true,
+            sandboxes,
+            pending: Vec::new(),
+            cni_dir,
+            meshed_written: None,
+            not_started: Default::default(),
         })
     }
 
     /// Captures, adopts, updates and releases pods to match the current state.
     pub fn reconcile(&mut self) -> Changes {
         let snap = self.inputs.store.load();
-        let desired: BTreeMap<String, Arc<Workload>> = snap
-            .captured_on(&self.node)
-            .map(|w| (w.key(), w.clone()))
-            .collect();
+        let on_node: Vec<Arc<Workload>> = snap.captured_on(&self.node).cloned().collect();
+        self.write_meshed(&snap);
         drop(snap);
         let mut changes = Changes::default();
+        let desired = self.resolve(on_node, &mut changes);
         // Served pods that left the state, or whose sandbox is another one now.
         let stale: Vec<String> = self
             .pods
@@ -230,6 +270,7 @@ impl Manager {
         // Certificates are kept only for identities of pods still captured here.
         let keep = self.pods.values().map(|p| p.identity().clone()).collect();
         self.inputs.certs.retain(&keep);
+        self.answer_pending(&changes);
         changes
     }
 
@@ -461,7 +502,11 @@ pub async fn run(
 ) {
     let mut changes = store.subscribe();
     loop {
-        let failed = capture.reconcile().failed;
+        let Changes {
+            failed,
+            not_started,
+            ..
+        } = capture.reconcile();
         if failed.is_empty() {
             readiness.set(None);
         } else {
@@ -472,11 +517,15 @@ pub async fn run(
                 .join("; ");
             readiness.set(Some(format!("pods not served: {why}")));
         }
+        // Failed pods are retried; CNI requests waiting for their pod are answered by their
+        // deadline.
+        let pending = cni::Pending::deadline(&capture.pending);
         let wait_retry = async {
-            if failed.is_empty() {
-                std::future::pending::<()>().await;
+            match (failed.is_empty() && not_started.is_empty(), pending) {
+                (true, None) => std::future::pending::<()>().await,
+                (true, Some(at)) => tokio::time::sleep_until(at.into()).await,
+                (false, _) => tokio::time::sleep(retry).await,
             }
-            tokio::time::sleep(retry).await;
         };
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { break },
@@ -484,6 +533,7 @@ pub async fn run(
             command = commands.recv() => match command {
                 None => break,
                 Some(Command::Thaw) => {}
+                Some(Command::Cni(request, reply)) => capture.cni(request, reply),
                 Some(Command::Freeze(reply)) => {
                     let _ = reply.send(capture.handover());
                     info!("capture frozen: a successor is taking over");
@@ -522,6 +572,13 @@ async fn frozen(commands: &mut mpsc::Receiver<Command>) -> Option<Command> {
             Some(Command::Freeze(reply)) => {
                 // Only one successor at a time; a second one gets nothing.
                 drop(reply);
+            }
+            Some(Command::Cni(request, reply)) => {
+                // Capture is frozen: the successor answers (the runtime tries again).
+                let _ = reply.send(crate::cni::Reply::Failed(format!(
+                    "the agent of this node is handing over to its successor: try pod {} again",
+                    request.key()
+                )));
             }
             other => return other,
         }

@@ -36,6 +36,10 @@ fn capture_stand_in(mut rx: mpsc::Receiver<Command>) -> std::thread::JoinHandle<
                         ..Changes::default()
                     });
                 }
+                Command::Cni(_, reply) => {
+                    seen.push("cni");
+                    drop(reply);
+                }
             }
         }
         seen

@@ -1,0 +1,100 @@
+//! The agent's side: the Unix socket the plugin asks on. Each connection carries one request
+//! line and gets one reply line; the request goes to the pod lifecycle manager, which answers
+//! once the pod is captured (or released, or known not to be of the mesh).
+
+use std::{path::Path, time::Duration};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+use tracing::{info, warn, Instrument as _};
+
+use super::{Reply, Request, MAX_MESSAGE};
+use crate::pods::Command;
+
+/// How long a request may take to arrive once connected.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the manager may take to answer (the plugin waits 30 s for an ADD).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(28);
+
+/// Binds the socket at `path` (replacing a stale one: an earlier agent's, or the one a running
+/// agent serves while this one takes over), owner-only.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the plugin's requests until the manager is gone.
+pub async fn serve(listener: UnixListener, pods: mpsc::Sender<Command>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(error = %e, "CNI socket: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if pods.is_closed() {
+            return;
+        }
+        let pods = pods.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = one(stream, &pods).await {
+                    warn!(error = %e, "CNI request failed");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+async fn one(stream: UnixStream, pods: &mpsc::Sender<Command>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_MESSAGE as u64));
+    tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::other("no request within 5 s"))??;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => {
+            let (pod, verb, container) =
+                (request.key(), request.command, request.container_id.clone());
+            let reply = ask(pods, request).await;
+            info!(%pod, ?verb, container_id = %container, ?reply, "CNI request answered");
+            reply
+        }
+        Err(e) => Reply::Failed(format!("unreadable CNI request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
+async fn ask(pods: &mpsc::Sender<Command>, request: Request) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    if pods.send(Command::Cni(request, tx)).await.is_err() {
+        return Reply::Failed("the agent is stopping".into());
+    }
+    match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(_)) => Reply::Failed("the agent is stopping (or handing over)".into()),
+        Err(_) => Reply::Failed(format!(
+            "the pod was not captured within {} s",
+            ANSWER_TIMEOUT.as_secs()
+        )),
+    }
+}
