@@ -228,6 +228,29 @@ fn store_errors_name_the_object_and_field() {
             },
             "namespace (): the name is empty",
         ),
+        (
+            Changes {
+                workloads: vec![Workload {
+                    netns: PathBuf::new(),
+                    cgroup: PathBuf::new(),
+                    ..workload("shop", "web", "n1", &["10.0.0.9"], "web")
+                }],
+                ..Changes::default()
+            },
+            "workload (shop/web).uid: a workload without netns and cgroup needs the pod's uid \
+             (the node finds its cgroup and network namespace from it)",
+        ),
+        (
+            Changes {
+                workloads: vec![Workload {
+                    cgroup: PathBuf::new(),
+                    ..workload("shop", "web", "n1", &["10.0.0.9"], "web")
+                }],
+                ..Changes::default()
+            },
+            "workload (shop/web).cgroup: missing: give both netns and cgroup, or neither and the \
+             pod's uid",
+        ),
     ];
     for (changes, want) in cases {
         let store = Store::new();

@@ -109,14 +109,16 @@ pub fn workload(
     let given = !w.netns.as_os_str().is_empty() || !w.cgroup.as_os_str().is_empty();
     if given {
         for (field, path) in [("netns", &w.netns), ("cgroup", &w.cgroup)] {
+            if path.as_os_str().is_empty() {
+                return Err(Problem::field(
+                    field,
+                    "missing: give both netns and cgroup, or neither and the pod's uid",
+                ));
+            }
             if !path.is_absolute() {
                 return Err(Problem::field(
                     field,
-                    format!(
-                        "{:?} is not an absolute path (give both netns and cgroup, or neither \
-                         and the pod's uid)",
-                        path.display().to_string()
-                    ),
+                    format!("{} is not an absolute path", path.display()),
                 ));
             }
         }
