@@ -182,7 +182,7 @@ impl Lab {
         let cgroups = layout
             .pods
             .iter()
-            .map(|p| &p.cgroup)
+            .map(|p| &p.process_cgroup)
             .chain(layout.nodes.iter().map(|n| &n.agent_cgroup));
         for dir in cgroups {
             sys::create_dirs(dir).context("creating a cgroup")?;
@@ -339,7 +339,7 @@ impl Lab {
                 .find_pod(target)
                 .ok_or_else(|| anyhow!("lab {} has no pod {target:?}", self.id()))?;
             sys::Enter {
-                cgroup: Some(&pod.cgroup),
+                cgroup: Some(&pod.process_cgroup),
                 netns: Some(&pod.netns),
                 setsid: false,
             }
@@ -360,6 +360,11 @@ impl Lab {
     /// The mesh state file, `/run/mesh-lab/<id>/state.yaml`.
     pub fn state_path(&self) -> &Path {
         self.layout.state_path()
+    }
+
+    /// The Unix socket on which `node`'s agent answers the CNI plugin.
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.layout.cni_socket(node)
     }
 
     /// The configuration file of `node`'s agent (`mesh-agent node --config <this>`).

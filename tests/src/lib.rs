@@ -39,8 +39,8 @@ pub use self::{
     lab::{
         agent_bin, cgroup2_mount, sweep,
         topology::{
-            CaptureExclusions, NamespaceSpec, PodSpec, ServicePort, ServiceSpec, Topology,
-            DEFAULT_TOPOLOGY_YAML,
+            CaptureExclusions, CgroupDriver, NamespaceSpec, PodSpec, ServicePort, ServiceSpec,
+            Topology, DEFAULT_TOPOLOGY_YAML,
         },
         Lab, LabOptions, Node, Pod, Upgrade, METRICS_PORT, READINESS_PORT,
     },

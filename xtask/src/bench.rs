@@ -165,6 +165,7 @@ fn topology() -> Topology {
         service_account: "default".into(),
         labels: [("app".to_owned(), "local".to_owned())].into(),
         capture: None,
+        kubelet: None,
     });
     for i in 0..IDLE_PODS {
         topology.pods.push(PodSpec {
@@ -174,6 +175,7 @@ fn topology() -> Topology {
             service_account: format!("idle-{i:03}"),
             labels: [("app".to_owned(), "idle".to_owned())].into(),
             capture: None,
+            kubelet: None,
         });
     }
     topology

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::topology::{CaptureExclusions, Topology};
+use super::topology::{CaptureExclusions, CgroupDriver, Topology};
 
 /// Prefix of every network namespace the lab creates: `mlab-<id>-...`.
 pub(crate) const NETNS_PREFIX: &str = "mlab-";
@@ -67,8 +67,14 @@ pub struct Pod {
     pub netns_name: String,
     /// Network namespace file, `/run/netns/mlab-<id>-<ns>-<pod>`.
     pub netns: PathBuf,
-    /// cgroup v2 directory, `<cgroup2>/mesh-lab/<id>/<ns>-<pod>`.
+    /// cgroup v2 directory, `<cgroup2>/mesh-lab/<id>/<ns>-<pod>`; for a kubelet-style pod, its
+    /// pod-level cgroup under `<cgroup2>/mesh-lab/<id>/kubepods...`.
     pub cgroup: PathBuf,
+    /// Where the pod's processes run: `cgroup`, or a container cgroup below it for a
+    /// kubelet-style pod.
+    pub process_cgroup: PathBuf,
+    /// The pod's UID (kubelet-style pods; the state names them by it).
+    pub uid: Option<String>,
     /// Name of the node-side veth (`p<j>`), inside the node's netns.
     pub host_veth: String,
 }
@@ -128,6 +134,17 @@ impl Layout {
                 let host_veth = format!("p{j}");
                 *j += 1;
                 let netns_name = format!("{NETNS_PREFIX}{id}-{}-{}", spec.namespace, spec.name);
+                let (cgroup, process_cgroup, uid) = match spec.kubelet {
+                    None => {
+                        let dir = cgroup_dir.join(format!("{}-{}", spec.namespace, spec.name));
+                        (dir.clone(), dir, None)
+                    }
+                    Some(driver) => {
+                        let uid = pod_uid(id, &spec.namespace, &spec.name);
+                        let (pod, container) = kubelet_cgroups(&cgroup_dir, driver, &uid);
+                        (pod, container, Some(uid))
+                    }
+                };
                 Some(Pod {
                     namespace: spec.namespace.clone(),
                     name: spec.name.clone(),
@@ -138,7 +155,9 @@ impl Layout {
                     ip: Ipv4Addr::new(10, 240, node.index, host),
                     netns: netns(&netns_name),
                     netns_name,
-                    cgroup: cgroup_dir.join(format!("{}-{}", spec.namespace, spec.name)),
+                    cgroup,
+                    process_cgroup,
+                    uid,
                     host_veth,
                 })
             })
@@ -188,10 +207,55 @@ impl Layout {
         self.run_dir.join(format!("handover-{node}.sock"))
     }
 
+    /// The CNI socket of `node`'s agent (in a directory of its own: the agent writes the
+    /// meshed namespaces beside it).
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.run_dir.join(format!("cni-{node}")).join("cni.sock")
+    }
+
     /// Where `lab upgrade` keeps the agent binaries it starts (a copy each, so that a rebuild
     /// never touches a running binary).
     pub fn bin_dir(&self) -> PathBuf {
         self.run_dir.join("bin")
+    }
+}
+
+/// A UID (UUID-shaped, stable for a lab id and pod) for a kubelet-style pod.
+fn pod_uid(id: &str, namespace: &str, name: &str) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (id, namespace, name).hash(&mut h);
+    let a = h.finish();
+    "uid".hash(&mut h);
+    let b = h.finish();
+    let hex = format!("{a:016x}{b:016x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// The pod-level and container cgroups of a kubelet-style pod, below the lab's cgroup
+/// directory (which the lab's agents take as the kubelet's cgroup root).
+fn kubelet_cgroups(root: &Path, driver: CgroupDriver, uid: &str) -> (PathBuf, PathBuf) {
+    match driver {
+        CgroupDriver::Cgroupfs => {
+            let pod = root.join("kubepods/besteffort").join(format!("pod{uid}"));
+            (pod.clone(), pod.join("app"))
+        }
+        CgroupDriver::Systemd => {
+            let pod = root
+                .join("kubepods.slice/kubepods-besteffort.slice")
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                ));
+            (pod.clone(), pod.join("cri-containerd-app.scope"))
+        }
     }
 }
 

@@ -34,8 +34,13 @@ struct Workload<'a> {
     service_account: &'a str,
     node: &'a str,
     ips: [Ipv4Addr; 1],
-    netns: &'a std::path::Path,
-    cgroup: &'a std::path::Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns: Option<&'a std::path::Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a std::path::Path>,
+    /// Kubelet-style pods are named by UID only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<&'a str>,
     labels: &'a BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     capture: Option<&'a CaptureExclusions>,
@@ -66,6 +71,16 @@ struct AgentConfig<'a> {
     identity: Identity,
     hbone: Hbone<'a>,
     lifecycle: Lifecycle,
+    pods: Pods,
+}
+
+/// The `pods` block of an agent config: the lab's cgroup directory stands for the kubelet's
+/// cgroup root, and the CNI socket is in the node's run directory.
+#[derive(Debug, Serialize)]
+struct Pods {
+    kubelet_cgroup_root: std::path::PathBuf,
+    netns_dirs: [&'static str; 1],
+    cni_socket: std::path::PathBuf,
 }
 
 /// The `lifecycle` block of an agent config.
@@ -106,8 +121,9 @@ pub(crate) fn state_yaml(layout: &Layout, topology: &Topology) -> Result<String>
                 service_account: &pod.service_account,
                 node: &pod.node,
                 ips: [pod.ip],
-                netns: &pod.netns,
-                cgroup: &pod.cgroup,
+                netns: pod.uid.is_none().then_some(pod.netns.as_path()),
+                cgroup: pod.uid.is_none().then_some(pod.cgroup.as_path()),
+                uid: pod.uid.as_deref(),
                 labels: &pod.labels,
                 capture: pod.capture.as_ref(),
             })
@@ -165,6 +181,11 @@ pub(crate) fn agent_config_yaml(
         lifecycle: Lifecycle {
             handover_socket: layout.handover_socket(node),
             drain_timeout_secs,
+        },
+        pods: Pods {
+            kubelet_cgroup_root: layout.cgroup_dir.clone(),
+            netns_dirs: [super::layout::NETNS_DIR],
+            cni_socket: layout.cni_socket(node),
         },
     };
     serde_yaml::to_string(&config).context("serialising an agent config")

@@ -59,6 +59,22 @@ pub struct PodSpec {
     /// The pod's own capture exclusions, copied into the state file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<CaptureExclusions>,
+    /// A pod laid out as the kubelet lays pods out with this cgroup driver: its cgroup is
+    /// `kubepods...` below the lab's cgroup directory (the agents' kubelet cgroup root), its
+    /// processes run in a container cgroup below it, and the state names it by UID only (no
+    /// netns or cgroup): the agent finds its sandbox itself, or is told by the CNI plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubelet: Option<CgroupDriver>,
+}
+
+/// The kubelet's cgroup drivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriver {
+    /// `kubepods/besteffort/pod<uid>/<container>`.
+    Cgroupfs,
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice/cri-containerd-<id>.scope`.
+    Systemd,
 }
 
 /// A service of the topology.
