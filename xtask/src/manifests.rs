@@ -199,3 +199,35 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
     }
     String::from_utf8(out.stdout).with_context(|| format!("{shown} printed something not UTF-8"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An overlay added to deploy/overlays/ is validated too: OVERLAYS lists every one.
+    #[test]
+    fn every_overlay_is_validated() {
+        let dir = root().join("deploy/overlays");
+        let mut found: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.path().join("kustomization.yaml").is_file())
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .collect();
+        found.sort_unstable();
+        let mut listed: Vec<&str> = OVERLAYS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(
+            found, listed,
+            "deploy/overlays/ and manifests::OVERLAYS differ"
+        );
+    }
+
+    #[test]
+    fn the_pins_are_exact() {
+        assert!(
+            REQUIREMENTS.iter().all(|r| r.contains("==")),
+            "{REQUIREMENTS:?}"
+        );
+    }
+}
