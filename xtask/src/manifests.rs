@@ -39,8 +39,9 @@ const VALIDATE_PY: &str = include_str!("manifests/validate.py");
 
 /// Objects the validator must refuse, and a piece of the line it must print for each: a
 /// misspelt field and a string where Kubernetes wants a number (the Kubernetes schemas), a
-/// rollout that would delete the old agent first (the mesh's rules), an AuthorizationPolicy with
-/// an unknown action and a port that is neither number nor string (the CRD).
+/// rollout that would delete the old agent first and a mount of a volume the pod lacks (the
+/// mesh's rules), an AuthorizationPolicy with an unknown action and a port that is neither
+/// number nor string (the CRD).
 const CANARY: &str = r#"apiVersion: apps/v1
 kind: DaemonSet
 metadata: {name: mesh-agent, namespace: mesh-system}
@@ -52,7 +53,10 @@ spec:
     spec:
       terminationGracePeriodSeconds: "330"
       containers:
-        - {name: mesh-agent, image: mesh-agent, imagePullPolicyy: Always}
+        - name: mesh-agent
+          image: mesh-agent
+          imagePullPolicyy: Always
+          volumeMounts: [{name: bpffs, mountPath: /sys/fs/bpf}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -65,6 +69,7 @@ const CANARY_EXPECT: &[&str] = &[
     "containers[0]: Additional properties are not allowed ('imagePullPolicyy'",
     "terminationGracePeriodSeconds: '330' is not of type 'integer'",
     "spec.updateStrategy.rollingUpdate: must be maxSurge 1, maxUnavailable 0",
+    "containers[0].volumeMounts[0]: no volume named 'bpffs' in the pod",
     "AuthorizationPolicy shop/canary: spec.action: 'PERMIT' is not one of",
     "AuthorizationPolicy shop/canary: spec.rules[0].to[0].operation.ports[0]: True is not valid",
 ];

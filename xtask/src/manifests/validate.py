@@ -133,10 +133,20 @@ def mesh_rules(objects):
         if obj.get("kind") == "ConfigMap" and "agent.yaml" in (obj.get("data") or {}):
             config[obj["metadata"]["name"]] = yaml.safe_load(obj["data"]["agent.yaml"])
     for obj in objects:
-        if obj.get("kind") != "DaemonSet" or obj["metadata"]["name"] != "mesh-agent":
+        if obj.get("kind") != "DaemonSet":
             continue
         what = describe(obj)
         pod = obj["spec"]["template"]["spec"]
+        # Every mount names a volume of the pod (the API server would refuse the pod).
+        volume_names = {v["name"] for v in pod.get("volumes", [])}
+        for kind in ("initContainers", "containers"):
+            for i, c in enumerate(pod.get(kind, [])):
+                for j, m in enumerate(c.get("volumeMounts", [])):
+                    if m.get("name") not in volume_names:
+                        problems.append((what, f"spec.template.spec.{kind}[{i}].volumeMounts[{j}]",
+                                         f"no volume named {m.get('name')!r} in the pod"))
+        if obj["metadata"]["name"] != "mesh-agent":
+            continue
         names = [c["name"] for c in pod.get("containers", [])]
         if "mesh-agent" not in names:
             continue  # the uninstall variant: no agent, no rollout rules
