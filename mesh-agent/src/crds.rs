@@ -206,6 +206,9 @@ fn check_node(schema: &Value, path: &str, errors: &mut Vec<String>) {
     {
         errors.push(format!("{path}: no type"));
     }
+    if node.get("type").and_then(Value::as_str) == Some("array") && !node.contains_key("items") {
+        errors.push(format!("{path}: an array without items"));
+    }
     for key in ["$ref", "$schema", "definitions", "nullable", "default"] {
         if node.contains_key(key) {
             errors.push(format!("{path}: has {key}"));

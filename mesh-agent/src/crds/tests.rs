@@ -116,3 +116,39 @@ fn the_example_policies_are_valid_for_the_agent() {
     }
     assert!(seen >= 6, "only {seen} examples in {}", path.display());
 }
+
+/// The structural check itself finds what the API server would refuse, naming the node.
+#[test]
+fn the_structural_check_names_what_the_api_server_refuses() {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "untyped": {"description": "no type"},
+            "both": {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}},
+            "list": {"type": "array"},
+            "referenced": {"$ref": "#/components/schemas/X"},
+            "either": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+            "port": {"x-kubernetes-int-or-string": true},
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+        },
+    });
+    let errors = structural_errors(&schema);
+    for expected in [
+        ".untyped: no type",
+        ".both: properties and additionalProperties together",
+        ".list: an array without items",
+        ".referenced: has $ref",
+        ".either: anyOf outside int-or-string",
+    ] {
+        assert!(
+            errors.iter().any(|e| e == expected),
+            "{expected:?} not in {errors:#?}"
+        );
+    }
+    assert!(
+        !errors
+            .iter()
+            .any(|e| e.starts_with(".port") || e.starts_with(".free")),
+        "{errors:#?}"
+    );
+}
