@@ -7,6 +7,7 @@ pub mod admin;
 pub mod capture;
 pub mod cni;
 pub mod config;
+pub mod crds;
 pub mod discovery;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use mesh_agent::{cni, identity, node, policy, preflight, state, tunnel};
+use mesh_agent::{cni, crds, identity, node, policy, preflight, state, tunnel};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,6 +69,10 @@ enum Command {
     /// Authorization policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print the CustomResourceDefinitions the mesh needs where they are missing (Istio's
+    /// AuthorizationPolicy, for clusters without Istio), generated from the agent's own types.
+    /// deploy/crds/ holds the output.
+    Crds,
     /// Check that this machine and these privileges can run the agent, then exit.
     Check {
         /// The pin directory that would be used.
@@ -159,6 +163,10 @@ fn main() -> anyhow::Result<()> {
         Command::Ca(cmd) => Ok(identity::cli::run(cmd)?),
         Command::Policy(PolicyCommand::Check(args)) => {
             print!("{}", policy::cli::check(&args)?);
+            Ok(())
+        }
+        Command::Crds => {
+            print!("{}", crds::yaml()?);
             Ok(())
         }
         Command::Check { bpf_dir } => {

@@ -248,14 +248,18 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         .as_mut()
         .map(|t| std::mem::take(&mut t.pods))
         .unwrap_or_default();
-    let sandboxes = pods::sandbox::Sandboxes::new(
-        config
-            .pods
-            .kubelet_cgroup_root
-            .clone()
-            .unwrap_or_else(|| cgroup_root.clone()),
-        config.pods.netns_dirs.clone(),
-    );
+    let kubelet_root = match &config.pods.kubelet_cgroup_root {
+        Some(dir) => pods::sandbox::cgroup2_dir(dir),
+        None => cgroup_root.clone(),
+    };
+    // The host's hierarchy mounted elsewhere (a DaemonSet's /host/sys/fs/cgroup, while the
+    // agent's own mount is its container's cgroup namespace): pod cgroups live there.
+    let cgroup_root = if kubelet_root.starts_with(&cgroup_root) {
+        cgroup_root
+    } else {
+        kubelet_root.clone()
+    };
+    let sandboxes = pods::sandbox::Sandboxes::new(kubelet_root, config.pods.netns_dirs.clone());
     let cni_dir = config
         .pods
         .cni_socket

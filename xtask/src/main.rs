@@ -5,6 +5,7 @@ mod build;
 mod demo;
 mod fuzz;
 mod lab;
+mod manifests;
 mod preflight;
 mod test;
 
@@ -34,6 +35,9 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Manage the lab: network namespaces as nodes and pods, one agent per node.
     Lab(lab::LabArgs),
+    /// Render every overlay of deploy/ (kubectl kustomize) and validate every object against
+    /// the Kubernetes schemas of pinned versions and the CRD; fails naming object and field.
+    Manifests,
     /// Build the eBPF object, check formatting and lints, run unit and end-to-end tests.
     Test,
 }
@@ -65,6 +69,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo => demo::run(),
         Command::Fuzz(args) => fuzz::run_targets(args),
         Command::Lab(args) => return lab::run(args),
+        Command::Manifests => manifests::run_all(),
         Command::Test => test::run_all(),
     }
     .map(|()| ExitCode::SUCCESS)

@@ -67,6 +67,14 @@ pub const TEST: &[Tool] = &[
     },
 ];
 
+/// `cargo xtask manifests` (also run by `cargo xtask test`): the rest (kubectl,
+/// kubernetes-validate) is pinned in a venv it makes (xtask/src/manifests.rs).
+pub const MANIFESTS: &[Tool] = &[Tool {
+    command: "python3",
+    package: "python3-venv",
+    why: "the manifest checks run kubectl and kubernetes-validate from a venv it makes",
+}];
+
 /// `cargo xtask bench`, besides [`LAB`].
 pub const BENCH: &[Tool] = &[Tool {
     command: "iperf3",
@@ -225,7 +233,7 @@ mod tests {
 
     #[test]
     fn each_command_is_listed_once() {
-        let all: Vec<&str> = [UNIT, LAB, TEST, BENCH]
+        let all: Vec<&str> = [UNIT, LAB, TEST, MANIFESTS, BENCH]
             .iter()
             .flat_map(|set| set.iter().map(|t| t.command))
             .collect();

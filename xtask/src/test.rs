@@ -1,5 +1,5 @@
 //! `cargo xtask test`: everything CI checks, in order of cost. Formatting, lints (host and
-//! eBPF), unit tests, then the end-to-end suite in the lab (root needed: without it the lab
+//! eBPF), the Kubernetes manifests, unit tests, then the end-to-end suite in the lab (root needed: without it the lab
 //! tests skip loudly, or fail when MESH_REQUIRE_PRIVILEGED=1 as in CI). The last line says how
 //! many end-to-end tests ran: a run where they skipped is not "all checks passed".
 
@@ -10,7 +10,7 @@ use mesh_lab::{Tally, REQUIRE_PRIVILEGED_ENV, TALLY_DIR_ENV};
 
 use crate::{
     build::{self, root, run, Profile},
-    preflight,
+    manifests, preflight,
 };
 
 pub fn run_all() -> anyhow::Result<()> {
@@ -19,10 +19,15 @@ pub fn run_all() -> anyhow::Result<()> {
     if preflight::is_root() || std::env::var(REQUIRE_PRIVILEGED_ENV).is_ok_and(|v| v == "1") {
         preflight::ensure(
             "cargo xtask test",
-            &[preflight::UNIT, preflight::LAB, preflight::TEST],
+            &[
+                preflight::UNIT,
+                preflight::MANIFESTS,
+                preflight::LAB,
+                preflight::TEST,
+            ],
         )?;
     } else {
-        preflight::ensure("cargo xtask test", &[preflight::UNIT])?;
+        preflight::ensure("cargo xtask test", &[preflight::UNIT, preflight::MANIFESTS])?;
         eprintln!(
             "xtask: not root: the end-to-end tests will skip, so the commands they run are not \
              checked"
@@ -64,6 +69,8 @@ pub fn run_all() -> anyhow::Result<()> {
         ])
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR"))?;
+    step("Kubernetes manifests (deploy/: rendered and validated)");
+    manifests::run_all()?;
     step("build (debug binaries the lab runs)");
     let bins = build::lab_bins(Profile::Debug, true)?;
     step("unit and end-to-end tests");

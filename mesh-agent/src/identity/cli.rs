@@ -33,13 +33,22 @@ pub enum CaCommand {
     },
     /// Issue a node agent's intermediate CA, signed by a root or intermediate given as PEM files.
     ///
-    /// Writes <OUT>/<NODE>-cert.pem (the intermediate, then the chain above it, without the root)
-    /// and <OUT>/<NODE>-key.pem (mode 0600). The intermediate has pathlen:0: it can sign leaf
-    /// certificates only.
+    /// Writes <OUT>/<NAME>-cert.pem (the intermediate, then the chain above it, without the root)
+    /// and <OUT>/<NAME>-key.pem (mode 0600); NAME is the node's unless --name says otherwise.
+    /// The intermediate has pathlen:0: it can sign leaf certificates only.
     IssueNode {
         /// The Kubernetes node name of the agent.
         #[arg(long)]
         node: String,
+        /// The files' base name (default: the node name). The DaemonSet's init container writes
+        /// `node-cert.pem` and `node-key.pem`, the names the agent's configuration gives.
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace the files of an earlier run instead of failing on them: for the init
+        /// container that issues a fresh intermediate at every pod start (deploy/). Never for a
+        /// root: `ca init` has no such option.
+        #[arg(long)]
+        replace: bool,
         /// The signing CA's certificate (PEM; its own certificate first, then its chain).
         #[arg(long)]
         ca_cert: PathBuf,
@@ -94,9 +103,18 @@ pub fn run(cmd: CaCommand) -> Result<(), Error> {
             );
             println!("certificate: {}", cert.display());
             println!("private key: {}", key.display());
+            println!(
+                "to keep it in Kubernetes (docs/kubernetes.md), then store these files offline:\n  \
+                 kubectl create secret generic mesh-root-ca --namespace mesh-system \\\n    \
+                 --from-file={} --from-file={}",
+                cert.display(),
+                key.display()
+            );
         }
         CaCommand::IssueNode {
             node,
+            name,
+            replace,
             ca_cert,
             ca_key,
             out,
@@ -104,6 +122,8 @@ pub fn run(cmd: CaCommand) -> Result<(), Error> {
             trust_domain,
         } => {
             check_node_name(&node)?;
+            let name = name.unwrap_or_else(|| node.clone());
+            check_node_name(&name)?;
             let lifetime = days(lifetime_days)?;
             let mut ca = Issuer::load(&ca_cert, &ca_key)?;
             if let Some(td) = trust_domain {
@@ -117,7 +137,10 @@ pub fn run(cmd: CaCommand) -> Result<(), Error> {
                     ca_cert.display()
                 ),
             }
-            let (cert, key) = node_ca.write(&out, &node)?;
+            if replace {
+                remove_pair(&out, &name)?;
+            }
+            let (cert, key) = node_ca.write(&out, &name)?;
             println!(
                 "intermediate CA of node {node} in trust domain {}, valid until {}{}",
                 node_ca.trust_domain(),
@@ -191,6 +214,21 @@ fn check_chain(
             role,
         )
         .map_err(chain_error)?;
+    }
+    Ok(())
+}
+
+/// Removes `<dir>/<name>-cert.pem` and `<dir>/<name>-key.pem` if they exist (`issue-node
+/// --replace`).
+fn remove_pair(dir: &Path, name: &str) -> Result<(), Error> {
+    let (cert, key) = super::pem::pair_paths(dir, name);
+    for path in [key, cert] {
+        match std::fs::remove_file(&path) {
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::Io { path, source });
+            }
+            _ => {}
+        }
     }
     Ok(())
 }

@@ -585,6 +585,8 @@ fn cli_init_and_issue_node() {
     assert_eq!(mode, 0o700, "new --out directory mode");
     cli::run(CaCommand::IssueNode {
         node: "n1".to_owned(),
+        name: None,
+        replace: false,
         ca_cert: root_cert.clone(),
         ca_key: root_key.clone(),
         out: dir.join("nodes"),
@@ -613,14 +615,48 @@ fn cli_init_and_issue_node() {
     assert!(matches!(err, Error::KeyFileExists { .. }), "{err:?}");
     let err = cli::run(CaCommand::IssueNode {
         node: "../evil".to_owned(),
-        ca_cert: root_cert,
-        ca_key: root_key,
+        name: None,
+        replace: false,
+        ca_cert: root_cert.clone(),
+        ca_key: root_key.clone(),
         out: dir.join("nodes"),
         lifetime_days: 365,
         trust_domain: None,
     })
     .expect_err("bad node name");
     assert!(matches!(err, Error::InvalidNodeName { .. }), "{err:?}");
+
+    // As the DaemonSet's init container runs it at every pod start: fixed file names, and
+    // --replace issues a fresh intermediate over the last one.
+    let issue = |replace: bool| {
+        cli::run(CaCommand::IssueNode {
+            node: "n2".to_owned(),
+            name: Some("node".to_owned()),
+            replace,
+            ca_cert: root_cert.clone(),
+            ca_key: root_key.clone(),
+            out: dir.join("identity"),
+            lifetime_days: 365,
+            trust_domain: None,
+        })
+    };
+    let (cert, key) = (
+        dir.join("identity/node-cert.pem"),
+        dir.join("identity/node-key.pem"),
+    );
+    issue(false).expect("first issue-node --name node");
+    let first = fs::read(&key).expect("node key");
+    let err = issue(false).expect_err("a key file is not overwritten without --replace");
+    assert!(matches!(err, Error::KeyFileExists { .. }), "{err:?}");
+    issue(true).expect("issue-node --replace");
+    assert_ne!(fs::read(&key).expect("node key"), first, "a fresh key");
+    let mode = fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "replaced key file mode");
+    let node = Issuer::load(&cert, &key).expect("the replaced pair loads and matches");
+    assert!(
+        node.cert_pem().contains("BEGIN CERTIFICATE"),
+        "the intermediate's certificate"
+    );
     let _ = fs::remove_dir_all(&dir);
 }
 
@@ -778,6 +814,8 @@ fn bring_your_own_openssl_ca() {
     // The CLI accepts the openssl intermediate too, and checks the new chain under its root.
     cli::run(CaCommand::IssueNode {
         node: "node-8".to_owned(),
+        name: None,
+        replace: false,
         ca_cert: dir.join("int-chain.pem"),
         ca_key: dir.join("int.key"),
         out: dir.join("out"),

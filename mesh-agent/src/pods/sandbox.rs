@@ -200,6 +200,17 @@ fn with_paths(w: &Workload, netns: &Path, cgroup: &Path) -> Workload {
     }
 }
 
+/// `dir` itself when it is a cgroup v2 directory, else its `unified` subdirectory when that is
+/// one (the hybrid layout's cgroup v2 mount below `/sys/fs/cgroup`), else `dir`.
+pub fn cgroup2_dir(dir: &Path) -> PathBuf {
+    let unified = dir.join("unified");
+    if !dir.join("cgroup.controllers").exists() && unified.join("cgroup.controllers").exists() {
+        unified
+    } else {
+        dir.to_owned()
+    }
+}
+
 /// The pod-level cgroup of `uid` under the kubelet's cgroupfs or systemd layout, if it exists.
 pub fn pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
     // A UID is a UUID: anything else could walk out of the root.
@@ -315,6 +326,25 @@ mod tests {
             );
             std::fs::remove_dir_all(&root).expect("cleaning up");
         }
+    }
+
+    #[test]
+    fn the_cgroup2_directory_is_found_in_both_layouts() {
+        let Ok(Some(mount)) = crate::preflight::cgroup2_mount() else {
+            return;
+        };
+        assert_eq!(cgroup2_dir(&mount), mount, "the mount itself");
+        if mount.ends_with("unified") {
+            let parent = mount.parent().expect("a parent");
+            assert_eq!(
+                cgroup2_dir(parent),
+                mount,
+                "hybrid layout: its unified directory"
+            );
+        }
+        let plain = tempdir("not-cgroup");
+        assert_eq!(cgroup2_dir(&plain), plain, "neither: unchanged");
+        std::fs::remove_dir_all(&plain).expect("cleaning up");
     }
 
     #[test]

@@ -5,13 +5,18 @@
 //!
 //! Every struct rejects unknown fields: a misspelt `notPrincipal` must be an error, never a
 //! field silently ignored (which, in an ALLOW, would widen it).
+//!
+//! The same types give the CustomResourceDefinition's schema (`JsonSchema`; `mesh-agent crds`,
+//! [`crate::crds`]): their doc comments become its descriptions (`kubectl explain`), so they are
+//! written for operators.
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// `spec` of an AuthorizationPolicy.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `spec` of an AuthorizationPolicy: which workloads, what action, which connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     /// The workloads of the policy's namespace it applies to (in the root namespace: of every
@@ -21,6 +26,11 @@ pub struct AuthorizationPolicySpec {
     /// `ALLOW` (the default), `DENY` or `AUDIT`. A string, so that an unknown action is this
     /// module's error, with its fail-closed handling, rather than a parse error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        description = "ALLOW (the default), DENY or AUDIT. CUSTOM is not supported by mesh-agent \
+                       (the policy is invalid and fails closed).",
+        extend("enum" = ["ALLOW", "DENY", "AUDIT", "CUSTOM"])
+    )]
     pub action: Option<String>,
     /// Rules; a connection matches the policy when it matches any rule. No rules: the policy
     /// matches nothing (an ALLOW without rules allows nothing).
@@ -28,17 +38,20 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<RuleSpec>,
     /// Istio's `CUSTOM` action provider: not supported (rejected with a clear error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::crds::any_object")]
     pub provider: Option<serde_yaml::Value>,
     /// Istio's binding to a gateway or waypoint: not supported at L4 (rejected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::crds::any_object")]
     pub target_ref: Option<serde_yaml::Value>,
     /// As `targetRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::crds::any_objects")]
     pub target_refs: Option<serde_yaml::Value>,
 }
 
-/// `selector`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `selector`: the workloads the policy applies to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     /// Labels a workload must all have.
@@ -47,7 +60,7 @@ pub struct WorkloadSelector {
 }
 
 /// One rule: `from` AND `to` AND `when`; an absent part matches everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleSpec {
     /// Sources; any one must match.
@@ -61,15 +74,15 @@ pub struct RuleSpec {
     pub when: Vec<ConditionSpec>,
 }
 
-/// `from[]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `from[]`: one source.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FromSpec {
     pub source: SourceSpec,
 }
 
 /// `from[].source`: every field given must match (AND); within a field, any value (OR).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
     /// Peer identities (`cluster.local/ns/shop/sa/client`, `spiffe://` optional), with a `*`
@@ -100,15 +113,15 @@ pub struct SourceSpec {
     pub not_remote_ip_blocks: Vec<String>,
 }
 
-/// `to[]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `to[]`: one operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ToSpec {
     pub operation: OperationSpec,
 }
 
 /// `to[].operation`: ports are L4; hosts, methods and paths are L7.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OperationSpec {
     /// Destination (workload) ports, as strings (`"8080"`) or numbers.
@@ -131,6 +144,7 @@ pub struct OperationSpec {
 }
 
 /// A port as written: Istio's API has strings, YAML authors often write numbers.
+/// (Its schema, Kubernetes's int-or-string, is written out in [`crate::crds`].)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum PortSpec {
@@ -139,7 +153,7 @@ pub enum PortSpec {
 }
 
 /// `when[]`: one attribute and the values it may (`values`) or may not (`notValues`) have.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConditionSpec {
     pub key: String,
