@@ -347,13 +347,47 @@ fn default_poll_ms() -> u64 {
     500
 }
 
+/// Replaces each `${NAME}` (NAME: upper-case letters, digits and `_`) with the value `var`
+/// gives, so that one file serves every node of a DaemonSet (`node: ${MESH_NODE_NAME}` from the
+/// downward API). A variable that is not set is an error naming it; `$` elsewhere is kept.
+pub fn expand(text: &str, var: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let name_len = after
+            .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(after.len());
+        let name = &after[..name_len];
+        if name.is_empty() || !after[name_len..].starts_with('}') {
+            out.push_str("${");
+            rest = after;
+            continue;
+        }
+        let value = var(name).ok_or_else(|| {
+            format!("${{{name}}} is used but the environment variable {name} is not set")
+        })?;
+        out.push_str(&value);
+        rest = &after[name_len + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file; `${NAME}` is replaced by the environment
+    /// variable `NAME` first ([`expand`]).
     pub fn load(path: &std::path::Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
             path: path.to_owned(),
             source,
         })?;
+        let text =
+            expand(&text, |name| std::env::var(name).ok()).map_err(|message| Error::Invalid {
+                path: path.to_owned(),
+                message,
+            })?;
         let config: Config = serde_yaml::from_str(&text).map_err(|source| Error::Parse {
             path: path.to_owned(),
             source,
@@ -468,6 +502,26 @@ impl CaptureExclusions {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn variables_are_expanded_and_a_missing_one_is_named() {
+        let env = |name: &str| match name {
+            "MESH_NODE_NAME" => Some("node-7".to_owned()),
+            "MESH_HOST_IP" => Some("10.0.0.7".to_owned()),
+            _ => None,
+        };
+        assert_eq!(
+            super::expand(
+                "node: ${MESH_NODE_NAME}\naddr: ${MESH_HOST_IP}:15020 $x ${lower} $",
+                env
+            ),
+            Ok("node: node-7\naddr: 10.0.0.7:15020 $x ${lower} $".to_owned())
+        );
+        assert_eq!(
+            super::expand("node: ${MESH_NODE}", env),
+            Err("${MESH_NODE} is used but the environment variable MESH_NODE is not set".into())
+        );
+    }
+
     use super::*;
 
     const ID: &str = "identity: {issuer_cert: /c.pem, issuer_key: /k.pem, trust_bundle: /r.pem}\n";
