@@ -80,6 +80,11 @@ pub struct PodsConfig {
     /// when the agent does not answer.
     #[serde(default)]
     pub cni_socket: Option<PathBuf>,
+    /// The node's CNI configuration directory, as the agent sees it: when set (with
+    /// `cni_socket`), the agent checks every 2 s that the plugin is in the primary conflist and
+    /// puts it back when the primary CNI rewrote it.
+    #[serde(default)]
+    pub cni_conf_dir: Option<PathBuf>,
 }
 
 fn default_netns_dirs() -> Vec<PathBuf> {
@@ -92,6 +97,7 @@ impl Default for PodsConfig {
             kubelet_cgroup_root: None,
             netns_dirs: default_netns_dirs(),
             cni_socket: None,
+            cni_conf_dir: None,
         }
     }
 }

@@ -362,6 +362,20 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
             .with_context(|| format!("binding the CNI socket {}", path.display()))?;
         tokio::spawn(cni::server::serve(listener, commands.clone()));
         info!(socket = %path.display(), "serving the CNI plugin");
+        if let Some(dir) = &config.pods.cni_conf_dir {
+            let repairs = prometheus_client::metrics::counter::Counter::default();
+            metrics.register(
+                "mesh_cni_conflist_repairs",
+                "Times the CNI plugin was put back into the node's conflist",
+                repairs.clone(),
+            );
+            tokio::spawn(cni::install::keep_listed(
+                dir.clone(),
+                path.clone(),
+                Duration::from_secs(2),
+                repairs,
+            ));
+        }
     }
     let (events_tx, mut events) = mpsc::unbounded_channel();
     handover::Giver::bind(&socket_path)?.spawn(

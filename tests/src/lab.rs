@@ -201,6 +201,21 @@ impl Lab {
                 &opts.hbone_server,
             )?;
             sys::write_atomic(&layout.agent_config_path(&node.name), config.as_bytes())?;
+            // The node's CNI configuration, as `mesh-agent cni install` leaves it.
+            sys::create_dirs(&layout.cni_conf_dir(&node.name))
+                .context("creating a CNI configuration directory")?;
+            let conflist = serde_json::json!({
+                "cniVersion": "1.0.0",
+                "name": "lab-pod-network",
+                "plugins": [
+                    {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"}},
+                    {"type": "mesh-agent-cni", "socket": layout.cni_socket(&node.name)},
+                ],
+            });
+            sys::write_atomic(
+                &layout.cni_conf_dir(&node.name).join("10-lab.conflist"),
+                conflist.to_string().as_bytes(),
+            )?;
         }
         if !opts.agents {
             return Ok(());
@@ -365,6 +380,11 @@ impl Lab {
     /// The Unix socket on which `node`'s agent answers the CNI plugin.
     pub fn cni_socket(&self, node: &str) -> PathBuf {
         self.layout.cni_socket(node)
+    }
+
+    /// The CNI configuration directory of `node` (the agent keeps the plugin in its conflist).
+    pub fn cni_conf_dir(&self, node: &str) -> PathBuf {
+        self.layout.cni_conf_dir(node)
     }
 
     /// The configuration file of `node`'s agent (`mesh-agent node --config <this>`).

@@ -191,6 +191,27 @@ fn the_cni_plugin_captures_a_pod_before_it_runs_and_releases_it_on_del() {
     let check = cni(&lab, "CHECK", "shop/web", "sandbox-1");
     assert_eq!(check.status, 1, "CHECK of a released pod: {}", check.stdout);
 
+    // The primary CNI rewrites its conflist without the plugin: the agent puts it back.
+    let conflist = lab.cni_conf_dir("n1").join("10-lab.conflist");
+    let listed = |path: &std::path::Path| {
+        let list: Value = serde_json::from_slice(&std::fs::read(path).expect("the conflist"))
+            .expect("a JSON conflist");
+        list["plugins"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["type"] == "mesh-agent-cni"))
+    };
+    assert!(listed(&conflist), "the lab's conflist names the plugin");
+    let rewritten = json!({"cniVersion": "1.0.0", "name": "lab-pod-network",
+        "plugins": [{"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"}}]});
+    std::fs::write(&conflist, rewritten.to_string()).expect("rewriting the conflist");
+    wait_until("n1 puts the plugin back into the conflist", WAIT, || {
+        listed(&conflist)
+    });
+    assert_eq!(
+        lab.metric("n1", "mesh_cni_conflist_repairs_total", &[]),
+        1.0
+    );
+
     // No agent: ADD fails for the meshed namespace (try again later), not for the others.
     let pid = lab.signal_agent("n1", libc::SIGKILL);
     assert!(lab.wait_agent_exit(pid, WAIT), "n1's agent did not die");

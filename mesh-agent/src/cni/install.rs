@@ -73,6 +73,52 @@ pub fn install(
     Ok(path)
 }
 
+/// Puts the plugin back at the end of the primary conflist's plugins when it is missing (the
+/// primary CNI rewrote its conflist, or a new one sorts first); returns the conflist changed,
+/// if any. Changes nothing when the plugin is listed.
+pub fn ensure_listed(conf_dir: &Path, socket: &Path) -> Result<Option<PathBuf>, Error> {
+    let path = primary_conflist(conf_dir)?;
+    let mut list = read_list(&path)?;
+    let plugins = plugins(&mut list, &path)?;
+    if plugins.iter().any(|p| p["type"] == PLUGIN_TYPE) {
+        return Ok(None);
+    }
+    plugins.push(json!({"type": PLUGIN_TYPE, "socket": socket}));
+    write_list(&path, &list)?;
+    Ok(Some(path))
+}
+
+/// Keeps the plugin in the node's primary conflist: checks every `every` and puts it back
+/// when the primary CNI dropped it (its own upgrade rewrites the file), logged and counted.
+/// Pods created in between start before the agent knows (the manager's retry finds them once
+/// they run): the check is frequent for that reason.
+pub async fn keep_listed(
+    conf_dir: PathBuf,
+    socket: PathBuf,
+    every: std::time::Duration,
+    repairs: prometheus_client::metrics::counter::Counter,
+) {
+    let mut last_error = None;
+    loop {
+        match ensure_listed(&conf_dir, &socket) {
+            Ok(Some(path)) => {
+                tracing::warn!(conflist = %path.display(), "the CNI plugin was missing from the node's conflist (the primary CNI rewrote it?): put back");
+                repairs.inc();
+                last_error = None;
+            }
+            Ok(None) => last_error = None,
+            Err(e) => {
+                let message = e.to_string();
+                if last_error.as_ref() != Some(&message) {
+                    tracing::error!(error = %message, "checking that the CNI plugin is in the node's conflist failed; will retry");
+                    last_error = Some(message);
+                }
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Removes the plugin from every conflist of `conf_dir` and its binary from `bin_dir`.
 /// Returns the conflists changed.
 pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Vec<PathBuf>, Error> {
@@ -193,6 +239,14 @@ mod tests {
         );
         assert!(!bin.join(PLUGIN_TYPE).exists());
         assert!(uninstall(&bin, &conf).expect("again").is_empty());
+        // The primary CNI rewrites its list: the agent puts the plugin back, once.
+        assert_eq!(
+            ensure_listed(&conf, Path::new("/s")).expect("ensure"),
+            Some(conf.join("10-bridge.conflist"))
+        );
+        assert_eq!(ensure_listed(&conf, Path::new("/s")).expect("again"), None);
+        let list = read_list(&conf.join("10-bridge.conflist")).expect("read");
+        assert_eq!(list["plugins"][2]["type"], PLUGIN_TYPE);
         std::fs::remove_dir_all(&d).expect("cleanup");
     }
 }

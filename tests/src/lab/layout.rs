@@ -213,6 +213,11 @@ impl Layout {
         self.run_dir.join(format!("cni-{node}")).join("cni.sock")
     }
 
+    /// The CNI configuration directory of `node` (a conflist naming the plugin).
+    pub fn cni_conf_dir(&self, node: &str) -> PathBuf {
+        self.run_dir.join(format!("cni-{node}")).join("net.d")
+    }
+
     /// Where `lab upgrade` keeps the agent binaries it starts (a copy each, so that a rebuild
     /// never touches a running binary).
     pub fn bin_dir(&self) -> PathBuf {

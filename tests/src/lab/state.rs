@@ -81,6 +81,7 @@ struct Pods {
     kubelet_cgroup_root: std::path::PathBuf,
     netns_dirs: [&'static str; 1],
     cni_socket: std::path::PathBuf,
+    cni_conf_dir: std::path::PathBuf,
 }
 
 /// The `lifecycle` block of an agent config.
@@ -186,6 +187,7 @@ pub(crate) fn agent_config_yaml(
             kubelet_cgroup_root: layout.cgroup_dir.clone(),
             netns_dirs: [super::layout::NETNS_DIR],
             cni_socket: layout.cni_socket(node),
+            cni_conf_dir: layout.cni_conf_dir(node),
         },
     };
     serde_yaml::to_string(&config).context("serialising an agent config")
