@@ -4,6 +4,7 @@
 //! The Kubernetes source comes later and feeds the same changes, one object per watch event.
 
 pub mod file;
+pub mod policies;
 
 use std::path::PathBuf;
 

@@ -147,7 +147,7 @@ struct Start {
     home: sys::Netns,
     snapshot: state::Snapshot,
     state_bytes: Vec<u8>,
-    rejected_policies: Vec<discovery::file::Rejection>,
+    rejected_policies: Vec<discovery::policies::Rejection>,
     issuer: identity::Issuer,
     bundle: identity::TrustBundle,
     takeover: Option<handover::Takeover>,
@@ -171,7 +171,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
     let metrics = Arc::new(metrics::Metrics::new());
     let store = Arc::new(state::Store::new());
     store.replace(snapshot);
-    discovery::file::report(&rejected_policies, &metrics);
+    discovery::policies::report(&rejected_policies, &metrics);
     let readiness = Arc::new(admin::Readiness::new("starting: pods not yet served"));
     // The HTTP endpoints: the running agent's sockets when it handed them over.
     let (stop_admin, admin_stopped) = watch::channel(false);

@@ -1,5 +1,7 @@
-//! The `policies` of the state file: Istio AuthorizationPolicy objects as Kubernetes holds them
-//! (`apiVersion`, `kind`, `metadata`, `spec`), so that a policy can be pasted from a cluster.
+//! Policies from any source: Istio AuthorizationPolicy objects as Kubernetes holds them
+//! (`apiVersion`, `kind`, `metadata`, `spec`), checked one by one, and the one place that
+//! decides what an invalid policy becomes (the fail-closed rules), for the state file and the
+//! Kubernetes API alike.
 //!
 //! Each policy is checked on its own: an invalid one does not reject the file. What happens to
 //! it is decided against the state in force ([`settle`]), so that an invalid policy never
@@ -17,8 +19,10 @@
 use std::fmt;
 
 use serde_yaml::Value;
+use tracing::error;
 
 use crate::{
+    metrics::Metrics,
     policy::{self, Action, Invalid, Policy},
     state::Snapshot,
 };
@@ -190,4 +194,21 @@ pub fn settle(
         });
     }
     (in_force, rejections)
+}
+
+/// Logs and counts invalid policies (at load and at each reload that finds them).
+pub fn report(rejections: &[Rejection], metrics: &Metrics) {
+    for r in rejections {
+        error!(policy = %r.invalid.key(), outcome = %r.outcome.as_str(), "policy rejected: {r}");
+        metrics
+            .policy_rejected
+            .get_or_create(&crate::metrics::RejectedLabels {
+                policy: r.invalid.key(),
+                outcome: r.outcome.as_str(),
+            })
+            .inc();
+    }
+    metrics
+        .policies_invalid
+        .set(i64::try_from(rejections.len()).unwrap_or(i64::MAX));
 }
