@@ -126,6 +126,7 @@ impl From<ServiceSpec> for Service {
                 })
                 .collect(),
             selector: s.selector,
+            endpoints: None,
         }
     }
 }
@@ -206,6 +207,13 @@ impl TryFrom<StateFile> for Desired {
                     .map(|other| seen.get(other).map_or(key.clone(), |(k, _)| k.clone()))
             })
             .map_err(|p| format!("workloads[{i}] ({key}){p}"))?;
+            // The store takes an empty path as "not known" (the Kubernetes source's pods); in
+            // the file both are required.
+            for (field, path) in [("netns", &w.netns), ("cgroup", &w.cgroup)] {
+                if path.as_os_str().is_empty() {
+                    return Err(format!("workloads[{i}] ({key}).{field}: must not be empty"));
+                }
+            }
             desired.workloads.push((key, w));
         }
         let mut keys = HashSet::new();
