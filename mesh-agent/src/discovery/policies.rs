@@ -81,12 +81,19 @@ impl fmt::Display for Rejection {
 /// Top-level fields of a policy object besides `metadata` and `spec`.
 const KNOWN: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
 
-/// One entry of `policies`: its key and the policy, or why it is invalid. `Err(message)` when
-/// the entry cannot be named, which rejects the file.
+/// One entry of the state file's `policies`: its key and the policy, or why it is invalid.
+/// `Err(message)` when the entry cannot be named, which rejects the file.
 pub fn entry(i: usize, value: Value) -> Result<(String, Result<Policy, Invalid>), String> {
+    object(&format!("policies[{i}]"), value)
+}
+
+/// One AuthorizationPolicy object from any source (`at` says where it is, for the one error
+/// that is not the policy's own: an object that cannot be named): its key and the policy, or
+/// why it is invalid.
+pub fn object(at: &str, value: Value) -> Result<(String, Result<Policy, Invalid>), String> {
     let Value::Mapping(mut map) = value else {
         return Err(format!(
-            "policies[{i}]: expected an AuthorizationPolicy (apiVersion, kind, metadata, spec)"
+            "{at}: expected an AuthorizationPolicy (apiVersion, kind, metadata, spec)"
         ));
     };
     let metadata = map.get("metadata").cloned().unwrap_or(Value::Null);
@@ -96,7 +103,7 @@ pub fn entry(i: usize, value: Value) -> Result<(String, Result<Policy, Invalid>)
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
-            .ok_or_else(|| format!("policies[{i}].metadata.{name} is missing or not a string"))
+            .ok_or_else(|| format!("{at}.metadata.{name} is missing or not a string"))
     };
     let (name, namespace) = (field("name")?, field("namespace")?);
     let key = format!("{namespace}/{name}");
