@@ -93,8 +93,17 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(e) => warn!(error = %e, "cannot raise the open file limit; connections may be capped"),
     }
-    let (snapshot, state_bytes, rejected_policies) =
-        discovery::file::load(&config.state_file, &config.policy.root_namespace)?;
+    let (snapshot, state_bytes, rejected_policies) = match config.discovery {
+        config::DiscoverySource::File => {
+            discovery::file::load(&config.state_file, &config.policy.root_namespace)?
+        }
+        // Filled by the watchers; capture waits for their first full lists.
+        config::DiscoverySource::Kube => (
+            state::Snapshot::with_root_namespace(&config.policy.root_namespace),
+            Vec::new(),
+            Vec::new(),
+        ),
+    };
     let id = &config.identity;
     let issuer = identity::Issuer::load(&id.issuer_cert, &id.issuer_key)?
         .with_trust_domain(&id.trust_domain)?;
@@ -256,21 +265,53 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         inputs.clone(),
         received,
     )?;
-    tokio::spawn(discovery::file::watch(
-        config.state_file.clone(),
-        Duration::from_millis(config.state_poll_interval_ms),
-        state_bytes,
-        store.clone(),
-        metrics.clone(),
-    ));
+    let synced = match config.discovery {
+        config::DiscoverySource::File => {
+            tokio::spawn(discovery::file::watch(
+                config.state_file.clone(),
+                Duration::from_millis(config.state_poll_interval_ms),
+                state_bytes,
+                store.clone(),
+                metrics.clone(),
+            ));
+            None
+        }
+        config::DiscoverySource::Kube => {
+            let client = discovery::kube::client(&config.kube).await?;
+            Some(discovery::kube::run(
+                client,
+                &config.node,
+                discovery::kube::Rules::from(&config.kube),
+                store.clone(),
+                metrics.clone(),
+            ))
+        }
+    };
     let (commands, command_rx) = mpsc::channel(4);
-    tokio::spawn(capture::run(
+    let reconcile = capture::run(
         capture,
         store,
         readiness.clone(),
         Duration::from_secs(2),
         command_rx,
-    ));
+    );
+    match synced {
+        None => {
+            tokio::spawn(reconcile);
+        }
+        // Capture reconciles against a complete state only: on a partial one it would release
+        // the pinned pods the watchers have not delivered yet. Not ready until then.
+        Some(mut synced) => {
+            readiness.set(Some(
+                "starting: waiting for the first full lists of the Kubernetes API".into(),
+            ));
+            tokio::spawn(async move {
+                if synced.wait_for(|s| *s).await.is_ok() {
+                    reconcile.await;
+                }
+            });
+        }
+    }
 
     if let Some(takeover) = takeover {
         let giver = takeover.giver;

@@ -6,13 +6,16 @@
 //! event into an incremental [`crate::state::Changes`]. Invalid policies go through the rules
 //! every source shares (`discovery::policies`).
 
+mod applier;
 pub mod convert;
 #[cfg(test)]
 mod tests;
+pub mod watch;
 
 use std::fmt;
 
 pub use convert::{PodState, PolicyObject, Rules, ServiceDef, Skip, SliceDef};
+pub use watch::{client, run, Synced};
 
 /// Errors of the Kubernetes source.
 #[derive(Debug, thiserror::Error)]

@@ -203,8 +203,18 @@ pub fn settle(
     (in_force, rejections)
 }
 
-/// Logs and counts invalid policies (at load and at each reload that finds them).
+/// Logs and counts invalid policies (at load and at each reload that finds them): the file's
+/// whole set, so `mesh_policies_invalid` becomes its size.
 pub fn report(rejections: &[Rejection], metrics: &Metrics) {
+    count(rejections, metrics);
+    metrics
+        .policies_invalid
+        .set(i64::try_from(rejections.len()).unwrap_or(i64::MAX));
+}
+
+/// Logs and counts invalid policies in `mesh_policy_rejected_total` (a source that sees one
+/// object at a time sets `mesh_policies_invalid` itself).
+pub fn count(rejections: &[Rejection], metrics: &Metrics) {
     for r in rejections {
         error!(policy = %r.invalid.key(), outcome = %r.outcome.as_str(), "policy rejected: {r}");
         metrics
@@ -215,7 +225,4 @@ pub fn report(rejections: &[Rejection], metrics: &Metrics) {
             })
             .inc();
     }
-    metrics
-        .policies_invalid
-        .set(i64::try_from(rejections.len()).unwrap_or(i64::MAX));
 }
