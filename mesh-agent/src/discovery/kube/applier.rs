@@ -78,6 +78,10 @@ pub struct Applier {
     skipped: HashSet<String>,
     /// Policies that are invalid now.
     invalid_policies: HashSet<String>,
+    /// Objects that conflicted with the state (an address or VIP port another object had),
+    /// tried again after each removal: the other object may have been the one leaving (a pod
+    /// address reused while the old pod's deletion had not arrived, or during a relist).
+    conflicts: HashMap<(Kind, String), Object>,
 }
 
 impl Applier {
@@ -95,6 +99,7 @@ impl Applier {
             slices_of: HashMap::new(),
             skipped: HashSet::new(),
             invalid_policies: HashSet::new(),
+            conflicts: HashMap::new(),
         }
     }
 
@@ -128,6 +133,7 @@ impl Applier {
                 for key in gone {
                     self.delete(kind, &key);
                 }
+                self.retry_conflicts();
                 if self.synced.insert(kind) {
                     info!(
                         kind = kind.as_str(),
@@ -137,7 +143,10 @@ impl Applier {
                 }
             }
             Event::Apply(obj) => self.upsert(kind, obj),
-            Event::Delete(obj) => self.delete(kind, &obj.key()),
+            Event::Delete(obj) => {
+                self.delete(kind, &obj.key());
+                self.retry_conflicts();
+            }
         }
         self.metrics.touched();
     }
@@ -145,15 +154,55 @@ impl Applier {
     fn upsert(&mut self, kind: Kind, obj: Object) {
         let key = obj.key();
         self.known.entry(kind).or_default().insert(key.clone());
+        self.conflicts.remove(&(kind, key.clone()));
         let reference = obj.reference();
+        let kept = obj.clone();
         let changes = match self.changes_for(obj) {
             Ok(changes) => changes,
             Err(e) => return self.reject(kind, &e.to_string(), reference),
         };
-        if let Err(e) = self.store.apply(changes) {
-            // The object conflicts with the state (an address or VIP port another object
-            // has): skipped until its next event or relist.
-            self.reject(kind, &format!("{}: {e}", obj_name(kind, &key)), reference);
+        match self.store.apply(changes) {
+            Ok(applied) => {
+                if applied.workloads + applied.services + applied.namespaces > 0 {
+                    // A pod that stopped being a workload, or a service that changed, may
+                    // have freed what a conflicting object needs.
+                    self.retry_conflicts();
+                }
+            }
+            Err(e) => {
+                // The object conflicts with the state: skipped until a removal frees what
+                // it needs, or its next event.
+                self.reject(kind, &format!("{}: {e}", obj_name(kind, &key)), reference);
+                self.conflicts.insert((kind, key), kept);
+            }
+        }
+    }
+
+    /// Tries the conflicting objects again (each at most once per call).
+    fn retry_conflicts(&mut self) {
+        if self.conflicts.is_empty() {
+            return;
+        }
+        let waiting: Vec<((Kind, String), Object)> = self.conflicts.drain().collect();
+        for ((kind, _), obj) in waiting {
+            self.upsert_quietly(kind, obj);
+        }
+    }
+
+    /// [`Self::upsert`] without reporting a conflict again (it was reported when it arose).
+    fn upsert_quietly(&mut self, kind: Kind, obj: Object) {
+        let key = obj.key();
+        let kept = obj.clone();
+        let Ok(changes) = self.changes_for(obj) else {
+            return;
+        };
+        match self.store.apply(changes) {
+            Ok(_) => {
+                info!(kind = kind.as_str(), object = %key, "object applied once what it conflicted with left")
+            }
+            Err(_) => {
+                self.conflicts.insert((kind, key), kept);
+            }
         }
     }
 
@@ -261,6 +310,7 @@ impl Applier {
         if let Some(known) = self.known.get_mut(&kind) {
             known.remove(key);
         }
+        self.conflicts.remove(&(kind, key.to_owned()));
         let mut changes = Changes::default();
         match kind {
             Kind::Namespace => changes.removed_namespaces.push(key.to_owned()),
