@@ -33,16 +33,6 @@ pub enum Error {
          token mount and KUBERNETES_SERVICE_HOST; elsewhere, set kube.kubeconfig"
     )]
     Client(String),
-    #[error(
-        "the Kubernetes API did not deliver a first full list of {kind} within {secs} s \
-         (last error: {last}); is the API server reachable, and may the agent's service account \
-         list and watch {kind}?"
-    )]
-    Sync {
-        kind: &'static str,
-        secs: u64,
-        last: String,
-    },
 }
 
 /// An object's name in errors and logs: `Pod shop/api-1`, `Namespace shop`.

@@ -8,6 +8,9 @@
 //! force keeps serving meanwhile), and at `InitDone` the objects it did not deliver again are
 //! removed (deleted while the watch was down).
 
+#[cfg(test)]
+mod tests;
+
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,

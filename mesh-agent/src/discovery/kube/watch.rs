@@ -218,6 +218,12 @@ impl std::fmt::Debug for Reporter {
 }
 
 impl Reporter {
+    /// Reports nothing (tests without an API server).
+    #[cfg(test)]
+    pub fn none() -> Self {
+        Self(None)
+    }
+
     fn new(client: Client, node: &str) -> Self {
         let reporter = KubeReporter {
             controller: "mesh-agent".into(),
