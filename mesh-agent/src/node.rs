@@ -278,13 +278,15 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         }
         config::DiscoverySource::Kube => {
             let client = discovery::kube::client(&config.kube).await?;
-            Some(discovery::kube::run(
+            // `node_pods` (this node's pods in full) waits for the pod lifecycle manager.
+            let running = discovery::kube::run(
                 client,
                 &config.node,
                 discovery::kube::Rules::from(&config.kube),
                 store.clone(),
                 metrics.clone(),
-            ))
+            );
+            Some(running.synced)
         }
     };
     let (commands, command_rx) = mpsc::channel(4);

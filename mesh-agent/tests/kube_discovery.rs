@@ -113,6 +113,23 @@ fn fixture<T: DeserializeOwned>(name: &str) -> T {
     serde_json::from_value(value).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 
+/// A fixture with a JSON merge of `changes` (objects merged, anything else replaced).
+fn fixture_with<T: DeserializeOwned>(name: &str, changes: serde_json::Value) -> T {
+    fn merge(base: &mut serde_json::Value, changes: serde_json::Value) {
+        match (base, changes) {
+            (serde_json::Value::Object(base), serde_json::Value::Object(changes)) => {
+                for (k, v) in changes {
+                    merge(base.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (base, changes) => *base = changes,
+        }
+    }
+    let mut value: serde_json::Value = fixture(name);
+    merge(&mut value, changes);
+    serde_json::from_value(value).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
 /// Waits until `check` holds for the current snapshot, at most 20 s.
 async fn until(store: &Store, what: &str, check: impl Fn(&Snapshot) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -175,13 +192,14 @@ async fn the_state_follows_the_api_through_changes_drops_and_410() {
     let client = emulator.client();
     let store = Arc::new(Store::new());
     let metrics = Arc::new(Metrics::new());
-    let mut synced = run(
+    let running = run(
         client.clone(),
         "n1",
         Rules::default(),
         store.clone(),
         metrics.clone(),
     );
+    let mut synced = running.synced.clone();
     tokio::time::timeout(Duration::from_secs(20), synced.wait_for(|s| *s))
         .await
         .expect("every watcher lists within 20 s")
@@ -213,6 +231,42 @@ async fn the_state_follows_the_api_through_changes_drops_and_410() {
         s.workloads.contains_key(pod)
     })
     .await;
+    // A pod of another node: in the state, not among this node's pods.
+    pods.create(
+        &post,
+        &fixture_with(
+            "pod-running.json",
+            json!({"metadata": {"name": "elsewhere"}, "spec": {"nodeName": "n2"},
+                   "status": {"podIPs": [{"ip": "10.244.2.77"}], "podIP": "10.244.2.77"}}),
+        ),
+    )
+    .await
+    .expect("create pod of n2");
+    until(&store, "the pod of n2 is a workload", |s| {
+        s.workloads.contains_key("shop/elsewhere")
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let node_pods: Vec<(String, bool)> = running
+            .node_pods
+            .state()
+            .iter()
+            .map(|p| {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                (name, p.metadata.uid.is_some())
+            })
+            .collect();
+        // The whole object (the UID included), of this node only.
+        if node_pods == [("api-7c9d8f6b5-x2x8q".to_owned(), true)] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "this node's pods are {node_pods:?}, not the one pod of n1"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     pods.patch(
         "api-7c9d8f6b5-x2x8q",
         &patch,

@@ -22,10 +22,14 @@ here (docs/kubernetes.md says so too):
 - the Namespace resource itself: KMock 0.8 reads `/api/v1/namespaces[/NAME]` as a namespace
   prefix without a resource (and fails); here those paths are the cluster-scoped resource
   `namespaces` (with `status` and `finalize` as its subresources).
+- field selectors: KMock 0.8 ignores `fieldSelector`; here lists and watches honour its
+  `path=value` and `path!=value` terms on any dotted field path (the agent selects its own
+  node's pods with `spec.nodeName=NODE`). An object that stops matching is not turned into a
+  DELETED event, as an API server would (a pod's node never changes).
 - resources are declared up front (KMock knows a resource only once it holds an object of
   it, and answers a list of an unknown one with 404, where an API server lists nothing).
 
-Not emulated, and not used by the watchers: label and field selectors, server-side apply,
+Not emulated, and not used by the watchers: label selectors, server-side apply,
 deletion of a key by a merge patch with null (the tests change labels instead of removing
 them), PUT. KMock keeps the `status` an object is created with (an API server takes status
 only through the status subresource): the tests create pods with their status, as a kubelet
@@ -67,6 +71,21 @@ RESOURCES = {
     "security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", True),
     "events.k8s.io/v1/events": ("Event", True),
 }
+
+
+def field_matches(raw: dict, selector: str) -> bool:
+    """Whether an object matches a field selector of `path=value` / `path!=value` terms."""
+    for term in filter(None, selector.split(",")):
+        negate = "!=" in term
+        path, _, want = term.partition("!=" if negate else "=")
+        want = want.lstrip("=")  # `==` is `=`
+        value = raw
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        have = "" if value is None else str(value)
+        if (have == want) == negate:
+            return False
+    return True
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -119,6 +138,8 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _serve_list(self, request):
         listed = await super()._serve_list(request)
+        fields = request.params.get("fieldSelector", "")
+        listed["items"] = [o for o in listed["items"] if field_matches(o, fields)]
         listed["metadata"] = {"resourceVersion": str(self.revision)}
         info = RESOURCES.get(f"{request.resource.group}/{request.resource.version}/{request.resource.plural}".lstrip("/"))
         if info is not None:
@@ -131,6 +152,14 @@ class Emulator(kmock.KubernetesEmulator):
         return listed
 
     async def _serve_watch(self, request):
+        fields = request.params.get("fieldSelector", "")
+        async for event in self._watch(request):
+            if isinstance(event, dict) and event.get("type") != "ERROR":
+                if not field_matches(event.get("object", {}), fields):
+                    continue
+            yield event
+
+    async def _watch(self, request):
         since = request.params.get("resourceVersion", "")
         if not since or since == "0":
             async for event in super()._serve_watch(request):

@@ -35,15 +35,19 @@ use crate::{
 pub enum Kind {
     Namespace,
     Pod,
+    /// This node's pods, in full (a reflector for the node's pod lifecycle manager): the
+    /// applier only follows its lists, for readiness.
+    NodePod,
     Service,
     EndpointSlice,
     AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Namespace,
         Kind::Pod,
+        Kind::NodePod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::AuthorizationPolicy,
@@ -53,6 +57,7 @@ impl Kind {
         match self {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
+            Kind::NodePod => "NodePod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
@@ -113,6 +118,18 @@ impl Applier {
 
     /// Handles one watch event of `kind`.
     pub fn handle(&mut self, kind: Kind, event: Event<Object>) {
+        if kind == Kind::NodePod {
+            // The reflector holds these; the state has them from the mesh-wide watch.
+            match event {
+                Event::Init => self.metrics.relist(kind),
+                Event::InitDone => {
+                    self.synced.insert(kind);
+                }
+                _ => {}
+            }
+            self.metrics.touched();
+            return;
+        }
         match event {
             Event::Init => {
                 self.metrics.relist(kind);
@@ -321,6 +338,7 @@ impl Applier {
                 self.skipped.remove(key);
                 changes.removed_workloads.push(key.to_owned());
             }
+            Kind::NodePod => return,
             Kind::Service => {
                 self.services.remove(key);
                 changes.removed_services.push(key.to_owned());

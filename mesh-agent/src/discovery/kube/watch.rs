@@ -17,6 +17,7 @@ use ::kube::{
     api::{Api, ApiResource, DynamicObject, GroupVersionKind},
     runtime::{
         events::{Event as KubeEvent, EventType, Recorder, Reporter as KubeReporter},
+        reflector::{self, reflector},
         watcher::{self, watcher, Event},
         WatchStreamExt,
     },
@@ -274,15 +275,25 @@ pub async fn client(config: &KubeConfig) -> Result<Client, Error> {
 /// Becomes `true` once every watcher has delivered its first full list.
 pub type Synced = watch::Receiver<bool>;
 
-/// Starts the watchers and the applier, which fill `store`; returns when every watcher has
-/// delivered its first list is known from the receiver. Runs until the runtime ends.
+/// The running source.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// `true` once every watcher has delivered its first full list.
+    pub synced: Synced,
+    /// This node's pods as the API has them, in full (UID, containers, status): for the node's
+    /// pod lifecycle manager, which the pod objects of the state do not serve (a workload
+    /// carries only what the data path needs). Ready once listed (`synced`).
+    pub node_pods: reflector::Store<Pod>,
+}
+
+/// Starts the watchers and the applier, which fill `store`. Runs until the runtime ends.
 pub fn run(
     client: Client,
     node: &str,
     rules: Rules,
     store: Arc<Store>,
     metrics: Arc<crate::metrics::Metrics>,
-) -> Synced {
+) -> Running {
     let metrics = Metrics::new(metrics);
     let (synced_tx, synced) = watch::channel(false);
     let (tx, mut rx) = mpsc::channel::<(Kind, Event<Object>)>(1024);
@@ -315,6 +326,21 @@ pub fn run(
         &tx,
         &metrics,
     );
+    // This node's pods in full, through a field selector, for the lifecycle manager.
+    let (node_pods, writer) = reflector::store();
+    spawn_stream(
+        reflector(
+            writer,
+            watcher(
+                Api::<Pod>::all(client.clone()),
+                watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            ),
+        ),
+        Kind::NodePod,
+        |o| Object::Pod(Box::new(o)),
+        tx.clone(),
+        metrics.clone(),
+    );
     let policies: Api<DynamicObject> = Api::all_with(client.clone(), &policy_resource());
     spawn_stream(
         watcher(policies, config),
@@ -342,7 +368,7 @@ pub fn run(
         }
         .in_current_span(),
     );
-    synced
+    Running { synced, node_pods }
 }
 
 fn spawn_watch<K>(
