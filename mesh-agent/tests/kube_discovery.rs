@@ -23,6 +23,7 @@ use kube::{
     Client,
 };
 use mesh_agent::{
+    config::KubeConfig,
     discovery::kube::{run, watch::policy_resource, Rules},
     metrics::Metrics,
     state::{Snapshot, Store},
@@ -190,10 +191,31 @@ async fn the_state_follows_the_api_through_changes_drops_and_410() {
     };
     let emulator = Emulator::start(&python);
     let client = emulator.client();
+    // The agent's client from a kubeconfig file, as `kube.kubeconfig` gives it.
+    let kubeconfig =
+        std::env::temp_dir().join(format!("mesh-kube-test-{}.yaml", std::process::id()));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: emulator\n\
+             clusters: [{{name: emulator, cluster: {{server: 'http://127.0.0.1:{}'}}}}]\n\
+             users: [{{name: emulator, user: {{}}}}]\n\
+             contexts: [{{name: emulator, context: {{cluster: emulator, user: emulator}}}}]\n",
+            emulator.port
+        ),
+    )
+    .expect("write a kubeconfig");
+    let agent_client = mesh_agent::discovery::kube::client(&KubeConfig {
+        kubeconfig: Some(kubeconfig.clone()),
+        ..KubeConfig::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("a client from {}: {e}", kubeconfig.display()));
+    let _ = std::fs::remove_file(&kubeconfig);
     let store = Arc::new(Store::new());
     let metrics = Arc::new(Metrics::new());
     let running = run(
-        client.clone(),
+        agent_client,
         "n1",
         Rules::default(),
         store.clone(),
@@ -404,6 +426,8 @@ async fn the_state_follows_the_api_through_changes_drops_and_410() {
     })
     .await;
     until_metric(&metrics, "mesh_kube_relists_total{kind=\"Pod\"}", 2.0).await;
+    until_metric(&metrics, "mesh_kube_watch_errors_total{kind=\"Pod\"}", 1.0).await;
+    until_metric(&metrics, "mesh_kube_state_age_seconds", 0.0).await;
     assert!(
         store
             .load()
