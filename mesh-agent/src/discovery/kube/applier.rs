@@ -18,12 +18,12 @@ use std::{
 
 use ::kube::runtime::watcher::Event;
 use k8s_openapi::api::core::v1::ObjectReference;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     convert::{PolicyObject, ServiceDef, SliceDef},
     watch::{Metrics, Object, Reporter},
-    Error, PodState, Rules,
+    Error, PodState, Rules, Skip,
 };
 use crate::{
     discovery::policies,
@@ -244,7 +244,13 @@ impl Applier {
                     }
                     PodState::Skipped(why) => {
                         if self.skipped.insert(key.clone()) {
-                            info!(pod = %key, reason = why.as_str(), "pod is not a workload of the mesh");
+                            // Every pod is without an address for a moment, and finishes: only
+                            // the pods the mesh leaves out for good are worth an info line.
+                            if matches!(why, Skip::HostNetwork | Skip::OptedOut) {
+                                info!(pod = %key, reason = why.as_str(), "pod is not a workload of the mesh");
+                            } else {
+                                debug!(pod = %key, reason = why.as_str(), "pod is not a workload of the mesh");
+                            }
                             self.metrics.skipped(why);
                         }
                         changes.removed_workloads.push(key);
