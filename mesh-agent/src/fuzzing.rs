@@ -9,16 +9,19 @@
 //! | [`connect_request`] | the HBONE server's judgement of a CONNECT request (`tunnel::connect`) | method, authority, headers and the pod the tunnel reached |
 //! | [`state_file`] | the state file: parsing, validation, build, reload (`discovery::file`) | YAML, optionally a second version after a `0xff` byte |
 //! | [`policy`] | AuthorizationPolicy compilation and decisions (`policy`, `discovery::policies`) | YAML, then connections to decide |
+//! | [`kube_objects`] | the Kubernetes source's conversion into the state (`discovery::kube::convert`) | a kind, options, then the object as JSON |
 //!
 //! `cargo xtask fuzz` runs them; docs/security.md says what each has found.
 
 mod connect;
+mod kube;
 mod policy;
 mod state;
 #[cfg(test)]
 mod tests;
 
 pub use connect::connect_request;
+pub use kube::kube_objects;
 pub use policy::policy;
 pub use state::state_file;
 

@@ -303,7 +303,11 @@ impl TryFrom<&KubeService> for ServiceDef {
                 } else {
                     format!("{field}[{i}]")
                 };
-                vips.push(parse_ip(&object, &field, ip)?);
+                let vip = parse_ip(&object, &field, ip)?;
+                if vips.contains(&vip) {
+                    return Err(invalid(&object, field, format!("{vip} is listed twice")));
+                }
+                vips.push(vip);
             }
         }
         let mut ports = Vec::new();
@@ -325,6 +329,13 @@ impl TryFrom<&KubeService> for ServiceDef {
                 }
                 _ => port,
             };
+            if ports.iter().any(|q: &ServicePortDef| q.port == port) {
+                return Err(invalid(
+                    &object,
+                    format!("spec.ports[{i}].port"),
+                    format!("TCP port {port} is listed twice"),
+                ));
+            }
             ports.push(ServicePortDef {
                 name: p.name.clone().unwrap_or_default(),
                 port,

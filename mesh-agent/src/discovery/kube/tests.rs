@@ -281,3 +281,32 @@ fn authorization_policies_are_checked_as_the_state_files_are() {
         assert_eq!(invalid.action, action, "{file}");
     }
 }
+
+/// What the state would refuse as a conflict of the object with itself is refused by the
+/// conversion, naming the field.
+#[test]
+fn a_service_lists_each_vip_and_port_once() {
+    let convert = |changes: serde_json::Value| {
+        let mut value: serde_json::Value = fixture("service-api.json");
+        if let (Some(spec), serde_json::Value::Object(changes)) = (
+            value.get_mut("spec").and_then(|s| s.as_object_mut()),
+            changes,
+        ) {
+            spec.extend(changes);
+        }
+        let svc: KubeService = serde_json::from_value(value).expect("a Service");
+        ServiceDef::try_from(&svc)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(
+        convert(serde_json::json!({"clusterIPs": ["10.96.12.34", "10.96.12.34"]})),
+        Err("Service shop/api: spec.clusterIPs[1]: 10.96.12.34 is listed twice".into())
+    );
+    assert_eq!(
+        convert(
+            serde_json::json!({"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]})
+        ),
+        Err("Service shop/api: spec.ports[1].port: TCP port 80 is listed twice".into())
+    );
+}
