@@ -29,8 +29,15 @@ pub enum Error {
 pub struct Config {
     /// This node's name; the agent captures the workloads whose `node` equals it.
     pub node: String,
-    /// The mesh state file, watched for changes.
+    /// Where the mesh state comes from: the state file (default) or the Kubernetes API.
+    #[serde(default)]
+    pub discovery: DiscoverySource,
+    /// The mesh state file, watched for changes (required with `discovery: file`).
+    #[serde(default)]
     pub state_file: PathBuf,
+    /// The Kubernetes source (`discovery: kube`).
+    #[serde(default)]
+    pub kube: KubeConfig,
     /// Where programs and maps are pinned; default `/sys/fs/bpf/mesh/<node>`.
     #[serde(default)]
     pub bpf_dir: Option<PathBuf>,
@@ -98,6 +105,46 @@ impl Default for PodsConfig {
             netns_dirs: default_netns_dirs(),
             cni_socket: None,
             cni_conf_dir: None,
+        }
+    }
+}
+
+/// Where the mesh state comes from.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoverySource {
+    /// The YAML state file (`state_file`), polled for changes.
+    #[default]
+    File,
+    /// The Kubernetes API: Namespaces, Pods, Services, EndpointSlices and Istio
+    /// AuthorizationPolicies, watched (`discovery::kube`).
+    Kube,
+}
+
+/// The Kubernetes source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubeConfig {
+    /// A kubeconfig file; default: the in-cluster configuration (the pod's service account,
+    /// `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT`).
+    pub kubeconfig: Option<PathBuf>,
+    /// The namespace label that enables the mesh for a namespace, and a pod label with the
+    /// same key and the value `false` takes a pod out of it.
+    pub enabled_label: String,
+    /// The label's value that enables the mesh.
+    pub enabled_value: String,
+    /// Namespaces labelled `istio.io/dataplane-mode=ambient` are meshed too (for clusters
+    /// migrating from Istio ambient).
+    pub accept_istio_ambient: bool,
+}
+
+impl Default for KubeConfig {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            enabled_label: "mesh-agent/enabled".into(),
+            enabled_value: "true".into(),
+            accept_istio_ambient: false,
         }
     }
 }
@@ -409,6 +456,19 @@ impl Config {
         if self.node.is_empty() {
             return Err("`node` must not be empty".into());
         }
+        match self.discovery {
+            DiscoverySource::File if self.state_file.as_os_str().is_empty() => {
+                return Err("`state_file` is required with `discovery: file`".into());
+            }
+            DiscoverySource::Kube
+                if self.kube.enabled_label.is_empty() || self.kube.enabled_value.is_empty() =>
+            {
+                return Err(
+                    "`kube.enabled_label` and `kube.enabled_value` must not be empty".into(),
+                );
+            }
+            _ => {}
+        }
         let root = &self.policy.root_namespace;
         if root.is_empty() || root.contains('/') {
             return Err(format!(
@@ -603,6 +663,32 @@ mod tests {
         let e = parse("node: n1\nstate_file: /s\nidentity: {issuer_cert: /c}\n")
             .expect_err("missing key");
         assert!(e.contains("issuer_key"), "{e}");
+    }
+
+    #[test]
+    fn the_source_is_the_file_or_the_kubernetes_api() {
+        let c = parse("node: n1\nstate_file: /s\n").expect("valid");
+        assert_eq!(c.discovery, DiscoverySource::File);
+        assert_eq!(c.kube, KubeConfig::default());
+        let e = parse("node: n1\n").expect_err("no state file");
+        assert!(
+            e.contains("`state_file` is required with `discovery: file`"),
+            "{e}"
+        );
+        let c = parse("node: n1\ndiscovery: kube\nkube: {accept_istio_ambient: true}\n")
+            .expect("valid");
+        assert_eq!(c.discovery, DiscoverySource::Kube);
+        assert!(c.kube.accept_istio_ambient);
+        assert_eq!(c.kube.enabled_label, "mesh-agent/enabled");
+        assert_eq!(c.kube.enabled_value, "true");
+        assert_eq!(c.kube.kubeconfig, None);
+        let e = parse("node: n1\ndiscovery: kube\nkube: {enabled_label: ''}\n")
+            .expect_err("empty label");
+        assert!(e.contains("kube.enabled_label"), "{e}");
+        let e = parse("node: n1\ndiscovery: kube\nkube: {label: x}\n").expect_err("unknown");
+        assert!(e.contains("unknown field `label`"), "{e}");
+        let e = parse("node: n1\ndiscovery: etcd\n").expect_err("unknown source");
+        assert!(e.contains("unknown variant `etcd`"), "{e}");
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Sources that fill the [`crate::state::Store`] with changes (upserts and deletes of
 //! namespaces, workloads and services), applied incrementally. Off Kubernetes: a YAML file
 //! watched for changes (`file`), which applies the difference between two versions of the file.
-//! The Kubernetes source comes later and feeds the same changes, one object per watch event.
+//! In Kubernetes: the API server's objects, watched (`kube`), each event one change. Both
+//! judge policies by the same rules (`policies`).
 
 pub mod file;
+pub mod kube;
+pub mod policies;
 
 use std::path::PathBuf;
 

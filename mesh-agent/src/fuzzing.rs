@@ -8,17 +8,20 @@
 //! | [`record_reader`] | the TLS record reader after the handshake (`tunnel::record`) | a script of records sealed with a known key, raw bytes and corruptions |
 //! | [`connect_request`] | the HBONE server's judgement of a CONNECT request (`tunnel::connect`) | method, authority, headers and the pod the tunnel reached |
 //! | [`state_file`] | the state file: parsing, validation, build, reload (`discovery::file`) | YAML, optionally a second version after a `0xff` byte |
-//! | [`policy`] | AuthorizationPolicy compilation and decisions (`policy`, `discovery::file::policies`) | YAML, then connections to decide |
+//! | [`policy`] | AuthorizationPolicy compilation and decisions (`policy`, `discovery::policies`) | YAML, then connections to decide |
+//! | [`kube_objects`] | the Kubernetes source's conversion into the state (`discovery::kube::convert`) | a kind, options, then the object as JSON |
 //!
 //! `cargo xtask fuzz` runs them; docs/security.md says what each has found.
 
 mod connect;
+mod kube;
 mod policy;
 mod state;
 #[cfg(test)]
 mod tests;
 
 pub use connect::connect_request;
+pub use kube::kube_objects;
 pub use policy::policy;
 pub use state::state_file;
 

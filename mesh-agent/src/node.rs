@@ -93,8 +93,17 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(e) => warn!(error = %e, "cannot raise the open file limit; connections may be capped"),
     }
-    let (snapshot, state_bytes, rejected_policies) =
-        discovery::file::load(&config.state_file, &config.policy.root_namespace)?;
+    let (snapshot, state_bytes, rejected_policies) = match config.discovery {
+        config::DiscoverySource::File => {
+            discovery::file::load(&config.state_file, &config.policy.root_namespace)?
+        }
+        // Filled by the watchers; capture waits for their first full lists.
+        config::DiscoverySource::Kube => (
+            state::Snapshot::with_root_namespace(&config.policy.root_namespace),
+            Vec::new(),
+            Vec::new(),
+        ),
+    };
     let id = &config.identity;
     let issuer = identity::Issuer::load(&id.issuer_cert, &id.issuer_key)?
         .with_trust_domain(&id.trust_domain)?;
@@ -147,7 +156,7 @@ struct Start {
     home: sys::Netns,
     snapshot: state::Snapshot,
     state_bytes: Vec<u8>,
-    rejected_policies: Vec<discovery::file::Rejection>,
+    rejected_policies: Vec<discovery::policies::Rejection>,
     issuer: identity::Issuer,
     bundle: identity::TrustBundle,
     takeover: Option<handover::Takeover>,
@@ -171,7 +180,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
     let metrics = Arc::new(metrics::Metrics::new());
     let store = Arc::new(state::Store::new());
     store.replace(snapshot);
-    discovery::file::report(&rejected_policies, &metrics);
+    discovery::policies::report(&rejected_policies, &metrics);
     let readiness = Arc::new(admin::Readiness::new("starting: pods not yet served"));
     // The HTTP endpoints: the running agent's sockets when it handed them over.
     let (stop_admin, admin_stopped) = watch::channel(false);
@@ -282,21 +291,55 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
             cni_dir,
         },
     )?;
-    tokio::spawn(discovery::file::watch(
-        config.state_file.clone(),
-        Duration::from_millis(config.state_poll_interval_ms),
-        state_bytes,
-        store.clone(),
-        metrics.clone(),
-    ));
+    let synced = match config.discovery {
+        config::DiscoverySource::File => {
+            tokio::spawn(discovery::file::watch(
+                config.state_file.clone(),
+                Duration::from_millis(config.state_poll_interval_ms),
+                state_bytes,
+                store.clone(),
+                metrics.clone(),
+            ));
+            None
+        }
+        config::DiscoverySource::Kube => {
+            let client = discovery::kube::client(&config.kube).await?;
+            // `node_pods` (this node's pods in full) waits for the pod lifecycle manager.
+            let running = discovery::kube::run(
+                client,
+                &config.node,
+                discovery::kube::Rules::from(&config.kube),
+                store.clone(),
+                metrics.clone(),
+            );
+            Some(running.synced)
+        }
+    };
     let (commands, command_rx) = mpsc::channel(4);
-    tokio::spawn(pods::run(
+    let reconcile = pods::run(
         pods,
         store,
         readiness.clone(),
         Duration::from_secs(2),
         command_rx,
-    ));
+    );
+    match synced {
+        None => {
+            tokio::spawn(reconcile);
+        }
+        // Capture reconciles against a complete state only: on a partial one it would release
+        // the pinned pods the watchers have not delivered yet. Not ready until then.
+        Some(mut synced) => {
+            readiness.set(Some(
+                "starting: waiting for the first full lists of the Kubernetes API".into(),
+            ));
+            tokio::spawn(async move {
+                if synced.wait_for(|s| *s).await.is_ok() {
+                    reconcile.await;
+                }
+            });
+        }
+    }
 
     if let Some(takeover) = takeover {
         let giver = takeover.giver;

@@ -89,12 +89,27 @@ pub struct Service {
     /// Endpoints: the workloads of the service's namespace with all these labels. An empty
     /// selector selects nothing (as a Kubernetes Service without selector).
     pub selector: BTreeMap<String, String>,
+    /// Endpoints given explicitly instead of selected, by service `port` (a port not listed
+    /// has none): the Kubernetes source's, from the service's EndpointSlices. The selector of
+    /// such a service must be empty. `None`: endpoints come from the selector (the state file).
+    pub endpoints: Option<BTreeMap<u16, Vec<SocketAddr>>>,
 }
 
 impl Service {
     /// `namespace/name`, the service's name in logs and metrics.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The endpoints of service port `port` when they are explicit: sorted, without
+    /// duplicates.
+    pub fn explicit_endpoints(&self, port: u16) -> Option<Vec<SocketAddr>> {
+        self.endpoints.as_ref().map(|by_port| {
+            let mut endpoints = by_port.get(&port).cloned().unwrap_or_default();
+            endpoints.sort_unstable();
+            endpoints.dedup();
+            endpoints
+        })
     }
 
     /// Whether the service selects a workload with these labels (in its namespace).

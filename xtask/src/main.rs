@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod demo;
 mod fuzz;
+mod kmock;
 mod lab;
 mod manifests;
 mod preflight;

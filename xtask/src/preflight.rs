@@ -37,11 +37,18 @@ pub const LAB: &[Tool] = &[
 ];
 
 /// The unit tests (`cargo xtask test` checks these with or without root).
-pub const UNIT: &[Tool] = &[Tool {
-    command: "openssl",
-    package: "openssl",
-    why: "an identity test makes a bring-your-own CA with the openssl CLI",
-}];
+pub const UNIT: &[Tool] = &[
+    Tool {
+        command: "openssl",
+        package: "openssl",
+        why: "an identity test makes a bring-your-own CA with the openssl CLI",
+    },
+    Tool {
+        command: "python3",
+        package: "python3-venv",
+        why: "the Kubernetes discovery tests run KMock's API emulator, installed into a venv",
+    },
+];
 
 /// The end-to-end tests, besides [`LAB`].
 pub const TEST: &[Tool] = &[

@@ -73,6 +73,8 @@ pub fn run_all() -> anyhow::Result<()> {
     manifests::run_all()?;
     step("build (debug binaries the lab runs)");
     let bins = build::lab_bins(Profile::Debug, true)?;
+    step("KMock (the Kubernetes API emulator of the discovery tests)");
+    let kmock = crate::kmock::ensure()?;
     step("unit and end-to-end tests");
     // Each lab test records there whether it ran or skipped: the count below.
     let tally_dir = build::target_dir().join("e2e-tally");
@@ -87,6 +89,7 @@ pub fn run_all() -> anyhow::Result<()> {
         .args(["test", "--workspace", "--", "--test-threads=2"])
         .env("MESH_AGENT_BIN", &bins.agent)
         .env("MESH_LABTOOL_BIN", &bins.labtool)
+        .env(crate::kmock::PYTHON_ENV, &kmock)
         .env(TALLY_DIR_ENV, &tally_dir));
     let tally = Tally::read(&tally_dir).with_context(|| {
         format!(

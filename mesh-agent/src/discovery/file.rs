@@ -7,7 +7,6 @@
 //! current snapshot, and only what differs is applied to the store.
 
 mod diff;
-pub mod policies;
 #[cfg(test)]
 mod tests;
 
@@ -20,11 +19,13 @@ use std::{
 };
 
 pub use diff::diff;
-pub use policies::Rejection;
 use serde::Deserialize;
 use tracing::{error, info, warn};
 
-use super::Error;
+use super::{
+    policies::{self, Rejection},
+    Error,
+};
 use crate::{
     config::CaptureExclusions,
     metrics::Metrics,
@@ -131,6 +132,7 @@ impl From<ServiceSpec> for Service {
                 })
                 .collect(),
             selector: s.selector,
+            endpoints: None,
         }
     }
 }
@@ -364,23 +366,6 @@ pub fn foreign_root_namespace(snap: &Snapshot, p: &Policy) -> Option<String> {
     })
 }
 
-/// Logs and counts invalid policies (at load and at each reload that finds them).
-pub fn report(rejections: &[Rejection], metrics: &Metrics) {
-    for r in rejections {
-        error!(policy = %r.invalid.key(), outcome = %r.outcome.as_str(), "policy rejected: {r}");
-        metrics
-            .policy_rejected
-            .get_or_create(&crate::metrics::RejectedLabels {
-                policy: r.invalid.key(),
-                outcome: r.outcome.as_str(),
-            })
-            .inc();
-    }
-    metrics
-        .policies_invalid
-        .set(i64::try_from(rejections.len()).unwrap_or(i64::MAX));
-}
-
 /// Milliseconds, to 0.1 ms, for logs.
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
@@ -427,7 +412,7 @@ fn reload(path: &Path, bytes: &[u8], store: &Store, metrics: &Metrics) -> Result
     for p in &upserted {
         warn_policy(&snap, p);
     }
-    report(&rejections, metrics);
+    policies::report(&rejections, metrics);
     Ok(())
 }
 

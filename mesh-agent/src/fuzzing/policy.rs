@@ -1,5 +1,5 @@
 //! The `policy` target: AuthorizationPolicy objects as the state file holds them, compiled
-//! (`policy::compile`, and `discovery::file::policies::entry` for the whole object) and used to
+//! (`policy::compile`, and `discovery::policies::entry` for the whole object) and used to
 //! decide connections (`policy::evaluate`).
 //!
 //! Input: YAML (a `spec`, or a whole object with `metadata` and `spec`); optionally, after a
@@ -18,7 +18,7 @@ use serde_yaml::Value;
 
 use super::Input;
 use crate::{
-    discovery::file::policies,
+    discovery::policies,
     identity::SpiffeId,
     policy::{
         compile, compile_spec, evaluate, spec::AuthorizationPolicySpec, Action, Conn, Decision,

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::{connect_request, policy, record_reader, state_file};
+use super::{connect_request, kube_objects, policy, record_reader, state_file};
 
 /// Runs every seed of `target`'s corpus through `entry`.
 fn replay(target: &str, entry: fn(&[u8])) {
@@ -42,4 +42,9 @@ fn state_file_seeds() {
 #[test]
 fn policy_seeds() {
     replay("policy", policy);
+}
+
+#[test]
+fn kube_objects_seeds() {
+    replay("kube_objects", kube_objects);
 }

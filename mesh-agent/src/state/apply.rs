@@ -206,9 +206,15 @@ impl Snapshot {
                 self.services.get(&vip_port).map(|p| p.service.clone())
             })
             .map_err(|p| invalid(Kind::Service, &key, p))?;
-            let ips = self.select(&s);
+            let ips = if s.endpoints.is_some() {
+                Vec::new()
+            } else {
+                self.select(&s)
+            };
             for p in &s.ports {
-                let endpoints = with_port(&ips, p.target_port);
+                let endpoints = s
+                    .explicit_endpoints(p.port)
+                    .unwrap_or_else(|| with_port(&ips, p.target_port));
                 for vip in &s.vips {
                     let vip_port = SocketAddr::new(*vip, p.port);
                     let port = match old_ports.remove(&vip_port) {

@@ -69,6 +69,7 @@ impl Shape {
                 .map(|&(port, target_port)| PortMapping { port, target_port })
                 .collect(),
             selector: BTreeMap::from([("app".to_owned(), format!("app-{i}"))]),
+            endpoints: None,
         }
     }
 

@@ -46,7 +46,10 @@ pub(crate) fn canonical(snap: &Snapshot) -> Canonical {
                     .expect("service port");
                 assert_eq!(port.service, **key);
                 assert!(port.endpoints.is_sorted(), "{key}: endpoints not sorted");
-                assert!(port.endpoints.iter().all(|e| e.port() == p.target_port));
+                match s.explicit_endpoints(p.port) {
+                    Some(explicit) => assert_eq!(port.endpoints, explicit, "{key}: endpoints"),
+                    None => assert!(port.endpoints.iter().all(|e| e.port() == p.target_port)),
+                }
                 ports += 1;
             }
         }

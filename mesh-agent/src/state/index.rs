@@ -277,6 +277,7 @@ mod tests {
                 target_port: 8080,
             }],
             selector: BTreeMap::from([("app".to_owned(), "x".to_owned())]),
+            endpoints: None,
         }
     }
 

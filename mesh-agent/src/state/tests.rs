@@ -40,6 +40,7 @@ fn service(ns: &str, name: &str, vips: &[&str], ports: &[(u16, u16)], app: &str)
             .map(|&(port, target_port)| PortMapping { port, target_port })
             .collect(),
         selector: BTreeMap::from([("app".to_owned(), app.to_owned())]),
+        endpoints: None,
     }
 }
 
@@ -123,6 +124,67 @@ fn reads_of_the_data_path_and_capture() {
         port.endpoints,
         [addr("10.0.1.1:8080"), addr("10.0.2.1:8080")],
         "only the api pods of shop"
+    );
+}
+
+/// A service with explicit endpoints (the Kubernetes source's, from EndpointSlices) takes
+/// them as given, per port, sorted; workloads joining or leaving do not touch them; and it may
+/// not have a selector too.
+#[test]
+fn explicit_endpoints_are_taken_as_given() {
+    let mut changes = small();
+    let mut s = service(
+        "shop",
+        "ext",
+        &["10.96.0.9"],
+        &[(80, 8080), (443, 8443)],
+        "",
+    );
+    s.selector.clear();
+    s.endpoints = Some(BTreeMap::from([(
+        80,
+        vec![
+            addr("10.9.0.2:9090"),
+            addr("10.9.0.1:9090"),
+            addr("10.9.0.1:9090"),
+        ],
+    )]));
+    changes.services.push(s.clone());
+    let snap = built(changes);
+    let endpoints = |snap: &Snapshot, vip: &str| {
+        snap.services
+            .get(&addr(vip))
+            .unwrap_or_else(|| panic!("{vip}: no service port"))
+            .endpoints
+            .clone()
+    };
+    assert_eq!(
+        endpoints(&snap, "10.96.0.9:80"),
+        [addr("10.9.0.1:9090"), addr("10.9.0.2:9090")],
+        "sorted, once each, with their own port"
+    );
+    assert!(
+        endpoints(&snap, "10.96.0.9:443").is_empty(),
+        "a port not listed has none"
+    );
+    let (next, _) = snap
+        .apply(Changes {
+            workloads: vec![workload("shop", "api-3", "n1", &["10.0.1.9"], "")],
+            ..Changes::default()
+        })
+        .expect("valid");
+    assert_eq!(endpoints(&next, "10.96.0.9:80").len(), 2);
+    let mut both = s;
+    both.selector = BTreeMap::from([("app".to_owned(), "api".to_owned())]);
+    let err = next
+        .apply(Changes {
+            services: vec![both],
+            ..Changes::default()
+        })
+        .expect_err("a selector and explicit endpoints");
+    assert_eq!(
+        err.to_string(),
+        "service (shop/ext).selector: a service with explicit endpoints has no selector"
     );
 }
 
@@ -426,6 +488,29 @@ fn random_service(rng: &mut StdRng) -> Service {
         })
         .collect();
     s.selector = random_labels(rng);
+    // Explicit endpoints (the Kubernetes source's), now and then with the selector they may
+    // not have.
+    if rng.random_bool(0.3) {
+        if rng.random_bool(0.9) {
+            s.selector.clear();
+        }
+        let mut endpoints = BTreeMap::new();
+        for p in &s.ports {
+            if rng.random_bool(0.2) {
+                continue;
+            }
+            let addrs = (0..rng.random_range(0..=3))
+                .map(|_| {
+                    SocketAddr::new(
+                        IpAddr::from([10, 0, 0, rng.random_range(1..=14)]),
+                        [9000, 9001][rng.random_range(0..2)],
+                    )
+                })
+                .collect();
+            endpoints.insert(p.port, addrs);
+        }
+        s.endpoints = Some(endpoints);
+    }
     s
 }
 

@@ -84,8 +84,8 @@ pub fn workload_name(w: &Workload) -> Result<(), Problem> {
 }
 
 /// The rules of a workload's fields, in order: at least one address, each address its own
-/// (`owner` claims it and returns who had it), absolute netns and cgroup paths, valid
-/// exclusions.
+/// (`owner` claims it and returns who had it), absolute netns and cgroup paths (or empty: not
+/// known), valid exclusions.
 pub fn workload(
     w: &Workload,
     mut owner: impl FnMut(IpAddr) -> Option<String>,
@@ -135,8 +135,9 @@ pub fn workload(
     })
 }
 
-/// The rules of a service, in order: at least one VIP; then per port, no port 0 and each
-/// `vip:port` its own (`owner` claims it and returns who had it).
+/// The rules of a service, in order: at least one VIP; explicit endpoints only without a
+/// selector, with valid addresses and ports; then per port, no port 0 and each `vip:port` its
+/// own (`owner` claims it and returns who had it).
 pub fn service(
     s: &Service,
     mut owner: impl FnMut(SocketAddr) -> Option<String>,
@@ -149,6 +150,25 @@ pub fn service(
     }
     for vip in &s.vips {
         v4_mapped("vips", *vip)?;
+    }
+    if let Some(endpoints) = &s.endpoints {
+        if !s.selector.is_empty() {
+            return Err(Problem::field(
+                "selector",
+                "a service with explicit endpoints has no selector",
+            ));
+        }
+        for (port, addrs) in endpoints {
+            for e in addrs {
+                v4_mapped(&format!("endpoints[{port}]"), e.ip())?;
+                if e.port() == 0 {
+                    return Err(Problem::field(
+                        &format!("endpoints[{port}]"),
+                        format!("{e}: port 0 is not a valid port"),
+                    ));
+                }
+            }
+        }
     }
     for (j, p) in s.ports.iter().enumerate() {
         if p.port == 0 || p.target_port == 0 {

@@ -72,6 +72,8 @@ fn errors_name_the_entry_and_field() {
         (GOOD.replace("vips: [10.240.100.10]", "vips: ['::ffff:10.240.100.10']"), "services[0] (shop/api).vips: ::ffff:10.240.100.10 is an IPv4-mapped IPv6 address: write it as 10.240.100.10"),
         (GOOD.replace("netns: /run/netns/b", "netns: rel/b"), "workloads[1] (shop/api2).netns: rel/b is not an absolute path"),
         (GOOD.replace("cgroup: /cg/b", "cgroup: cg/b"), "workloads[1] (shop/api2).cgroup: cg/b is not an absolute path"),
+        (GOOD.replace("netns: /run/netns/b", "netns: ''"), "workloads[1] (shop/api2).netns: missing: give both netns and cgroup, or neither and the pod's uid"),
+        (GOOD.replace("cgroup: /cg/b", "cgroup: ''"), "workloads[1] (shop/api2).cgroup: missing: give both netns and cgroup, or neither and the pod's uid"),
         (GOOD.replace("cgroup: /cg/b,", "cgroup: /cg/b, capture: {exclude_inbound_ports: [0]},"), "workloads[1] (shop/api2).capture.exclude_inbound_ports: port 0 is not a valid port"),
         (GOOD.replace("cgroup: /cg/b,", "cgroup: /cg/b, capture: {exclude_inbound_ports: [8080, 15021]},"), "workloads[1] (shop/api2).capture.exclude_inbound_ports: port 15021 is one of the agent's ports"),
         (GOOD.replace("target_port: 8080", "target_port: 0"), "services[0] (shop/api).ports[0]: port 0 is not a valid port"),

@@ -1,5 +1,7 @@
-//! The `policies` of the state file: Istio AuthorizationPolicy objects as Kubernetes holds them
-//! (`apiVersion`, `kind`, `metadata`, `spec`), so that a policy can be pasted from a cluster.
+//! Policies from any source: Istio AuthorizationPolicy objects as Kubernetes holds them
+//! (`apiVersion`, `kind`, `metadata`, `spec`), checked one by one, and the one place that
+//! decides what an invalid policy becomes (the fail-closed rules), for the state file and the
+//! Kubernetes API alike.
 //!
 //! Each policy is checked on its own: an invalid one does not reject the file. What happens to
 //! it is decided against the state in force ([`settle`]), so that an invalid policy never
@@ -17,8 +19,10 @@
 use std::fmt;
 
 use serde_yaml::Value;
+use tracing::error;
 
 use crate::{
+    metrics::Metrics,
     policy::{self, Action, Invalid, Policy},
     state::Snapshot,
 };
@@ -77,12 +81,19 @@ impl fmt::Display for Rejection {
 /// Top-level fields of a policy object besides `metadata` and `spec`.
 const KNOWN: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
 
-/// One entry of `policies`: its key and the policy, or why it is invalid. `Err(message)` when
-/// the entry cannot be named, which rejects the file.
+/// One entry of the state file's `policies`: its key and the policy, or why it is invalid.
+/// `Err(message)` when the entry cannot be named, which rejects the file.
 pub fn entry(i: usize, value: Value) -> Result<(String, Result<Policy, Invalid>), String> {
+    object(&format!("policies[{i}]"), value)
+}
+
+/// One AuthorizationPolicy object from any source (`at` says where it is, for the one error
+/// that is not the policy's own: an object that cannot be named): its key and the policy, or
+/// why it is invalid.
+pub fn object(at: &str, value: Value) -> Result<(String, Result<Policy, Invalid>), String> {
     let Value::Mapping(mut map) = value else {
         return Err(format!(
-            "policies[{i}]: expected an AuthorizationPolicy (apiVersion, kind, metadata, spec)"
+            "{at}: expected an AuthorizationPolicy (apiVersion, kind, metadata, spec)"
         ));
     };
     let metadata = map.get("metadata").cloned().unwrap_or(Value::Null);
@@ -92,7 +103,7 @@ pub fn entry(i: usize, value: Value) -> Result<(String, Result<Policy, Invalid>)
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
-            .ok_or_else(|| format!("policies[{i}].metadata.{name} is missing or not a string"))
+            .ok_or_else(|| format!("{at}.metadata.{name} is missing or not a string"))
     };
     let (name, namespace) = (field("name")?, field("namespace")?);
     let key = format!("{namespace}/{name}");
@@ -190,4 +201,28 @@ pub fn settle(
         });
     }
     (in_force, rejections)
+}
+
+/// Logs and counts invalid policies (at load and at each reload that finds them): the file's
+/// whole set, so `mesh_policies_invalid` becomes its size.
+pub fn report(rejections: &[Rejection], metrics: &Metrics) {
+    count(rejections, metrics);
+    metrics
+        .policies_invalid
+        .set(i64::try_from(rejections.len()).unwrap_or(i64::MAX));
+}
+
+/// Logs and counts invalid policies in `mesh_policy_rejected_total` (a source that sees one
+/// object at a time sets `mesh_policies_invalid` itself).
+pub fn count(rejections: &[Rejection], metrics: &Metrics) {
+    for r in rejections {
+        error!(policy = %r.invalid.key(), outcome = %r.outcome.as_str(), "policy rejected: {r}");
+        metrics
+            .policy_rejected
+            .get_or_create(&crate::metrics::RejectedLabels {
+                policy: r.invalid.key(),
+                outcome: r.outcome.as_str(),
+            })
+            .inc();
+    }
 }

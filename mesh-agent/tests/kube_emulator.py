@@ -1,0 +1,236 @@
+"""Starts KMock's KubernetesEmulator (PyPI `kmock`, pinned by `cargo xtask test`) on
+127.0.0.1:PORT for the Kubernetes discovery tests (mesh-agent/tests/kube_discovery.rs), with
+nothing preloaded. It prints `listening on PORT` once it serves, and runs until killed.
+
+    python3 kube_emulator.py --port 0
+
+The emulator is an independent in-memory Kubernetes API over HTTP (list, watch, create, patch,
+delete, API discovery). What it lacks and the agent's watchers rely on is added here, and only
+here (docs/kubernetes.md says so too):
+
+- resourceVersion: KMock 0.8 stamps none on objects or lists, and a kube-rs watcher cannot
+  resume without one. Every create, patch and delete gets the next number of one counter; a
+  list carries the current one.
+- watch from a resourceVersion: KMock replays every object as ADDED on each watch; here a
+  watch that names a resourceVersion gets only what changed after it (objects changed in
+  between first, then the live events), as the API server does.
+- 410 Gone: POST /_emulator/expire ends every open watch and answers the next watches that
+  resume from an older resourceVersion with an ERROR event of code 410 (Expired), so that
+  the watchers must relist.
+- dropped connections: POST /_emulator/drop ends every open watch (the connection closes), so
+  that the watchers must resume from their last resourceVersion.
+- the Namespace resource itself: KMock 0.8 reads `/api/v1/namespaces[/NAME]` as a namespace
+  prefix without a resource (and fails); here those paths are the cluster-scoped resource
+  `namespaces` (with `status` and `finalize` as its subresources).
+- field selectors: KMock 0.8 ignores `fieldSelector`; here lists and watches honour its
+  `path=value` and `path!=value` terms on any dotted field path (the agent selects its own
+  node's pods with `spec.nodeName=NODE`). An object that stops matching is not turned into a
+  DELETED event, as an API server would (a pod's node never changes).
+- resources are declared up front (KMock knows a resource only once it holds an object of
+  it, and answers a list of an unknown one with 404, where an API server lists nothing).
+
+Not emulated, and not used by the watchers: label selectors, server-side apply,
+deletion of a key by a merge patch with null (the tests change labels instead of removing
+them), PUT. KMock keeps the `status` an object is created with (an API server takes status
+only through the status subresource): the tests create pods with their status, as a kubelet
+would have reported it.
+
+MESH_EMULATOR_DEBUG=1 logs every request to stderr.
+"""
+
+import argparse
+import asyncio
+import os
+import sys
+
+import kmock
+from kmock._internal import enums, parsing
+
+_parse_path = parsing.parse_path
+
+
+def parse_path(path: str) -> parsing.ParsedPath:
+    """KMock's path parser, plus the cluster-scoped `namespaces` resource."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and (
+        len(parts) <= 4 or (len(parts) == 5 and parts[4] in ("status", "finalize"))
+    ):
+        name = parts[3] if len(parts) > 3 else None
+        sub = parts[4] if len(parts) > 4 else None
+        return parsing.ParsedPath("", "v1", "namespaces", None, name, sub)
+    return _parse_path(path)
+
+
+parsing.parse_path = parse_path
+
+RESOURCES = {
+    "v1/namespaces": ("Namespace", False),
+    "v1/pods": ("Pod", True),
+    "v1/services": ("Service", True),
+    "discovery.k8s.io/v1/endpointslices": ("EndpointSlice", True),
+    "security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", True),
+    "events.k8s.io/v1/events": ("Event", True),
+}
+
+
+def field_matches(raw: dict, selector: str) -> bool:
+    """Whether an object matches a field selector of `path=value` / `path!=value` terms."""
+    for term in filter(None, selector.split(",")):
+        negate = "!=" in term
+        path, _, want = term.partition("!=" if negate else "=")
+        want = want.lstrip("=")  # `==` is `=`
+        value = raw
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        have = "" if value is None else str(value)
+        if (have == want) == negate:
+            return False
+    return True
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """KMock's emulator with the behaviours listed in the module documentation."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.revision = 1
+        # Watches resuming from a resourceVersion at or below this one get 410 Gone.
+        self.expired_up_to = 0
+        self.end_watches = asyncio.Event()
+        for key, (kind, namespaced) in RESOURCES.items():
+            self.resources[key] = kmock.ResourceInfo(
+                kind=kind,
+                namespaced=namespaced,
+                verbs={"get", "list", "watch", "create", "patch", "delete"},
+            )
+        self["post /_emulator/expire"] << self._expire
+        self["post /_emulator/drop"] << self._drop
+
+    def _next(self) -> str:
+        self.revision += 1
+        return str(self.revision)
+
+    def _expire(self) -> dict:
+        self.expired_up_to = self.revision
+        self._next()
+        self._end_open_watches()
+        return {"expired_up_to": self.expired_up_to}
+
+    def _drop(self) -> dict:
+        self._end_open_watches()
+        return {"dropped": True}
+
+    def _end_open_watches(self) -> None:
+        self.end_watches.set()
+        self.end_watches = asyncio.Event()
+
+    async def _handle(self, request):
+        if os.environ.get("MESH_EMULATOR_DEBUG"):
+            print(f"emulator: {request.method} {request.url.path_qs}", file=sys.stderr, flush=True)
+        if request.resource is not None and isinstance(request.data, dict):
+            if request.action in (enums.action.CREATE, enums.action.UPDATE):
+                request.data.setdefault("metadata", {})["resourceVersion"] = self._next()
+        if request.resource is not None and request.action == enums.action.DELETE:
+            key = (request.resource, request.namespace, request.name)
+            if key in self.objects and not self.objects[key].deleted:
+                self.objects[key].patch({"metadata": {"resourceVersion": self._next()}})
+        return await super()._handle(request)
+
+    async def _serve_list(self, request):
+        listed = await super()._serve_list(request)
+        fields = request.params.get("fieldSelector", "")
+        listed["items"] = [o for o in listed["items"] if field_matches(o, fields)]
+        listed["metadata"] = {"resourceVersion": str(self.revision)}
+        info = RESOURCES.get(f"{request.resource.group}/{request.resource.version}/{request.resource.plural}".lstrip("/"))
+        if info is not None:
+            listed["kind"] = f"{info[0]}List"
+        listed["apiVersion"] = (
+            f"{request.resource.group}/{request.resource.version}"
+            if request.resource.group
+            else request.resource.version
+        )
+        return listed
+
+    async def _serve_watch(self, request):
+        fields = request.params.get("fieldSelector", "")
+        async for event in self._watch(request):
+            if isinstance(event, dict) and event.get("type") != "ERROR":
+                if not field_matches(event.get("object", {}), fields):
+                    continue
+            yield event
+
+    async def _watch(self, request):
+        since = request.params.get("resourceVersion", "")
+        if not since or since == "0":
+            async for event in super()._serve_watch(request):
+                yield event
+            return
+        yield b""
+        if int(since) <= self.expired_up_to:
+            yield {
+                "type": "ERROR",
+                "object": {
+                    "apiVersion": "v1",
+                    "kind": "Status",
+                    "metadata": {},
+                    "status": "Failure",
+                    "message": f"too old resource version: {since} ({self.expired_up_to + 1})",
+                    "reason": "Expired",
+                    "code": 410,
+                },
+            }
+            return
+        end = self.end_watches
+        since = int(since)
+
+        def newer(raw) -> bool:
+            rv = raw.get("metadata", {}).get("resourceVersion", "0")
+            return int(rv) > since
+
+        # Mark the bus before looking at the objects, so that nothing falls between the two
+        # (an object changed in between comes twice, which a watcher takes as it is).
+        bus = self._buses[request.resource]
+        marker = await bus.mark()
+        stream = bus.stream(since=marker).__aiter__()
+        # Objects changed between the list and this watch (deletions in that gap are lost).
+        for (resource, namespace, name), obj in list(self.objects.items()):
+            if resource != request.resource or obj.deleted:
+                continue
+            if request.namespace is not None and namespace != request.namespace:
+                continue
+            if newer(obj.raw):
+                yield {"type": "MODIFIED", "object": obj.raw}
+        ended = asyncio.ensure_future(end.wait())
+        try:
+            while True:
+                following = asyncio.ensure_future(stream.__anext__())
+                done, _ = await asyncio.wait({following, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if following not in done:
+                    following.cancel()
+                    return
+                event = following.result()
+                raw = event.get("object", {})
+                meta = raw.get("metadata", {})
+                if request.namespace is not None and meta.get("namespace") != request.namespace:
+                    continue
+                if newer(raw):
+                    yield event
+        finally:
+            ended.cancel()
+            await bus.unmark(marker)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    async with Emulator() as emulator, kmock.Server(emulator, host="127.0.0.1", port=args.port) as server:
+        print(f"listening on {server.port}", flush=True)
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        sys.exit(0)
