@@ -402,10 +402,26 @@ fn default_poll_ms() -> u64 {
 
 /// Replaces each `${NAME}` (NAME: upper-case letters, digits and `_`) with the value `var`
 /// gives, so that one file serves every node of a DaemonSet (`node: ${MESH_NODE_NAME}` from the
-/// downward API). A variable that is not set is an error naming it; `$` elsewhere is kept.
+/// downward API). A variable that is not set is an error naming it; `$` elsewhere, and comment
+/// lines (first non-blank character `#`), are kept as they are.
 pub fn expand(text: &str, var: impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+        } else {
+            expand_line(line, &var, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+fn expand_line(
+    line: &str,
+    var: &impl Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<(), String> {
+    let mut rest = line;
     while let Some(at) = rest.find("${") {
         out.push_str(&rest[..at]);
         let after = &rest[at + 2..];
@@ -425,7 +441,7 @@ pub fn expand(text: &str, var: impl Fn(&str) -> Option<String>) -> Result<String
         rest = &after[name_len + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok(())
 }
 
 impl Config {
@@ -568,6 +584,28 @@ impl CaptureExclusions {
 
 #[cfg(test)]
 mod tests {
+    /// The DaemonSet's configuration (deploy/) is one this agent loads.
+    #[test]
+    fn the_deployed_configurations_load() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        for file in ["base/agent.yaml", "overlays/istio-migration/agent.yaml"] {
+            let text = std::fs::read_to_string(root.join(file)).expect("reading deploy/");
+            let env = |name: &str| match name {
+                "MESH_NODE_NAME" => Some("node-1".to_owned()),
+                "MESH_HOST_IP" => Some("10.0.0.1".to_owned()),
+                _ => None,
+            };
+            let text = super::expand(&text, env).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let config: super::Config =
+                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("deploy/{file}: {e}"));
+            config
+                .validate()
+                .unwrap_or_else(|e| panic!("deploy/{file}: {e}"));
+            assert_eq!(config.discovery, super::DiscoverySource::Kube, "{file}");
+            assert_eq!(config.node, "node-1");
+        }
+    }
+
     #[test]
     fn variables_are_expanded_and_a_missing_one_is_named() {
         let env = |name: &str| match name {

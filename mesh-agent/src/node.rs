@@ -279,7 +279,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the CNI socket's directory {}", dir.display()))?;
     }
-    let pods = pods::Manager::new(
+    let mut pods = pods::Manager::new(
         loaded,
         layout,
         inputs.clone(),
@@ -304,14 +304,20 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         }
         config::DiscoverySource::Kube => {
             let client = discovery::kube::client(&config.kube).await?;
-            // `node_pods` (this node's pods in full) waits for the pod lifecycle manager.
+            let rules = discovery::kube::Rules::from(&config.kube);
             let running = discovery::kube::run(
                 client,
                 &config.node,
-                discovery::kube::Rules::from(&config.kube),
+                rules.clone(),
                 store.clone(),
                 metrics.clone(),
             );
+            // A pod the CNI plugin adds has no address in the API yet: the manager takes it
+            // from this node's pods, with the plugin's addresses.
+            pods.set_node_pods(Arc::new(discovery::kube::NodePodsStore {
+                pods: running.node_pods,
+                rules,
+            }));
             Some(running.synced)
         }
     };

@@ -7,7 +7,7 @@
 //! agent pinned, takes over the listeners a running agent hands over, and closes (connections
 //! refused, never passed) a pod it cannot serve.
 
-mod cni;
+pub mod cni;
 pub mod sandbox;
 mod served;
 
@@ -84,6 +84,12 @@ pub struct Manager {
     meshed_written: Option<Vec<String>>,
     /// Pods whose sandbox has not started, as logged.
     not_started: std::collections::BTreeSet<String>,
+    /// This node's pods as the API has them (the Kubernetes source), for CNI ADDs of pods the
+    /// state does not have yet.
+    node_pods: Option<Arc<dyn cni::NodePods>>,
+    /// Pods the CNI plugin added that the state does not have yet, with the plugin's
+    /// addresses (until the state has them).
+    cni_workloads: BTreeMap<String, Arc<Workload>>,
 }
 
 /// What a reconcile did, for the log line of the first one (an agent taking over pinned state)
@@ -186,7 +192,15 @@ impl Manager {
             cni_dir,
             meshed_written: None,
             not_started: Default::default(),
+            node_pods: None,
+            cni_workloads: BTreeMap::new(),
         })
+    }
+
+    /// Gives the manager this node's pods as the API has them (the Kubernetes source), so that
+    /// a CNI ADD is served before the pod's address reaches the API.
+    pub fn set_node_pods(&mut self, node_pods: Arc<dyn cni::NodePods>) {
+        self.node_pods = Some(node_pods);
     }
 
     /// Captures, adopts, updates and releases pods to match the current state.
@@ -523,7 +537,10 @@ pub async fn run(
         let wait_retry = async {
             match (failed.is_empty() && not_started.is_empty(), pending) {
                 (true, None) => std::future::pending::<()>().await,
-                (true, Some(at)) => tokio::time::sleep_until(at.into()).await,
+                // A pending ADD's pod may reach the node pods meanwhile: looked for again.
+                (true, Some(at)) => {
+                    tokio::time::sleep_until(at.min(std::time::Instant::now() + retry).into()).await
+                }
                 (false, _) => tokio::time::sleep(retry).await,
             }
         };

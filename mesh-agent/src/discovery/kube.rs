@@ -15,7 +15,7 @@ pub mod watch;
 use std::fmt;
 
 pub use convert::{PodState, PolicyObject, Rules, ServiceDef, Skip, SliceDef};
-pub use watch::{client, run, Running, Synced};
+pub use watch::{client, run, NodePodsStore, Running, Synced};
 
 /// Errors of the Kubernetes source.
 #[derive(Debug, thiserror::Error)]

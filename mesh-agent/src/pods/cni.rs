@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -31,8 +32,29 @@ const ADD_DEADLINE: Duration = Duration::from_secs(25);
 pub(super) struct Pending {
     key: String,
     netns: PathBuf,
+    ips: Vec<IpAddr>,
     reply: oneshot::Sender<Reply>,
     deadline: Instant,
+}
+
+/// The pods of this node as the API has them, whole (`discovery::kube`'s node pod reflector):
+/// a pod whose sandbox the CNI plugin is adding has no address in the API yet, so it is not a
+/// workload of the state until its ADD has returned. The manager captures it meanwhile from
+/// this, with the addresses of the primary plugin's result.
+pub trait NodePods: Send + Sync + std::fmt::Debug {
+    /// What pod `namespace/name` of this node is to the mesh once it has `ips`.
+    fn with_addresses(&self, namespace: &str, name: &str, ips: &[IpAddr]) -> NodePod;
+}
+
+/// What a pod of this node is to the mesh ([`NodePods::with_addresses`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePod {
+    /// A workload of the mesh (its namespace meshed or not: the state decides that).
+    Workload(Box<Workload>),
+    /// Never captured (host network, opted out, finished).
+    NotMeshed,
+    /// Not known (yet) to this node.
+    Unknown,
 }
 
 impl Pending {
@@ -53,6 +75,15 @@ impl Manager {
         changes: &mut Changes,
     ) -> BTreeMap<String, Arc<Workload>> {
         let mut desired = BTreeMap::new();
+        let mut on_node = on_node;
+        // Pods the CNI plugin is adding that the state does not have yet (no address in the
+        // API before their ADD returns), while their namespace is meshed.
+        let snap = self.inputs.store.load();
+        self.cni_workloads.retain(|key, w| {
+            snap.namespace_enabled(&w.namespace) && !snap.workloads.contains_key(key.as_str())
+        });
+        drop(snap);
+        on_node.extend(self.cni_workloads.values().cloned());
         let keep = on_node.iter().map(|w| w.key()).collect();
         self.sandboxes.retain(&keep);
         for w in on_node {
@@ -104,6 +135,9 @@ impl Manager {
             Verb::Add if !meshed => {
                 let _ = reply.send(Reply::NotMeshed);
             }
+            Verb::Add if self.look_up_node_pod(&key, &request.ips) == Some(NodePod::NotMeshed) => {
+                let _ = reply.send(Reply::NotMeshed);
+            }
             Verb::Add => {
                 self.sandboxes.cni_add(CniSandbox {
                     key: key.clone(),
@@ -114,12 +148,14 @@ impl Manager {
                 self.pending.push(Pending {
                     key,
                     netns: request.netns,
+                    ips: request.ips,
                     reply,
                     deadline: Instant::now() + ADD_DEADLINE,
                 });
                 self.reconcile();
             }
             Verb::Del => {
+                self.cni_workloads.remove(&key);
                 if self.sandboxes.cni_del(&key, &request.container_id) {
                     self.reconcile();
                 }
@@ -142,6 +178,17 @@ impl Manager {
     /// what stands in the way.
     pub(super) fn answer_pending(&mut self, changes: &Changes) {
         let now = Instant::now();
+        // An ADD whose pod the node pods did not know yet: looked up again (captured at the
+        // next reconcile, which the manager's retry brings).
+        let unknown: Vec<(String, Vec<IpAddr>)> = self
+            .pending
+            .iter()
+            .filter(|p| !self.pods.contains_key(&p.key) && !self.cni_workloads.contains_key(&p.key))
+            .map(|p| (p.key.clone(), p.ips.clone()))
+            .collect();
+        for (key, ips) in unknown {
+            self.look_up_node_pod(&key, &ips);
+        }
         for p in std::mem::take(&mut self.pending) {
             let served = self.pods.get(&p.key).is_some_and(|s| {
                 s.workload().netns == p.netns
@@ -163,6 +210,27 @@ impl Manager {
                 self.pending.push(p);
             }
         }
+    }
+
+    /// Looks pod `key` up in the node pods (when the source has them) if the state does not
+    /// have it, keeping it as a workload to capture with `ips`; `None` without node pods or
+    /// when the state has the pod.
+    fn look_up_node_pod(&mut self, key: &str, ips: &[IpAddr]) -> Option<NodePod> {
+        let node_pods = self.node_pods.clone()?;
+        if self.inputs.store.load().workloads.contains_key(key) {
+            return None;
+        }
+        let (namespace, name) = key.split_once('/')?;
+        let found = node_pods.with_addresses(namespace, name, ips);
+        match &found {
+            NodePod::Workload(w) if w.node == self.node => {
+                self.cni_workloads
+                    .insert(key.to_owned(), Arc::new((**w).clone()));
+            }
+            NodePod::Workload(_) => return Some(NodePod::NotMeshed),
+            NodePod::NotMeshed | NodePod::Unknown => {}
+        }
+        Some(found)
     }
 
     /// Writes the meshed namespaces (one per line) beside the CNI socket when they changed.

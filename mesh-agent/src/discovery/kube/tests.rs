@@ -311,3 +311,42 @@ fn a_service_lists_each_vip_and_port_once() {
         Err("Service shop/api: spec.ports[1].port: TCP port 80 is listed twice".into())
     );
 }
+
+/// A pod the CNI plugin is adding has no address in the API yet: the node pods give it as a
+/// workload with the plugin's addresses, and say which pods are never the mesh's.
+#[test]
+fn node_pods_give_a_pod_being_added_its_addresses() {
+    use ::kube::runtime::{reflector, watcher};
+
+    use crate::pods::cni::{NodePod, NodePods as _};
+    let (store, mut writer) = reflector::store::<Pod>();
+    let pending: Pod = fixture("pod-pending.json");
+    let opted_out: Pod = fixture("pod-opted-out.json");
+    for pod in [&pending, &opted_out] {
+        writer.apply_watcher_event(&watcher::Event::Apply(pod.clone()));
+    }
+    let node_pods = super::NodePodsStore {
+        pods: store,
+        rules: Rules::default(),
+    };
+    let name = |p: &Pod| {
+        (
+            p.metadata.namespace.clone().expect("a namespace"),
+            p.metadata.name.clone().expect("a name"),
+        )
+    };
+    let (ns, n) = name(&pending);
+    let ips = [ip("10.244.1.30")];
+    let NodePod::Workload(w) = node_pods.with_addresses(&ns, &n, &ips) else {
+        panic!("the pending pod is not a workload with the plugin's addresses");
+    };
+    assert_eq!(w.ips, ips);
+    assert_eq!(w.uid, pending.metadata.uid);
+    assert_eq!(node_pods.with_addresses(&ns, &n, &[]), NodePod::Unknown);
+    let (ns, n) = name(&opted_out);
+    assert_eq!(node_pods.with_addresses(&ns, &n, &ips), NodePod::NotMeshed);
+    assert_eq!(
+        node_pods.with_addresses("shop", "nobody", &ips),
+        NodePod::Unknown
+    );
+}

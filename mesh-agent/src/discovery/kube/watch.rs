@@ -427,3 +427,44 @@ fn spawn_stream<K, S>(
         .in_current_span(),
     );
 }
+
+/// This node's pods ([`Running::node_pods`]) as the pod lifecycle manager asks for them: a pod
+/// whose sandbox the CNI plugin is adding, converted as if the API had its addresses already.
+#[derive(Debug, Clone)]
+pub struct NodePodsStore {
+    pub pods: reflector::Store<Pod>,
+    pub rules: super::Rules,
+}
+
+impl crate::pods::cni::NodePods for NodePodsStore {
+    fn with_addresses(
+        &self,
+        namespace: &str,
+        name: &str,
+        ips: &[std::net::IpAddr],
+    ) -> crate::pods::cni::NodePod {
+        use crate::pods::cni::NodePod;
+        let Some(pod) = self
+            .pods
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
+        else {
+            return NodePod::Unknown;
+        };
+        if ips.is_empty() {
+            return NodePod::Unknown;
+        }
+        let mut pod = (*pod).clone();
+        let status = pod.status.get_or_insert_with(Default::default);
+        status.pod_ip = None;
+        status.pod_ips = Some(
+            ips.iter()
+                .map(|ip| k8s_openapi::api::core::v1::PodIP { ip: ip.to_string() })
+                .collect(),
+        );
+        match super::PodState::try_from((&pod, &self.rules)) {
+            Ok(super::PodState::Workload(w)) => NodePod::Workload(w),
+            Ok(super::PodState::Skipped(_)) => NodePod::NotMeshed,
+            Err(_) => NodePod::Unknown,
+        }
+    }
+}
