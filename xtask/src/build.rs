@@ -36,6 +36,11 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    Ok(stdout_of(cmd)?.trim().to_owned())
+}
+
+/// What `cmd` prints on stdout, exactly; an error with its stderr when it fails.
+pub fn stdout_of(cmd: &mut Command) -> anyhow::Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd
         .output()
@@ -46,7 +51,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    String::from_utf8(out.stdout).with_context(|| format!("{shown} printed something not UTF-8"))
 }
 
 /// Checks (and installs) what the eBPF build needs.

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{bail, Context as _};
 
 use crate::{
-    build::{self, root, run},
+    build::{self, root, run, stdout_of as output},
     preflight,
 };
 
@@ -189,20 +189,6 @@ fn same_config_but_ambient(dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    String::from_utf8(out.stdout).with_context(|| format!("{shown} printed something not UTF-8"))
 }
 
 #[cfg(test)]
