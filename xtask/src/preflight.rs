@@ -37,18 +37,11 @@ pub const LAB: &[Tool] = &[
 ];
 
 /// The unit tests (`cargo xtask test` checks these with or without root).
-pub const UNIT: &[Tool] = &[
-    Tool {
-        command: "openssl",
-        package: "openssl",
-        why: "an identity test makes a bring-your-own CA with the openssl CLI",
-    },
-    Tool {
-        command: "python3",
-        package: "python3-venv",
-        why: "the Kubernetes discovery tests run KMock's API emulator, installed into a venv",
-    },
-];
+pub const UNIT: &[Tool] = &[Tool {
+    command: "openssl",
+    package: "openssl",
+    why: "an identity test makes a bring-your-own CA with the openssl CLI",
+}];
 
 /// The end-to-end tests, besides [`LAB`].
 pub const TEST: &[Tool] = &[
@@ -74,12 +67,14 @@ pub const TEST: &[Tool] = &[
     },
 ];
 
-/// `cargo xtask manifests` (also run by `cargo xtask test`): the rest (kubectl,
-/// kubernetes-validate) is pinned in a venv it makes (xtask/src/manifests.rs).
+/// `cargo xtask manifests` and the Kubernetes discovery tests (both run by `cargo xtask
+/// test`): the rest (kubectl, kubernetes-validate; KMock) is pinned in venvs they make
+/// (xtask/src/manifests.rs, xtask/src/kmock.rs).
 pub const MANIFESTS: &[Tool] = &[Tool {
     command: "python3",
     package: "python3-venv",
-    why: "the manifest checks run kubectl and kubernetes-validate from a venv it makes",
+    why: "the manifest checks run kubectl and kubernetes-validate, and the Kubernetes \
+          discovery tests KMock's API emulator, from venvs it makes",
 }];
 
 /// `cargo xtask bench`, besides [`LAB`].
