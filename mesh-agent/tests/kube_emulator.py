@@ -2,7 +2,9 @@
 127.0.0.1:PORT for the Kubernetes discovery tests (mesh-agent/tests/kube_discovery.rs), with
 nothing preloaded. It prints `listening on PORT` once it serves, and runs until killed.
 
-    python3 kube_emulator.py --port 0
+    python3 kube_emulator.py --port 0 [--host ADDRESS]
+
+(tests/tests/kubernetes.rs, the lab's Kubernetes mode, serves it on a node's underlay address.)
 
 The emulator is an independent in-memory Kubernetes API over HTTP (list, watch, create, patch,
 delete, API discovery). What it lacks and the agent's watchers rely on is added here, and only
@@ -223,8 +225,11 @@ class Emulator(kmock.KubernetesEmulator):
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
+    # The lab's Kubernetes test serves it on a node's underlay address, inside that node's
+    # network namespace, so that every node's agent reaches it.
+    parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
-    async with Emulator() as emulator, kmock.Server(emulator, host="127.0.0.1", port=args.port) as server:
+    async with Emulator() as emulator, kmock.Server(emulator, host=args.host, port=args.port) as server:
         print(f"listening on {server.port}", flush=True)
         await asyncio.Event().wait()
 

@@ -491,6 +491,18 @@ impl Lab {
         sys::poll_until(timeout, || !agent.running())
     }
 
+    /// What agents need before they start, for a lab brought up without them
+    /// (`LabOptions::agents: false`, e.g. to start them with another configuration): the CA
+    /// and node intermediates, and the nodes' bpffs directories.
+    pub fn prepare_agents(&self) -> Result<()> {
+        agent::make_ca(&self.layout)?;
+        sys::ensure_bpffs()?;
+        for node in &self.layout.nodes {
+            sys::create_dirs(&node.bpf_dir).context("creating a bpffs directory")?;
+        }
+        Ok(())
+    }
+
     /// Starts a new agent for `node` from the lab's agent binary: after a crash it adopts the
     /// pinned capture; with an agent running it takes over from it. Returns once the new agent
     /// has started and the node is ready.

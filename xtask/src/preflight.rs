@@ -65,6 +65,11 @@ pub const TEST: &[Tool] = &[
         package: "procps",
         why: "a test narrows a pod's local port range with it",
     },
+    Tool {
+        command: "curl",
+        package: "curl",
+        why: "the lab's Kubernetes test creates and labels objects in the API emulator with it",
+    },
 ];
 
 /// `cargo xtask manifests` and the Kubernetes discovery tests (both run by `cargo xtask
