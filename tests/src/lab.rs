@@ -1,6 +1,7 @@
 //! A lab: nodes and pods as network namespaces, cgroups, one agent per node.
 
 mod agent;
+pub mod kube;
 mod layout;
 mod net;
 mod state;
@@ -56,6 +57,9 @@ pub struct LabOptions {
     /// The agents' `hbone.server` settings (limits, idle timeout, PINGs) that differ from the
     /// agent's defaults.
     pub hbone_server: std::collections::BTreeMap<String, u64>,
+    /// The Kubernetes mode (docs/lab.md), with KMock's Python: the agents learn the mesh from
+    /// an API emulator served in n1, every pod is laid out as the kubelet lays pods out.
+    pub kube: Option<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -71,6 +75,7 @@ impl Default for LabOptions {
             same_node_fast_path: true,
             drain_timeout_secs: 300,
             hbone_server: std::collections::BTreeMap::new(),
+            kube: None,
         }
     }
 }
@@ -121,7 +126,14 @@ impl Lab {
             }
             None => sys::random_id()?,
         };
-        let layout = Layout::new(&id, &opts.topology, &cgroup2);
+        // In the Kubernetes mode the API names pods by UID: every pod is kubelet-style.
+        let mut topology = opts.topology.clone();
+        if opts.kube.is_some() {
+            for p in &mut topology.pods {
+                p.kubelet.get_or_insert(topology::CgroupDriver::Cgroupfs);
+            }
+        }
+        let layout = Layout::new(&id, &topology, &cgroup2);
         // The sweep of another test process removes RUN_ROOT once it holds no lab, possibly
         // between these two steps: then make it again.
         let mut tries = 0;
@@ -150,7 +162,7 @@ impl Lab {
         };
         let mut lab = Lab {
             layout,
-            topology: opts.topology.clone(),
+            topology,
             agents: Vec::new(),
             owned: !opts.persistent,
             torn_down: false,
@@ -222,6 +234,21 @@ impl Lab {
         }
         agent::make_ca(layout)?;
         sys::ensure_bpffs()?;
+        if let Some(python) = &opts.kube {
+            kube::start_api(layout, python)?;
+            self.publish()?;
+            let layout = &self.layout;
+            let kubeconfig = layout.run_dir.join("kubeconfig.yaml");
+            sys::write_atomic(&kubeconfig, kube::kubeconfig(&self.kube_url()).as_bytes())?;
+            for node in &layout.nodes {
+                let path = layout.agent_config_path(&node.name);
+                let config = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let config = kube::kube_agent_config(&config, &kubeconfig)?;
+                sys::write_atomic(&path, config.as_bytes())?;
+            }
+        }
+        let layout = &self.layout;
         for node in &layout.nodes {
             sys::create_dirs(&node.bpf_dir).context("creating a bpffs directory")?;
             self.agents

@@ -37,7 +37,9 @@ use std::{
 
 pub use self::{
     lab::{
-        agent_bin, cgroup2_mount, sweep,
+        agent_bin, cgroup2_mount,
+        kube::{kmock_python, API_PORT as KUBE_API_PORT},
+        sweep,
         topology::{
             CaptureExclusions, CgroupDriver, NamespaceSpec, PodSpec, ServicePort, ServiceSpec,
             Topology, DEFAULT_TOPOLOGY_YAML,

@@ -12,7 +12,7 @@ use std::{
 use mesh_lab::{
     agent_bin,
     traffic::{send_succeeds, serve, WAIT},
-    wait_until, CgroupDriver, Lab, LabOptions, PodSpec, Running, Topology,
+    wait_until, CgroupDriver, Lab, LabOptions, PodSpec, Topology,
 };
 use serde_json::{json, Value};
 
@@ -277,13 +277,7 @@ fn a_starting_agent_finds_running_pods_of_both_kubelet_cgroup_drivers() {
 
 /// KMock's Python (`cargo xtask test` installs it and names it in `MESH_KMOCK_PYTHON`).
 fn kmock_python(test: &str) -> Option<std::path::PathBuf> {
-    let python = std::env::var_os("MESH_KMOCK_PYTHON")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/kmock-venv/bin/python");
-            venv.exists().then_some(venv)
-        });
+    let python = mesh_lab::kmock_python();
     if python.is_none() {
         let why = "KMock is not installed (cargo xtask test installs it, or set MESH_KMOCK_PYTHON)";
         if std::env::var("MESH_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
@@ -292,117 +286,6 @@ fn kmock_python(test: &str) -> Option<std::path::PathBuf> {
         eprintln!("\n*** SKIPPED {test}: {why} ***\n");
     }
     python
-}
-
-/// The API emulator, served inside n1's network namespace on n1's underlay address so that
-/// every node's agent reaches it; requests are made from there too (curl).
-struct Api {
-    url: String,
-    _emulator: Running,
-}
-
-impl Api {
-    fn start(lab: &Lab, python: &std::path::Path) -> Api {
-        let host = lab.node("n1").underlay_ip.to_string();
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../mesh-agent/tests/kube_emulator.py");
-        let mut emulator = Running::spawn(
-            "the Kubernetes API emulator in n1",
-            lab.command("n1", python)
-                .arg(&script)
-                .args(["--host", &host, "--port", "16443"]),
-        );
-        emulator.wait_line("listening on", Duration::from_secs(60));
-        Api {
-            url: format!("http://{host}:16443"),
-            _emulator: emulator,
-        }
-    }
-
-    fn call(&self, lab: &Lab, method: &str, path: &str, content_type: &str, body: &Value) {
-        let out = lab
-            .command("n1", "curl")
-            .args(["-sS", "--fail-with-body", "-X", method, "-H"])
-            .arg(format!("Content-Type: {content_type}"))
-            .arg("--data-binary")
-            .arg(body.to_string())
-            .arg(format!("{}{path}", self.url))
-            .output()
-            .expect("running curl in n1");
-        assert!(
-            out.status.success(),
-            "{method} {path}: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn create(&self, lab: &Lab, path: &str, object: Value) {
-        self.call(lab, "POST", path, "application/json", &object);
-    }
-
-    fn patch(&self, lab: &Lab, path: &str, patch: Value) {
-        self.call(lab, "PATCH", path, "application/merge-patch+json", &patch);
-    }
-}
-
-/// The lab's pods, namespaces and service as API objects, as a cluster's API server would
-/// hold them (pods with their addresses, as their kubelet reported them).
-fn publish_lab(lab: &Lab, api: &Api) {
-    for (ns, meshed) in [("shop", true), ("legacy", false)] {
-        let labels = if meshed {
-            json!({"mesh-agent/enabled": "true"})
-        } else {
-            json!({})
-        };
-        api.create(
-            lab,
-            "/api/v1/namespaces",
-            json!({"apiVersion": "v1", "kind": "Namespace",
-                   "metadata": {"name": ns, "labels": labels}}),
-        );
-    }
-    for pod in [
-        "shop/client",
-        "shop/api",
-        "shop/db",
-        "legacy/client",
-        "legacy/server",
-    ] {
-        let p = lab.pod(pod);
-        api.create(
-            lab,
-            &format!("/api/v1/namespaces/{}/pods", p.namespace),
-            json!({"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid,
-                                "labels": p.labels},
-                   "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
-                            "containers": [{"name": "app", "image": "mesh-labtool"}]},
-                   "status": {"phase": "Running", "podIP": p.ip.to_string(),
-                              "podIPs": [{"ip": p.ip.to_string()}]}}),
-        );
-    }
-    api.create(
-        lab,
-        "/api/v1/namespaces/shop/services",
-        json!({"apiVersion": "v1", "kind": "Service",
-               "metadata": {"name": "api", "namespace": "shop"},
-               "spec": {"clusterIP": "10.240.100.10", "clusterIPs": ["10.240.100.10"],
-                        "selector": {"app": "api"},
-                        "ports": [{"name": "http", "port": 80, "targetPort": 8080,
-                                   "protocol": "TCP"}]}}),
-    );
-    api.create(
-        lab,
-        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-               "metadata": {"name": "api-1", "namespace": "shop",
-                            "labels": {"kubernetes.io/service-name": "api"}},
-               "addressType": "IPv4",
-               "endpoints": [{"addresses": [lab.pod("shop/api").ip.to_string()],
-                              "conditions": {"ready": true}}],
-               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}),
-    );
 }
 
 #[test]
@@ -414,52 +297,19 @@ fn agents_learn_the_mesh_from_the_api_and_a_label_meshes_a_namespace_live() {
     let Some(python) = kmock_python(TEST) else {
         return;
     };
-    // Every pod laid out as the kubelet lays it out: the API names pods by UID only.
+    // The lab's Kubernetes mode: KMock's emulator in n1 holds the lab's namespaces, pods (by
+    // UID, kubelet-style, n2's with the systemd driver) and services; agents use discovery: kube.
     let mut topology = Topology::default();
     for p in &mut topology.pods {
-        p.kubelet = Some(if p.node == "n1" {
-            CgroupDriver::Cgroupfs
-        } else {
-            CgroupDriver::Systemd
-        });
+        if p.node == "n2" {
+            p.kubelet = Some(CgroupDriver::Systemd);
+        }
     }
-    let mut lab = Lab::up(LabOptions {
+    let lab = Lab::up(LabOptions {
         topology,
-        agents: false,
+        kube: Some(python),
         ..LabOptions::default()
     });
-    lab.prepare_agents()
-        .expect("the lab's CA and bpffs directories");
-    let api = Api::start(&lab, &python);
-    publish_lab(&lab, &api);
-    let kubeconfig = lab
-        .agent_config_path("n1")
-        .with_file_name("kubeconfig.yaml");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: lab, cluster: {{server: \"{}\"}}}}]\n\
-             users: [{{name: lab, user: {{}}}}]\ncontexts: [{{name: lab, context: {{cluster: lab, user: lab}}}}]\n\
-             current-context: lab\n",
-            api.url
-        ),
-    )
-    .expect("writing the kubeconfig");
-    for node in ["n1", "n2"] {
-        let path = lab.agent_config_path(node);
-        let mut config: serde_yaml::Mapping =
-            serde_yaml::from_str(&std::fs::read_to_string(&path).expect("agent config"))
-                .expect("agent config YAML");
-        config.remove("state_file");
-        config.insert("discovery".into(), "kube".into());
-        let mut kube = serde_yaml::Mapping::new();
-        kube.insert("kubeconfig".into(), kubeconfig.display().to_string().into());
-        config.insert("kube".into(), kube.into());
-        std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML"))
-            .expect("writing the agent config");
-        lab.start_agent(node)
-            .unwrap_or_else(|e| panic!("{node}'s agent in kube mode: {e:#}"));
-    }
     let captured = |lab: &Lab, node: &str| lab.metric(node, "mesh_captured_pods", &[]);
 
     // The server starts (its process in the pod): the agent finds it by UID at its retry.
@@ -492,11 +342,8 @@ fn agents_learn_the_mesh_from_the_api_and_a_label_meshes_a_namespace_live() {
         0.0,
         "legacy is not meshed yet"
     );
-    api.patch(
-        &lab,
-        "/api/v1/namespaces/legacy",
-        json!({"metadata": {"labels": {"mesh-agent/enabled": "true"}}}),
-    );
+    lab.label_namespace("legacy", "mesh-agent/enabled", "true")
+        .expect("labelling legacy");
     wait_until("both agents capture legacy's pods", WAIT, || {
         captured(&lab, "n1") == 2.0 && captured(&lab, "n2") == 2.0
     });

@@ -25,7 +25,10 @@ enum Expect {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    preflight::ensure("cargo xtask demo", &[preflight::LAB])?;
+    preflight::ensure(
+        "cargo xtask demo",
+        &[preflight::LAB, preflight::MANIFESTS, preflight::KUBE_LAB],
+    )?;
     if !mesh_lab::require_privileged("cargo xtask demo") {
         anyhow::bail!("the demo needs root (network namespaces, cgroups, eBPF)");
     }
@@ -193,6 +196,78 @@ pub fn run() -> anyhow::Result<()> {
     lab.try_down()?;
     left.check_gone()?;
     println!("done: the lab is gone (namespaces, cgroups, pins, agents)");
+    kubernetes()
+}
+
+/// The Kubernetes mode: the agents learn the mesh from an API (KMock's emulator), and a label
+/// meshes a namespace while its pods run.
+fn kubernetes() -> anyhow::Result<()> {
+    let python = crate::kmock::ensure()?;
+    println!(
+        "\n== the lab again, in the Kubernetes mode: the agents watch an API (KMock's emulator, \
+         served in n1) =="
+    );
+    let lab = Lab::try_up(LabOptions {
+        id: Some("demokube".into()),
+        kube: Some(python),
+        ..LabOptions::default()
+    })?;
+    println!(
+        "  API {}: namespaces (shop labelled mesh-agent/enabled=true), pods by UID, the api \
+         Service and its EndpointSlice",
+        lab.kube_url()
+    );
+    let _server = traffic::serve(&lab, "legacy/server", 9000);
+    // A process in legacy/client too: the agent captures pods that run.
+    let _client = traffic::serve(&lab, "legacy/client", 9001);
+    let captured = |node: &str| lab.metric(node, "mesh_captured_pods", &[]);
+    let before = (captured("n1"), captured("n2"));
+    println!(
+        "  legacy's pods run, not meshed: captured pods n1 {}, n2 {}",
+        before.0, before.1
+    );
+    println!("\n== cargo xtask lab label legacy mesh-agent/enabled=true ==");
+    lab.label_namespace("legacy", "mesh-agent/enabled", "true")?;
+    mesh_lab::wait_until(
+        "both agents to capture legacy's pods",
+        Duration::from_secs(15),
+        || captured("n1") == before.0 + 1.0 && captured("n2") == before.1 + 1.0,
+    );
+    for node in ["n1", "n2"] {
+        let log = lab.agent_log(node);
+        for line in log
+            .lines()
+            .filter(|l| l.contains("pod captured") && l.contains("pod=legacy/"))
+        {
+            println!(
+                "  {node}: {}",
+                line.split_once(" INFO ").map_or(line, |(_, l)| l)
+            );
+        }
+    }
+    let to = format!("{}:9000", lab.pod("legacy/server").ip);
+    let out = traffic::send(&lab, "legacy/client", &to, 1 << 20);
+    let opened = lab.metric(
+        "n1",
+        "mesh_tcp_connections_opened_total",
+        &[
+            ("direction", "outbound"),
+            ("namespace", "legacy"),
+            ("workload", "client"),
+        ],
+    );
+    ensure!(
+        opened == 1.0,
+        "legacy/client's connection after the label was not the mesh's ({opened} opened): {out:?}"
+    );
+    println!(
+        "  legacy/client -> legacy/server now goes through the mesh (n1 opened {opened} outbound)"
+    );
+    println!("\n== tearing down ==");
+    let left = Footprint::of(&lab);
+    lab.try_down()?;
+    left.check_gone()?;
+    println!("done: the lab is gone (namespaces, cgroups, pins, agents, the API emulator)");
     Ok(())
 }
 

@@ -37,6 +37,19 @@ enum LabCommand {
         /// Only the network and cgroups, no agents.
         #[arg(long)]
         no_agents: bool,
+        /// The Kubernetes mode: KMock's API emulator (installed when missing) holds the lab's
+        /// namespaces, pods and services, and the agents learn the mesh from it
+        /// (docs/lab.md); `lab label` changes a namespace's labels there.
+        #[arg(long)]
+        kube: bool,
+    },
+    /// In a lab up with --kube: set a label on a namespace in the API
+    /// (`lab label legacy mesh-agent/enabled=true` meshes legacy, live).
+    Label {
+        /// The namespace.
+        namespace: String,
+        /// `KEY=VALUE`.
+        label: String,
     },
     /// Run a command in a pod (`<ns>/<pod>`: its netns and cgroup) or on a node (`<node>`).
     /// `mesh-labtool` and `mesh-agent` name the workspace's debug builds (built first).
@@ -72,7 +85,9 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         LabCommand::Up {
             topology,
             no_agents,
-        } => up(&args.id, topology, no_agents),
+            kube,
+        } => up(&args.id, topology, no_agents, kube),
+        LabCommand::Label { namespace, label } => set_label(&args.id, &namespace, &label),
         LabCommand::Exec { target, command } => return exec(&args.id, &target, &command),
         LabCommand::Upgrade {
             node,
@@ -96,18 +111,28 @@ fn attach(id: &str) -> Result<Lab> {
         .with_context(|| format!("cannot use lab {id} (`cargo xtask lab up{flag}` brings it up)"))
 }
 
-fn up(id: &str, topology: Option<PathBuf>, no_agents: bool) -> Result<()> {
+fn up(id: &str, topology: Option<PathBuf>, no_agents: bool, kube: bool) -> Result<()> {
     let topology = match topology {
         Some(path) => Topology::load(&path)?,
         None => Topology::default(),
     };
     preflight::ensure("cargo xtask lab up", &[preflight::LAB])?;
     build::lab_bins(Profile::Debug, true)?;
+    let kube = if kube {
+        preflight::ensure(
+            "cargo xtask lab up --kube",
+            &[preflight::MANIFESTS, preflight::KUBE_LAB],
+        )?;
+        Some(crate::kmock::ensure()?)
+    } else {
+        None
+    };
     let lab = Lab::try_up(LabOptions {
         id: Some(id.to_owned()),
         topology,
         agents: !no_agents,
         persistent: true,
+        kube,
         ..LabOptions::default()
     })?;
     println!(
@@ -135,6 +160,19 @@ fn exec(id: &str, target: &str, command: &[String]) -> Result<ExitCode> {
         .status()
         .with_context(|| format!("cannot run {shown} in {target} of lab {id}"))?;
     Ok(ExitCode::from(exit_code(status)))
+}
+
+fn set_label(id: &str, namespace: &str, label: &str) -> Result<()> {
+    let lab = attach(id)?;
+    let Some((key, value)) = label.split_once('=') else {
+        bail!("{label:?} is not KEY=VALUE");
+    };
+    lab.label_namespace(namespace, key, value)
+        .with_context(|| {
+            format!("labelling namespace {namespace} (is lab {id} up with --kube?)")
+        })?;
+    println!("namespace {namespace} labelled {key}={value} in the lab's API");
+    Ok(())
 }
 
 fn upgrade(id: &str, node: &str, binary: Option<&std::path::Path>, no_wait: bool) -> Result<()> {

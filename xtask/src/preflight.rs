@@ -65,12 +65,15 @@ pub const TEST: &[Tool] = &[
         package: "procps",
         why: "a test narrows a pod's local port range with it",
     },
-    Tool {
-        command: "curl",
-        package: "curl",
-        why: "the lab's Kubernetes test creates and labels objects in the API emulator with it",
-    },
 ];
+
+/// The lab's Kubernetes mode (`lab up --kube`, the demo, the Kubernetes tests), besides
+/// [`LAB`] and [`MANIFESTS`] (python3 for KMock).
+pub const KUBE_LAB: &[Tool] = &[Tool {
+    command: "curl",
+    package: "curl",
+    why: "the lab's Kubernetes mode creates and labels objects in the API emulator with it",
+}];
 
 /// `cargo xtask manifests` and the Kubernetes discovery tests (both run by `cargo xtask
 /// test`): the rest (kubectl, kubernetes-validate; KMock) is pinned in venvs they make
@@ -240,7 +243,7 @@ mod tests {
 
     #[test]
     fn each_command_is_listed_once() {
-        let all: Vec<&str> = [UNIT, LAB, TEST, MANIFESTS, BENCH]
+        let all: Vec<&str> = [UNIT, LAB, TEST, MANIFESTS, KUBE_LAB, BENCH]
             .iter()
             .flat_map(|set| set.iter().map(|t| t.command))
             .collect();

@@ -24,6 +24,7 @@ pub fn run_all() -> anyhow::Result<()> {
                 preflight::MANIFESTS,
                 preflight::LAB,
                 preflight::TEST,
+                preflight::KUBE_LAB,
             ],
         )?;
     } else {
