@@ -206,11 +206,10 @@ impl Manager {
     /// Captures, adopts, updates and releases pods to match the current state.
     pub fn reconcile(&mut self) -> Changes {
         let snap = self.inputs.store.load();
-        let on_node: Vec<Arc<Workload>> = snap.captured_on(&self.node).cloned().collect();
         self.write_meshed(&snap);
-        drop(snap);
         let mut changes = Changes::default();
-        let desired = self.resolve(on_node, &mut changes);
+        let desired = self.resolve(&snap, &mut changes);
+        drop(snap);
         // Served pods that left the state, or whose sandbox is another one now.
         let stale: Vec<String> = self
             .pods

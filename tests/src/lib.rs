@@ -38,7 +38,7 @@ use std::{
 pub use self::{
     lab::{
         agent_bin, cgroup2_mount,
-        kube::{kmock_python, API_PORT as KUBE_API_PORT},
+        kube::{kmock_python, API_PORT as KUBE_API_PORT, PYTHON_ENV as KMOCK_PYTHON_ENV},
         sweep,
         topology::{
             CaptureExclusions, CgroupDriver, NamespaceSpec, PodSpec, ServicePort, ServiceSpec,

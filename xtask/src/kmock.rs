@@ -14,7 +14,7 @@ use crate::build::{run, target_dir};
 pub const VERSION: &str = "0.8";
 
 /// The environment variable that tells the tests which Python has KMock.
-pub const PYTHON_ENV: &str = "MESH_KMOCK_PYTHON";
+pub use mesh_lab::KMOCK_PYTHON_ENV as PYTHON_ENV;
 
 /// The Python of the virtual environment with KMock [`VERSION`], made when missing.
 pub fn ensure() -> Result<PathBuf> {

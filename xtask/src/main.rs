@@ -30,7 +30,8 @@ enum Command {
     /// Build the eBPF object and the release binaries.
     Build,
     /// Build everything, bring up the lab, show a captured connection and the metrics that
-    /// prove it, tear down.
+    /// prove it, then the lab with a Kubernetes API (an emulator) where a label meshes a
+    /// namespace live; tear down.
     Demo,
     /// Run the fuzz targets (fuzz/), each for a while; fails on any failing input, naming it.
     Fuzz(fuzz::FuzzArgs),

@@ -71,18 +71,16 @@ impl Manager {
     /// its sandbox) or the CNI plugin reported it deleted (it is not running).
     pub(super) fn resolve(
         &mut self,
-        on_node: Vec<Arc<Workload>>,
+        snap: &Snapshot,
         changes: &mut Changes,
     ) -> BTreeMap<String, Arc<Workload>> {
         let mut desired = BTreeMap::new();
-        let mut on_node = on_node;
+        let mut on_node: Vec<Arc<Workload>> = snap.captured_on(&self.node).cloned().collect();
         // Pods the CNI plugin is adding that the state does not have yet (no address in the
         // API before their ADD returns), while their namespace is meshed.
-        let snap = self.inputs.store.load();
         self.cni_workloads.retain(|key, w| {
             snap.namespace_enabled(&w.namespace) && !snap.workloads.contains_key(key.as_str())
         });
-        drop(snap);
         on_node.extend(self.cni_workloads.values().cloned());
         let keep = on_node.iter().map(|w| w.key()).collect();
         self.sandboxes.retain(&keep);
@@ -132,10 +130,10 @@ impl Manager {
                 .is_none_or(|w| w.node == self.node);
         drop(snap);
         match request.command {
-            Verb::Add if !meshed => {
-                let _ = reply.send(Reply::NotMeshed);
-            }
-            Verb::Add if self.look_up_node_pod(&key, &request.ips) == Some(NodePod::NotMeshed) => {
+            Verb::Add
+                if !meshed
+                    || self.look_up_node_pod(&key, &request.ips) == Some(NodePod::NotMeshed) =>
+            {
                 let _ = reply.send(Reply::NotMeshed);
             }
             Verb::Add => {
