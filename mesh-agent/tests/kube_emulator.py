@@ -14,8 +14,8 @@ here (docs/kubernetes.md says so too):
   resume without one. Every create, patch and delete gets the next number of one counter; a
   list carries the current one.
 - watch from a resourceVersion: KMock replays every object as ADDED on each watch; here a
-  watch that names a resourceVersion gets only what changed after it (objects changed in
-  between first, then the live events), as the API server does.
+  watch that names a resourceVersion gets only what changed after it (objects changed or
+  deleted in between first, then the live events), as the API server does.
 - 410 Gone: POST /_emulator/expire ends every open watch and answers the next watches that
   resume from an older resourceVersion with an ERROR event of code 410 (Expired), so that
   the watchers must relist.
@@ -194,14 +194,17 @@ class Emulator(kmock.KubernetesEmulator):
         bus = self._buses[request.resource]
         marker = await bus.mark()
         stream = bus.stream(since=marker).__aiter__()
-        # Objects changed between the list and this watch (deletions in that gap are lost).
+        # Objects changed or deleted between the list and this watch, as the API server's
+        # watch cache replays them (a deletion in that gap must not be lost: the watcher
+        # would keep the object until its next relist).
         for (resource, namespace, name), obj in list(self.objects.items()):
-            if resource != request.resource or obj.deleted:
+            if resource != request.resource or obj.empty:
                 continue
             if request.namespace is not None and namespace != request.namespace:
                 continue
-            if newer(obj.raw):
-                yield {"type": "MODIFIED", "object": obj.raw}
+            last = obj.last.raw
+            if newer(last):
+                yield {"type": "DELETED" if obj.deleted else "MODIFIED", "object": last}
         ended = asyncio.ensure_future(end.wait())
         try:
             while True:
