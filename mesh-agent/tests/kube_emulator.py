@@ -66,12 +66,13 @@ def parse_path(path: str) -> parsing.ParsedPath:
 parsing.parse_path = parse_path
 
 RESOURCES = {
-    "v1/namespaces": ("Namespace", False),
-    "v1/pods": ("Pod", True),
-    "v1/services": ("Service", True),
-    "discovery.k8s.io/v1/endpointslices": ("EndpointSlice", True),
-    "security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", True),
-    "events.k8s.io/v1/events": ("Event", True),
+    # key: (kind, namespaced, singular name, short names), as the API server's discovery has them
+    "v1/namespaces": ("Namespace", False, "namespace", {"ns"}),
+    "v1/pods": ("Pod", True, "pod", {"po"}),
+    "v1/services": ("Service", True, "service", {"svc"}),
+    "discovery.k8s.io/v1/endpointslices": ("EndpointSlice", True, "endpointslice", set()),
+    "security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", True, "authorizationpolicy", {"ap"}),
+    "events.k8s.io/v1/events": ("Event", True, "event", {"ev"}),
 }
 
 
@@ -99,10 +100,12 @@ class Emulator(kmock.KubernetesEmulator):
         # Watches resuming from a resourceVersion at or below this one get 410 Gone.
         self.expired_up_to = 0
         self.end_watches = asyncio.Event()
-        for key, (kind, namespaced) in RESOURCES.items():
+        for key, (kind, namespaced, singular, short) in RESOURCES.items():
             self.resources[key] = kmock.ResourceInfo(
                 kind=kind,
                 namespaced=namespaced,
+                singular=singular,
+                shortnames=short,
                 verbs={"get", "list", "watch", "create", "patch", "delete"},
             )
         self["post /_emulator/expire"] << self._expire
@@ -137,6 +140,12 @@ class Emulator(kmock.KubernetesEmulator):
             if key in self.objects and not self.objects[key].deleted:
                 self.objects[key].patch({"metadata": {"resourceVersion": self._next()}})
         return await super()._handle(request)
+
+    async def _serve_version(self, request):
+        served = await super()._serve_version(request)
+        # KMock names the core group's version "/v1"; kubectl's discovery wants "v1".
+        served["groupVersion"] = served["groupVersion"].lstrip("/")
+        return served
 
     async def _serve_list(self, request):
         listed = await super()._serve_list(request)

@@ -1,6 +1,7 @@
-//! KMock, the Kubernetes API emulator the discovery tests run (mesh-agent/tests/
-//! kube_discovery.rs): a pinned release from PyPI in a virtual environment under the target
-//! directory, made once and checked on every run. The tests find it through
+//! KMock, the Kubernetes API emulator the discovery tests and the lab's Kubernetes mode run
+//! (mesh-agent/tests/kube_emulator.py), with the kubectl that talks to it there: pinned
+//! releases from PyPI in a virtual environment under the target directory, made once and
+//! checked on every run. The tests find it through
 //! `MESH_KMOCK_PYTHON`; without it they skip loudly, or fail when MESH_REQUIRE_PRIVILEGED=1.
 
 use std::{path::PathBuf, process::Command};
@@ -16,7 +17,8 @@ pub const VERSION: &str = "0.8";
 /// The environment variable that tells the tests which Python has KMock.
 pub use mesh_lab::KMOCK_PYTHON_ENV as PYTHON_ENV;
 
-/// The Python of the virtual environment with KMock [`VERSION`], made when missing.
+/// The Python of the virtual environment with KMock [`VERSION`] and kubectl
+/// ([`crate::manifests::KUBECTL`]), made when missing.
 pub fn ensure() -> Result<PathBuf> {
     let venv = target_dir().join("kmock-venv");
     let python = venv.join("bin/python");
@@ -24,8 +26,9 @@ pub fn ensure() -> Result<PathBuf> {
         return Ok(python);
     }
     eprintln!(
-        "xtask: installing KMock {VERSION} (the Kubernetes API emulator of the discovery tests) \
-         into {}",
+        "xtask: installing KMock {VERSION} (the Kubernetes API emulator of the discovery tests \
+         and the lab) and {} into {}",
+        crate::manifests::KUBECTL,
         venv.display()
     );
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv)).context(
@@ -38,16 +41,18 @@ pub fn ensure() -> Result<PathBuf> {
         "install",
         "--quiet",
         &format!("kmock=={VERSION}"),
+        crate::manifests::KUBECTL,
     ]))
     .with_context(|| {
         format!(
-            "cannot install kmock=={VERSION} from PyPI into {}",
+            "cannot install kmock=={VERSION} and {} from PyPI into {}",
+            crate::manifests::KUBECTL,
             venv.display()
         )
     })?;
     if !has_kmock(&python) {
         anyhow::bail!(
-            "{} still has no KMock {VERSION} after installing it",
+            "{} still has no KMock {VERSION} or no kubectl after installing them",
             venv.display()
         );
     }
@@ -56,6 +61,7 @@ pub fn ensure() -> Result<PathBuf> {
 
 fn has_kmock(python: &std::path::Path) -> bool {
     python.exists()
+        && python.with_file_name("kubectl").exists()
         && Command::new(python)
             .args([
                 "-c",

