@@ -409,7 +409,13 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
     if let Some(path) = &config.pods.cni_socket {
         let listener = cni::server::bind(path)
             .with_context(|| format!("binding the CNI socket {}", path.display()))?;
-        tokio::spawn(cni::server::serve(listener, commands.clone()));
+        let requests = cni::server::Requests::default();
+        metrics.register(
+            "mesh_cni_requests",
+            "Requests of the CNI plugin, by command (add, del, check) and answer (captured, not_meshed, released, failed)",
+            requests.clone(),
+        );
+        tokio::spawn(cni::server::serve(listener, commands.clone(), requests));
         info!(socket = %path.display(), "serving the CNI plugin");
         if let Some(dir) = &config.pods.cni_conf_dir {
             let repairs = prometheus_client::metrics::counter::Counter::default();

@@ -4,6 +4,7 @@
 
 use std::{path::Path, time::Duration};
 
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -11,8 +12,39 @@ use tokio::{
 };
 use tracing::{info, warn, Instrument as _};
 
-use super::{Reply, Request, MAX_MESSAGE};
+use super::{Reply, Request, Verb, MAX_MESSAGE};
 use crate::pods::Command;
+
+/// `mesh_cni_requests_total`: the plugin's requests by command and answer.
+pub type Requests = Family<RequestLabels, Counter>;
+
+/// The labels of [`Requests`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `add`, `del`, `check`, or `unreadable`.
+    command: &'static str,
+    /// `captured`, `not_meshed`, `released` or `failed`.
+    reply: &'static str,
+}
+
+impl RequestLabels {
+    fn of(command: Option<Verb>, reply: &Reply) -> Self {
+        RequestLabels {
+            command: match command {
+                Some(Verb::Add) => "add",
+                Some(Verb::Del) => "del",
+                Some(Verb::Check) => "check",
+                None => "unreadable",
+            },
+            reply: match reply {
+                Reply::Captured => "captured",
+                Reply::NotMeshed => "not_meshed",
+                Reply::Released => "released",
+                Reply::Failed(_) => "failed",
+            },
+        }
+    }
+}
 
 /// How long a request may take to arrive once connected.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,8 +68,8 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the plugin's requests until the manager is gone.
-pub async fn serve(listener: UnixListener, pods: mpsc::Sender<Command>) {
+/// Serves the plugin's requests until the manager is gone, counting them in `requests`.
+pub async fn serve(listener: UnixListener, pods: mpsc::Sender<Command>, requests: Requests) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -51,9 +83,10 @@ pub async fn serve(listener: UnixListener, pods: mpsc::Sender<Command>) {
             return;
         }
         let pods = pods.clone();
+        let requests = requests.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = one(stream, &pods).await {
+                if let Err(e) = one(stream, &pods, &requests).await {
                     warn!(error = %e, "CNI request failed");
                 }
             }
@@ -62,23 +95,33 @@ pub async fn serve(listener: UnixListener, pods: mpsc::Sender<Command>) {
     }
 }
 
-async fn one(stream: UnixStream, pods: &mpsc::Sender<Command>) -> std::io::Result<()> {
+async fn one(
+    stream: UnixStream,
+    pods: &mpsc::Sender<Command>,
+    requests: &Requests,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_MESSAGE as u64));
     tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| std::io::Error::other("no request within 5 s"))??;
-    let reply = match serde_json::from_str::<Request>(&line) {
+    let (verb, reply) = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             let (pod, verb, container) =
                 (request.key(), request.command, request.container_id.clone());
             let reply = ask(pods, request).await;
             info!(%pod, ?verb, container_id = %container, ?reply, "CNI request answered");
-            reply
+            (Some(verb), reply)
         }
-        Err(e) => Reply::Failed(format!("unreadable CNI request: {e}")),
+        Err(e) => {
+            warn!(error = %e, "unreadable CNI request");
+            (None, Reply::Failed(format!("unreadable CNI request: {e}")))
+        }
     };
+    requests
+        .get_or_create(&RequestLabels::of(verb, &reply))
+        .inc();
     let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
     out.push(b'\n');
     write.write_all(&out).await
