@@ -1,6 +1,7 @@
 //! A lab: nodes and pods as network namespaces, cgroups, one agent per node.
 
 mod agent;
+mod cni;
 pub mod kube;
 mod layout;
 mod net;
@@ -21,6 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub use self::{
     agent::agent_bin,
+    cni::CniRun,
     layout::{Node, Pod, METRICS_PORT, READINESS_PORT},
     sys::cgroup2_mount,
     teardown::sweep,
@@ -225,7 +227,7 @@ impl Lab {
                 ],
             });
             sys::write_atomic(
-                &layout.cni_conf_dir(&node.name).join("10-lab.conflist"),
+                &layout.cni_conf_dir(&node.name).join(cni::CONFLIST),
                 conflist.to_string().as_bytes(),
             )?;
         }
@@ -238,7 +240,7 @@ impl Lab {
             kube::start_api(layout, python)?;
             self.publish()?;
             let layout = &self.layout;
-            let kubeconfig = layout.run_dir.join("kubeconfig.yaml");
+            let kubeconfig = self.kubeconfig_path();
             sys::write_atomic(&kubeconfig, kube::kubeconfig(&self.kube_url()).as_bytes())?;
             for node in &layout.nodes {
                 let path = layout.agent_config_path(&node.name);
@@ -257,6 +259,9 @@ impl Lab {
         let deadline = Instant::now() + opts.ready_timeout;
         for (node, agent) in layout.nodes.iter().zip(self.agents.iter_mut()) {
             agent::wait_started(layout, node, agent, deadline)?;
+        }
+        if opts.kube.is_some() {
+            self.run_pods()?;
         }
         Ok(())
     }

@@ -38,13 +38,15 @@ use std::{
 pub use self::{
     lab::{
         agent_bin, cgroup2_mount,
-        kube::{kmock_python, API_PORT as KUBE_API_PORT, PYTHON_ENV as KMOCK_PYTHON_ENV},
+        kube::{
+            kmock_python, kubectl_bin, API_PORT as KUBE_API_PORT, PYTHON_ENV as KMOCK_PYTHON_ENV,
+        },
         sweep,
         topology::{
             CaptureExclusions, CgroupDriver, NamespaceSpec, PodSpec, ServicePort, ServiceSpec,
             Topology, DEFAULT_TOPOLOGY_YAML,
         },
-        Lab, LabOptions, Node, Pod, Upgrade, METRICS_PORT, READINESS_PORT,
+        CniRun, Lab, LabOptions, Node, Pod, Upgrade, METRICS_PORT, READINESS_PORT,
     },
     metrics::{exposed_value, metric_value},
     running::Running,

@@ -3,16 +3,11 @@
 //! (environment and stdin), and pods laid out as the kubelet lays them out (cgroupfs and
 //! systemd drivers), which the state names by UID only.
 
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use mesh_lab::{
-    agent_bin,
     traffic::{send_succeeds, serve, WAIT},
-    wait_until, CgroupDriver, Lab, LabOptions, PodSpec, Topology,
+    wait_until, CgroupDriver, CniRun, Lab, LabOptions, PodSpec, Topology,
 };
 use serde_json::{json, Value};
 
@@ -46,21 +41,7 @@ fn topology(pods: &[(&str, &str, CgroupDriver)]) -> Topology {
     topology
 }
 
-/// What the plugin printed and its exit status.
-struct Ran {
-    status: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("plugin stdout is not JSON ({e}): {:?}", self.stdout))
-    }
-}
-
-/// The primary plugin's result for `pod`, as the runtime passes it to a chained plugin.
+/// The primary plugin's result for `pod`, as the lab's runtime passes it to the plugin.
 fn prev_result(lab: &Lab, pod: &str) -> Value {
     let p = lab.pod(pod);
     json!({
@@ -70,51 +51,10 @@ fn prev_result(lab: &Lab, pod: &str) -> Value {
     })
 }
 
-/// Runs `mesh-agent cni` as a container runtime runs a chained plugin: `CNI_*` environment,
-/// the network configuration (with `prevResult`) on stdin.
-fn cni(lab: &Lab, command: &str, pod: &str, container: &str) -> Ran {
-    let p = lab.pod(pod);
-    let conf = json!({
-        "cniVersion": "1.0.0",
-        "name": "lab-pod-network",
-        "type": "mesh-agent-cni",
-        "socket": lab.cni_socket(&p.node),
-        "prevResult": prev_result(lab, pod),
-    });
-    let mut child = Command::new(agent_bin())
-        .arg("cni")
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", &p.netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={container};K8S_POD_UID={}",
-                p.namespace,
-                p.name,
-                p.uid.as_deref().unwrap_or_default()
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting mesh-agent cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(conf.to_string().as_bytes())
-        .expect("writing the configuration");
-    let out = child.wait_with_output().expect("running mesh-agent cni");
-    Ran {
-        status: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+/// Runs the plugin as a container runtime does (`Lab::cni`).
+fn cni(lab: &Lab, command: &str, pod: &str, container: &str) -> CniRun {
+    lab.cni(command, pod, container)
+        .unwrap_or_else(|e| panic!("{command} {pod}: {e:#}"))
 }
 
 #[test]
@@ -298,7 +238,10 @@ fn agents_learn_the_mesh_from_the_api_and_a_label_meshes_a_namespace_live() {
         return;
     };
     // The lab's Kubernetes mode: KMock's emulator in n1 holds the lab's namespaces, pods (by
-    // UID, kubelet-style, n2's with the systemd driver) and services; agents use discovery: kube.
+    // UID, kubelet-style, n2's with the systemd driver) and services; agents use discovery:
+    // kube. Every pod came up as a kubelet starts one: scheduled with no address in the API,
+    // its sandbox ADDed through the CNI plugin (so the agent took the pod's address from the
+    // primary plugin's result), then its address reported.
     let mut topology = Topology::default();
     for p in &mut topology.pods {
         if p.node == "n2" {
@@ -311,13 +254,40 @@ fn agents_learn_the_mesh_from_the_api_and_a_label_meshes_a_namespace_live() {
         ..LabOptions::default()
     });
     let captured = |lab: &Lab, node: &str| lab.metric(node, "mesh_captured_pods", &[]);
+    // Captured when their ADD returned, before anything ran in them and while the API had no
+    // address for them: no waiting here.
+    let adds = |node: &str, reply: &str| {
+        lab.metric(
+            node,
+            "mesh_cni_requests_total",
+            &[("command", "add"), ("reply", reply)],
+        )
+    };
+    assert_eq!(
+        (adds("n1", "captured"), adds("n1", "not_meshed")),
+        (2.0, 1.0),
+        "n1's ADDs: shop/client and shop/db captured, legacy/client not meshed"
+    );
+    assert_eq!(
+        (adds("n2", "captured"), adds("n2", "not_meshed")),
+        (1.0, 1.0),
+        "n2's ADDs: shop/api captured, legacy/server not meshed"
+    );
+    assert_eq!(captured(&lab, "n1"), 2.0, "shop/client and shop/db");
+    assert_eq!(captured(&lab, "n2"), 1.0, "shop/api");
+    let pods = lab
+        .kube_get("/api/v1/namespaces/shop/pods")
+        .expect("listing shop's pods");
+    for pod in pods["items"].as_array().expect("items") {
+        let name = format!("shop/{}", pod["metadata"]["name"].as_str().unwrap_or("?"));
+        assert_eq!(
+            pod["status"]["podIP"],
+            json!(lab.pod(&name).ip.to_string()),
+            "{name}'s address reported after its ADD"
+        );
+    }
 
-    // The server starts (its process in the pod): the agent finds it by UID at its retry.
     let _api_server = serve(&lab, "shop/api", 8080);
-    wait_until("n2 captures shop/api", WAIT, || captured(&lab, "n2") == 1.0);
-    // The client's sandbox comes through the CNI plugin, as a kubelet would make it.
-    let add = cni(&lab, "ADD", "shop/client", "sandbox-client");
-    assert_eq!(add.status, 0, "ADD: {} {}", add.stdout, add.stderr);
     assert!(
         send_succeeds(&lab, "shop/client", "10.240.100.10:80", 4096),
         "shop/client -> the api VIP from the API's Service and EndpointSlice"
@@ -328,30 +298,41 @@ fn agents_learn_the_mesh_from_the_api_and_a_label_meshes_a_namespace_live() {
         "captured, through HBONE"
     );
 
-    // Labelling legacy meshes its running pods, live.
+    // Labelling legacy (kubectl against the emulator) meshes its running pods, live.
     let _legacy_server = serve(&lab, "legacy/server", 9000);
-    let _legacy_client = serve(&lab, "legacy/client", 9001);
     let server = format!("{}:9000", lab.pod("legacy/server").ip);
     assert!(send_succeeds(&lab, "legacy/client", &server, 4096));
-    assert_eq!(
+    let legacy_opened = |lab: &Lab| {
         lab.metric(
             "n1",
             "mesh_tcp_connections_opened_total",
-            &[("namespace", "legacy")]
-        ),
-        0.0,
-        "legacy is not meshed yet"
-    );
-    lab.label_namespace("legacy", "mesh-agent/enabled", "true")
+            &[("namespace", "legacy")],
+        )
+    };
+    assert_eq!(legacy_opened(&lab), 0.0, "legacy is not meshed yet");
+    lab.label_namespace("legacy", "mesh-agent/enabled", Some("true"))
         .expect("labelling legacy");
     wait_until("both agents capture legacy's pods", WAIT, || {
-        captured(&lab, "n1") == 2.0 && captured(&lab, "n2") == 2.0
+        captured(&lab, "n1") == 3.0 && captured(&lab, "n2") == 2.0
     });
     assert!(send_succeeds(&lab, "legacy/client", &server, 4096));
     assert_eq!(
         opened(&lab, "n1", "legacy/client"),
         1.0,
         "legacy/client is meshed now"
+    );
+
+    // Removing the label releases them, live.
+    lab.label_namespace("legacy", "mesh-agent/enabled", None)
+        .expect("unlabelling legacy");
+    wait_until("both agents release legacy's pods", WAIT, || {
+        captured(&lab, "n1") == 2.0 && captured(&lab, "n2") == 1.0
+    });
+    assert!(send_succeeds(&lab, "legacy/client", &server, 4096));
+    assert_eq!(
+        opened(&lab, "n1", "legacy/client"),
+        1.0,
+        "legacy/client is not meshed after the label is gone"
     );
     lab.down();
 }

@@ -214,20 +214,27 @@ fn kubernetes() -> anyhow::Result<()> {
     })?;
     println!(
         "  API {}: namespaces (shop labelled mesh-agent/enabled=true), pods by UID, the api \
-         Service and its EndpointSlice",
+         Service and its EndpointSlice. Each pod started as a kubelet starts one: its sandbox \
+         ADDed through the CNI plugin (shop's captured before ADD returned), then its address \
+         reported.",
         lab.kube_url()
     );
+    println!("\n== cargo xtask lab kubectl -- get namespaces --show-labels ==");
+    kubectl(&lab, &["get", "namespaces", "--show-labels"])?;
+    println!("\n== cargo xtask lab kubectl -- get pods -A -o custom-columns=... ==");
+    kubectl(&lab, &["get", "pods", "-A", "-o", POD_COLUMNS])?;
     let _server = traffic::serve(&lab, "legacy/server", 9000);
-    // A process in legacy/client too: the agent captures pods that run.
-    let _client = traffic::serve(&lab, "legacy/client", 9001);
     let captured = |node: &str| lab.metric(node, "mesh_captured_pods", &[]);
     let before = (captured("n1"), captured("n2"));
     println!(
         "  legacy's pods run, not meshed: captured pods n1 {}, n2 {}",
         before.0, before.1
     );
-    println!("\n== cargo xtask lab label legacy mesh-agent/enabled=true ==");
-    lab.label_namespace("legacy", "mesh-agent/enabled", "true")?;
+    println!("\n== cargo xtask lab kubectl -- label namespace legacy mesh-agent/enabled=true ==");
+    kubectl(
+        &lab,
+        &["label", "namespace", "legacy", "mesh-agent/enabled=true"],
+    )?;
     mesh_lab::wait_until(
         "both agents to capture legacy's pods",
         Duration::from_secs(15),
@@ -268,6 +275,25 @@ fn kubernetes() -> anyhow::Result<()> {
     lab.try_down()?;
     left.check_gone()?;
     println!("done: the lab is gone (namespaces, cgroups, pins, agents, the API emulator)");
+    Ok(())
+}
+
+/// The pods' columns (the emulator serves no server-side tables, so `-o wide` shows names only).
+pub const POD_COLUMNS: &str = "custom-columns=NAMESPACE:.metadata.namespace,NAME:.metadata.name,\
+                               NODE:.spec.nodeName,IP:.status.podIP,PHASE:.status.phase";
+
+/// Runs kubectl against the lab's API, printing what it prints, indented.
+fn kubectl(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
+    let out = lab.kubectl()?.args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "kubectl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {line}");
+    }
     Ok(())
 }
 

@@ -43,13 +43,20 @@ enum LabCommand {
         #[arg(long)]
         kube: bool,
     },
-    /// In a lab up with --kube: set a label on a namespace in the API
-    /// (`lab label legacy mesh-agent/enabled=true` meshes legacy, live).
+    /// In a lab up with --kube: set a label on a namespace in the API with kubectl
+    /// (`lab label legacy mesh-agent/enabled=true` meshes legacy, live; `KEY-` removes it).
     Label {
         /// The namespace.
         namespace: String,
-        /// `KEY=VALUE`.
+        /// `KEY=VALUE`, or `KEY-` to remove the label.
         label: String,
+    },
+    /// In a lab up with --kube: run kubectl against the lab's API emulator (from n1, with the
+    /// lab's kubeconfig), e.g. `lab kubectl -- get namespaces --show-labels`.
+    Kubectl {
+        /// kubectl's arguments (after `--`).
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
     },
     /// Run a command in a pod (`<ns>/<pod>`: its netns and cgroup) or on a node (`<node>`).
     /// `mesh-labtool` and `mesh-agent` name the workspace's debug builds (built first).
@@ -88,6 +95,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
             kube,
         } => up(&args.id, topology, no_agents, kube),
         LabCommand::Label { namespace, label } => set_label(&args.id, &namespace, &label),
+        LabCommand::Kubectl { args: kubectl } => return run_kubectl(&args.id, &kubectl),
         LabCommand::Exec { target, command } => return exec(&args.id, &target, &command),
         LabCommand::Upgrade {
             node,
@@ -163,16 +171,37 @@ fn exec(id: &str, target: &str, command: &[String]) -> Result<ExitCode> {
 }
 
 fn set_label(id: &str, namespace: &str, label: &str) -> Result<()> {
-    let lab = attach(id)?;
-    let Some((key, value)) = label.split_once('=') else {
-        bail!("{label:?} is not KEY=VALUE");
+    let lab = kube_lab(id)?;
+    let (key, value) = match (label.split_once('='), label.strip_suffix('-')) {
+        (Some((key, value)), _) => (key, Some(value)),
+        (None, Some(key)) => (key, None),
+        (None, None) => bail!("{label:?} is neither KEY=VALUE nor KEY-"),
     };
-    lab.label_namespace(namespace, key, value)
-        .with_context(|| {
-            format!("labelling namespace {namespace} (is lab {id} up with --kube?)")
-        })?;
-    println!("namespace {namespace} labelled {key}={value} in the lab's API");
+    lab.label_namespace(namespace, key, value)?;
+    match value {
+        Some(value) => println!("namespace {namespace} labelled {key}={value} in the lab's API"),
+        None => println!("label {key} removed from namespace {namespace} in the lab's API"),
+    }
     Ok(())
+}
+
+/// The running lab `id`, which must be in the Kubernetes mode.
+fn kube_lab(id: &str) -> Result<Lab> {
+    let lab = attach(id)?;
+    if !lab.is_kube() {
+        bail!("lab {id} has no Kubernetes API: bring it up with `cargo xtask lab up --kube`");
+    }
+    Ok(lab)
+}
+
+fn run_kubectl(id: &str, args: &[String]) -> Result<ExitCode> {
+    let lab = kube_lab(id)?;
+    let status = lab
+        .kubectl()?
+        .args(args)
+        .status()
+        .context("running kubectl in n1")?;
+    Ok(ExitCode::from(exit_code(status)))
 }
 
 fn upgrade(id: &str, node: &str, binary: Option<&std::path::Path>, no_wait: bool) -> Result<()> {
@@ -246,16 +275,36 @@ fn status(lab: &Lab) -> Result<()> {
             pod.netns_name
         );
     }
-    // Namespaces come from the live state file: tests and people may have flipped them.
-    let state = lab.try_read_state()?;
     println!("namespaces:");
-    for ns in state["namespaces"].as_sequence().into_iter().flatten() {
-        let name = ns["name"].as_str().unwrap_or("?");
-        let enabled = ns["enabled"].as_bool().unwrap_or(false);
-        println!(
-            "  {name:<10} {}",
-            if enabled { "enabled" } else { "disabled" }
-        );
+    if lab.is_kube() {
+        // From the API: `lab label` and kubectl change them there.
+        let list = lab.kube_get("/api/v1/namespaces")?;
+        for ns in list["items"].as_array().into_iter().flatten() {
+            let name = ns["metadata"]["name"].as_str().unwrap_or("?");
+            let labels: Vec<String> = ns["metadata"]["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+                .collect();
+            let labels = if labels.is_empty() {
+                "(no labels)".to_owned()
+            } else {
+                labels.join(",")
+            };
+            println!("  {name:<10} {labels}");
+        }
+    } else {
+        // From the live state file: tests and people may have flipped them.
+        let state = lab.try_read_state()?;
+        for ns in state["namespaces"].as_sequence().into_iter().flatten() {
+            let name = ns["name"].as_str().unwrap_or("?");
+            let enabled = ns["enabled"].as_bool().unwrap_or(false);
+            println!(
+                "  {name:<10} {}",
+                if enabled { "enabled" } else { "disabled" }
+            );
+        }
     }
     println!("services:");
     for svc in &lab.topology().services {
@@ -271,7 +320,16 @@ fn status(lab: &Lab) -> Result<()> {
             ports.join(",")
         );
     }
-    println!("state file: {}", lab.state_path().display());
+    if lab.is_kube() {
+        println!(
+            "Kubernetes API (KMock's emulator): {} from the nodes; \
+             `cargo xtask lab kubectl -- get pods -A -o {}`",
+            lab.kube_url(),
+            crate::demo::POD_COLUMNS
+        );
+    } else {
+        println!("state file: {}", lab.state_path().display());
+    }
     Ok(())
 }
 

