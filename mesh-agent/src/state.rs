@@ -392,13 +392,24 @@ impl crate::identity::Placement for Store {
         if self.load().places(node, id) {
             return true;
         }
-        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        history
-            .iter()
-            .rev()
-            .filter(|(at, _)| at.elapsed() <= PLACEMENT_GRACE)
-            .any(|(_, snap)| snap.places(node, id))
+        let departures = self.departures.lock().unwrap_or_else(|e| e.into_inner());
+        departures.iter().rev().any(|d| {
+            d.at.elapsed() <= PLACEMENT_GRACE
+                && d.node == node
+                && d.namespace == id.namespace
+                && d.service_account == id.service_account
+        })
     }
+}
+
+/// A placement that ended: `node` ran a workload of `namespace` with `service_account` until
+/// `at` (the workload left, moved or changed its service account).
+#[derive(Debug)]
+struct Departure {
+    at: std::time::Instant,
+    node: String,
+    namespace: String,
+    service_account: String,
 }
 
 /// The current snapshot plus change notification for the control path.
@@ -410,10 +421,11 @@ pub struct Store {
     authz_generation: watch::Sender<u64>,
     /// Serialises writers: each update is computed from the snapshot it replaces.
     writer: Mutex<()>,
-    /// Snapshots replaced within the last [`PLACEMENT_GRACE`], newest last, with when they
-    /// were replaced: where workloads were a moment ago (snapshots share their structure, so
-    /// this costs little).
-    history: Mutex<std::collections::VecDeque<(std::time::Instant, Arc<Snapshot>)>>,
+    /// The placements that ended within the last [`PLACEMENT_GRACE`], oldest first: where
+    /// workloads were a moment ago. Only what ended is kept, never whole snapshots: a burst of
+    /// changes (an agent's first list of 10,000 pods) would otherwise keep every intermediate
+    /// snapshot's own nodes for the grace period, some 15 KB per change.
+    departures: Mutex<std::collections::VecDeque<Departure>>,
 }
 
 /// How long a node may still issue the identity of a workload that left it (a pod that just
@@ -433,21 +445,45 @@ impl Store {
             generation: watch::channel(0).0,
             authz_generation: watch::channel(0).0,
             writer: Mutex::new(()),
-            history: Mutex::default(),
+            departures: Mutex::default(),
         }
     }
 
-    /// Keeps `old`, just replaced, for [`PLACEMENT_GRACE`]; forgets older ones.
-    fn remember(&self, old: Arc<Snapshot>) {
+    /// Keeps, for [`PLACEMENT_GRACE`], the placements of `old` that `new` ends among the
+    /// workloads `keys` (every workload when `None`); forgets older ones.
+    fn remember(&self, old: &Snapshot, new: &Snapshot, keys: Option<&[String]>) {
         let now = std::time::Instant::now();
-        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        while history
+        let ended = |key: &str| {
+            let before = old.workloads.get(key)?;
+            let after = new.workloads.get(key);
+            let kept = after.is_some_and(|w| {
+                w.node == before.node && w.service_account == before.service_account
+            });
+            (!kept).then(|| Departure {
+                at: now,
+                node: before.node.clone(),
+                namespace: before.namespace.clone(),
+                service_account: before.service_account.clone(),
+            })
+        };
+        let ended: Vec<Departure> = match keys {
+            Some(keys) => keys.iter().filter_map(|k| ended(k)).collect(),
+            None => old.workloads.keys().filter_map(|k| ended(k)).collect(),
+        };
+        let mut departures = self.departures.lock().unwrap_or_else(|e| e.into_inner());
+        while departures
             .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > PLACEMENT_GRACE)
+            .is_some_and(|d| now.duration_since(d.at) > PLACEMENT_GRACE)
         {
-            history.pop_front();
+            departures.pop_front();
         }
-        history.push_back((now, old));
+        departures.extend(ended);
+    }
+
+    /// How many ended placements are remembered (tests).
+    #[cfg(test)]
+    fn departures(&self) -> usize {
+        self.departures.lock().map_or(0, |d| d.len())
     }
 
     /// The current snapshot (cheap; never blocks).
@@ -458,7 +494,9 @@ impl Store {
     /// Replaces the snapshot and wakes subscribers.
     pub fn replace(&self, snapshot: Snapshot) {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.remember(self.current.swap(Arc::new(snapshot)));
+        let snapshot = Arc::new(snapshot);
+        let old = self.current.swap(snapshot.clone());
+        self.remember(&old, &snapshot, None);
         self.generation.send_modify(|g| *g += 1);
         self.authz_generation.send_modify(|g| *g += 1);
     }
@@ -468,9 +506,19 @@ impl Store {
     /// snapshot stays.
     pub fn apply(&self, changes: Changes) -> Result<Applied, Error> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let touched: Vec<String> = changes
+            .workloads
+            .iter()
+            .map(Workload::key)
+            .chain(changes.removed_workloads.iter().cloned())
+            .collect();
         let (next, applied) = self.current.load().apply(changes)?;
         if !applied.is_empty() {
-            self.remember(self.current.swap(Arc::new(next)));
+            let next = Arc::new(next);
+            let old = self.current.swap(next.clone());
+            if applied.workloads > 0 {
+                self.remember(&old, &next, Some(&touched));
+            }
             self.generation.send_modify(|g| *g += 1);
             if applied.authz > 0 {
                 self.authz_generation.send_modify(|g| *g += 1);

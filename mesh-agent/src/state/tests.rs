@@ -713,4 +713,58 @@ fn a_node_may_issue_the_identities_of_its_workloads_and_of_those_that_just_left(
     assert!(store.may_issue("n2", &default_of("legacy")));
     assert!(store.may_issue("n1", &default_of("legacy")), "no grace");
     assert!(!store.load().places("n1", &default_of("legacy")));
+    // shop/api-2 leaves n2 (deleted): n2 keeps shop's default for the grace period too.
+    store
+        .apply(Changes {
+            removed_workloads: vec!["shop/api-2".into()],
+            ..Changes::default()
+        })
+        .expect("valid");
+    assert!(!store.load().places("n2", &default_of("shop")));
+    assert!(
+        store.may_issue("n2", &default_of("shop")),
+        "no grace after a removal"
+    );
+    assert!(!store.may_issue("n3", &default_of("shop")));
+    assert_eq!(store.departures(), 2, "one move, one removal");
+}
+
+#[test]
+fn only_ended_placements_are_remembered() {
+    // An agent's first list applies one pod at a time: nothing of it is remembered.
+    let store = Store::new();
+    for i in 0..1_000u32 {
+        store
+            .apply(Changes {
+                workloads: vec![workload(
+                    "shop",
+                    &format!("pod-{i}"),
+                    "n1",
+                    &[&format!("10.1.{}.{}", i / 250, i % 250 + 1)],
+                    "api",
+                )],
+                ..Changes::default()
+            })
+            .expect("valid");
+    }
+    assert_eq!(store.departures(), 0);
+    // A relabel changes no placement; a whole new snapshot that drops one pod ends one.
+    let mut relabelled = workload("shop", "pod-0", "n1", &["10.1.0.1"], "api");
+    relabelled.labels.insert("tier".into(), "gold".into());
+    store
+        .apply(Changes {
+            workloads: vec![relabelled],
+            ..Changes::default()
+        })
+        .expect("valid");
+    assert_eq!(store.departures(), 0, "a relabel is no departure");
+    let (next, _) = store
+        .load()
+        .apply(Changes {
+            removed_workloads: vec!["shop/pod-1".into()],
+            ..Changes::default()
+        })
+        .expect("valid");
+    store.replace(next);
+    assert_eq!(store.departures(), 1);
 }
