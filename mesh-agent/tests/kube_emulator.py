@@ -2,7 +2,11 @@
 127.0.0.1:PORT for the Kubernetes discovery tests (mesh-agent/tests/kube_discovery.rs), with
 nothing preloaded. It prints `listening on PORT` once it serves, and runs until killed.
 
-    python3 kube_emulator.py --port 0 [--host ADDRESS]
+    python3 kube_emulator.py --port 0 [--host ADDRESS] [--preload FILE]
+
+(`--preload` puts the objects of a JSON array into the store before serving, as if created one
+by one: creating 10,000 pods over HTTP takes the emulator many minutes, as it scans every
+object on each request; mesh-agent/tests/kube_memory.rs preloads.)
 
 (tests/tests/kubernetes.rs, the lab's Kubernetes mode, serves it on a node's underlay address.)
 
@@ -42,6 +46,7 @@ MESH_EMULATOR_DEBUG=1 logs every request to stderr.
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 
@@ -110,6 +115,18 @@ class Emulator(kmock.KubernetesEmulator):
             )
         self["post /_emulator/expire"] << self._expire
         self["post /_emulator/drop"] << self._drop
+
+    def preload(self, objects: list) -> None:
+        """Stores `objects` as if each had been created (a resourceVersion each)."""
+        keys = {(kind, key.rsplit("/", 1)[0]): key for key, (kind, *_) in RESOURCES.items()}
+        for raw in objects:
+            group_version = raw.get("apiVersion", "")
+            key = keys.get((raw.get("kind"), group_version))
+            if key is None:
+                raise SystemExit(f"--preload: no resource for {group_version} {raw.get('kind')}")
+            meta = raw.setdefault("metadata", {})
+            meta["resourceVersion"] = self._next()
+            self.objects[key, meta.get("namespace"), meta["name"]] = raw
 
     def _next(self) -> str:
         self.revision += 1
@@ -240,8 +257,12 @@ async def main() -> None:
     # The lab's Kubernetes test serves it on a node's underlay address, inside that node's
     # network namespace, so that every node's agent reaches it.
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--preload", help="a JSON array of objects to hold from the start")
     args = parser.parse_args()
     async with Emulator() as emulator, kmock.Server(emulator, host=args.host, port=args.port) as server:
+        if args.preload:
+            with open(args.preload) as f:
+                emulator.preload(json.load(f))
         print(f"listening on {server.port}", flush=True)
         await asyncio.Event().wait()
 
