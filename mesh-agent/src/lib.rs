@@ -1,10 +1,12 @@
-//! The node agent of the mesh, as a library: `src/main.rs` is its command line; other targets
-//! (fuzzing) link the library to drive its parsers directly. ARCHITECTURE.md says where each
+//! The node agent of the mesh, as a library: `cli` is its command line (`src/main.rs` only
+//! calls it); other targets link the library: `mesh-agent-bench` (src/bin/, the bench's
+//! in-memory measurements), the fuzz targets and the integration tests. ARCHITECTURE.md says where each
 //! concern lives.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod capture;
+pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod crds;

@@ -103,10 +103,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let mut figures = Vec::new();
     if wanted("control") {
-        control::run(&bins.agent, args.quick, &mut figures).context("control path scenario")?;
+        control::run(&bins.bench()?, args.quick, &mut figures).context("control path scenario")?;
     }
     if wanted("throughput") {
-        throughput::crypto(&bins.agent, args.quick, &mut figures).context("TLS record floor")?;
+        throughput::crypto(&bins.bench()?, args.quick, &mut figures).context("TLS record floor")?;
     }
     let lab_scenarios = ["throughput", "latency", "churn", "policy", "memory"];
     if lab_scenarios.iter().any(|s| wanted(s)) {

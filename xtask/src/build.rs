@@ -208,6 +208,21 @@ pub struct LabBins {
     pub labtool: PathBuf,
 }
 
+impl LabBins {
+    /// `mesh-agent-bench` beside the agent (the bench's in-memory measurements), built with it.
+    pub fn bench(&self) -> anyhow::Result<PathBuf> {
+        let bench = self.agent.with_file_name("mesh-agent-bench");
+        if !bench.is_file() {
+            bail!(
+                "{} does not exist: it is built with the agent (`cargo build --release -p \
+                 mesh-agent`), and looked for beside it",
+                bench.display()
+            );
+        }
+        Ok(bench)
+    }
+}
+
 /// The one rule for the binaries a lab command runs: `MESH_AGENT_BIN` / `MESH_LABTOOL_BIN` when
 /// set (used as they are, never built), else `mesh-agent` / `mesh-labtool` of `profile` in the
 /// target directory, built first (the eBPF object, then `cargo build`) when `build` is true.
@@ -231,7 +246,14 @@ pub fn lab_bins(profile: Profile, build: bool) -> anyhow::Result<LabBins> {
     let dir = target_dir().join(profile.dir());
     let mut wanted = Vec::new();
     if agent.is_none() {
-        wanted.extend(["-p", "mesh-agent", "--bin", "mesh-agent"]);
+        wanted.extend([
+            "-p",
+            "mesh-agent",
+            "--bin",
+            "mesh-agent",
+            "--bin",
+            "mesh-agent-bench",
+        ]);
     }
     if labtool.is_none() {
         wanted.extend(["-p", "mesh-tests", "--bin", "mesh-labtool"]);

@@ -1,4 +1,4 @@
-//! `mesh-agent bench-state`: what the control path costs at scale, measured on a synthetic mesh
+//! `mesh-agent-bench state`: what the control path costs at scale, measured on a synthetic mesh
 //! built in memory (no file, no I/O). Prints one JSON line for the benchmark harness.
 //!
 //! The synthetic mesh: services spread over namespaces of about 100 services each, with 1 to 3
@@ -170,7 +170,7 @@ fn compiled(namespace: &str, name: &str, spec: &str) -> Option<Policy> {
     crate::policy::compile(namespace, name, serde_yaml::from_str(spec).ok()?).ok()
 }
 
-/// What `bench-state` measures.
+/// What `mesh-agent-bench state` measures.
 #[derive(Debug)]
 pub struct Report {
     pub shape: Shape,

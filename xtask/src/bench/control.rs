@@ -1,5 +1,5 @@
 //! Scenario 5, the control path at scale: a state of 10,000 services and 50,000 endpoints,
-//! built by the agent's own state code (`mesh-agent bench-state`), then single-service and
+//! built by the agent's own state code (`mesh-agent-bench state`), then single-service and
 //! single-workload updates applied through the incremental API the discovery sources use.
 
 use std::path::Path;
@@ -11,16 +11,16 @@ use super::{
     Figure,
 };
 
-pub fn run(agent: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+pub fn run(bench: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let (services, workloads) = if quick {
         (1_000, 5_000)
     } else {
         (10_000, 50_000)
     };
     let v = measure::agent_json(
-        agent,
+        bench,
         &[
-            "bench-state",
+            "state",
             "--services",
             &services.to_string(),
             "--workloads",

@@ -212,7 +212,8 @@ pub fn agent_json(bin: &Path, args: &[&str]) -> Result<serde_json::Value> {
         .with_context(|| format!("running {} {what}", bin.display()))?;
     if !output.status.success() {
         bail!(
-            "mesh-agent {what} failed ({}): {}",
+            "{} {what} failed ({}): {}",
+            bin.display(),
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         );

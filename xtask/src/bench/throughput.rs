@@ -105,12 +105,12 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
     Ok(())
 }
 
-/// The TLS floor: the record layer's AES-128-GCM on one core (`mesh-agent bench-crypto`), no
+/// The TLS floor: the record layer's AES-128-GCM on one core (`mesh-agent-bench crypto`), no
 /// lab needed. Every byte crossing nodes is sealed once and opened once, so seal plus open per
 /// GiB is CPU the two agents spend per GiB whatever else they do.
-pub fn crypto(agent: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+pub fn crypto(bench: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let millis = if quick { "200" } else { "2000" };
-    let v = measure::agent_json(agent, &["bench-crypto", "--millis", millis])?;
+    let v = measure::agent_json(bench, &["crypto", "--millis", millis])?;
     for (name, key, unit) in [
         ("seal, one core", "seal_gbyte_per_s", "GB/s"),
         ("open, one core", "open_gbyte_per_s", "GB/s"),

@@ -1,4 +1,4 @@
-//! `mesh-agent bench-crypto`: how fast this CPU seals and opens full TLS records with the
+//! `mesh-agent-bench crypto`: how fast this CPU seals and opens full TLS records with the
 //! record layer's own code and the suite HBONE negotiates first (AES-128-GCM). It is the floor
 //! of the mesh's CPU cost per byte: every byte crossing nodes is sealed once by the source
 //! agent and opened once by the destination agent (docs/performance.md, "Where the time goes").
@@ -12,7 +12,7 @@ use super::{cipher::Protection, content, Error, HEADER_LEN, MAX_PLAINTEXT};
 /// Records per round.
 const ROUND: usize = 64;
 
-/// What `bench-crypto` measures, on one thread.
+/// What `mesh-agent-bench crypto` measures, on one thread.
 #[derive(Debug)]
 pub struct CipherBench {
     /// Plaintext bytes sealed per second.

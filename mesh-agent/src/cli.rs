@@ -1,0 +1,184 @@
+//! The command line of `mesh-agent` (src/main.rs only calls [`main`]): `mesh-agent node
+//! --config FILE` runs the node agent; `mesh-agent check` only runs the start-up checks;
+//! installed as `mesh-agent-cni`, the binary is the CNI plugin.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::{cni, crds, identity, node, policy, preflight};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Sidecarless service mesh node agent (eBPF capture, node proxy)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum CniCommand {
+    /// Copy this binary into the CNI bin directory as `mesh-agent-cni` and add the plugin at
+    /// the end of the node's first conflist (idempotent).
+    Install {
+        /// The host's CNI plugin directory.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// The host's CNI configuration directory.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The agent's CNI socket, as the plugin (on the host) reaches it.
+        #[arg(long, default_value = cni::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Remove the plugin from every conflist and its binary (an uninstall).
+    Uninstall {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent (docs/operations.md: restarts, upgrades, uninstall).
+    Node {
+        /// The agent configuration (docs/formats.md).
+        #[arg(long, env = "MESH_CONFIG")]
+        config: PathBuf,
+        /// Instead of running: release every pod of this node and remove the pinned capture
+        /// (through the running agent, which then drains and exits; or directly when none
+        /// runs). The only way besides releasing pods one by one that capture stops.
+        #[arg(long)]
+        uninstall: bool,
+    },
+    /// The chained CNI plugin: without a subcommand, run as the container runtime runs it
+    /// (`CNI_*` environment, configuration on stdin; docs/kubernetes.md). Installed on a node
+    /// as `mesh-agent-cni`, the binary runs as the plugin under that name.
+    Cni {
+        #[command(subcommand)]
+        command: Option<CniCommand>,
+    },
+    /// Certificate authority tools: a root CA, node intermediates.
+    #[command(subcommand)]
+    Ca(identity::cli::CaCommand),
+    /// Authorization policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Print the CustomResourceDefinitions the mesh needs where they are missing (Istio's
+    /// AuthorizationPolicy, for clusters without Istio), generated from the agent's own types.
+    /// deploy/crds/ holds the output.
+    Crds,
+    /// Check that this machine and these privileges can run the agent, then exit.
+    Check {
+        /// The pin directory that would be used.
+        #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+        bpf_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Check the policies of a state file as the agent applies them (invalid ones, L7
+    /// warnings) and, with --to and --port, decide one connection and name the deciding policy.
+    Check(policy::cli::CheckArgs),
+}
+
+/// Runs the command line of this process.
+pub fn main() -> anyhow::Result<()> {
+    // Installed as `mesh-agent-cni`, the runtime runs the binary as its CNI plugin.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n == cni::PLUGIN_TYPE)
+    {
+        cni_plugin();
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Node {
+            config,
+            uninstall: false,
+        } => node::run(&config),
+        Command::Node {
+            config,
+            uninstall: true,
+        } => node::uninstall(&config),
+        Command::Cni { command: None } => cni_plugin(),
+        Command::Cni {
+            command:
+                Some(CniCommand::Install {
+                    bin_dir,
+                    conf_dir,
+                    socket,
+                }),
+        } => {
+            let exe = std::env::current_exe()?;
+            let list = cni::install::install(&exe, &bin_dir, &conf_dir, &socket)?;
+            println!(
+                "installed {} and added it to {}",
+                bin_dir.join(cni::PLUGIN_TYPE).display(),
+                list.display()
+            );
+            Ok(())
+        }
+        Command::Cni {
+            command: Some(CniCommand::Uninstall { bin_dir, conf_dir }),
+        } => {
+            let changed = cni::install::uninstall(&bin_dir, &conf_dir)?;
+            println!(
+                "removed {} and the plugin from {} conflist(s)",
+                bin_dir.join(cni::PLUGIN_TYPE).display(),
+                changed.len()
+            );
+            Ok(())
+        }
+        Command::Ca(cmd) => Ok(identity::cli::run(cmd)?),
+        Command::Policy(PolicyCommand::Check(args)) => {
+            print!("{}", policy::cli::check(&args)?);
+            Ok(())
+        }
+        Command::Crds => {
+            print!("{}", crds::yaml()?);
+            Ok(())
+        }
+        Command::Check { bpf_dir } => {
+            let cgroup = preflight::check(&bpf_dir)?;
+            println!(
+                "ok: kernel, privileges, cgroup v2 at {}, bpffs at {}",
+                cgroup.display(),
+                bpf_dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Runs the CNI plugin on this process's environment and stdin, and exits with its status.
+fn cni_plugin() -> ! {
+    use std::io::{Read as _, Write as _};
+    let env = std::env::vars().collect();
+    let mut stdin = Vec::new();
+    let _ = std::io::stdin()
+        .take(cni::MAX_MESSAGE as u64 * 16)
+        .read_to_end(&mut stdin);
+    let out = cni::plugin::run(&env, &stdin);
+    if let Some(log) = &out.log {
+        eprintln!("{log}");
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.stdout.as_bytes());
+    let _ = stdout.flush();
+    std::process::exit(out.code)
+}
