@@ -1,12 +1,16 @@
 //! Locates the eBPF object that `cargo xtask build-ebpf` builds, and embeds its path.
 //!
 //! There is one definition of how the object is built (xtask build-ebpf). A plain `cargo build`
-//! on a fresh checkout stops here with the command to run first.
+//! on a fresh checkout stops here with the command to run first. Without the `ebpf` feature
+//! (`--no-default-features`) nothing is embedded and nothing is needed.
 
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=MESH_EBPF_OBJECT");
+    if std::env::var_os("CARGO_FEATURE_EBPF").is_none() {
+        return;
+    }
     let object = match std::env::var_os("MESH_EBPF_OBJECT") {
         Some(path) => PathBuf::from(path),
         None => {
@@ -20,7 +24,8 @@ fn main() {
     if !object.is_file() {
         panic!(
             "\n\nthe eBPF object {} does not exist.\nBuild it first with `cargo xtask build-ebpf` \
-             (or `cargo xtask build`), which also installs rust-src and bpf-linker if missing.\n\n",
+             (or `cargo xtask build`), which also installs rust-src and bpf-linker if missing.\n\
+             (Only the pure code, without capture: --no-default-features.)\n\n",
             object.display()
         );
     }

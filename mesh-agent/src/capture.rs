@@ -25,6 +25,11 @@ pub enum Error {
     },
     #[error("loading the eBPF object failed: {0}")]
     Load(String),
+    #[error(
+        "this mesh-agent was built without its eBPF programs (cargo feature `ebpf` off): it \
+         cannot capture; build it with `cargo xtask build`"
+    )]
+    NoObject,
     #[error("the eBPF object has no program {0}: was it built from this version (cargo xtask build-ebpf)?")]
     MissingProgram(&'static str),
     #[error(

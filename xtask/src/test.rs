@@ -70,6 +70,22 @@ pub fn run_all() -> anyhow::Result<()> {
         ])
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR"))?;
+    step("the agent's library without eBPF (no eBPF object: --no-default-features)");
+    // What the waypoint and every test of pure code rely on: the library builds and its unit
+    // tests pass on the default (stable) toolchain with neither the eBPF object nor bpf-linker
+    // (the object's path is made unusable so that nothing can quietly embed it).
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args([
+            "test",
+            "-p",
+            "mesh-agent",
+            "--lib",
+            "--no-default-features",
+            "--",
+            "--test-threads=2",
+        ])
+        .env("MESH_EBPF_OBJECT", "/nonexistent/mesh-ebpf"))?;
     step("Kubernetes manifests (deploy/: rendered and validated)");
     manifests::run_all()?;
     step("build (debug binaries the lab runs)");

@@ -19,8 +19,11 @@ use crate::{
     metrics::{ProgramReason, ReadCounters},
 };
 
-/// The object built by `cargo xtask build-ebpf`, embedded at compile time.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+/// The object built by `cargo xtask build-ebpf`, embedded at compile time (feature `ebpf`).
+#[cfg(feature = "ebpf")]
+static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT")));
+#[cfg(not(feature = "ebpf"))]
+static OBJECT: Option<&[u8]> = None;
 
 /// The loaded programs and the maps the control path writes.
 pub struct Loaded {
@@ -63,7 +66,7 @@ pub fn load(
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .override_global(globals::OUTBOUND_PORT, &mesh_common::ports::OUTBOUND, true)
-        .load(OBJECT)
+        .load(OBJECT.ok_or(Error::NoObject)?)
         .map_err(|e| Error::Load(super::chain(&e)))?;
     for name in programs::ALL {
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
