@@ -11,6 +11,7 @@ mod copy;
 mod inbound;
 pub mod limits;
 mod outbound;
+pub mod route;
 pub mod sampled;
 
 use std::{

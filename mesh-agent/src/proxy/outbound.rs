@@ -6,11 +6,14 @@ use mesh_common::{family, ports, ConnKey};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{connect_for, copy, pod_socket, reset, Error, Inputs, Pod};
+use super::{
+    connect_for, copy, pod_socket, reset,
+    route::{self, Route, Via},
+    Error, Inputs, Pod,
+};
 use crate::{
     capture::mapped_words,
     identity::SpiffeId,
-    state::Destination,
     tunnel::{self, client::PoolKey},
 };
 
@@ -23,26 +26,33 @@ pub async fn proxy(
     let orig = original_destination(client, pod, inputs)?;
     tracing::Span::current().record("orig_dst", tracing::field::display(orig));
     let snap = inputs.store.load();
-    let (target, route) = match snap.resolve(orig) {
-        Destination::Service { service, endpoint } => {
-            debug!(%service, "service resolved");
-            (endpoint, "service")
-        }
-        Destination::NoEndpoints { service } => {
+    let source = route::Source {
+        node: &inputs.node,
+        same_node_fast_path: inputs.same_node_fast_path,
+    };
+    let decision = route::route(&snap, &source, orig);
+    drop(snap);
+    if let Via::Service(service) = &decision.via {
+        debug!(%service, "service resolved");
+    }
+    // The workload itself (a reference count), not copies of its strings: this runs per
+    // connection.
+    let (target, peer, local) = match decision.route {
+        Route::NoEndpoints { service } => {
             reset(stream);
             return Err(Error::NoEndpoints { service });
         }
-        Destination::Passthrough(addr) => (addr, "direct"),
-    };
-    // A destination in the mesh is reached over HBONE with its workload's identity.
-    // The workload itself (a reference count), not copies of its strings: this runs per
-    // connection.
-    let peer = snap.meshed_workload(target.ip()).cloned();
-    drop(snap);
-    // A meshed destination this agent captures too: the same-node fast path.
-    let local = match &peer {
-        Some(_) if inputs.same_node_fast_path => inputs.local.load().get(&target.ip()).cloned(),
-        _ => None,
+        Route::Loop { endpoint } => {
+            reset(stream);
+            return Err(Error::Loop { addr: endpoint });
+        }
+        Route::Plaintext { endpoint } => (endpoint, None, None),
+        Route::Hbone { endpoint, workload } => (endpoint, Some(workload), None),
+        // Handed over directly when this agent serves the pod (it may not yet): HBONE otherwise.
+        Route::SameNode { endpoint, workload } => {
+            let local = inputs.local.load().get(&endpoint.ip()).cloned();
+            (endpoint, Some(workload), local)
+        }
     };
     let transport = match (&local, &peer) {
         (Some(_), _) => "local",
@@ -51,15 +61,10 @@ pub async fn proxy(
     };
     let span = tracing::Span::current();
     span.record("endpoint", tracing::field::display(target));
-    span.record("route", route);
+    span.record("route", decision.via.label());
     span.record("transport", transport);
-    pod.routes.inc(&inputs.metrics, route, transport);
-    // Loopback or unspecified (0.0.0.0, ::: the local host) would come back to this agent.
-    let ip = target.ip().to_canonical();
-    if ip.is_loopback() || ip.is_unspecified() {
-        reset(stream);
-        return Err(Error::Loop { addr: target });
-    }
+    pod.routes
+        .inc(&inputs.metrics, decision.via.label(), transport);
     if let Some(dst) = local {
         span.record(
             "peer_identity",
