@@ -87,7 +87,7 @@ pub struct RouteCounters {
     namespace: String,
     workload: String,
     /// By [`RouteCounters::slot`].
-    counters: [std::sync::OnceLock<Counter>; 6],
+    counters: [std::sync::OnceLock<Counter>; 8],
 }
 
 impl RouteCounters {
@@ -100,7 +100,7 @@ impl RouteCounters {
     }
 
     /// Counts one outbound connection: `route` is `service` or `direct`, `transport` `hbone`,
-    /// `local` or `plaintext`.
+    /// `local`, `plaintext` or `waypoint`.
     pub fn inc(&self, metrics: &Metrics, route: &'static str, transport: &'static str) {
         let labels = || RouteLabels {
             namespace: self.namespace.clone(),
@@ -118,10 +118,10 @@ impl RouteCounters {
 
     fn slot(route: &str, transport: &str) -> Option<usize> {
         let r = ["service", "direct"].iter().position(|x| *x == route)?;
-        let t = ["hbone", "local", "plaintext"]
+        let t = ["hbone", "local", "plaintext", "waypoint"]
             .iter()
             .position(|x| *x == transport)?;
-        Some(r * 3 + t)
+        Some(r * 4 + t)
     }
 }
 
@@ -286,7 +286,7 @@ impl Metrics {
         );
         registry.register(
             "mesh_outbound_routes",
-            "Outbound destination choices: service or direct, over HBONE or plaintext",
+            "Outbound destination choices: service or direct; over HBONE, through a waypoint, to a pod of this node (local) or plaintext",
             m.routes.clone(),
         );
         registry.register(

@@ -187,6 +187,11 @@ pub enum Error {
     OrigDstMap(std::io::Error),
     #[error("service {service} has no endpoints")]
     NoEndpoints { service: String },
+    #[error(
+        "service {service} is reached through its namespace's waypoint {waypoint}, which has no \
+         pod in the mesh: refused"
+    )]
+    NoWaypoint { service: String, waypoint: String },
     #[error("refusing to proxy to {addr}: it is the agent's own port or loopback (a loop)")]
     Loop { addr: SocketAddr },
     #[error("connecting to {addr} failed: {source}")]
@@ -258,6 +263,7 @@ impl Error {
             Error::NoOrigDst { .. } => "no_original_destination",
             Error::OrigDstMap(_) => "original_destination_map",
             Error::NoEndpoints { .. } => "no_endpoints",
+            Error::NoWaypoint { .. } => "no_waypoint",
             Error::Loop { .. } => "loop",
             Error::Connect { .. } => "connect",
             Error::NoLocalPort { .. } => "no_local_port",

@@ -42,12 +42,16 @@ use crate::{
 /// `namespace/name`: how workloads and services are keyed.
 pub type Key = Arc<str>;
 
-/// A namespace and whether the mesh captures its pods.
+/// A namespace, whether the mesh captures its pods, and its waypoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
     pub name: String,
     /// Capture the pods of this namespace.
     pub enabled: bool,
+    /// The namespace's waypoint (its L7 proxy): the name of the service of this namespace
+    /// whose endpoints are the waypoint's pods (HBONE on port 15008). Connections to the
+    /// namespace's services go through it.
+    pub waypoint: Option<String>,
 }
 
 /// A pod (or any workload with an address) as the mesh knows it.
@@ -72,10 +76,22 @@ pub struct Workload {
     pub capture: CaptureExclusions,
 }
 
+/// The pod label that says what a workload is to the mesh; with [`ROLE_WAYPOINT`] it is a pod
+/// of a waypoint: a workload of the mesh (its address, its identity) that terminates and
+/// originates HBONE itself, so it is never captured.
+pub const ROLE_LABEL: &str = "mesh-agent/role";
+/// [`ROLE_LABEL`]'s value for a waypoint's pods.
+pub const ROLE_WAYPOINT: &str = "waypoint";
+
 impl Workload {
     /// `namespace/name`, the workload's name in logs and metrics.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether this is a pod of a waypoint ([`ROLE_LABEL`]): never captured.
+    pub fn is_waypoint(&self) -> bool {
+        self.labels.get(ROLE_LABEL).map(String::as_str) == Some(ROLE_WAYPOINT)
     }
 }
 
@@ -258,6 +274,8 @@ pub enum Error {
 pub struct Snapshot {
     /// Namespace name to whether capture is enabled.
     pub namespaces: HashMap<String, bool>,
+    /// Namespace name to its waypoint's service name (namespaces with a waypoint only).
+    waypoints: HashMap<String, String>,
     /// Workloads by `namespace/name`.
     pub workloads: OrdMap<Key, Arc<Workload>>,
     /// Every workload address to its workload.
@@ -322,8 +340,14 @@ impl Snapshot {
         self.namespaces.get(namespace).copied().unwrap_or(false)
     }
 
-    /// The workloads of `node` in enabled namespaces, by key: the pods the agent must capture.
-    /// Costs the number of workloads of the node, not of the mesh.
+    /// The name of `namespace`'s waypoint service, if it has one.
+    pub fn waypoint_of(&self, namespace: &str) -> Option<&str> {
+        self.waypoints.get(namespace).map(String::as_str)
+    }
+
+    /// The workloads of `node` in enabled namespaces, by key: the pods the agent must capture
+    /// (a waypoint's pods speak HBONE themselves and are not among them). Costs the number of
+    /// workloads of the node, not of the mesh.
     pub fn captured_on<'a>(
         &'a self,
         node: &'a str,
@@ -333,7 +357,7 @@ impl Snapshot {
             .get(node)
             .into_iter()
             .flat_map(|workloads| workloads.values())
-            .filter(move |w| self.namespace_enabled(&w.namespace))
+            .filter(move |w| self.namespace_enabled(&w.namespace) && !w.is_waypoint())
     }
 
     /// The workload at `ip` if it is in the mesh (its namespace is enabled): traffic to it goes

@@ -46,6 +46,18 @@ pub struct StateFile {
     /// AuthorizationPolicy objects, each checked on its own (`policies` module).
     #[serde(default)]
     pub policies: Vec<serde_yaml::Value>,
+    /// Namespaces with a waypoint: connections to their services go through it.
+    #[serde(default)]
+    pub waypoints: Vec<WaypointSpec>,
+}
+
+/// A namespace's waypoint: `name` is the service of `namespace` whose endpoints are the
+/// waypoint's pods (the namespace label `mesh-agent/waypoint=<name>` of the Kubernetes source).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaypointSpec {
+    pub namespace: String,
+    pub name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,7 +207,28 @@ impl TryFrom<StateFile> for Desired {
             desired.namespaces.push(Namespace {
                 name: ns.name,
                 enabled: ns.enabled,
+                waypoint: None,
             });
+        }
+        for (i, w) in file.waypoints.into_iter().enumerate() {
+            let Some(ns) = desired
+                .namespaces
+                .iter_mut()
+                .find(|ns| ns.name == w.namespace)
+            else {
+                return Err(format!(
+                    "waypoints[{i}].namespace: namespace {:?} is not listed in namespaces",
+                    w.namespace
+                ));
+            };
+            if ns.waypoint.is_some() {
+                return Err(format!(
+                    "waypoints[{i}]: namespace {} has a waypoint already",
+                    w.namespace
+                ));
+            }
+            validate::waypoint_name(&w.name).map_err(|p| format!("waypoints[{i}]{p}"))?;
+            ns.waypoint = Some(w.name);
         }
         let mut keys = HashSet::new();
         // Who has each address: the index of a workload in `desired.workloads`.

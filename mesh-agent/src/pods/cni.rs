@@ -127,7 +127,7 @@ impl Manager {
             && snap
                 .workloads
                 .get(key.as_str())
-                .is_none_or(|w| w.node == self.node);
+                .is_none_or(|w| w.node == self.node && !w.is_waypoint());
         drop(snap);
         match request.command {
             Verb::Add
@@ -221,6 +221,8 @@ impl Manager {
         let (namespace, name) = key.split_once('/')?;
         let found = node_pods.with_addresses(namespace, name, ips);
         match &found {
+            // A waypoint's pod speaks HBONE itself: never captured.
+            NodePod::Workload(w) if w.is_waypoint() => return Some(NodePod::NotMeshed),
             NodePod::Workload(w) if w.node == self.node => {
                 self.cni_workloads
                     .insert(key.to_owned(), Arc::new((**w).clone()));

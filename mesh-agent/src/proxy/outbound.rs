@@ -37,10 +37,25 @@ pub async fn proxy(
     }
     // The workload itself (a reference count), not copies of its strings: this runs per
     // connection.
+    // `hbone`: where the HBONE connection goes, if it goes (the endpoint's port 15008, or the
+    // waypoint's), and the authority it asks for (the endpoint, or the original service port).
+    let mut hbone = None;
     let (target, peer, local) = match decision.route {
         Route::NoEndpoints { service } => {
             reset(stream);
             return Err(Error::NoEndpoints { service });
+        }
+        Route::NoWaypoint { service, waypoint } => {
+            reset(stream);
+            return Err(Error::NoWaypoint { service, waypoint });
+        }
+        Route::Waypoint {
+            endpoint,
+            workload,
+            authority,
+        } => {
+            hbone = Some((endpoint, authority));
+            (endpoint, Some(workload), None)
         }
         Route::Loop { endpoint } => {
             reset(stream);
@@ -54,10 +69,11 @@ pub async fn proxy(
             (endpoint, Some(workload), local)
         }
     };
-    let transport = match (&local, &peer) {
-        (Some(_), _) => "local",
-        (None, Some(_)) => "hbone",
-        (None, None) => "plaintext",
+    let transport = match (&local, &peer, &hbone) {
+        (Some(_), _, _) => "local",
+        (None, Some(_), Some(_)) => "waypoint",
+        (None, Some(_), None) => "hbone",
+        (None, None, _) => "plaintext",
     };
     let span = tracing::Span::current();
     span.record("endpoint", tracing::field::display(target));
@@ -90,7 +106,16 @@ pub async fn proxy(
             let sent_first = initial.as_ref().map_or(0, |b| b.len() as u64);
             // Boxed: opening a stream may dial and handshake, a future of many KiB that would
             // otherwise stay allocated for the whole life of the connection.
-            let opened = open_hbone(client, pod, inputs, target, (expected, &peer.node), initial);
+            let (dst, authority) =
+                hbone.unwrap_or((SocketAddr::new(target.ip(), ports::HBONE), target));
+            let opened = open_hbone(
+                client,
+                pod,
+                inputs,
+                (dst, authority),
+                (expected, &peer.node),
+                initial,
+            );
             let tunnel = match Box::pin(opened).await {
                 Ok(tunnel) => tunnel,
                 Err(e) => {
@@ -115,14 +140,14 @@ pub async fn proxy(
     }
 }
 
-/// A CONNECT stream to `target` through a pooled HBONE connection to the target's pod,
-/// authenticated as this pod and accepting only the `expected` server identity, issued by the
-/// target's node (or by a central CA).
+/// A CONNECT stream for `authority` through a pooled HBONE connection to `dst` (the target
+/// pod's port 15008, or its waypoint's), authenticated as this pod and accepting only the
+/// `expected` server identity, issued by `node`, the server's node (or by a central CA).
 async fn open_hbone(
     client: SocketAddr,
     pod: &Pod,
     inputs: &Inputs,
-    target: SocketAddr,
+    (dst, authority): (SocketAddr, SocketAddr),
     (expected, node): (SpiffeId, &str),
     initial: Option<bytes::Bytes>,
 ) -> Result<tunnel::client::Stream, Error> {
@@ -130,7 +155,7 @@ async fn open_hbone(
     let key = PoolKey {
         src: state.identity.clone(),
         src_pod: pod.netns_cookie,
-        dst: SocketAddr::new(target.ip(), ports::HBONE),
+        dst,
         expected,
     };
     let dst = key.dst;
@@ -156,7 +181,7 @@ async fn open_hbone(
     );
     Ok(inputs
         .pool
-        .open(&key, tls, dial, target, forwarded_for, initial)
+        .open(&key, tls, dial, authority, forwarded_for, initial)
         .await?)
 }
 

@@ -51,6 +51,18 @@ pub enum Route {
         endpoint: SocketAddr,
         workload: Arc<Workload>,
     },
+    /// A service of a namespace with a waypoint: HBONE to one of the waypoint's pods
+    /// (`endpoint`, its port 15008), expecting the waypoint's identity, asking for the
+    /// original destination (`authority`, the service's `vip:port`); the waypoint picks the
+    /// service's endpoint. Never straight to an endpoint, also on the same node.
+    Waypoint {
+        endpoint: SocketAddr,
+        workload: Arc<Workload>,
+        authority: SocketAddr,
+    },
+    /// A service of a namespace whose waypoint has no pod in the mesh (or no service): refused,
+    /// never sent around it.
+    NoWaypoint { service: String, waypoint: String },
     /// A service without endpoints: refused.
     NoEndpoints { service: String },
     /// An address that would come back to this agent (loopback, unspecified): refused.
@@ -69,12 +81,26 @@ pub struct Decision {
 /// rest goes out in plaintext, except addresses that would loop back to this agent.
 pub fn route(snap: &Snapshot, source: &Source<'_>, orig: SocketAddr) -> Decision {
     let (via, endpoint) = match snap.resolve(orig) {
-        Destination::Service { service, endpoint } => (Via::Service(service), endpoint),
-        Destination::NoEndpoints { service } => {
-            return Decision {
-                via: Via::Service(service.clone()),
-                route: Route::NoEndpoints { service },
+        Destination::Service { service, endpoint } => {
+            match through_waypoint(snap, &service, orig) {
+                Some(route) => {
+                    return Decision {
+                        via: Via::Service(service),
+                        route,
+                    }
+                }
+                None => (Via::Service(service), endpoint),
             }
+        }
+        Destination::NoEndpoints { service } => {
+            let route =
+                through_waypoint(snap, &service, orig).unwrap_or_else(|| Route::NoEndpoints {
+                    service: service.clone(),
+                });
+            return Decision {
+                via: Via::Service(service),
+                route,
+            };
         }
         Destination::Passthrough(addr) => (Via::Direct, addr),
     };
@@ -100,12 +126,47 @@ pub fn route(snap: &Snapshot, source: &Source<'_>, orig: SocketAddr) -> Decision
     Decision { via, route }
 }
 
+/// The route through the waypoint of service `service`'s namespace, if the namespace is meshed
+/// and has one (and `service` is not the waypoint's own service).
+fn through_waypoint(snap: &Snapshot, service: &str, orig: SocketAddr) -> Option<Route> {
+    let (namespace, name) = service.split_once('/')?;
+    if !snap.namespace_enabled(namespace) {
+        return None;
+    }
+    let waypoint = snap.waypoint_of(namespace)?;
+    if waypoint == name {
+        return None;
+    }
+    let key = format!("{namespace}/{waypoint}");
+    let found = snap.service(&key).and_then(|def| {
+        def.vips.iter().find_map(|vip| {
+            match snap.resolve(SocketAddr::new(*vip, mesh_common::ports::HBONE)) {
+                Destination::Service { endpoint, .. } => snap
+                    .meshed_workload(endpoint.ip())
+                    .map(|w| (endpoint, w.clone())),
+                _ => None,
+            }
+        })
+    });
+    Some(match found {
+        Some((endpoint, workload)) => Route::Waypoint {
+            endpoint,
+            workload,
+            authority: orig,
+        },
+        None => Route::NoWaypoint {
+            service: service.to_owned(),
+            waypoint: key,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::{collections::BTreeMap, net::IpAddr};
 
     use super::*;
-    use crate::state::{Changes, Namespace, PortMapping, Service};
+    use crate::state::{Changes, Namespace, PortMapping, Service, ROLE_LABEL, ROLE_WAYPOINT};
 
     fn workload(ns: &str, name: &str, node: &str, ip: &str) -> Workload {
         Workload {
@@ -122,9 +183,11 @@ mod tests {
         }
     }
 
-    /// shop (meshed): client and api-1 on n1, api-2 on n2; legacy (not meshed): server on n2.
-    /// Services: shop/api (both api pods), shop/empty (no endpoint), shop/local (api-1 only),
-    /// legacy/server.
+    /// shop (meshed): client and api-1 on n1, api-2 on n2; legacy (not meshed): server on n2;
+    /// web (meshed, waypoint `waypoint`): the waypoint on n2, app on n1; broken (meshed, its
+    /// waypoint `missing` does not exist) and unmeshed (not meshed, waypoint named): app on n1.
+    /// Services: shop/api (api-2), shop/empty (no endpoint), shop/local (api-1),
+    /// legacy/server, web/waypoint (port 15008), web/app, web/empty, broken/app, unmeshed/app.
     fn snapshot() -> Snapshot {
         let service = |ns: &str, name: &str, vip: &str, app: &str| Service {
             namespace: ns.into(),
@@ -137,16 +200,40 @@ mod tests {
             selector: BTreeMap::from([("app".to_owned(), app.to_owned())]),
             endpoints: None,
         };
+        let waypoint_service = Service {
+            ports: vec![PortMapping {
+                port: 15008,
+                target_port: 15008,
+            }],
+            ..service("web", "waypoint", "10.96.0.20", "waypoint")
+        };
         let (snap, _) = Snapshot::default()
             .apply(Changes {
                 namespaces: vec![
                     Namespace {
                         name: "shop".into(),
                         enabled: true,
+                        waypoint: None,
                     },
                     Namespace {
                         name: "legacy".into(),
                         enabled: false,
+                        waypoint: None,
+                    },
+                    Namespace {
+                        name: "web".into(),
+                        enabled: true,
+                        waypoint: Some("waypoint".into()),
+                    },
+                    Namespace {
+                        name: "broken".into(),
+                        enabled: true,
+                        waypoint: Some("missing".into()),
+                    },
+                    Namespace {
+                        name: "unmeshed".into(),
+                        enabled: false,
+                        waypoint: Some("waypoint".into()),
                     },
                 ],
                 workloads: vec![
@@ -154,12 +241,27 @@ mod tests {
                     workload("shop", "api-1", "n1", "10.0.1.3"),
                     workload("shop", "api-2", "n2", "10.0.2.2"),
                     workload("legacy", "server", "n2", "10.0.2.3"),
+                    Workload {
+                        labels: BTreeMap::from([
+                            ("app".to_owned(), "waypoint".to_owned()),
+                            (ROLE_LABEL.to_owned(), ROLE_WAYPOINT.to_owned()),
+                        ]),
+                        ..workload("web", "waypoint", "n2", "10.0.2.4")
+                    },
+                    workload("web", "app", "n1", "10.0.1.5"),
+                    workload("broken", "app", "n1", "10.0.1.6"),
+                    workload("unmeshed", "app", "n1", "10.0.1.7"),
                 ],
                 services: vec![
                     service("shop", "api", "10.96.0.10", "api-2"),
                     service("shop", "empty", "10.96.0.11", "nobody"),
                     service("shop", "local", "10.96.0.12", "api-1"),
                     service("legacy", "server", "10.96.0.13", "server"),
+                    waypoint_service,
+                    service("web", "app", "10.96.0.21", "app"),
+                    service("web", "empty", "10.96.0.22", "nobody"),
+                    service("broken", "app", "10.96.0.23", "app"),
+                    service("unmeshed", "app", "10.96.0.24", "app"),
                 ],
                 ..Changes::default()
             })
@@ -179,6 +281,10 @@ mod tests {
                 ("same-node", Some(*endpoint), Some(workload.key()))
             }
             Route::Hbone { endpoint, workload } => ("hbone", Some(*endpoint), Some(workload.key())),
+            Route::Waypoint {
+                endpoint, workload, ..
+            } => ("waypoint", Some(*endpoint), Some(workload.key())),
+            Route::NoWaypoint { waypoint, .. } => ("no-waypoint", None, Some(waypoint.clone())),
             Route::NoEndpoints { service } => ("no-endpoints", None, Some(service.clone())),
             Route::Loop { endpoint } => ("loop", Some(*endpoint), None),
         }
@@ -232,6 +338,19 @@ mod tests {
             (&n1, "10.96.0.10:81", Via::Direct, "plaintext", Some("10.96.0.10:81"), None),
             // A service without endpoints is refused.
             (&n1, "10.96.0.11:80", Via::Service("shop/empty".into()), "no-endpoints", None, Some("shop/empty")),
+            // A service of a namespace with a waypoint: HBONE to the waypoint, from any node,
+            // also with no endpoint of its own (the waypoint answers), fast path or not.
+            (&n1, "10.96.0.21:80", Via::Service("web/app".into()), "waypoint", Some("10.0.2.4:15008"), Some("web/waypoint")),
+            (&n2, "10.96.0.21:80", Via::Service("web/app".into()), "waypoint", Some("10.0.2.4:15008"), Some("web/waypoint")),
+            (&n1_no_fast_path, "10.96.0.21:80", Via::Service("web/app".into()), "waypoint", Some("10.0.2.4:15008"), Some("web/waypoint")),
+            (&n1, "10.96.0.22:80", Via::Service("web/empty".into()), "waypoint", Some("10.0.2.4:15008"), Some("web/waypoint")),
+            // The waypoint's own service, and the namespace's pods by address: not through it.
+            (&n1, "10.96.0.20:15008", Via::Service("web/waypoint".into()), "hbone", Some("10.0.2.4:15008"), Some("web/waypoint")),
+            (&n1, "10.0.1.5:8080", Via::Direct, "same-node", Some("10.0.1.5:8080"), Some("web/app")),
+            // A waypoint that does not exist: refused, never sent around it.
+            (&n1, "10.96.0.23:80", Via::Service("broken/app".into()), "no-waypoint", None, Some("broken/missing")),
+            // A namespace not meshed has no waypoint in effect.
+            (&n1, "10.96.0.24:80", Via::Service("unmeshed/app".into()), "plaintext", Some("10.0.1.7:8080"), None),
             // Addresses that would loop back to the agent are refused.
             (&n1, "127.0.0.1:15001", Via::Direct, "loop", Some("127.0.0.1:15001"), None),
             (&n1, "0.0.0.0:80", Via::Direct, "loop", Some("0.0.0.0:80"), None),
@@ -267,6 +386,7 @@ mod tests {
                 namespaces: vec![Namespace {
                     name: "legacy".into(),
                     enabled: true,
+                    waypoint: None,
                 }],
                 ..Changes::default()
             })

@@ -76,22 +76,34 @@ impl Snapshot {
         for ns in &upserts {
             validate::namespace_name(&ns.name)
                 .map_err(|p| invalid(Kind::Namespace, &ns.name, p))?;
+            if let Some(waypoint) = &ns.waypoint {
+                validate::waypoint_name(waypoint)
+                    .map_err(|p| invalid(Kind::Namespace, &ns.name, p))?;
+            }
             if !seen.insert(ns.name.as_str()) {
                 return Err(invalid(Kind::Namespace, &ns.name, Problem::listed_twice()));
             }
         }
-        let before = self.namespaces.clone();
+        let (before, waypoints_before) = (self.namespaces.clone(), self.waypoints.clone());
         let mut touched: HashSet<&str> = seen;
         for name in removals {
             self.namespaces.remove(name.as_str());
+            self.waypoints.remove(name.as_str());
             touched.insert(name.as_str());
         }
         for ns in &upserts {
             self.namespaces.insert(ns.name.clone(), ns.enabled);
+            match &ns.waypoint {
+                Some(waypoint) => self.waypoints.insert(ns.name.clone(), waypoint.clone()),
+                None => self.waypoints.remove(ns.name.as_str()),
+            };
         }
         applied.namespaces += touched
             .iter()
-            .filter(|name| before.get(**name) != self.namespaces.get(**name))
+            .filter(|name| {
+                before.get(**name) != self.namespaces.get(**name)
+                    || waypoints_before.get(**name) != self.waypoints.get(**name)
+            })
             .count();
         Ok(())
     }

@@ -101,6 +101,7 @@ impl Shape {
                 .map(|n| Namespace {
                     name: format!("ns-{n}"),
                     enabled: n % 10 != 9,
+                    waypoint: None,
                 })
                 .collect(),
             workloads: (0..self.workloads).map(|j| self.workload(j)).collect(),

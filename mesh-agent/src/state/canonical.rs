@@ -11,6 +11,7 @@ use super::*;
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Canonical {
     namespaces: BTreeMap<String, bool>,
+    waypoints: BTreeMap<String, String>,
     workloads: BTreeMap<String, Workload>,
     workloads_by_ip: BTreeMap<IpAddr, String>,
     services: BTreeMap<SocketAddr, (String, Vec<SocketAddr>)>,
@@ -135,6 +136,17 @@ pub(crate) fn canonical(snap: &Snapshot) -> Canonical {
             .namespaces
             .iter()
             .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        waypoints: snap
+            .waypoints
+            .iter()
+            .map(|(k, v)| {
+                assert!(
+                    snap.namespaces.contains_key(k),
+                    "waypoint of no namespace {k}"
+                );
+                (k.clone(), v.clone())
+            })
             .collect(),
         workloads: snap
             .workloads

@@ -1,7 +1,7 @@
 //! Tests of the state: the data path's reads, the rules, and that incremental updates always
 //! give the snapshot a full build of the same state gives.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -51,10 +51,12 @@ fn small() -> Changes {
             Namespace {
                 name: "shop".into(),
                 enabled: true,
+                waypoint: None,
             },
             Namespace {
                 name: "legacy".into(),
                 enabled: false,
+                waypoint: None,
             },
         ],
         workloads: vec![
@@ -285,6 +287,7 @@ fn store_errors_name_the_object_and_field() {
                 namespaces: vec![Namespace {
                     name: String::new(),
                     enabled: true,
+                    waypoint: None,
                 }],
                 ..Changes::default()
             },
@@ -365,7 +368,7 @@ fn an_address_or_a_vip_can_move_between_objects_in_one_change() {
 /// A random state of a small universe, where collisions (addresses, VIPs, labels) are common.
 #[derive(Debug, Clone, Default)]
 struct Model {
-    namespaces: BTreeMap<String, bool>,
+    namespaces: BTreeMap<String, Namespace>,
     workloads: BTreeMap<String, Workload>,
     services: BTreeMap<String, Service>,
     policies: BTreeMap<String, Policy>,
@@ -374,14 +377,7 @@ struct Model {
 impl Model {
     fn changes(&self) -> Changes {
         Changes {
-            namespaces: self
-                .namespaces
-                .iter()
-                .map(|(name, enabled)| Namespace {
-                    name: name.clone(),
-                    enabled: *enabled,
-                })
-                .collect(),
+            namespaces: self.namespaces.values().cloned().collect(),
             workloads: self.workloads.values().cloned().collect(),
             services: self.services.values().cloned().collect(),
             policies: self.policies.values().cloned().collect(),
@@ -402,7 +398,7 @@ impl Model {
             next.services.remove(key);
         }
         for ns in &changes.namespaces {
-            next.namespaces.insert(ns.name.clone(), ns.enabled);
+            next.namespaces.insert(ns.name.clone(), ns.clone());
         }
         for w in &changes.workloads {
             next.workloads.insert(w.key(), w.clone());
@@ -568,7 +564,12 @@ fn random_change(rng: &mut StdRng, model: &Model) -> Changes {
                 let name = pick(rng, &NAMESPACES).to_owned();
                 if c.namespaces.iter().all(|n| n.name != name) {
                     let enabled = rng.random_bool(0.5);
-                    c.namespaces.push(Namespace { name, enabled });
+                    let waypoint = rng.random_bool(0.3).then(|| "waypoint".to_owned());
+                    c.namespaces.push(Namespace {
+                        name,
+                        enabled,
+                        waypoint,
+                    });
                 }
             }
             _ => c.removed_namespaces.push(pick(rng, &NAMESPACES).to_owned()),
@@ -767,4 +768,86 @@ fn only_ended_placements_are_remembered() {
         .expect("valid");
     store.replace(next);
     assert_eq!(store.departures(), 1);
+}
+
+#[test]
+fn a_waypoint_pod_is_a_meshed_workload_never_captured() {
+    let mut waypoint = workload("shop", "waypoint-1", "n1", &["10.0.1.9"], "waypoint");
+    waypoint
+        .labels
+        .insert(ROLE_LABEL.to_owned(), ROLE_WAYPOINT.to_owned());
+    // A waypoint's pod needs no sandbox to be found: it is never captured.
+    waypoint.netns = PathBuf::new();
+    waypoint.cgroup = PathBuf::new();
+    let mut changes = small();
+    changes.workloads.push(waypoint);
+    changes.namespaces[0].waypoint = Some("waypoint".into());
+    let store = Store::new();
+    store.apply(changes).expect("valid");
+    let snap = store.load();
+    assert!(snap.meshed_workload(ip("10.0.1.9")).is_some());
+    let captured: Vec<String> = snap.captured_on("n1").map(|w| w.key()).collect();
+    assert!(
+        !captured.contains(&"shop/waypoint-1".to_owned()),
+        "{captured:?}"
+    );
+    assert!(captured.contains(&"shop/api-1".to_owned()), "{captured:?}");
+    assert_eq!(snap.waypoint_of("shop"), Some("waypoint"));
+    assert_eq!(snap.waypoint_of("legacy"), None);
+    // An ordinary workload without sandbox or uid is still refused.
+    let mut bare = workload("shop", "bare", "n1", &["10.0.1.10"], "bare");
+    bare.netns = PathBuf::new();
+    bare.cgroup = PathBuf::new();
+    let err = store
+        .apply(Changes {
+            workloads: vec![bare],
+            ..Changes::default()
+        })
+        .expect_err("no sandbox, no uid");
+    assert!(err.to_string().contains("uid"), "{err}");
+}
+
+#[test]
+fn a_namespace_waypoint_must_name_a_service() {
+    let store = Store::new();
+    let err = store
+        .apply(Changes {
+            namespaces: vec![Namespace {
+                name: "shop".into(),
+                enabled: true,
+                waypoint: Some("Not_A_Name".into()),
+            }],
+            ..Changes::default()
+        })
+        .expect_err("invalid waypoint name");
+    assert!(
+        err.to_string().contains(".waypoint: \"Not_A_Name\""),
+        "{err}"
+    );
+    // Setting and removing a waypoint are changes of the namespace.
+    let set = |waypoint: Option<&str>| Changes {
+        namespaces: vec![Namespace {
+            name: "shop".into(),
+            enabled: true,
+            waypoint: waypoint.map(str::to_owned),
+        }],
+        ..Changes::default()
+    };
+    assert_eq!(store.apply(set(None)).expect("valid").namespaces, 1);
+    assert_eq!(
+        store
+            .apply(set(Some("waypoint")))
+            .expect("valid")
+            .namespaces,
+        1
+    );
+    assert_eq!(
+        store
+            .apply(set(Some("waypoint")))
+            .expect("valid")
+            .namespaces,
+        0
+    );
+    assert_eq!(store.apply(set(None)).expect("valid").namespaces, 1);
+    assert_eq!(store.load().waypoint_of("shop"), None);
 }

@@ -105,7 +105,8 @@ pub fn workload(
             ));
         }
     }
-    // Either both paths, or neither and a UID (the node finds the sandbox from it).
+    // Either both paths, or neither and a UID (the node finds the sandbox from it), or neither
+    // for a waypoint's pod (never captured).
     let given = !w.netns.as_os_str().is_empty() || !w.cgroup.as_os_str().is_empty();
     if given {
         for (field, path) in [("netns", &w.netns), ("cgroup", &w.cgroup)] {
@@ -122,7 +123,7 @@ pub fn workload(
                 ));
             }
         }
-    } else if w.uid.as_deref().is_none_or(str::is_empty) {
+    } else if w.uid.as_deref().is_none_or(str::is_empty) && !w.is_waypoint() {
         return Err(Problem::field(
             "uid",
             "a workload without netns and cgroup needs the pod's uid (the node finds its \
@@ -191,6 +192,29 @@ pub fn service(
 }
 
 /// A namespace needs a name.
+/// A waypoint names a service of its namespace: a DNS label (RFC 1035, as Kubernetes service
+/// names are).
+pub fn waypoint_name(name: &str) -> Result<(), Problem> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Problem::field(
+            "waypoint",
+            format!(
+                "{name:?} is not a service name (a DNS label: lowercase letters, digits and \
+                 '-', starting with a letter, at most 63 characters)"
+            ),
+        ))
+    }
+}
+
 pub fn namespace_name(name: &str) -> Result<(), Problem> {
     if name.is_empty() {
         return Err(Problem::new(None, "the name is empty"));

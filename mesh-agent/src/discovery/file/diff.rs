@@ -27,7 +27,10 @@ pub fn diff(current: &Snapshot, desired: Desired) -> Changes {
     changes.namespaces = desired
         .namespaces
         .into_iter()
-        .filter(|ns| current.namespaces.get(&ns.name) != Some(&ns.enabled))
+        .filter(|ns| {
+            current.namespaces.get(&ns.name) != Some(&ns.enabled)
+                || current.waypoint_of(&ns.name) != ns.waypoint.as_deref()
+        })
         .collect();
 
     (changes.workloads, changes.removed_workloads) = by_key(

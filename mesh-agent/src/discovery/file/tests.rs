@@ -86,6 +86,10 @@ fn errors_name_the_entry_and_field() {
         (GOOD.replace("{name: legacy}", "{name: shop}"), "namespaces[1]: namespace shop is listed twice"),
         (GOOD.replace("{name: legacy}", "{name: ''}"), "namespaces[1].name is empty"),
         (format!("{GOOD}\n  - {{name: api, namespace: shop, vips: [10.240.100.10], ports: [{{port: 80, target_port: 1}}]}}"), "services[1] (shop/api): listed twice"),
+        (format!("waypoints: [{{namespace: staging, name: waypoint}}]\n{GOOD}"), "waypoints[0].namespace: namespace \"staging\" is not listed in namespaces"),
+        (format!("waypoints: [{{namespace: shop, name: waypoint}}, {{namespace: shop, name: other}}]\n{GOOD}"), "waypoints[1]: namespace shop has a waypoint already"),
+        (format!("waypoints: [{{namespace: shop, name: Way_Point}}]\n{GOOD}"), "waypoints[0].waypoint: \"Way_Point\" is not a service name"),
+        (format!("waypoints: [{{namespace: shop}}]\n{GOOD}"), "missing field `name`"),
         (format!("{GOOD}\n  - {{name: api3, namespace: shop, vips: [10.240.100.10], ports: [{{port: 80, target_port: 1}}]}}"), "services[1] (shop/api3): 10.240.100.10:80 is also a port of shop/api"),
         (format!("{GOOD}\n  - {{name: api3, namespace: shop, vips: [10.240.100.11], ports: [{{port: 80, target_port: 1}}, {{port: 80, target_port: 2}}]}}"), "services[1] (shop/api3): 10.240.100.11:80 is also a port of shop/api3"),
     ];
@@ -470,4 +474,12 @@ fn a_policy_in_istios_root_namespace_is_named_when_it_applies_to_nothing() {
     let (snap, _, _) = load(&path, "mesh-system").expect("load");
     assert_eq!(warning(&snap), None);
     std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn a_waypoints_entry_gives_its_namespace_a_waypoint() {
+    let text = format!("waypoints: [{{namespace: shop, name: waypoint}}]\n{GOOD}");
+    let snap = parse_str(&text).expect("valid");
+    assert_eq!(snap.waypoint_of("shop"), Some("waypoint"));
+    assert_eq!(snap.waypoint_of("legacy"), None);
 }

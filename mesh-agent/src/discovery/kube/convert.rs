@@ -46,6 +46,10 @@ pub const ISTIO_DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The label of an EndpointSlice that names its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// The namespace label that names its waypoint (the service of the namespace whose pods are
+/// the waypoint), as Istio's `istio.io/use-waypoint`.
+pub const WAYPOINT_LABEL: &str = "mesh-agent/waypoint";
+
 /// What decides enablement: the agent's `kube` configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
@@ -148,11 +152,22 @@ impl TryFrom<(&KubeNamespace, &Rules)> for state::Namespace {
     type Error = Error;
 
     fn try_from((ns, rules): (&KubeNamespace, &Rules)) -> Result<Self, Error> {
-        let name = object_name("Namespace", &ns.metadata)?;
+        let object = object_name("Namespace", &ns.metadata)?;
         let labels = ns.metadata.labels.clone().unwrap_or_default();
+        let waypoint = labels.get(WAYPOINT_LABEL).cloned();
+        if let Some(waypoint) = &waypoint {
+            crate::state::validate::waypoint_name(waypoint).map_err(|p| {
+                invalid(
+                    &object,
+                    format!("metadata.labels[\"{WAYPOINT_LABEL}\"]"),
+                    p.message,
+                )
+            })?;
+        }
         Ok(state::Namespace {
-            name: name.name,
+            name: object.name,
             enabled: rules.namespace_enabled(&labels),
+            waypoint,
         })
     }
 }

@@ -69,11 +69,28 @@ fn namespaces_are_meshed_by_their_label() {
             got,
             state::Namespace {
                 name: name.into(),
-                enabled
+                enabled,
+                waypoint: None,
             },
             "{file} with {rules:?}"
         );
     }
+}
+
+#[test]
+fn a_namespace_label_names_its_waypoint() {
+    let ns: KubeNamespace = fixture("namespace-waypoint.json");
+    let got = state::Namespace::try_from((&ns, &Rules::default())).expect("valid");
+    assert_eq!(got.waypoint.as_deref(), Some("waypoint"));
+    assert!(got.enabled);
+    let ns: KubeNamespace = fixture("namespace-bad-waypoint.json");
+    let err = state::Namespace::try_from((&ns, &Rules::default()))
+        .expect_err("a waypoint label that names no service")
+        .to_string();
+    assert!(
+        err.contains("Namespace shop") && err.contains("metadata.labels[\"mesh-agent/waypoint\"]"),
+        "{err}"
+    );
 }
 
 fn pod(file: &str) -> Result<PodState, String> {
