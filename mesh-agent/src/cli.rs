@@ -66,6 +66,10 @@ enum Command {
     /// Certificate authority tools: a root CA, node intermediates.
     #[command(subcommand)]
     Ca(identity::cli::CaCommand),
+    /// The workload API's client: a waypoint's pod fetches its own certificate from its node's
+    /// agent (docs/identity.md).
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
     /// Authorization policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -78,6 +82,20 @@ enum Command {
         /// The pin directory that would be used.
         #[arg(long, default_value = "/sys/fs/bpf/mesh")]
         bpf_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkloadCommand {
+    /// Fetch this pod's certificate and write <OUT>/cert-chain.pem (leaf, then chain),
+    /// <OUT>/key.pem (mode 0600) and <OUT>/root-cert.pem (the trust bundle).
+    Fetch {
+        /// The agent's workload API socket (`identity.workload_socket`).
+        #[arg(long, default_value = "/var/run/mesh-agent/workload.sock")]
+        socket: PathBuf,
+        /// Directory for the files (created, mode 0700, if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -145,6 +163,17 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca(cmd) => Ok(identity::cli::run(cmd)?),
+        Command::Workload(WorkloadCommand::Fetch { socket, out }) => {
+            let cert = crate::workload_api::fetch(&socket)?;
+            write_certificate(&cert, &out)?;
+            println!(
+                "{}: certificate written to {} (renew after {})",
+                cert.identity,
+                out.display(),
+                cert.renew_at
+            );
+            Ok(())
+        }
         Command::Policy(PolicyCommand::Check(args)) => {
             print!("{}", policy::cli::check(&args)?);
             Ok(())
@@ -163,6 +192,39 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Writes a fetched certificate as three PEM files in `dir` (the key owner-only).
+fn write_certificate(
+    cert: &crate::workload_api::Certificate,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::{
+        io::Write as _,
+        os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let write = |name: &str, text: &str, mode: u32| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    };
+    write("key.pem", &cert.private_key, 0o600)?;
+    write("cert-chain.pem", &cert.certificate_chain, 0o644)?;
+    write("root-cert.pem", &cert.trust_bundle, 0o644)?;
+    Ok(())
 }
 
 /// Runs the CNI plugin on this process's environment and stdin, and exits with its status.

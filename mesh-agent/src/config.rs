@@ -360,6 +360,10 @@ pub struct IdentityConfig {
     /// Lifetime of workload certificates, in seconds; they are renewed at half-life.
     #[serde(default = "default_leaf_lifetime")]
     pub leaf_lifetime_secs: u64,
+    /// The workload API's Unix socket, on which a waypoint's pod of this node fetches the
+    /// certificate of its own identity (`workload_api`); none by default.
+    #[serde(default)]
+    pub workload_socket: Option<PathBuf>,
 }
 
 fn default_trust_domain() -> String {

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-pub use ca::{Issuer, Leaf, TrustBundle};
+pub use ca::{IssuedPem, Issuer, Leaf, TrustBundle};
 pub use manager::{CertLabels, CertManager};
 pub use spiffe::SpiffeId;
 pub use verify::{verify_peer, verify_peer_issued, PeerRole, Placement};

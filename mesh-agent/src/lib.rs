@@ -24,3 +24,4 @@ pub mod proxy;
 pub mod state;
 pub mod sys;
 pub mod tunnel;
+pub mod workload_api;

@@ -268,6 +268,28 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
     } else {
         kubelet_root.clone()
     };
+    if let Some(path) = &config.identity.workload_socket {
+        let listener = crate::workload_api::bind(path)
+            .with_context(|| format!("binding the workload API socket {}", path.display()))?;
+        let requests = crate::workload_api::Requests::default();
+        metrics.register(
+            "mesh_workload_certificates",
+            "Requests of the workload API (a waypoint fetching its certificate), by result (issued, refused)",
+            requests.clone(),
+        );
+        tokio::spawn(crate::workload_api::serve(
+            listener,
+            crate::workload_api::Context {
+                store: store.clone(),
+                certs: inputs.certs.clone(),
+                node: config.node.clone(),
+                cgroup2: cgroup_root.clone(),
+                kubelet_root: kubelet_root.clone(),
+                requests,
+            },
+        ));
+        info!(socket = %path.display(), "serving the workload API");
+    }
     let sandboxes = pods::sandbox::Sandboxes::new(kubelet_root, config.pods.netns_dirs.clone());
     let cni_dir = config
         .pods

@@ -414,6 +414,11 @@ impl Lab {
         self.layout.cni_socket(node)
     }
 
+    /// The workload API socket of `node`'s agent (`mesh-agent workload fetch --socket`).
+    pub fn workload_socket(&self, node: &str) -> PathBuf {
+        self.layout.workload_socket(node)
+    }
+
     /// The CNI configuration directory of `node` (the agent keeps the plugin in its conflist).
     pub fn cni_conf_dir(&self, node: &str) -> PathBuf {
         self.layout.cni_conf_dir(node)

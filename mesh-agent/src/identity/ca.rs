@@ -317,6 +317,33 @@ impl Issuer {
         into_leaf(id, self.sign_leaf(id, lifetime, now)?)
     }
 
+    /// A leaf for `id` handed to the workload that holds the identity (the workload API): the
+    /// chain (leaf first, not the root) and the private key as PEM, with its expiry and renewal
+    /// time.
+    pub fn issue_leaf_pem(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedPem, Error> {
+        let signed = self.sign_leaf(id, lifetime, now)?;
+        let chain = signed
+            .chain
+            .iter()
+            .map(|der| pem::encode("CERTIFICATE", der))
+            .collect();
+        let life = signed
+            .not_after
+            .duration_since(signed.issued_at)
+            .unwrap_or_default();
+        Ok(IssuedPem {
+            chain,
+            key: signed.key.serialize_pem(),
+            not_after: signed.not_after,
+            renew_at: signed.issued_at + life / 2,
+        })
+    }
+
     /// [`Issuer::issue_leaf`], and the leaf's private key (PKCS#8 DER) for tests that look for
     /// it where it must not be.
     #[cfg(test)]
@@ -427,6 +454,25 @@ struct SignedLeaf {
     issued_at: SystemTime,
     not_before: SystemTime,
     not_after: SystemTime,
+}
+
+/// A leaf as PEM, for the workload that holds it ([`Issuer::issue_leaf_pem`]).
+pub struct IssuedPem {
+    /// The leaf, then its issuer and the issuer's intermediates (not the root).
+    pub chain: String,
+    /// The leaf's private key (PKCS#8).
+    pub key: String,
+    pub not_after: SystemTime,
+    /// Half-way through its life, as [`Leaf::renew_at`].
+    pub renew_at: SystemTime,
+}
+
+impl fmt::Debug for IssuedPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedPem")
+            .field("not_after", &fmt_time(self.not_after))
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct Leaf {

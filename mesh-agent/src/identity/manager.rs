@@ -146,6 +146,25 @@ impl CertManager {
         Ok(Arc::clone(&entry.leaf))
     }
 
+    /// A fresh leaf of `id` as PEM, with its key, for the workload that holds the identity
+    /// itself (a waypoint, through the workload API); not kept here: the workload renews it.
+    pub fn issue_pem(&self, id: &SpiffeId) -> Result<super::ca::IssuedPem, Error> {
+        let issued = self
+            .issuer
+            .issue_leaf_pem(id, self.lifetime, (self.clock)())?;
+        info!(identity = %id, not_after = %fmt_time(issued.not_after), "certificate issued to its workload");
+        Ok(issued)
+    }
+
+    /// The trusted roots as PEM.
+    pub fn bundle_pem(&self) -> String {
+        self.bundle
+            .roots()
+            .iter()
+            .map(|der| super::pem::encode("CERTIFICATE", der))
+            .collect()
+    }
+
     /// Forgets the identities not in `keep` (no pod of theirs is left on this node), and their
     /// expiry series. Handles already given out keep their last leaf until dropped.
     pub fn retain(&self, keep: &HashSet<SpiffeId>) {

@@ -213,6 +213,11 @@ impl Layout {
         self.run_dir.join(format!("cni-{node}")).join("cni.sock")
     }
 
+    /// The workload API socket of `node`'s agent (a waypoint's pod fetches its certificate).
+    pub fn workload_socket(&self, node: &str) -> PathBuf {
+        self.run_dir.join(format!("workload-{node}.sock"))
+    }
+
     /// The CNI configuration directory of `node` (a conflist naming the plugin).
     pub fn cni_conf_dir(&self, node: &str) -> PathBuf {
         self.run_dir.join(format!("cni-{node}")).join("net.d")

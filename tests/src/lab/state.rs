@@ -107,6 +107,7 @@ struct Identity {
     issuer_key: std::path::PathBuf,
     trust_bundle: std::path::PathBuf,
     leaf_lifetime_secs: u64,
+    workload_socket: std::path::PathBuf,
 }
 
 /// The initial state file of a lab, as YAML.
@@ -174,6 +175,7 @@ pub(crate) fn agent_config_yaml(
             issuer_key: layout.ca_dir().join(format!("{node}-key.pem")),
             trust_bundle: layout.ca_dir().join("root-cert.pem"),
             leaf_lifetime_secs,
+            workload_socket: layout.workload_socket(node),
         },
         hbone: Hbone {
             same_node_fast_path,
