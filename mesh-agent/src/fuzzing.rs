@@ -10,6 +10,7 @@
 //! | [`state_file`] | the state file: parsing, validation, build, reload (`discovery::file`) | YAML, optionally a second version after a `0xff` byte |
 //! | [`policy`] | AuthorizationPolicy compilation and decisions (`policy`, `discovery::policies`) | YAML, then connections to decide |
 //! | [`kube_objects`] | the Kubernetes source's conversion into the state (`discovery::kube::convert`) | a kind, options, then the object as JSON |
+//! | [`request_target`] | the waypoint's normalisation of a request's path and host (`waypoint::normalize`) | a selector byte, then the target or host as text |
 //!
 //! `cargo xtask fuzz` runs them; docs/security.md says what each has found.
 
@@ -17,6 +18,7 @@ mod connect;
 mod kube;
 mod policy;
 mod state;
+mod target;
 #[cfg(test)]
 mod tests;
 
@@ -24,6 +26,7 @@ pub use connect::connect_request;
 pub use kube::kube_objects;
 pub use policy::policy;
 pub use state::state_file;
+pub use target::request_target;
 
 pub use crate::tunnel::record::fuzzing::record_reader;
 

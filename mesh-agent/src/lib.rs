@@ -24,4 +24,5 @@ pub mod proxy;
 pub mod state;
 pub mod sys;
 pub mod tunnel;
+pub mod waypoint;
 pub mod workload_api;

@@ -24,12 +24,13 @@ use crate::build::{self, root, run};
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// The targets, in the order they run (each is `fuzz/fuzz_targets/<name>.rs`).
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "record_reader",
     "connect_request",
     "state_file",
     "policy",
     "kube_objects",
+    "request_target",
 ];
 
 /// What `cargo fuzz build` and `run` are given: see the module documentation.

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::{connect_request, kube_objects, policy, record_reader, state_file};
+use super::{connect_request, kube_objects, policy, record_reader, request_target, state_file};
 
 /// Runs every seed of `target`'s corpus through `entry`.
 fn replay(target: &str, entry: fn(&[u8])) {
@@ -47,4 +47,9 @@ fn policy_seeds() {
 #[test]
 fn kube_objects_seeds() {
     replay("kube_objects", kube_objects);
+}
+
+#[test]
+fn request_target_seeds() {
+    replay("request_target", request_target);
 }
