@@ -8,6 +8,7 @@
 
 pub mod bpf;
 pub mod fdpass;
+pub mod unix;
 
 use std::{
     fs::File,

@@ -23,7 +23,7 @@ use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
 };
-use tracing::{info, warn, Instrument as _};
+use tracing::{info, warn};
 
 use crate::{
     identity::{CertManager, SpiffeId},
@@ -151,41 +151,21 @@ pub fn attest(
 /// Binds the socket at `path` (replacing a stale one), readable and writable by all: which
 /// caller gets what is decided by [`attest`], not by who may connect.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-    Ok(listener)
+    crate::sys::unix::bind(path, 0o666)
 }
 
 /// Serves requests until the runtime ends.
 pub async fn serve(listener: UnixListener, ctx: Context) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                warn!(error = %e, "workload API socket: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = one(stream, &ctx).await {
-                    warn!(error = %e, "workload API request failed");
-                }
-            }
-            .in_current_span(),
-        );
-    }
+    crate::sys::unix::serve_each(
+        listener,
+        "workload API request",
+        || false,
+        move |stream| {
+            let ctx = ctx.clone();
+            async move { one(stream, &ctx).await }
+        },
+    )
+    .await;
 }
 
 async fn one(stream: UnixStream, ctx: &Context) -> std::io::Result<()> {

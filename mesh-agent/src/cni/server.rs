@@ -10,7 +10,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
-use tracing::{info, warn, Instrument as _};
+use tracing::{info, warn};
 
 use super::{Reply, Request, Verb, MAX_MESSAGE};
 use crate::pods::Command;
@@ -54,45 +54,22 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(28);
 /// Binds the socket at `path` (replacing a stale one: an earlier agent's, or the one a running
 /// agent serves while this one takes over), owner-only.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    crate::sys::unix::bind(path, 0o600)
 }
 
 /// Serves the plugin's requests until the manager is gone, counting them in `requests`.
 pub async fn serve(listener: UnixListener, pods: mpsc::Sender<Command>, requests: Requests) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                warn!(error = %e, "CNI socket: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if pods.is_closed() {
-            return;
-        }
-        let pods = pods.clone();
-        let requests = requests.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = one(stream, &pods, &requests).await {
-                    warn!(error = %e, "CNI request failed");
-                }
-            }
-            .in_current_span(),
-        );
-    }
+    let closed = pods.clone();
+    crate::sys::unix::serve_each(
+        listener,
+        "CNI request",
+        move || closed.is_closed(),
+        move |stream| {
+            let (pods, requests) = (pods.clone(), requests.clone());
+            async move { one(stream, &pods, &requests).await }
+        },
+    )
+    .await;
 }
 
 async fn one(

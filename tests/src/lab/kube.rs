@@ -152,19 +152,28 @@ impl Lab {
         content_type: &str,
         body: &Value,
     ) -> Result<()> {
-        let n1 = self
+        self.curl(method, path, |cmd| {
+            cmd.args(["-X", method, "-H"])
+                .arg(format!("Content-Type: {content_type}"))
+                .arg("--data-binary")
+                .arg(body.to_string());
+        })
+        .map(drop)
+    }
+
+    /// Runs curl in n1 for `method path` (`args` adds the request's own arguments); its
+    /// output, or an error with the answer.
+    fn curl(&self, method: &str, path: &str, args: impl FnOnce(&mut Command)) -> Result<Vec<u8>> {
+        let n1 = &self
             .layout
             .nodes
             .first()
             .context("the lab has no node")?
-            .name
-            .clone();
-        let out = self
-            .try_command(&n1, "curl")?
-            .args(["-sS", "--fail-with-body", "-X", method, "-H"])
-            .arg(format!("Content-Type: {content_type}"))
-            .arg("--data-binary")
-            .arg(body.to_string())
+            .name;
+        let mut cmd = self.try_command(n1, "curl")?;
+        cmd.args(["-sS", "--fail-with-body"]);
+        args(&mut cmd);
+        let out = cmd
             .arg(format!("{}{path}", self.kube_url()))
             .output()
             .context("running curl in n1 (Debian package curl)")?;
@@ -175,7 +184,7 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(())
+        Ok(out.stdout)
     }
 
     /// Creates an object (`path`: its collection).
@@ -190,26 +199,8 @@ impl Lab {
 
     /// Reads an object or a list from the emulator (from n1, curl).
     pub fn kube_get(&self, path: &str) -> Result<Value> {
-        let n1 = &self
-            .layout
-            .nodes
-            .first()
-            .context("the lab has no node")?
-            .name;
-        let out = self
-            .try_command(n1, "curl")?
-            .args(["-sS", "--fail-with-body"])
-            .arg(format!("{}{path}", self.kube_url()))
-            .output()
-            .context("running curl in n1 (Debian package curl)")?;
-        if !out.status.success() {
-            bail!(
-                "GET {path} from the API emulator: {} {}",
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        serde_json::from_slice(&out.stdout).with_context(|| format!("GET {path}: not JSON"))
+        let out = self.curl("GET", path, |_| {})?;
+        serde_json::from_slice(&out).with_context(|| format!("GET {path}: not JSON"))
     }
 
     /// Whether the lab runs in the Kubernetes mode (its agents watch the emulator).
