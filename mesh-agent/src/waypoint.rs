@@ -5,6 +5,8 @@
 //! bytes). The node side is in place (`proxy::route` sends a waypoint namespace's service
 //! traffic to its waypoint; `workload_api` gives the waypoint its identity).
 
+pub mod balance;
+pub mod budget;
 pub mod httproute;
 pub mod normalize;
 pub mod routes;
