@@ -190,26 +190,34 @@ fn normalize_path(path: &str) -> Result<String, Refused> {
 /// trailing dot. An IPv6 literal keeps its brackets.
 pub fn host(raw: &str) -> Result<String, Refused> {
     let raw = raw.trim();
-    let name = if raw.starts_with('[') {
-        // [v6]:port
+    if raw.starts_with('[') {
+        // An IPv6 literal: [v6] or [v6]:port.
         let end = raw.find(']').ok_or(Refused::BadHost)?;
         let rest = &raw[end + 1..];
         if !(rest.is_empty() || rest.strip_prefix(':').is_some_and(valid_port)) {
             return Err(Refused::BadHost);
         }
-        &raw[..=end]
-    } else {
-        match raw.rsplit_once(':') {
-            Some((name, port)) if valid_port(port) => name,
-            Some(_) => return Err(Refused::BadHost),
-            None => raw,
+        let inside = &raw[1..end];
+        let ok = !inside.is_empty()
+            && inside
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        if !ok {
+            return Err(Refused::BadHost);
         }
+        return Ok(raw[..=end].to_ascii_lowercase());
+    }
+    // A name or an IPv4 address: name or name:port, the name without ':' or brackets.
+    let name = match raw.rsplit_once(':') {
+        Some((name, port)) if valid_port(port) => name,
+        Some(_) => return Err(Refused::BadHost),
+        None => raw,
     };
     let name = name.strip_suffix('.').unwrap_or(name);
     let ok = !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
-        });
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
     if !ok {
         return Err(Refused::BadHost);
     }
@@ -316,6 +324,11 @@ mod tests {
             ("evil host", Err(Refused::BadHost)),
             ("a/b", Err(Refused::BadHost)),
             ("[fd00::10", Err(Refused::BadHost)),
+            ("[evil]", Err(Refused::BadHost)),
+            ("[]", Err(Refused::BadHost)),
+            // Found by the fuzzer: a colon inside a name (taken for a name, then not).
+            ("ster.local.:8cluster.local.:8080", Err(Refused::BadHost)),
+            ("a:b:80", Err(Refused::BadHost)),
         ];
         for (raw, want) in cases {
             assert_eq!(host(raw), want.map(str::to_owned), "{raw:?}");
