@@ -187,7 +187,7 @@ fn normalize_path(path: &str) -> Result<String, Refused> {
 }
 
 /// A request's host (`:authority` or `Host`) for matching: lowercased, without its port and a
-/// trailing dot. An IPv6 literal keeps its brackets.
+/// trailing dot; its labels non-empty. An IPv6 literal keeps its brackets.
 pub fn host(raw: &str) -> Result<String, Refused> {
     let raw = raw.trim();
     if raw.starts_with('[') {
@@ -214,10 +214,13 @@ pub fn host(raw: &str) -> Result<String, Refused> {
         None => raw,
     };
     let name = name.strip_suffix('.').unwrap_or(name);
-    let ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    // Labels of letters, digits, '-' and '_', none empty (no leading dot, no '..').
+    let ok = name.split('.').all(|label| {
+        !label.is_empty()
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    });
     if !ok {
         return Err(Refused::BadHost);
     }
@@ -329,6 +332,11 @@ mod tests {
             // Found by the fuzzer: a colon inside a name (taken for a name, then not).
             ("ster.local.:8cluster.local.:8080", Err(Refused::BadHost)),
             ("a:b:80", Err(Refused::BadHost)),
+            // Found by the fuzzer: dots alone (a name of empty labels).
+            ("..", Err(Refused::BadHost)),
+            (".", Err(Refused::BadHost)),
+            (".api", Err(Refused::BadHost)),
+            ("api..shop", Err(Refused::BadHost)),
         ];
         for (raw, want) in cases {
             assert_eq!(host(raw), want.map(str::to_owned), "{raw:?}");
