@@ -1,6 +1,7 @@
 //! From the resource as written to a [`Policy`]: every field checked, errors naming the field
-//! (`spec.rules[0].to[0].operation.ports[1]: "80a" is not a port (1-65535)`), L7 attributes
-//! turned into their L4 meaning with a warning.
+//! (`spec.rules[0].to[0].operation.ports[1]: "80a" is not a port (1-65535)`). L7 attributes are
+//! compiled for the waypoint; in a policy with a selector (enforced at L4 only) they get their
+//! L4 meaning, with a warning.
 //!
 //! An invalid policy still yields what is known of it ([`Invalid`]): its action and selector
 //! when they could be read, so that the caller can fail closed on an invalid DENY.
@@ -10,7 +11,9 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr, sync::Arc};
 use ipnet::IpNet;
 
 use super::{
+    l7,
     spec::{AuthorizationPolicySpec, ConditionSpec, OperationSpec, PortSpec, SourceSpec},
+    targets::targets,
     Action, Condition, Error, Operation, Pattern, Policy, Rule, Source,
 };
 use crate::identity::SpiffeId;
@@ -63,6 +66,7 @@ impl Invalid {
             name: self.name.clone(),
             key: Arc::from(self.key()),
             selector: self.selector.clone().unwrap_or_default(),
+            targets: Vec::new(),
             action,
             rules,
             warnings: Vec::new(),
@@ -150,56 +154,62 @@ pub fn compile_spec(
             "external authorizers (action CUSTOM) are not supported".into(),
         ));
     }
-    for (field, set) in [
-        ("spec.targetRef", spec.target_ref.is_some()),
-        ("spec.targetRefs", spec.target_refs.is_some()),
-    ] {
-        if set {
-            return Err(invalid(
-                field,
-                "policies bound to a gateway or waypoint are not supported; use selector".into(),
-            ));
-        }
-    }
+    let targets = targets(namespace, spec).map_err(|(field, m)| invalid(&field, m))?;
+    // Enforced by the waypoint, which evaluates L7 attributes: they are checked and compiled.
+    // (With a selector they are only noted, as they always were: L4 does not evaluate them.)
+    let waypoint = !targets.is_empty();
     let mut rules = Vec::with_capacity(spec.rules.len());
     let mut warnings = Vec::new();
     for (i, r) in spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
-        let mut l7 = Vec::new();
+        let mut seen = Seen::default();
         let mut rule = Rule::default();
         for (j, f) in r.from.iter().enumerate() {
             let at = format!("{at}.from[{j}].source");
-            let source = source(&f.source, &mut l7)
+            let source = source(&f.source, &mut seen)
                 .map_err(|(field, m)| invalid(&format!("{at}.{field}"), m))?;
             rule.from.push(source);
         }
         for (j, t) in r.to.iter().enumerate() {
             let at = format!("{at}.to[{j}].operation");
-            let op = operation(&t.operation, &mut l7)
+            let op = operation(&t.operation, waypoint, &mut seen)
                 .map_err(|(field, m)| invalid(&format!("{at}.{field}"), m))?;
             rule.to.push(op);
         }
         for (j, c) in r.when.iter().enumerate() {
             let at = format!("{at}.when[{j}]");
-            if let Some(c) =
-                condition(c, &mut l7).map_err(|(field, m)| invalid(&format!("{at}.{field}"), m))?
+            if let Some(c) = condition(c, waypoint, &mut seen)
+                .map_err(|(field, m)| invalid(&format!("{at}.{field}"), m))?
             {
                 rule.when.push(c);
             }
         }
+        rule.never = action == Action::Allow && !seen.l7.is_empty();
+        rule.never_l7 = action == Action::Allow && !seen.unsupported.is_empty();
+        if !targets.is_empty() {
+            // Enforced by the waypoint only: what it cannot evaluate is worth a warning.
+            if let Some(w) = waypoint_warning(i, action, &seen.unsupported) {
+                warnings.push(w);
+            }
+            rules.push(rule);
+            continue;
+        }
+        let mut l7 = seen.l7;
         if !l7.is_empty() {
+            let hint = if seen.unsupported.is_empty() {
+                " (bind the policy to the waypoint with targetRefs to evaluate it)"
+            } else {
+                ""
+            };
             // Each attribute once, in the order written.
             let mut seen = std::collections::HashSet::new();
             l7.retain(|a| seen.insert(*a));
             let what = l7.join(", ");
             warnings.push(match action {
-                Action::Allow => {
-                    rule.never = true;
-                    format!(
-                        "rules[{i}] needs L7 attributes ({what}): at L4 this ALLOW rule matches \
-                         no connection (a waypoint can evaluate it)"
-                    )
-                }
+                Action::Allow => format!(
+                    "rules[{i}] needs L7 attributes ({what}): at L4 this ALLOW rule matches no \
+                     connection{hint}"
+                ),
                 Action::Deny => format!(
                     "rules[{i}] needs L7 attributes ({what}): at L4 this DENY rule denies every \
                      connection that its other attributes match (fail closed)"
@@ -217,6 +227,7 @@ pub fn compile_spec(
         name: name.to_owned(),
         key: Arc::from(key.as_str()),
         selector,
+        targets,
         action,
         rules,
         warnings,
@@ -262,7 +273,45 @@ fn hint_selector(spec: &serde_yaml::Value) -> Option<BTreeMap<String, String>> {
 /// A field error: the field (relative to its parent) and what is wrong.
 type FieldError = (String, String);
 
-fn source(s: &SourceSpec, l7: &mut Vec<&'static str>) -> Result<Source, FieldError> {
+/// What a rule uses beyond L4, in the order written.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Attributes L4 cannot evaluate (everything below included), by field name (`when` for a
+    /// condition).
+    l7: Vec<&'static str>,
+    /// Attributes no proxy of the mesh evaluates, by field name or condition key.
+    unsupported: Vec<String>,
+}
+
+/// The warning for rule `i` of a policy enforced by the waypoint that uses `unsupported`
+/// attributes.
+fn waypoint_warning(i: usize, action: Action, unsupported: &[String]) -> Option<String> {
+    if unsupported.is_empty() {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let what: Vec<&str> = unsupported
+        .iter()
+        .map(String::as_str)
+        .filter(|a| seen.insert(*a))
+        .collect();
+    let what = what.join(", ");
+    let meaning = match action {
+        Action::Allow => "at the waypoint this ALLOW rule matches no request",
+        Action::Deny => {
+            "at the waypoint this DENY rule denies every request that its other attributes \
+             match (fail closed)"
+        }
+        Action::Audit => {
+            "at the waypoint this AUDIT rule logs every request that its other attributes match"
+        }
+    };
+    Some(format!(
+        "rules[{i}] needs attributes this mesh does not evaluate ({what}): {meaning}"
+    ))
+}
+
+fn source(s: &SourceSpec, seen: &mut Seen) -> Result<Source, FieldError> {
     for (name, values) in [
         ("requestPrincipals", &s.request_principals),
         ("notRequestPrincipals", &s.not_request_principals),
@@ -270,7 +319,8 @@ fn source(s: &SourceSpec, l7: &mut Vec<&'static str>) -> Result<Source, FieldErr
         ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
     ] {
         if !values.is_empty() {
-            l7.push(name);
+            seen.l7.push(name);
+            seen.unsupported.push(name.to_owned());
         }
     }
     Ok(Source {
@@ -283,7 +333,7 @@ fn source(s: &SourceSpec, l7: &mut Vec<&'static str>) -> Result<Source, FieldErr
     })
 }
 
-fn operation(o: &OperationSpec, l7: &mut Vec<&'static str>) -> Result<Operation, FieldError> {
+fn operation(o: &OperationSpec, waypoint: bool, seen: &mut Seen) -> Result<Operation, FieldError> {
     for (name, values) in [
         ("hosts", &o.hosts),
         ("notHosts", &o.not_hosts),
@@ -293,19 +343,36 @@ fn operation(o: &OperationSpec, l7: &mut Vec<&'static str>) -> Result<Operation,
         ("notPaths", &o.not_paths),
     ] {
         if !values.is_empty() {
-            l7.push(name);
+            seen.l7.push(name);
         }
     }
+    let ports = list("ports", &o.ports, port)?;
+    let not_ports = list("notPorts", &o.not_ports, port)?;
+    if !waypoint {
+        return Ok(Operation {
+            ports,
+            not_ports,
+            ..Operation::default()
+        });
+    }
     Ok(Operation {
-        ports: list("ports", &o.ports, port)?,
-        not_ports: list("notPorts", &o.not_ports, port)?,
+        ports,
+        not_ports,
+        hosts: list("hosts", &o.hosts, l7::host)?,
+        not_hosts: list("notHosts", &o.not_hosts, l7::host)?,
+        methods: list("methods", &o.methods, l7::method)?,
+        not_methods: list("notMethods", &o.not_methods, l7::method)?,
+        paths: list("paths", &o.paths, l7::path)?,
+        not_paths: list("notPaths", &o.not_paths, l7::path)?,
     })
 }
 
-/// A `when` condition: `None` for an L7 key (recorded in `l7`).
+/// A `when` condition: `None` for a key no proxy of the mesh evaluates, or an L7 key of a
+/// policy not enforced by the waypoint (recorded in `seen`).
 fn condition(
     c: &ConditionSpec,
-    l7: &mut Vec<&'static str>,
+    waypoint: bool,
+    seen: &mut Seen,
 ) -> Result<Option<Condition>, FieldError> {
     if c.values.is_empty() && c.not_values.is_empty() {
         return Err((
@@ -314,8 +381,20 @@ fn condition(
         ));
     }
     let key = c.key.as_str();
+    if let Some(name) = l7::header_key(key).filter(|_| waypoint) {
+        let name = name.map_err(|m| ("key".to_owned(), m))?;
+        seen.l7.push("when");
+        let (values, not) = values_of(c, l7::header_value)?;
+        return Ok(Some(Condition::RequestHeader { name, values, not }));
+    }
+    if key.starts_with("request.headers[") {
+        // A policy with a selector: noted, not checked.
+        seen.l7.push("when");
+        return Ok(None);
+    }
     if key.starts_with("request.") || key.starts_with("experimental.") || key == "remote.ip" {
-        l7.push("when");
+        seen.l7.push("when");
+        seen.unsupported.push(key.to_owned());
         return Ok(None);
     }
     Ok(Some(match key {
@@ -343,9 +422,9 @@ fn condition(
             return Err((
                 "key".into(),
                 format!(
-                    "condition key {other:?} is not supported: at L4 the keys are source.ip, \
-                     source.principal, source.namespace, destination.ip and destination.port \
-                     (request.* and remote.ip are L7)"
+                    "condition key {other:?} is not supported: the keys are source.ip, \
+                     source.principal, source.namespace, destination.ip, destination.port and \
+                     request.headers[<name>] (request.auth.*, remote.ip: not evaluated)"
                 ),
             ))
         }

@@ -1,12 +1,18 @@
-//! Selecting a workload's policies and deciding a connection.
+//! Selecting a workload's policies and deciding a connection (L4), or deciding a request
+//! under the policies of its service (L7, at the waypoint).
 //!
 //! The order is Istio's: a matching DENY denies; AUDIT policies that match are noted; with no
 //! ALLOW policy selecting the workload the connection is allowed; otherwise it must match one
 //! of them. A plaintext connection has no identity: a principal or namespace it is required to
-//! have cannot match, and a `not` of one excludes only connections that have it.
+//! have cannot match, and a `not` of one excludes only connections that have it. A request
+//! lacking a header is treated alike: `values` of it cannot match, `notValues` exclude nothing.
+//!
+//! Both decisions are one function over one form of the rules: at L4 the L7 attributes are not
+//! evaluated (a rule that needs them in an ALLOW is `never`), at L7 everything is.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
+use std::{borrow::Cow, collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
+use http::HeaderName;
 use ipnet::IpNet;
 
 use super::{Action, Condition, Operation, Pattern, Policy, Rule, Source};
@@ -23,6 +29,25 @@ pub struct Conn<'a> {
     pub dst: IpAddr,
     /// The destination (workload) port.
     pub port: u16,
+}
+
+/// What a request looks like to L7 policy, at the waypoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The client's verified identity (the waypoint's inbound mTLS peer); `None` for plaintext.
+    pub identity: Option<&'a SpiffeId>,
+    /// The client's address.
+    pub src: IpAddr,
+    /// The destination address the client sent to.
+    pub dst: IpAddr,
+    /// The destination port the client sent to (`ports`, `destination.port`).
+    pub port: u16,
+    /// The host, as `waypoint::normalize::host` gives it: lowercase, no port.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// The path, as `waypoint::normalize::target` gives it (no query).
+    pub path: &'a str,
+    pub headers: &'a http::HeaderMap,
 }
 
 /// The policies that select one workload, by action, each list in key order. Computed when
@@ -67,15 +92,17 @@ impl Selected {
     }
 }
 
-/// Whether `policy` selects a workload of `namespace` with `labels`; a policy in
-/// `root_namespace` selects in every namespace.
+/// Whether `policy` selects a workload of `namespace` with `labels` (at L4); a policy in
+/// `root_namespace` selects in every namespace. A policy bound with `targetRefs` selects no
+/// workload: the waypoint enforces it.
 pub fn selects(
     policy: &Policy,
     root_namespace: &str,
     namespace: &str,
     labels: &BTreeMap<String, String>,
 ) -> bool {
-    (policy.namespace == namespace || policy.namespace == root_namespace)
+    policy.targets.is_empty()
+        && (policy.namespace == namespace || policy.namespace == root_namespace)
         && policy
             .selector
             .iter()
@@ -169,6 +196,28 @@ impl Decision {
 
 /// Decides `conn` under the policies of its destination workload.
 pub fn evaluate(selected: Option<&Selected>, conn: &Conn<'_>) -> Decision {
+    decide(selected, &Attrs::new(*conn, None))
+}
+
+/// Decides a request at the waypoint under the policies of its service
+/// (`Snapshot::service_policies`): as [`evaluate`], every attribute evaluated.
+pub fn decide_request(selected: &Selected, req: &Request<'_>) -> Decision {
+    let conn = Conn {
+        identity: req.identity,
+        src: req.src,
+        dst: req.dst,
+        port: req.port,
+    };
+    let http = Http {
+        host: req.host,
+        method: req.method,
+        path: req.path,
+        headers: req.headers,
+    };
+    decide(Some(selected), &Attrs::new(conn, Some(http)))
+}
+
+fn decide(selected: Option<&Selected>, attrs: &Attrs<'_>) -> Decision {
     let no_policy = Decision {
         allowed: true,
         reason: Reason::NoPolicy,
@@ -179,15 +228,14 @@ pub fn evaluate(selected: Option<&Selected>, conn: &Conn<'_>) -> Decision {
     let Some(selected) = selected else {
         return no_policy;
     };
-    let attrs = Attrs::new(conn);
     // AUDIT first, as Istio does: a connection that a DENY denies is still audited.
     let audited: Vec<_> = selected
         .audit
         .iter()
-        .filter_map(|p| first_match(p, &attrs).map(|r| (p.key.clone(), r)))
+        .filter_map(|p| first_match(p, attrs).map(|r| (p.key.clone(), r)))
         .collect();
     for p in &selected.deny {
-        if let Some(rule) = first_match(p, &attrs) {
+        if let Some(rule) = first_match(p, attrs) {
             let reason = if p.invalid.is_some() {
                 Reason::InvalidPolicy
             } else {
@@ -209,7 +257,7 @@ pub fn evaluate(selected: Option<&Selected>, conn: &Conn<'_>) -> Decision {
         };
     }
     for p in &selected.allow {
-        if let Some(rule) = first_match(p, &attrs) {
+        if let Some(rule) = first_match(p, attrs) {
             return Decision {
                 allowed: true,
                 reason: Reason::AllowRule,
@@ -246,22 +294,35 @@ pub fn evaluate(selected: Option<&Selected>, conn: &Conn<'_>) -> Decision {
     }
 }
 
+/// The L7 part of a request.
+struct Http<'a> {
+    host: &'a str,
+    method: &'a str,
+    path: &'a str,
+    headers: &'a http::HeaderMap,
+}
+
 /// The connection's attributes, the principal rendered once (as Istio writes principals:
-/// without `spiffe://`).
+/// without `spiffe://`), and a request's when deciding one.
 struct Attrs<'a> {
-    conn: &'a Conn<'a>,
+    conn: Conn<'a>,
     principal: Option<String>,
+    http: Option<Http<'a>>,
 }
 
 impl<'a> Attrs<'a> {
-    fn new(conn: &'a Conn<'a>) -> Self {
+    fn new(conn: Conn<'a>, http: Option<Http<'a>>) -> Self {
         let principal = conn.identity.map(|id| {
             format!(
                 "{}/ns/{}/sa/{}",
                 id.trust_domain, id.namespace, id.service_account
             )
         });
-        Attrs { conn, principal }
+        Attrs {
+            conn,
+            principal,
+            http,
+        }
     }
 
     fn namespace(&self) -> Option<&str> {
@@ -274,7 +335,12 @@ fn first_match(p: &Policy, a: &Attrs<'_>) -> Option<usize> {
 }
 
 fn rule_matches(r: &Rule, a: &Attrs<'_>) -> bool {
-    !r.never
+    let never = if a.http.is_some() {
+        r.never_l7
+    } else {
+        r.never
+    };
+    !never
         && (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, a)))
         && (r.to.is_empty() || r.to.iter().any(|o| operation_matches(o, a)))
         && r.when.iter().all(|c| condition_matches(c, a))
@@ -311,6 +377,40 @@ fn source_matches(s: &Source, a: &Attrs<'_>) -> bool {
 
 fn operation_matches(o: &Operation, a: &Attrs<'_>) -> bool {
     ports(&o.ports, &o.not_ports, a.conn.port)
+        // At L4 the L7 attributes are taken as matching (`never` stands for them in an ALLOW).
+        && a.http.as_ref().is_none_or(|h| {
+            patterns(&o.hosts, &o.not_hosts, Some(h.host))
+                && one_of(&o.methods, &o.not_methods, Some(|m: &String| m == h.method))
+                && patterns(&o.paths, &o.not_paths, Some(h.path))
+        })
+}
+
+/// `request.headers[name]`: the values of a header sent more than once are joined with `,`
+/// (as Envoy matches them); a header that is absent has no value.
+fn header(
+    values: &[Pattern],
+    not: &[Pattern],
+    headers: &http::HeaderMap,
+    name: &HeaderName,
+) -> bool {
+    let mut all = headers.get_all(name).iter().map(|v| v.as_bytes());
+    let value: Option<Cow<'_, [u8]>> = all.next().map(|first| match all.next() {
+        None => Cow::Borrowed(first),
+        Some(second) => {
+            let mut joined = first.to_vec();
+            for v in std::iter::once(second).chain(all.by_ref()) {
+                joined.push(b',');
+                joined.extend_from_slice(v);
+            }
+            Cow::Owned(joined)
+        }
+    });
+    let value = value.as_deref();
+    one_of(
+        values,
+        not,
+        value.map(|v| move |p: &Pattern| p.matches_bytes(v)),
+    )
 }
 
 fn condition_matches(c: &Condition, a: &Attrs<'_>) -> bool {
@@ -320,5 +420,9 @@ fn condition_matches(c: &Condition, a: &Attrs<'_>) -> bool {
         Condition::DestinationPort { values, not } => ports(values, not, a.conn.port),
         Condition::SourcePrincipal { values, not } => patterns(values, not, a.principal.as_deref()),
         Condition::SourceNamespace { values, not } => patterns(values, not, a.namespace()),
+        Condition::RequestHeader { name, values, not } => a
+            .http
+            .as_ref()
+            .is_none_or(|h| header(values, not, h.headers, name)),
     }
 }

@@ -3,7 +3,8 @@
 //! `decisions` is the table: policies as operators write them (YAML `spec`s), a destination
 //! workload, a connection, and the expected verdict with the policy and rule that decide it.
 //! The focused tests below it cover compile errors, the fail-closed stand-in, L7 warnings,
-//! AUDIT and selection.
+//! AUDIT and selection. `waypoint` has the policies bound with `targetRefs` and their L7
+//! decisions.
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
@@ -12,6 +13,8 @@ use super::{
     Source,
 };
 use crate::identity::SpiffeId;
+
+mod waypoint;
 
 const ROOT: &str = "mesh-system";
 /// The destination workload's address in every case.
@@ -490,8 +493,8 @@ const COMPILE_ERRORS: &[(&str, &str, &str)] = &[
     ("{action: DENI}", "spec.action", "unknown action \"DENI\""),
     ("{action: CUSTOM}", "spec.action", "CUSTOM"),
     ("{action: DENY, provider: {name: ext}}", "spec.provider", "not supported"),
-    ("{targetRefs: [{kind: Gateway, name: gw}]}", "spec.targetRefs", "use selector"),
-    ("{targetRef: {kind: Service, name: s}}", "spec.targetRef", "use selector"),
+    ("{targetRefs: [{kind: Gateway, name: gw}]}", "spec.targetRefs[0].group", "a Gateway's group is"),
+    ("{targetRef: {kind: ServiceEntry, name: s}}", "spec.targetRef.kind", "\"ServiceEntry\" is not supported"),
     ("{rules: [{when: [{key: connection.sni, values: [a.example]}]}]}",
         "spec.rules[0].when[0].key", "\"connection.sni\" is not supported"),
     ("{rules: [{when: [{key: source.ip}]}]}", "spec.rules[0].when[0].values", "needs values or notValues"),

@@ -2,6 +2,9 @@
 //! workload the policies that select it ([`Selected`]), recomputed when a change touches them
 //! so that a decision reads one entry, whatever the size of the mesh.
 //!
+//! Policies bound with `targetRefs` select no workload: the waypoint asks for them per request
+//! ([`Snapshot::service_policies`]), a scan of the namespace's policies.
+//!
 //! What a change recomputes: the workloads it changes, and the workloads that a changed
 //! policy selects before or after the change: through the label index for a selector, the
 //! whole namespace for an empty one, every workload for a policy of the root namespace (which
@@ -16,12 +19,34 @@ use std::{
 };
 
 use super::{apply::Moved, Applied, Error, Key, Kind, Problem, Snapshot, Workload};
-use crate::policy::{self, Policy, Selected};
+use crate::policy::{self, Policy, Selected, TargetRef};
 
 impl Snapshot {
     /// The policies that select the workload `namespace/name`; `None` when none does.
     pub fn authorization(&self, workload: &str) -> Option<&Arc<Selected>> {
         self.authz.get(workload)
+    }
+
+    /// The policies the waypoint applies to a request for the service `namespace/service`:
+    /// those of the namespace bound with `targetRefs` to that Service, or to the namespace's
+    /// waypoint (a Gateway named as [`Snapshot::waypoint_of`] says). Policies with a selector,
+    /// and those of the root namespace bound elsewhere, are not among them. Costs a scan of the
+    /// namespace's policies.
+    pub fn service_policies(&self, namespace: &str, service: &str) -> Selected {
+        let waypoint = self.waypoint_of(namespace);
+        let applies = |p: &&Arc<Policy>| {
+            p.targets.iter().any(|t| match t {
+                TargetRef::Service(name) => name == service,
+                TargetRef::Gateway(name) => Some(name.as_str()) == waypoint,
+            })
+        };
+        let policies = self.policies_by_namespace.get(namespace);
+        Selected::new(
+            policies
+                .into_iter()
+                .flat_map(|p| p.values())
+                .filter(applies),
+        )
     }
 
     /// The policy `namespace/name`.
@@ -91,6 +116,8 @@ impl Snapshot {
             self.policies.insert(key, p);
             applied.policies += 1;
         }
+        // Policies bound with targetRefs select no workload, before or after.
+        changed.retain(|p| p.targets.is_empty());
         let mut again: Vec<Arc<Workload>> = Vec::new();
         if changed.iter().any(|p| p.namespace == *self.root_namespace) {
             again.extend(self.workloads.values().cloned());
