@@ -6,8 +6,11 @@
 //! traffic to its waypoint; `workload_api` gives the waypoint its identity).
 
 pub mod balance;
+pub mod breaker;
 pub mod budget;
 pub mod httproute;
+pub mod io;
 pub mod normalize;
+pub mod replay;
 pub mod routes;
 pub mod sniff;
