@@ -8,7 +8,7 @@
 
 mod authz;
 mod copy;
-mod inbound;
+pub mod inbound;
 pub mod limits;
 mod outbound;
 pub mod route;

@@ -49,6 +49,10 @@ pub struct StateFile {
     /// Namespaces with a waypoint: connections to their services go through it.
     #[serde(default)]
     pub waypoints: Vec<WaypointSpec>,
+    /// Gateway API HTTPRoutes: each namespace's waypoint reads its own (`waypoint::table`);
+    /// the node agent leaves them alone.
+    #[serde(default)]
+    pub routes: Vec<serde_yaml::Value>,
 }
 
 /// A namespace's waypoint: `name` is the service of `namespace` whose endpoints are the

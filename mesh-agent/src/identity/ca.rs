@@ -732,6 +732,75 @@ fn into_leaf(id: &SpiffeId, signed: SignedLeaf) -> Result<Leaf, Error> {
     })
 }
 
+impl Leaf {
+    /// A leaf handed over as PEM (the workload API's answer: the chain, leaf first, and its
+    /// PKCS#8 key), checked to name exactly one SPIFFE id and to match its key. `what` names
+    /// the source in errors.
+    pub fn from_pem(chain_pem: &str, key_pem: &str, what: &str) -> Result<Leaf, Error> {
+        let invalid = |reason: String| Error::InvalidCertificate {
+            path: PathBuf::from(what),
+            index: 1,
+            reason,
+        };
+        let chain = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(format!("unreadable PEM: {e}")))?;
+        let first = chain.first().ok_or_else(|| Error::NoCertificate {
+            path: PathBuf::from(what),
+        })?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+            .map_err(|e| invalid(format!("unreadable key PEM: {e}")))?
+            .ok_or_else(|| Error::NoPrivateKey {
+                path: PathBuf::from(what),
+            })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref())
+            .map_err(|e| invalid(format!("not X.509: {e}")))?;
+        let time = |t: x509_parser::time::ASN1Time| {
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+        };
+        let not_before = time(parsed.validity().not_before);
+        let not_after = time(parsed.validity().not_after);
+        let id: SpiffeId = crate::tunnel::tls::identity_of(first)
+            .ok_or_else(|| invalid("names no SPIFFE id".to_owned()))?;
+        let provider = rustls::crypto::ring::default_provider();
+        let certified =
+            CertifiedKey::from_der(chain.clone(), key, &provider).map_err(|source| {
+                Error::TlsKey {
+                    what: what.to_owned(),
+                    source,
+                }
+            })?;
+        Ok(Leaf {
+            id,
+            chain,
+            not_before,
+            not_after,
+            // The issuer back-dates by CLOCK_SKEW.
+            issued_at: (not_before + CLOCK_SKEW).min(not_after),
+            certified_key: Arc::new(certified),
+        })
+    }
+}
+
+impl TrustBundle {
+    /// The roots of a PEM text (the workload API's trust bundle); an error when it holds none.
+    pub fn from_pem(pem: &str, what: &str) -> Result<TrustBundle, Error> {
+        let roots = rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::InvalidCertificate {
+                path: PathBuf::from(what),
+                index: 1,
+                reason: format!("unreadable PEM: {e}"),
+            })?;
+        if roots.is_empty() {
+            return Err(Error::NoCertificate {
+                path: PathBuf::from(what),
+            });
+        }
+        Ok(TrustBundle::from_roots(roots))
+    }
+}
+
 /// Reads a CA private key in any of the accepted encodings.
 fn load_key(path: &Path) -> Result<KeyPair, Error> {
     let unsupported = |reason: String| Error::UnsupportedKey {

@@ -197,12 +197,23 @@ pub fn serve_hbone(
 /// state that reached its node's agent first) before it is refused.
 const PLACEMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Admits an HBONE client of this node's pods ([`admit_chain`] with the agent's state and
+/// trust bundle).
+async fn admit(
+    inputs: &Inputs,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> Result<(), String> {
+    admit_chain(&inputs.store, inputs.certs.bundle(), chain).await
+}
+
 /// Admits an HBONE client: a leaf issued by a node (its issuer names the node) only when the
 /// state places a workload of its namespace and service account on that node, now, within
 /// [`crate::state::PLACEMENT_GRACE`], or within [`PLACEMENT_WAIT`] from now. Leaves from a
-/// central CA are not bound to a node.
-async fn admit(
-    inputs: &Inputs,
+/// central CA are not bound to a node. The node agent's and the waypoint's HBONE servers both
+/// admit their clients so.
+pub async fn admit_chain(
+    store: &crate::state::Store,
+    bundle: &crate::identity::TrustBundle,
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 ) -> Result<(), String> {
     use crate::identity::Placement as _;
@@ -213,7 +224,7 @@ async fn admit(
     let (id, issuer) = crate::identity::verify_peer_issued(
         leaf,
         intermediates,
-        inputs.certs.bundle(),
+        bundle,
         rustls::pki_types::UnixTime::now(),
         crate::identity::PeerRole::Client,
     )
@@ -221,10 +232,10 @@ async fn admit(
     let Some(node) = issuer else {
         return Ok(());
     };
-    let mut changed = inputs.store.subscribe();
+    let mut changed = store.subscribe();
     let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
     loop {
-        if inputs.store.may_issue(&node, &id) {
+        if store.may_issue(&node, &id) {
             return Ok(());
         }
         match tokio::time::timeout_at(deadline, changed.changed()).await {
