@@ -63,6 +63,12 @@ enum Command {
         #[command(subcommand)]
         command: Option<CniCommand>,
     },
+    /// Run a waypoint: a namespace's L7 proxy, as a pod of its own (docs/waypoint.md).
+    Waypoint {
+        /// The waypoint configuration (docs/waypoint.md, "Configuration").
+        #[arg(long, env = "MESH_WAYPOINT_CONFIG")]
+        config: PathBuf,
+    },
     /// Certificate authority tools: a root CA, node intermediates.
     #[command(subcommand)]
     Ca(identity::cli::CaCommand),
@@ -133,6 +139,7 @@ pub fn main() -> anyhow::Result<()> {
             config,
             uninstall: true,
         } => node::uninstall(&config),
+        Command::Waypoint { config } => crate::waypoint::runtime::run(&config),
         Command::Cni { command: None } => cni_plugin(),
         Command::Cni {
             command:
