@@ -15,6 +15,8 @@ use anyhow::{bail, Context, Result};
 
 #[path = "labtool/hbone.rs"]
 mod hbone;
+#[path = "labtool/http.rs"]
+mod http;
 #[path = "labtool/idle.rs"]
 mod idle;
 #[path = "labtool/maps.rs"]
@@ -108,6 +110,15 @@ enum Cmd {
     Collide(maps::CollideArgs),
     /// Counts the entries of a pinned eBPF hash map; prints `entries N`.
     MapCount(maps::MapCountArgs),
+    /// HTTP/1.1 and HTTP/2 server naming itself, reporting what it received (`--fail-every`,
+    /// `--delay-ms` to misbehave).
+    HttpServe(http::ServeArgs),
+    /// Sends N HTTP requests, prints one JSON line tallying the answers.
+    HttpGet(http::GetArgs),
+    /// A server-speaks-first server: a banner line on accept, then echo.
+    Banner(http::BannerArgs),
+    /// Connects, sends nothing, prints the server's first line.
+    ReadBanner(http::ReadBannerArgs),
     /// Connects and exits 0, or prints the error and exits 1.
     Connect {
         /// Server address.
@@ -149,6 +160,10 @@ fn main() -> ExitCode {
         Cmd::Connect { to } => connect(to).map(|_| ()),
         Cmd::Rr(args) => rr::run(args),
         Cmd::Probe(args) => probe::run(args),
+        Cmd::HttpServe(args) => http::serve(args),
+        Cmd::HttpGet(args) => http::get(args),
+        Cmd::Banner(args) => http::banner(args),
+        Cmd::ReadBanner(args) => http::read_banner(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
