@@ -74,7 +74,9 @@ pub(super) async fn tries(
     let retry = &wp.http.retries;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut body = Some(body);
-    let mut last: Option<Local> = None;
+    // The last try's outcome: what the client gets when no retry follows (an endpoint's own
+    // answer as it came, headers and body).
+    let mut last: Option<Result<Response<hyper::body::Incoming>, Local>> = None;
     for attempt in 0..=retry.attempts {
         if attempt > 0 {
             // The body must be whole to be sent again, and the budget must allow a retry.
@@ -95,8 +97,15 @@ pub(super) async fn tries(
                 })
                 .inc();
             if !allowed {
-                if let Some(l) = last.as_mut() {
-                    l.flag = flags::BUDGET;
+                match last.as_mut() {
+                    Some(Ok(response)) => {
+                        response.headers_mut().insert(
+                            "x-mesh-response-flags",
+                            http::HeaderValue::from_static(flags::BUDGET),
+                        );
+                    }
+                    Some(Err(l)) => l.flag = flags::BUDGET,
+                    None => {}
                 }
                 break;
             }
@@ -120,11 +129,11 @@ pub(super) async fn tries(
         record.endpoint = Some(endpoint);
         let Some(workload) = snap.meshed_workload(endpoint.ip()).cloned() else {
             // Fail closed: an endpoint outside the mesh would get the request in plaintext.
-            last = Some(Local::new(
+            last = Some(Err(Local::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 flags::NO_HEALTHY,
                 format!("endpoint {endpoint} of {backend} is not a workload of the mesh"),
-            ));
+            )));
             continue;
         };
         record.destination = Some(workload.clone());
@@ -133,11 +142,11 @@ pub(super) async fn tries(
             &workload.namespace,
             &workload.service_account,
         ) else {
-            last = Some(Local::new(
+            last = Some(Err(Local::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 flags::NO_HEALTHY,
                 format!("endpoint {endpoint}: no identity"),
-            ));
+            )));
             continue;
         };
         // This try's body: the original the first time, a replay after.
@@ -244,25 +253,19 @@ pub(super) async fn tries(
             Ok(response) if !(retriable && attempt < retry.attempts) => {
                 return Ok(response.map(|b| b.map_err(BoxError::from).boxed()));
             }
-            Ok(response) => {
-                // Retried: the endpoint's answer is what the client gets if no retry follows.
-                last = Some(Local::new(
-                    response.status(),
-                    flags::NONE,
-                    format!("{endpoint} answered {}", response.status()),
-                ));
-                drop(response);
-            }
-            Err(local) => last = Some(local),
+            // To be retried: kept for the client in case no retry follows.
+            other => last = Some(other),
         }
     }
-    Err(last.unwrap_or_else(|| {
-        Local::new(
+    match last {
+        Some(Ok(response)) => Ok(response.map(|b| b.map_err(BoxError::from).boxed())),
+        Some(Err(local)) => Err(local),
+        None => Err(Local::new(
             StatusCode::SERVICE_UNAVAILABLE,
             flags::NO_HEALTHY,
             format!("{backend}: no try was made"),
-        )
-    }))
+        )),
+    }
 }
 
 /// A stream that is not HTTP: proxied as bytes to an endpoint of the service it named (a
