@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod certs;
+pub mod l7;
 mod lab;
 mod metrics;
 pub mod pcap;
