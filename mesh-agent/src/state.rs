@@ -144,6 +144,44 @@ impl Service {
 pub struct PortMapping {
     pub port: u16,
     pub target_port: u16,
+    /// What the service declares the port speaks (a waypoint takes it over sniffing).
+    pub protocol: Protocol,
+}
+
+/// A service port's declared protocol: Kubernetes' `appProtocol`, or Istio's port name
+/// convention (`http-web`, `grpc`, `tcp-db`); the state file's `protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Not declared: a waypoint tells from the first bytes.
+    #[default]
+    Unspecified,
+    /// HTTP (HTTP/1.1, or HTTP/2 with prior knowledge, told by the preface).
+    Http,
+    /// HTTP/2 with prior knowledge (`kubernetes.io/h2c`, `http2`, `grpc`).
+    Http2,
+    /// Not HTTP: proxied as bytes, without waiting for the client to speak.
+    Tcp,
+}
+
+impl Protocol {
+    /// From a Service port's `appProtocol` (which wins) or `name`.
+    pub fn declared(app_protocol: Option<&str>, name: &str) -> Protocol {
+        let by = |p: &str| match p.to_ascii_lowercase().as_str() {
+            "http" | "https-insecure" => Some(Protocol::Http),
+            "http2" | "h2c" | "kubernetes.io/h2c" | "grpc" | "grpc-web" => Some(Protocol::Http2),
+            "tcp" | "mysql" | "mongo" | "redis" | "tls" | "https" | "kubernetes.io/ws" => {
+                Some(Protocol::Tcp)
+            }
+            _ => None,
+        };
+        if let Some(p) = app_protocol.and_then(by) {
+            return p;
+        }
+        // Istio's convention: `<protocol>[-<suffix>]`.
+        let prefix = name.split('-').next().unwrap_or("");
+        by(prefix).unwrap_or_default()
+    }
 }
 
 /// A service port: where connections to `vip:port` go.

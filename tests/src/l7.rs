@@ -5,7 +5,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
-    agent_bin, labtool_bin, wait_until, Lab, PodSpec, Running, ServicePort, ServiceSpec, Topology,
+    agent_bin, labtool_bin, wait_until, AppProtocol, Lab, PodSpec, Running, ServicePort,
+    ServiceSpec, Topology,
 };
 
 /// How long a change may take to show.
@@ -21,6 +22,8 @@ pub const REVIEWS_V1: &str = "10.240.100.22:80";
 pub const REVIEWS_V2: &str = "10.240.100.23:80";
 /// `shop/mail:25`: a banner server on shop/api's port 2525.
 pub const MAIL: &str = "10.240.100.24:25";
+/// `shop/smtp:25`: the same, declared `tcp`.
+pub const SMTP: &str = "10.240.100.25:25";
 
 /// The default topology plus: shop's waypoint (pod `shop/waypoint` on n1, service account
 /// `waypoint`, service `shop/waypoint`); reviews in two versions (`reviews-v1` on n2,
@@ -63,7 +66,11 @@ pub fn topology() -> Topology {
             &[("app", "reviews"), ("version", "v2")],
         ),
     ]);
-    let service = |name: &str, addr: &str, target: u16, pairs: &[(&str, &str)]| {
+    let service_with = |name: &str,
+                        addr: &str,
+                        target: u16,
+                        pairs: &[(&str, &str)],
+                        protocol: Option<AppProtocol>| {
         let addr: std::net::SocketAddrV4 = addr.parse().expect("vip:port");
         ServiceSpec {
             namespace: "shop".into(),
@@ -72,9 +79,13 @@ pub fn topology() -> Topology {
             ports: vec![ServicePort {
                 port: addr.port(),
                 target_port: target,
+                protocol,
             }],
             selector: labels(pairs),
         }
+    };
+    let service = |name: &str, addr: &str, target: u16, pairs: &[(&str, &str)]| {
+        service_with(name, addr, target, pairs, None)
     };
     topology.services.extend([
         service(
@@ -97,6 +108,13 @@ pub fn topology() -> Topology {
             &[("app", "reviews"), ("version", "v2")],
         ),
         service("mail", MAIL, 2525, &[("app", "api")]),
+        service_with(
+            "smtp",
+            SMTP,
+            2525,
+            &[("app", "api")],
+            Some(AppProtocol::Tcp),
+        ),
     ]);
     topology
 }

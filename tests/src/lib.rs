@@ -44,8 +44,8 @@ pub use self::{
         },
         sweep,
         topology::{
-            CaptureExclusions, CgroupDriver, NamespaceSpec, PodSpec, ServicePort, ServiceSpec,
-            Topology, DEFAULT_TOPOLOGY_YAML,
+            AppProtocol, CaptureExclusions, CgroupDriver, NamespaceSpec, PodSpec, ServicePort,
+            ServiceSpec, Topology, DEFAULT_TOPOLOGY_YAML,
         },
         CniRun, Lab, LabOptions, Node, Pod, Upgrade, METRICS_PORT, READINESS_PORT,
     },

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mesh_lab::{
     l7::{
         count, http_get, serve_http, set_state, start_waypoint, topology, waypoint_metrics, MAIL,
-        REVIEWS, REVIEWS_V1, REVIEWS_V2, WAIT,
+        REVIEWS, REVIEWS_V1, REVIEWS_V2, SMTP, WAIT,
     },
     Lab, LabOptions, Running,
 };
@@ -39,17 +39,8 @@ fn lab(test: &str) -> Option<Lab> {
     }))
 }
 
-fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    mesh_lab::exposed_value(metrics, name, labels).unwrap_or_else(|e| panic!("{e}\n{metrics}"))
-}
-
-#[test]
-fn http_through_the_waypoint_is_routed_split_and_keeps_identities() {
-    let Some(lab) = lab("http_through_the_waypoint_is_routed_split_and_keeps_identities") else {
-        return;
-    };
-    let _v1 = serve_http(&lab, "shop/reviews-v1", "v1", &[]);
-    let _v2 = serve_http(&lab, "shop/reviews-v2", "v2", &[]);
+/// A banner server (server speaks first) on shop/api's port 2525.
+fn banner(lab: &Lab) -> Running {
     let mut banner = Running::spawn(
         "banner",
         lab.command("shop/api", mesh_lab::labtool_bin()).args([
@@ -61,6 +52,21 @@ fn http_through_the_waypoint_is_routed_split_and_keeps_identities() {
         ]),
     );
     banner.wait_line("listening", Duration::from_secs(10));
+    banner
+}
+
+fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    mesh_lab::exposed_value(metrics, name, labels).unwrap_or_else(|e| panic!("{e}\n{metrics}"))
+}
+
+#[test]
+fn http_through_the_waypoint_is_routed_split_and_keeps_identities() {
+    let Some(lab) = lab("http_through_the_waypoint_is_routed_split_and_keeps_identities") else {
+        return;
+    };
+    let _v1 = serve_http(&lab, "shop/reviews-v1", "v1", &[]);
+    let _v2 = serve_http(&lab, "shop/reviews-v2", "v2", &[]);
+    let _banner = banner(&lab);
     set_state(&lab, SPLIT, "[]");
 
     // Before the waypoint runs, its namespace's services are refused, never sent around it.
@@ -328,7 +334,22 @@ fn timeouts_hold_and_a_slow_try_is_retried_on_another_endpoint() {
         timeouts: {request: 10s, backendRequest: 300ms}
 "#;
     set_state(&lab, routes, "[]");
-    let _waypoint = start_waypoint(&lab, "{}");
+    // A client that says nothing is waited for up to a minute before it is taken for TCP...
+    let _waypoint = start_waypoint(&lab, "{sniff_timeout_ms: 60000}");
+    let _banner = banner(&lab);
+    // ... unless the service declares the port's protocol: shop/smtp is `tcp`, proxied at
+    // once, and its banner comes well within read-banner's 10 s.
+    let output = lab
+        .command("shop/client", mesh_lab::labtool_bin())
+        .args(["read-banner", "--to", SMTP, "--timeout-ms", "10000"])
+        .output()
+        .expect("read-banner");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        said.starts_with("banner 220 mail ready"),
+        "{said}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     // The request timeout: 504, flagged UT.
     let timed_out = http_get(&lab, "shop/client", REVIEWS_V1, &HOST);

@@ -110,6 +110,9 @@ pub struct ServiceSpec {
 pub struct ServicePortSpec {
     pub port: u16,
     pub target_port: u16,
+    /// What the port speaks (`http`, `http2`, `tcp`); default: told from the first bytes.
+    #[serde(default)]
+    pub protocol: crate::state::Protocol,
 }
 
 fn default_service_account() -> String {
@@ -145,6 +148,7 @@ impl From<ServiceSpec> for Service {
                 .map(|p| PortMapping {
                     port: p.port,
                     target_port: p.target_port,
+                    protocol: p.protocol,
                 })
                 .collect(),
             selector: s.selector,

@@ -137,6 +137,7 @@ fn slice(json: &[u8]) {
                     name: name.clone(),
                     port,
                     target_port: port,
+                    protocol: Default::default(),
                 })
                 .collect();
             let service = ServiceDef {

@@ -196,6 +196,7 @@ mod tests {
             ports: vec![PortMapping {
                 port: 80,
                 target_port: 8080,
+                protocol: Default::default(),
             }],
             selector: BTreeMap::from([("app".to_owned(), app.to_owned())]),
             endpoints: None,
@@ -204,6 +205,7 @@ mod tests {
             ports: vec![PortMapping {
                 port: 15008,
                 target_port: 15008,
+                protocol: Default::default(),
             }],
             ..service("web", "waypoint", "10.96.0.20", "waypoint")
         };

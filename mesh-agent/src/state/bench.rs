@@ -66,7 +66,11 @@ impl Shape {
             vips: vec![IpAddr::V4(Ipv4Addr::from(VIP_BASE + 1 + i))],
             ports: ports[..count]
                 .iter()
-                .map(|&(port, target_port)| PortMapping { port, target_port })
+                .map(|&(port, target_port)| PortMapping {
+                    port,
+                    target_port,
+                    protocol: Default::default(),
+                })
                 .collect(),
             selector: BTreeMap::from([("app".to_owned(), format!("app-{i}"))]),
             endpoints: None,

@@ -275,6 +275,7 @@ mod tests {
             ports: vec![PortMapping {
                 port: 80,
                 target_port: 8080,
+                protocol: Default::default(),
             }],
             selector: BTreeMap::from([("app".to_owned(), "x".to_owned())]),
             endpoints: None,

@@ -37,7 +37,11 @@ fn service(ns: &str, name: &str, vips: &[&str], ports: &[(u16, u16)], app: &str)
         vips: vips.iter().map(|s| ip(s)).collect(),
         ports: ports
             .iter()
-            .map(|&(port, target_port)| PortMapping { port, target_port })
+            .map(|&(port, target_port)| PortMapping {
+                port,
+                target_port,
+                protocol: Default::default(),
+            })
             .collect(),
         selector: BTreeMap::from([("app".to_owned(), app.to_owned())]),
         endpoints: None,
@@ -481,6 +485,7 @@ fn random_service(rng: &mut StdRng) -> Service {
         .map(|_| PortMapping {
             port: [80, 443, 8080][rng.random_range(0..3)],
             target_port: if rng.random_bool(0.03) { 0 } else { 9000 },
+            protocol: Default::default(),
         })
         .collect();
     s.selector = random_labels(rng);
@@ -850,4 +855,26 @@ fn a_namespace_waypoint_must_name_a_service() {
     );
     assert_eq!(store.apply(set(None)).expect("valid").namespaces, 1);
     assert_eq!(store.load().waypoint_of("shop"), None);
+}
+
+#[test]
+fn a_service_port_declares_its_protocol_by_app_protocol_then_name() {
+    use super::Protocol::{self, *};
+    for (app, name, want) in [
+        (Some("http"), "", Http),
+        (Some("kubernetes.io/h2c"), "tcp-x", Http2),
+        (Some("grpc"), "", Http2),
+        (Some("tcp"), "http-web", Tcp),
+        (Some("something-else"), "http-web", Http),
+        (None, "http", Http),
+        (None, "http2-api", Http2),
+        (None, "grpc-api", Http2),
+        (None, "tcp-db", Tcp),
+        (None, "mysql", Tcp),
+        (None, "web", Unspecified),
+        (None, "", Unspecified),
+        (None, "httpx", Unspecified),
+    ] {
+        assert_eq!(Protocol::declared(app, name), want, "{app:?} {name:?}");
+    }
 }

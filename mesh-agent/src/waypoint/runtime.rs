@@ -24,7 +24,7 @@ use super::{
 use crate::{
     admin, discovery,
     identity::{Leaf, SpiffeId, TrustBundle},
-    state::Store,
+    state::{Protocol, Store},
     tunnel,
     workload_api::{self, Certificate},
 };
@@ -424,6 +424,10 @@ async fn stream(wp: Arc<Waypoint>, req: tunnel::server::Request) {
         );
     };
     let service = port.service.clone();
+    let declared = snap
+        .service(&service)
+        .and_then(|def| def.ports.iter().find(|p| p.port == authority.port()))
+        .map_or(Protocol::Unspecified, |p| p.protocol);
     let ours = service
         .split_once('/')
         .is_some_and(|(ns, _)| ns == wp.namespace && snap.waypoint_of(ns) == Some(&wp.name));
@@ -455,21 +459,34 @@ async fn stream(wp: Arc<Waypoint>, req: tunnel::server::Request) {
         }
     };
     let mut io = H2Io::new(send, recv);
-    // What the client speaks, from its first bytes, waiting a bounded time.
+    // What the client speaks: what the service declares for the port, or else what its first
+    // bytes say, waiting a bounded time (a silent client is a server-speaks-first protocol).
     let mut first = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(wp.http.sniff_timeout_ms);
-    let detected = loop {
-        match sniff::detect(&first) {
-            Sniffed::NeedMore if first.len() < sniff::MAX_REQUEST_LINE => {}
-            Sniffed::NeedMore => break Sniffed::Opaque,
-            other => break other,
-        }
-        match tokio::time::timeout_at(deadline, io.read_buf(&mut first)).await {
-            Ok(Ok(0)) | Err(_) => break Sniffed::Opaque,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                debug!(error = %e, "the client's stream failed before it said anything");
-                return;
+    let detected = match declared {
+        Protocol::Tcp => Sniffed::Opaque,
+        Protocol::Http2 => Sniffed::Http2,
+        Protocol::Http | Protocol::Unspecified => {
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_millis(wp.http.sniff_timeout_ms);
+            let sniffed = loop {
+                match sniff::detect(&first) {
+                    Sniffed::NeedMore if first.len() < sniff::MAX_REQUEST_LINE => {}
+                    Sniffed::NeedMore => break Sniffed::Opaque,
+                    other => break other,
+                }
+                match tokio::time::timeout_at(deadline, io.read_buf(&mut first)).await {
+                    Ok(Ok(0)) | Err(_) => break Sniffed::Opaque,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "the client's stream failed before it said anything");
+                        return;
+                    }
+                }
+            };
+            // Declared HTTP is HTTP whatever it sent (malformed requests are answered 400).
+            match (declared, sniffed) {
+                (Protocol::Http, Sniffed::Opaque) => Sniffed::Http1,
+                (_, s) => s,
             }
         }
     };

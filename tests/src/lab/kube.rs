@@ -283,8 +283,12 @@ impl Lab {
                 .ports
                 .iter()
                 .map(|p| {
-                    json!({"name": format!("p{}", p.port), "port": p.port,
-                                "targetPort": p.target_port, "protocol": "TCP"})
+                    let mut port = json!({"name": format!("p{}", p.port), "port": p.port,
+                                "targetPort": p.target_port, "protocol": "TCP"});
+                    if let Some(declared) = p.protocol {
+                        port["appProtocol"] = json!(declared.app_protocol());
+                    }
+                    port
                 })
                 .collect();
             self.kube_create(

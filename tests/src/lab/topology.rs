@@ -102,6 +102,33 @@ pub struct ServicePort {
     pub port: u16,
     /// Port on the selected pods.
     pub target_port: u16,
+    /// What the port speaks, declared (the state file's `protocol`, a Kubernetes Service
+    /// port's `appProtocol`); none: a waypoint tells from the first bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AppProtocol>,
+}
+
+/// A declared protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 (or HTTP/2 with prior knowledge).
+    Http,
+    /// HTTP/2 with prior knowledge (`kubernetes.io/h2c`).
+    Http2,
+    /// Not HTTP.
+    Tcp,
+}
+
+impl AppProtocol {
+    /// The Kubernetes `appProtocol` value.
+    pub fn app_protocol(self) -> &'static str {
+        match self {
+            AppProtocol::Http => "http",
+            AppProtocol::Http2 => "kubernetes.io/h2c",
+            AppProtocol::Tcp => "tcp",
+        }
+    }
 }
 
 /// Traffic the mesh must not capture (globally in the agent config, or per pod in the state file).

@@ -303,6 +303,8 @@ pub struct ServicePortDef {
     /// A numeric `targetPort`; the port itself when it is named or absent (the endpoints
     /// carry the resolved ports).
     pub target_port: u16,
+    /// From `appProtocol` or the name.
+    pub protocol: state::Protocol,
 }
 
 impl TryFrom<&KubeService> for ServiceDef {
@@ -359,8 +361,10 @@ impl TryFrom<&KubeService> for ServiceDef {
                     format!("TCP port {port} is listed twice"),
                 ));
             }
+            let name = p.name.clone().unwrap_or_default();
             ports.push(ServicePortDef {
-                name: p.name.clone().unwrap_or_default(),
+                protocol: state::Protocol::declared(p.app_protocol.as_deref(), &name),
+                name,
                 port,
                 target_port,
             });
@@ -415,6 +419,7 @@ impl ServiceDef {
                 .map(|p| PortMapping {
                     port: p.port,
                     target_port: p.target_port,
+                    protocol: p.protocol,
                 })
                 .collect(),
             selector: BTreeMap::new(),
