@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+#[path = "labtool/grpc.rs"]
+mod grpc;
 #[path = "labtool/hbone.rs"]
 mod hbone;
 #[path = "labtool/http.rs"]
@@ -115,6 +117,12 @@ enum Cmd {
     HttpServe(http::ServeArgs),
     /// Sends N HTTP requests, prints one JSON line tallying the answers.
     HttpGet(http::GetArgs),
+    /// gRPC server naming itself: echoes (unary), streams N messages, ends with a non-OK
+    /// status when asked to (`fail`).
+    GrpcServe(grpc::ServeArgs),
+    /// One gRPC call, unary or server-streaming; prints one JSON line with the messages, the
+    /// status and where it came from (trailers or headers), and the metadata.
+    GrpcCall(grpc::CallArgs),
     /// A server-speaks-first server: a banner line on accept, then echo.
     Banner(http::BannerArgs),
     /// Connects, sends nothing, prints the server's first line.
@@ -162,6 +170,8 @@ fn main() -> ExitCode {
         Cmd::Probe(args) => probe::run(args),
         Cmd::HttpServe(args) => http::serve(args),
         Cmd::HttpGet(args) => http::get(args),
+        Cmd::GrpcServe(args) => grpc::serve(args),
+        Cmd::GrpcCall(args) => grpc::call(args),
         Cmd::Banner(args) => http::banner(args),
         Cmd::ReadBanner(args) => http::read_banner(args),
     };
