@@ -4,10 +4,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use crate::{
-    agent_bin, labtool_bin, wait_until, AppProtocol, Lab, PodSpec, Running, ServicePort,
-    ServiceSpec, Topology,
-};
+use crate::{agent_bin, labtool_bin, wait_until, Lab, Running, Topology};
 
 /// How long a change may take to show.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -25,99 +22,21 @@ pub const MAIL: &str = "10.240.100.24:25";
 /// `shop/smtp:25`: the same, declared `tcp`.
 pub const SMTP: &str = "10.240.100.25:25";
 
-/// The default topology plus: shop's waypoint (pod `shop/waypoint` on n1, service account
-/// `waypoint`, service `shop/waypoint`); reviews in two versions (`reviews-v1` on n2,
-/// `reviews-v2` on n1, service account `reviews`, port 8080), each with a service and one
-/// service of both; `shop/mail` (port 25 to shop/api's 2525).
+/// The L7 lab's topology (`tests/topologies/waypoint.yaml`): the default topology plus shop's
+/// waypoint (pod `shop/waypoint` on n1, service account `waypoint`, service `shop/waypoint`);
+/// reviews in two versions (`reviews-v1` on n2, `reviews-v2` on n1, service account `reviews`,
+/// port 8080), each with a service and one service of both; `shop/mail` and `shop/smtp`
+/// (declared `tcp`), port 25 to shop/api's 2525. Without its `waypoints` entry: the tests give
+/// shop its waypoint ([`set_state`]) and start it ([`start_waypoint`]) themselves.
 pub fn topology() -> Topology {
-    let mut topology = Topology::default();
-    let labels = |pairs: &[(&str, &str)]| {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    };
-    let pod = |name: &str, node: &str, sa: &str, pairs: &[(&str, &str)]| PodSpec {
-        namespace: "shop".into(),
-        name: name.into(),
-        node: node.into(),
-        service_account: sa.into(),
-        labels: labels(pairs),
-        capture: None,
-        kubelet: None,
-    };
-    topology.pods.extend([
-        pod(
-            "waypoint",
-            "n1",
-            "waypoint",
-            &[("app", "waypoint"), ("mesh-agent/role", "waypoint")],
-        ),
-        pod(
-            "reviews-v1",
-            "n2",
-            "reviews",
-            &[("app", "reviews"), ("version", "v1")],
-        ),
-        pod(
-            "reviews-v2",
-            "n1",
-            "reviews",
-            &[("app", "reviews"), ("version", "v2")],
-        ),
-    ]);
-    let service_with = |name: &str,
-                        addr: &str,
-                        target: u16,
-                        pairs: &[(&str, &str)],
-                        protocol: Option<AppProtocol>| {
-        let addr: std::net::SocketAddrV4 = addr.parse().expect("vip:port");
-        ServiceSpec {
-            namespace: "shop".into(),
-            name: name.into(),
-            vip: *addr.ip(),
-            ports: vec![ServicePort {
-                port: addr.port(),
-                target_port: target,
-                protocol,
-            }],
-            selector: labels(pairs),
-        }
-    };
-    let service = |name: &str, addr: &str, target: u16, pairs: &[(&str, &str)]| {
-        service_with(name, addr, target, pairs, None)
-    };
-    topology.services.extend([
-        service(
-            "waypoint",
-            &format!("{WAYPOINT_VIP}:15008"),
-            15008,
-            &[("app", "waypoint")],
-        ),
-        service("reviews", REVIEWS, 8080, &[("app", "reviews")]),
-        service(
-            "reviews-v1",
-            REVIEWS_V1,
-            8080,
-            &[("app", "reviews"), ("version", "v1")],
-        ),
-        service(
-            "reviews-v2",
-            REVIEWS_V2,
-            8080,
-            &[("app", "reviews"), ("version", "v2")],
-        ),
-        service("mail", MAIL, 2525, &[("app", "api")]),
-        service_with(
-            "smtp",
-            SMTP,
-            2525,
-            &[("app", "api")],
-            Some(AppProtocol::Tcp),
-        ),
-    ]);
+    let mut topology =
+        Topology::from_yaml(WAYPOINT_TOPOLOGY_YAML).expect("tests/topologies/waypoint.yaml");
+    topology.waypoints.clear();
     topology
 }
+
+/// `tests/topologies/waypoint.yaml`.
+pub const WAYPOINT_TOPOLOGY_YAML: &str = include_str!("../topologies/waypoint.yaml");
 
 /// Gives shop its waypoint in the state file, with `routes` (YAML, a list of HTTPRoutes) and
 /// `policies` (YAML, a list of AuthorizationPolicies), and waits until both agents applied it.

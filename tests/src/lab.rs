@@ -9,6 +9,7 @@ mod state;
 mod sys;
 mod teardown;
 pub mod topology;
+pub(crate) mod waypoint;
 
 use std::{
     ffi::OsStr,
@@ -32,6 +33,19 @@ use self::{
     layout::{check_id, Layout, RUN_ROOT},
     topology::{CaptureExclusions, Topology},
 };
+
+/// A waypoint the lab runs.
+#[derive(Debug, Clone)]
+pub struct WaypointProcess {
+    /// `namespace/name` of the waypoint (its service).
+    pub waypoint: String,
+    /// `namespace/pod` it runs in.
+    pub pod: String,
+    /// Its process, while it runs.
+    pub pid: Option<u32>,
+    /// Its log.
+    pub log: PathBuf,
+}
 
 /// How to build a lab.
 #[derive(Debug, Clone)]
@@ -262,6 +276,20 @@ impl Lab {
         }
         if opts.kube.is_some() {
             self.run_pods()?;
+        } else {
+            // (In the Kubernetes mode, the emulated API listens on the host's loopback, which
+            // no pod reaches: its waypoints do not run.)
+            for (ns, pod, name) in waypoint::pods(&self.topology) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                waypoint::start(
+                    &self.layout,
+                    &ns,
+                    &pod,
+                    &name,
+                    &agent::agent_bin(),
+                    left.max(Duration::from_secs(10)),
+                )?;
+            }
         }
         Ok(())
     }
@@ -356,6 +384,28 @@ impl Lab {
 
     fn find_node(&self, name: &str) -> Option<&Node> {
         self.layout.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The waypoints this lab runs (the topology's `waypoints`, in the pods their services
+    /// select; none in the Kubernetes mode).
+    pub fn waypoints(&self) -> Vec<WaypointProcess> {
+        if self.is_kube() {
+            return Vec::new();
+        }
+        waypoint::pods(&self.topology)
+            .into_iter()
+            .map(|(ns, pod, name)| WaypointProcess {
+                waypoint: format!("{ns}/{name}"),
+                pod: format!("{ns}/{pod}"),
+                pid: std::fs::read_to_string(
+                    self.layout.run_dir.join(format!("waypoint-{ns}-{pod}.pid")),
+                )
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .filter(|p| sys::process_alive(*p)),
+                log: waypoint::log_path(&self.layout, &ns, &pod),
+            })
+            .collect()
     }
 
     /// The VIP of service `namespace/name`; panics if there is none.

@@ -45,9 +45,9 @@ pub use self::{
         sweep,
         topology::{
             AppProtocol, CaptureExclusions, CgroupDriver, NamespaceSpec, PodSpec, ServicePort,
-            ServiceSpec, Topology, DEFAULT_TOPOLOGY_YAML,
+            ServiceSpec, Topology, WaypointSpec, DEFAULT_TOPOLOGY_YAML,
         },
-        CniRun, Lab, LabOptions, Node, Pod, Upgrade, METRICS_PORT, READINESS_PORT,
+        CniRun, Lab, LabOptions, Node, Pod, Upgrade, WaypointProcess, METRICS_PORT, READINESS_PORT,
     },
     metrics::{exposed_value, metric_value},
     running::Running,

@@ -320,6 +320,19 @@ fn status(lab: &Lab) -> Result<()> {
             ports.join(",")
         );
     }
+    let waypoints = lab.waypoints();
+    if !waypoints.is_empty() {
+        println!("waypoints:");
+        for w in waypoints {
+            println!(
+                "  {:<22} in {:<18} pid {:<8} log {}",
+                w.waypoint,
+                w.pod,
+                w.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                w.log.display()
+            );
+        }
+    }
     if lab.is_kube() {
         println!(
             "Kubernetes API (KMock's emulator): {} from the nodes; \

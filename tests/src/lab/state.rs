@@ -25,6 +25,8 @@ struct State<'a> {
     namespaces: &'a [NamespaceSpec],
     workloads: Vec<Workload<'a>>,
     services: Vec<Service<'a>>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    waypoints: &'a [super::topology::WaypointSpec],
 }
 
 #[derive(Debug, Serialize)]
@@ -141,6 +143,7 @@ pub(crate) fn state_yaml(layout: &Layout, topology: &Topology) -> Result<String>
                 selector: &svc.selector,
             })
             .collect(),
+        waypoints: &topology.waypoints,
     };
     serde_yaml::to_string(&state).context("serialising the mesh state")
 }

@@ -28,6 +28,20 @@ pub struct Topology {
     /// Services: a VIP with ports, selecting pods of its namespace by labels.
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Namespaces with a waypoint: `name` is a service of `namespace` (port 15008) whose pods
+    /// run `mesh-agent waypoint` (the state file's `waypoints`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waypoints: Vec<WaypointSpec>,
+}
+
+/// A namespace's waypoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaypointSpec {
+    /// The namespace.
+    pub namespace: String,
+    /// Its waypoint's service.
+    pub name: String,
 }
 
 /// A namespace of the topology.
@@ -237,6 +251,33 @@ impl Topology {
                 bail!("service {}/{} is listed twice", svc.namespace, svc.name);
             }
         }
+        for (i, w) in self.waypoints.iter().enumerate() {
+            if !self.namespaces.iter().any(|ns| ns.name == w.namespace) {
+                bail!(
+                    "waypoint of {}: the namespace is not in `namespaces`",
+                    w.namespace
+                );
+            }
+            if !self.services.iter().any(|s| {
+                s.namespace == w.namespace
+                    && s.name == w.name
+                    && s.ports.iter().any(|p| p.port == 15008)
+            }) {
+                bail!(
+                    "waypoint {}/{}: no service {} with port 15008 in {}",
+                    w.namespace,
+                    w.name,
+                    w.name,
+                    w.namespace
+                );
+            }
+            if self.waypoints[..i]
+                .iter()
+                .any(|o| o.namespace == w.namespace)
+            {
+                bail!("namespace {} has two waypoints", w.namespace);
+            }
+        }
         Ok(())
     }
 }
@@ -266,6 +307,29 @@ mod tests {
         assert_eq!(t.pods.len(), 5);
         assert_eq!(t.services[0].vip, Ipv4Addr::new(10, 240, 100, 10));
         assert_eq!(t.pods[3].service_account, "default");
+    }
+
+    #[test]
+    fn the_waypoint_topology_runs_shops_waypoint_in_its_pod() {
+        let t = Topology::from_yaml(include_str!("../../topologies/waypoint.yaml"))
+            .expect("valid topology");
+        assert_eq!(
+            crate::lab::waypoint::pods(&t),
+            [(
+                "shop".to_owned(),
+                "waypoint".to_owned(),
+                "waypoint".to_owned()
+            )]
+        );
+        let broken = include_str!("../../topologies/waypoint.yaml").replace(
+            "port: 15008, target_port: 15008",
+            "port: 15009, target_port: 15008",
+        );
+        let e = Topology::from_yaml(&broken).expect_err("no port 15008");
+        assert!(
+            format!("{e:#}").contains("no service waypoint with port 15008"),
+            "{e:#}"
+        );
     }
 
     #[test]
