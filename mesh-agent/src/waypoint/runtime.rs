@@ -66,6 +66,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     // The state: services, endpoints, workloads, policies; the routes from the same source.
     let store = Arc::new(Store::new());
+    let mut kube_routes = None;
     let state_bytes = match config.discovery {
         crate::config::DiscoverySource::File => {
             let (snapshot, bytes, rejected) =
@@ -81,10 +82,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             ));
             bytes
         }
-        crate::config::DiscoverySource::Kube => anyhow::bail!(
-            "the waypoint reads its state from a state file only so far (`discovery: file`); \
-             the Kubernetes source of routes (HTTPRoute) has not landed"
-        ),
+        crate::config::DiscoverySource::Kube => {
+            // The mesh's watchers, as the node agent runs them but without a node's pods;
+            // not ready until every one of them has listed.
+            store.replace(crate::state::Snapshot::with_root_namespace(
+                &config.policy.root_namespace,
+            ));
+            let client = discovery::kube::client(&config.kube).await?;
+            let running = discovery::kube::run_mesh(
+                client.clone(),
+                discovery::kube::Rules::from(&config.kube),
+                store.clone(),
+                metrics.clone(),
+            );
+            readiness.set(Some(
+                "waiting for the first full lists of the Kubernetes API".into(),
+            ));
+            let mut synced = running.synced.clone();
+            let _ = synced.wait_for(|s| *s).await;
+            kube_routes = Some((client, running));
+            Vec::new()
+        }
     };
 
     // Its identity, from its node's agent.
@@ -124,14 +142,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.http.clone(),
     ));
     let mut routes = table::Settled::default();
-    reload_routes(&wp, &mut routes, &state_bytes);
-    tokio::spawn(watch_routes(
-        wp.clone(),
-        routes,
-        config.state_file.clone(),
-        Duration::from_millis(config.state_poll_interval_ms),
-        state_bytes,
-    ));
+    if let Some((client, running)) = kube_routes {
+        follow_kube_routes(client, running, &wp, &config, &readiness).await;
+    } else {
+        reload_routes(&wp, &mut routes, &state_bytes);
+        tokio::spawn(watch_routes(
+            wp.clone(),
+            routes,
+            config.state_file.clone(),
+            Duration::from_millis(config.state_poll_interval_ms),
+            state_bytes,
+        ));
+    }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -313,6 +335,46 @@ fn reload_routes(wp: &Waypoint, settled: &mut table::Settled, bytes: &[u8]) {
             return;
         }
     };
+    install_routes(&wp.routes, &wp.metrics, settled, parsed);
+}
+
+/// The HTTPRoutes of the API (`discovery: kube`): the namespace's routes through the same
+/// conversion and [`install_routes`], their status written by the watcher; returns once the
+/// first list is in force (not ready meanwhile).
+async fn follow_kube_routes(
+    client: kube::Client,
+    running: discovery::kube::Running,
+    wp: &Arc<Waypoint>,
+    config: &Config,
+    readiness: &admin::Readiness,
+) {
+    let mut settled = table::Settled::default();
+    let sink = wp.clone();
+    let mut synced = discovery::kube::run_routes(
+        client,
+        discovery::kube::Waypoint {
+            namespace: config.namespace.clone(),
+            name: config.name.clone(),
+        },
+        wp.store.clone(),
+        &running,
+        move |parsed| install_routes(&sink.routes, &sink.metrics, &mut settled, parsed),
+    );
+    readiness.set(Some(
+        "waiting for the first list of HTTPRoutes from the Kubernetes API".into(),
+    ));
+    let _ = synced.wait_for(|s| *s).await;
+}
+
+/// Applies one complete list of converted routes (each judged on its own, the last good version
+/// kept): the table in force changes, rejections are logged and counted
+/// (`mesh_waypoint_routes_rejected_total`), `mesh_waypoint_routes` is the number in force.
+pub fn install_routes(
+    routes: &ArcSwap<table::Table>,
+    metrics: &telemetry::Metrics,
+    settled: &mut table::Settled,
+    parsed: Vec<Result<super::httproute::HttpRoute, super::httproute::Rejected>>,
+) {
     for r in settled.apply(parsed) {
         let kept = if r.kept { "true" } else { "false" };
         if r.kept {
@@ -320,7 +382,7 @@ fn reload_routes(wp: &Waypoint, settled: &mut table::Settled, bytes: &[u8]) {
         } else {
             error!(error = %r.error, "HTTPRoute rejected");
         }
-        wp.metrics
+        metrics
             .routes_rejected
             .get_or_create(&telemetry::RejectedLabels {
                 route: r.error.route.clone(),
@@ -329,11 +391,11 @@ fn reload_routes(wp: &Waypoint, settled: &mut table::Settled, bytes: &[u8]) {
             .inc();
     }
     let table = settled.table();
-    wp.metrics
+    metrics
         .routes
         .set(i64::try_from(table.len()).unwrap_or(i64::MAX));
     info!(routes = table.len(), "routes in force");
-    wp.routes.store(Arc::new(table));
+    routes.store(Arc::new(table));
 }
 
 async fn watch_routes(

@@ -111,6 +111,12 @@ impl Applier {
         }
     }
 
+    /// For a source without this node's pods (a waypoint): only the mesh-wide watchers count
+    /// for readiness.
+    pub fn without_node_pods(&mut self) {
+        self.synced.insert(Kind::NodePod);
+    }
+
     /// Whether every watcher has delivered its first full list.
     pub fn synced(&self) -> bool {
         Kind::ALL.iter().all(|k| self.synced.contains(k))

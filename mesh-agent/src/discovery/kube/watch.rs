@@ -179,11 +179,17 @@ impl Metrics {
     }
 
     fn watch_error(&self, kind: Kind) {
-        self.watch_errors
-            .get_or_create(&KindLabel {
-                kind: kind.as_str(),
-            })
-            .inc();
+        self.watch_error_of(kind.as_str());
+    }
+
+    /// A watch error of a kind the applier does not handle (`HTTPRoute`).
+    pub(super) fn watch_error_of(&self, kind: &'static str) {
+        self.watch_errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A full list of a kind the applier does not handle (`HTTPRoute`).
+    pub(super) fn relist_of(&self, kind: &'static str) {
+        self.relists.get_or_create(&KindLabel { kind }).inc();
     }
 
     pub fn policies_invalid(&self, n: usize) {
@@ -219,8 +225,7 @@ impl std::fmt::Debug for Reporter {
 }
 
 impl Reporter {
-    /// Reports nothing (tests without an API server).
-    #[cfg(test)]
+    /// Reports nothing (tests without an API server; a waypoint, whose node agents report).
     pub fn none() -> Self {
         Self(None)
     }
@@ -284,6 +289,8 @@ pub struct Running {
     /// pod lifecycle manager, which the pod objects of the state do not serve (a workload
     /// carries only what the data path needs). Ready once listed (`synced`).
     pub node_pods: reflector::Store<Pod>,
+    /// The source's metrics, for the watchers started beside it (a waypoint's HTTPRoutes).
+    pub metrics: Metrics,
 }
 
 /// Starts the watchers and the applier, which fill `store`. Runs until the runtime ends.
@@ -294,7 +301,44 @@ pub fn run(
     store: Arc<Store>,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Running {
-    let metrics = Metrics::new(metrics);
+    let reporter = Reporter::new(client.clone(), node);
+    start(
+        client,
+        Some(node),
+        rules,
+        store,
+        Metrics::new(metrics),
+        reporter,
+    )
+}
+
+/// The same watchers for a process without a node (a waypoint): the mesh state alone, without
+/// this node's pods ([`Running::node_pods`] stays empty). It reports no Events: the node agents
+/// report the objects they cannot take, once each.
+pub fn run_mesh(
+    client: Client,
+    rules: Rules,
+    store: Arc<Store>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Running {
+    start(
+        client,
+        None,
+        rules,
+        store,
+        Metrics::new(metrics),
+        Reporter::none(),
+    )
+}
+
+fn start(
+    client: Client,
+    node: Option<&str>,
+    rules: Rules,
+    store: Arc<Store>,
+    metrics: Metrics,
+    reporter: Reporter,
+) -> Running {
     let (synced_tx, synced) = watch::channel(false);
     let (tx, mut rx) = mpsc::channel::<(Kind, Event<Object>)>(1024);
     let config = watcher::Config::default();
@@ -328,20 +372,22 @@ pub fn run(
     );
     // This node's pods in full, through a field selector, for the lifecycle manager.
     let (node_pods, writer) = reflector::store();
-    spawn_stream(
-        reflector(
-            writer,
-            watcher(
-                Api::<Pod>::all(client.clone()),
-                watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+    if let Some(node) = node {
+        spawn_stream(
+            reflector(
+                writer,
+                watcher(
+                    Api::<Pod>::all(client.clone()),
+                    watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+                ),
             ),
-        ),
-        Kind::NodePod,
-        |o| Object::Pod(Box::new(o)),
-        tx.clone(),
-        metrics.clone(),
-    );
-    let policies: Api<DynamicObject> = Api::all_with(client.clone(), &policy_resource());
+            Kind::NodePod,
+            |o| Object::Pod(Box::new(o)),
+            tx.clone(),
+            metrics.clone(),
+        );
+    }
+    let policies: Api<DynamicObject> = Api::all_with(client, &policy_resource());
     spawn_stream(
         watcher(policies, config),
         Kind::AuthorizationPolicy,
@@ -349,7 +395,11 @@ pub fn run(
         tx,
         metrics.clone(),
     );
-    let mut applier = Applier::new(rules, store, metrics.clone(), Reporter::new(client, node));
+    let mut applier = Applier::new(rules, store, metrics.clone(), reporter);
+    if node.is_none() {
+        applier.without_node_pods();
+    }
+    let running_metrics = metrics.clone();
     tokio::spawn(
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -368,7 +418,11 @@ pub fn run(
         }
         .in_current_span(),
     );
-    Running { synced, node_pods }
+    Running {
+        synced,
+        node_pods,
+        metrics: running_metrics,
+    }
 }
 
 fn spawn_watch<K>(
