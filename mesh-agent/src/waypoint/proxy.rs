@@ -73,6 +73,8 @@ pub(super) struct BackendState {
     pub(super) outlier: Mutex<Outlier>,
     pub(super) requests: Arc<tokio::sync::Semaphore>,
     pub(super) pending: breaker::Gate,
+    /// Connections to the service's endpoints (HTTP connections, opaque streams).
+    pub(super) connections: breaker::Gate,
 }
 
 /// The downstream connection a request came on.
@@ -152,6 +154,7 @@ impl Waypoint {
                     outlier: Mutex::new(Outlier::new(self.http.outlier.clone())),
                     requests: Arc::new(tokio::sync::Semaphore::new(self.http.limits.max_requests)),
                     pending: breaker::Gate::new(self.http.limits.max_pending),
+                    connections: breaker::Gate::new(self.http.limits.max_connections),
                 })
             })
             .clone()
@@ -576,9 +579,18 @@ fn mirror(
     let (version, client) = (template.version, down.addr);
     // The mirror's answer is discarded; the request does not wait for it.
     tokio::spawn(async move {
+        let backend = wp.backend(&key);
         let send = wp
             .upstream
-            .send(version, endpoint, &workload, &expected, client, req);
+            .send(
+                version,
+                endpoint,
+                &workload,
+                &expected,
+                client,
+                &backend.connections,
+                req,
+            );
         let _ = tokio::time::timeout(MIRROR_TIMEOUT, send).await;
     });
 }

@@ -39,7 +39,7 @@ pub(super) async fn tries(
     record: &mut Record,
 ) -> Result<Response<RespBody>, Local> {
     // Limits: a request slot now, or a pending place while one frees up.
-    let overflow = || {
+    let overflow_at = |limit: &str| {
         wp.metrics
             .overflows
             .get_or_create(&telemetry::ServiceLabels {
@@ -49,9 +49,10 @@ pub(super) async fn tries(
         Local::new(
             StatusCode::SERVICE_UNAVAILABLE,
             flags::OVERFLOW,
-            format!("{backend}: over its concurrent request limit"),
+            format!("{backend}: over its {limit} limit"),
         )
     };
+    let overflow = || overflow_at("concurrent request");
     let _slot = match state.requests.clone().try_acquire_owned() {
         Ok(slot) => slot,
         Err(_) => {
@@ -184,6 +185,7 @@ pub(super) async fn tries(
             &workload,
             &expected,
             down.addr,
+            &state.connections,
             req,
         );
         let outcome = match timeouts.per_try {
@@ -216,6 +218,10 @@ pub(super) async fn tries(
                     format!("connecting to {endpoint}: {message}"),
                 )),
             ),
+            Some(Err(upstream::Error::Overflow { .. })) => {
+                // Nothing was sent, and another try would meet the same limit.
+                return Err(overflow_at("connection"));
+            }
             Some(Err(upstream::Error::Reset { source, .. })) => (
                 true,
                 true,
@@ -309,6 +315,17 @@ where
             &workload.service_account,
         ) else {
             continue;
+        };
+        let Some(_place) = state.connections.try_acquire() else {
+            info!(
+                target: "access",
+                protocol = "tcp",
+                source = %down.identity,
+                service = %down.service,
+                flags = flags::OVERFLOW,
+                "connection refused: the backend's connection limit is reached"
+            );
+            return Err(format!("{}: over its connection limit", down.service));
         };
         match wp
             .upstream

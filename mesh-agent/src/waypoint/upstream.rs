@@ -15,7 +15,11 @@ use hyper::{body::Incoming, client::conn, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
-use super::{io::H2Io, replay::ReplayBody};
+use super::{
+    breaker::{Gate, Permit},
+    io::H2Io,
+    replay::ReplayBody,
+};
 use crate::{
     identity::{Leaf, SpiffeId, TrustBundle},
     state::Workload,
@@ -38,6 +42,9 @@ pub enum Error {
         endpoint: SocketAddr,
         message: String,
     },
+    /// A new connection would pass the backend's `max_connections`: nothing was sent.
+    #[error("{endpoint}: the backend's connection limit is reached")]
+    Overflow { endpoint: SocketAddr },
     /// The request was sent, and the connection or stream failed before the response.
     #[error("request to {endpoint} failed: {source}")]
     Reset {
@@ -147,7 +154,9 @@ impl Upstream {
         Ok(H2Io::new(stream.send, stream.recv))
     }
 
-    /// Sends `req` to `endpoint` over a reused or new connection.
+    /// Sends `req` to `endpoint` over a reused or new connection; a new connection takes a
+    /// place of `connections` (the backend's `max_connections`) for as long as it lives.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         version: Version,
@@ -155,6 +164,7 @@ impl Upstream {
         workload: &Workload,
         expected: &SpiffeId,
         client: SocketAddr,
+        connections: &Gate,
         req: Request<ReplayBody>,
     ) -> Result<Response<Incoming>, Error> {
         match version {
@@ -162,7 +172,10 @@ impl Upstream {
                 let mut sender = match self.checkout(endpoint) {
                     Some(s) => s,
                     None => {
-                        self.connect_http1(endpoint, workload, expected, client)
+                        let place = connections
+                            .try_acquire()
+                            .ok_or(Error::Overflow { endpoint })?;
+                        self.connect_http1(endpoint, workload, expected, client, place)
                             .await?
                     }
                 };
@@ -173,7 +186,7 @@ impl Upstream {
             }
             Version::Http2 => {
                 let mut sender = self
-                    .http2_sender(endpoint, workload, expected, client)
+                    .http2_sender(endpoint, workload, expected, client, connections)
                     .await?;
                 sender
                     .send_request(req)
@@ -208,6 +221,7 @@ impl Upstream {
         workload: &Workload,
         expected: &SpiffeId,
         client: SocketAddr,
+        place: Permit,
     ) -> Result<conn::http1::SendRequest<ReplayBody>, Error> {
         let io = self.stream(endpoint, workload, expected, client).await?;
         let (sender, connection) = conn::http1::Builder::new()
@@ -218,6 +232,7 @@ impl Upstream {
                 message: e.to_string(),
             })?;
         tokio::spawn(async move {
+            let _place = place;
             if let Err(e) = connection.await {
                 debug!(%endpoint, error = %e, "HTTP/1.1 connection to an endpoint ended");
             }
@@ -231,6 +246,7 @@ impl Upstream {
         workload: &Workload,
         expected: &SpiffeId,
         client: SocketAddr,
+        connections: &Gate,
     ) -> Result<conn::http2::SendRequest<ReplayBody>, Error> {
         let existing = self
             .http2
@@ -244,6 +260,9 @@ impl Upstream {
                 return Ok(s);
             }
         }
+        let place = connections
+            .try_acquire()
+            .ok_or(Error::Overflow { endpoint })?;
         let io = self.stream(endpoint, workload, expected, client).await?;
         let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
@@ -253,6 +272,7 @@ impl Upstream {
                 message: e.to_string(),
             })?;
         tokio::spawn(async move {
+            let _place = place;
             if let Err(e) = connection.await {
                 debug!(%endpoint, error = %e, "HTTP/2 connection to an endpoint ended");
             }
