@@ -196,7 +196,108 @@ pub fn run() -> anyhow::Result<()> {
     lab.try_down()?;
     left.check_gone()?;
     println!("done: the lab is gone (namespaces, cgroups, pins, agents)");
-    kubernetes()
+    kubernetes()?;
+    waypoint()
+}
+
+/// The waypoint: shop's L7 proxy routes by header and weight and denies /admin however it is
+/// spelled, with the client's identity.
+fn waypoint() -> anyhow::Result<()> {
+    use mesh_lab::l7;
+    println!(
+        "\n== the waypoint: lab with shop's waypoint (mesh-agent waypoint in pod shop/waypoint) \
+         and reviews v1 (n2) and v2 (n1) =="
+    );
+    let lab = Lab::try_up(LabOptions {
+        id: Some("demol7".into()),
+        topology: mesh_lab::Topology::from_yaml(l7::WAYPOINT_TOPOLOGY_YAML)?,
+        ..LabOptions::default()
+    })?;
+    for w in lab.waypoints() {
+        println!("  waypoint {} runs in pod {}", w.waypoint, w.pod);
+    }
+    let _v1 = l7::serve_http(&lab, "shop/reviews-v1", "v1", &[]);
+    let _v2 = l7::serve_http(&lab, "shop/reviews-v2", "v2", &[]);
+    let routes = r#"
+- metadata: {name: reviews, namespace: shop}
+  spec:
+    parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
+    rules:
+      - matches: [{headers: [{name: x-version, value: v2}]}]
+        backendRefs: [{name: reviews-v2, port: 80}]
+      - backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]
+"#;
+    let policies = r#"
+- metadata: {name: no-admin, namespace: shop}
+  spec:
+    targetRefs: [{kind: Service, group: "", name: reviews}]
+    action: DENY
+    rules: [{to: [{operation: {paths: [/admin, /admin/*]}}]}]
+"#;
+    println!("  HTTPRoute shop/reviews: x-version: v2 -> reviews-v2; the rest 90/10 v1/v2");
+    println!("  AuthorizationPolicy shop/no-admin (bound to Service reviews): DENY /admin");
+    l7::set_state(&lab, routes, policies);
+    mesh_lab::wait_until("the waypoint to apply the route", Duration::from_secs(20), || {
+        exposed_value(&l7::waypoint_metrics(&lab), "mesh_waypoint_routes", &[])
+            .is_ok_and(|v| v == 1.0)
+    });
+    let get = |args: &[&str]| {
+        let mut all = vec!["--host", "reviews.shop"];
+        all.extend_from_slice(args);
+        l7::http_get(&lab, "shop/client", l7::REVIEWS, &all)
+    };
+    println!("\n== shop/client -> reviews.shop (10.240.100.21:80), through the waypoint ==");
+    let v2 = get(&["--header", "x-version: v2", "--count", "20"]);
+    ensure!(
+        l7::count(&v2, "served", "v2") == 20,
+        "x-version: v2 did not route to v2: {v2}"
+    );
+    println!("  20 requests with x-version: v2   -> v2 answered all 20");
+    let split = get(&["--count", "1000"]);
+    let (n1, n2) = (
+        l7::count(&split, "served", "v1"),
+        l7::count(&split, "served", "v2"),
+    );
+    ensure!(
+        n1 + n2 == 1000 && (850..=950).contains(&n1),
+        "the 90/10 split: {split}"
+    );
+    println!("  1000 requests without it         -> v1 {n1}, v2 {n2}");
+    for path in ["/admin", "//admin", "/%61dmin", "/x/../admin"] {
+        let denied = get(&["--path", path]);
+        ensure!(
+            l7::count(&denied, "statuses", "403") == 1,
+            "{path} was not denied: {denied}"
+        );
+        println!("  GET {path:<14} -> 403 (shop/no-admin)");
+    }
+    let metrics = l7::waypoint_metrics(&lab);
+    let requests = exposed_value(
+        &metrics,
+        "istio_requests_total",
+        &[
+            ("source_principal", CLIENT_ID),
+            ("destination_workload", "reviews-v2"),
+            ("response_code", "200"),
+        ],
+    )
+    .map_err(anyhow::Error::msg)?;
+    ensure!(requests >= 20.0, "istio_requests_total to v2: {requests}");
+    println!(
+        "\n== the waypoint's metrics (Istio's names) ==\n  istio_requests_total{{source_principal=\"{CLIENT_ID}\",destination_workload=\"reviews-v2\",response_code=\"200\"}} {requests}"
+    );
+    let log = std::fs::read_to_string(&lab.waypoints()[0].log)?;
+    let denied_line = log
+        .lines()
+        .find(|l| l.contains("status=403"))
+        .context("no access-log line of a denied request")?;
+    println!("\n== the waypoint's access log, a denied request ==\n  {denied_line}");
+    println!("\n== tearing down ==");
+    let left = Footprint::of(&lab);
+    lab.try_down()?;
+    left.check_gone()?;
+    println!("done: the L7 lab is gone");
+    Ok(())
 }
 
 /// The Kubernetes mode: the agents learn the mesh from an API (KMock's emulator), and a label
