@@ -224,6 +224,16 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_families(true)
+    }
+
+    /// The families of a process without pods (the waypoint): the state's and policies' only;
+    /// the node's connection, capture and handover families are not exported.
+    pub fn without_node_families() -> Self {
+        Self::with_families(false)
+    }
+
+    fn with_families(node: bool) -> Self {
         let mut registry = Registry::default();
         let m = Self {
             opened: Family::default(),
@@ -259,36 +269,48 @@ impl Metrics {
             allowed_without_policy,
             ..m
         };
-        registry.register(
-            "mesh_tcp_connections_opened",
-            "TCP connections proxied, by pod and direction",
-            m.opened.clone(),
-        );
-        registry.register(
-            "mesh_tcp_connections_closed",
-            "Proxied TCP connections that ended",
-            m.closed.clone(),
-        );
-        registry.register(
-            "mesh_tcp_sent_bytes",
-            "Bytes from the pod's side of a proxied connection",
-            m.sent.clone(),
-        );
-        registry.register(
-            "mesh_tcp_received_bytes",
-            "Bytes toward the pod's side of a proxied connection",
-            m.received.clone(),
-        );
-        registry.register(
-            "mesh_tcp_connection_failures",
-            "Proxied connections that failed, by reason",
-            m.failures.clone(),
-        );
-        registry.register(
-            "mesh_outbound_routes",
-            "Outbound destination choices: service or direct; over HBONE, through a waypoint, to a pod of this node (local) or plaintext",
-            m.routes.clone(),
-        );
+        if node {
+            registry.register(
+                "mesh_tcp_connections_opened",
+                "TCP connections proxied, by pod and direction",
+                m.opened.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_tcp_connections_closed",
+                "Proxied TCP connections that ended",
+                m.closed.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_tcp_sent_bytes",
+                "Bytes from the pod's side of a proxied connection",
+                m.sent.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_tcp_received_bytes",
+                "Bytes toward the pod's side of a proxied connection",
+                m.received.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_tcp_connection_failures",
+                "Proxied connections that failed, by reason",
+                m.failures.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_outbound_routes",
+                "Outbound destination choices: service or direct; over HBONE, through a waypoint, to a pod of this node (local) or plaintext",
+                m.routes.clone(),
+            );
+        }
         registry.register(
             "mesh_state_reloads",
             "State file reloads, by result",
@@ -304,44 +326,58 @@ impl Metrics {
             "Time to parse and validate the state file",
             m.state_parse.clone(),
         );
-        registry.register(
-            "mesh_captured_pods",
-            "Pods of this node currently captured",
-            m.captured_pods.clone(),
-        );
-        registry.register(
-            "mesh_pod_capture_failures",
-            "Failed attempts to capture a pod",
-            m.capture_failures.clone(),
-        );
-        registry.register(
-            "mesh_closed_pods",
-            "Pods of this node whose capture is in place but that no listener serves: their \
-             connections are refused until they are served",
-            m.closed_pods.clone(),
-        );
-        registry.register(
-            "mesh_capture_pod_changes",
-            "What capture did to pods: captured (new), adopted (pinned by an earlier agent), \
-             reattached (adopted, some links attached again), closed (captured without being \
-             served), released",
-            m.capture_changes.clone(),
-        );
-        registry.register(
-            "mesh_handovers",
-            "Listener handovers between agents of this node, by role (giver, taker) and result",
-            m.handovers.clone(),
-        );
-        registry.register(
-            "mesh_policy_decisions",
-            "Inbound connections decided by L4 authorization, by action, policy and reason",
-            m.decisions.clone(),
-        );
-        registry.register(
-            "mesh_policy_connections_closed",
-            "Established connections closed because a policy change denies them",
-            m.revoked.clone(),
-        );
+        if node {
+            registry.register(
+                "mesh_captured_pods",
+                "Pods of this node currently captured",
+                m.captured_pods.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_pod_capture_failures",
+                "Failed attempts to capture a pod",
+                m.capture_failures.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_closed_pods",
+                "Pods of this node whose capture is in place but that no listener serves: their \
+                 connections are refused until they are served",
+                m.closed_pods.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_capture_pod_changes",
+                "What capture did to pods: captured (new), adopted (pinned by an earlier agent), \
+                 reattached (adopted, some links attached again), closed (captured without being \
+                 served), released",
+                m.capture_changes.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_handovers",
+                "Listener handovers between agents of this node, by role (giver, taker) and result",
+                m.handovers.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_policy_decisions",
+                "Inbound connections decided by L4 authorization, by action, policy and reason",
+                m.decisions.clone(),
+            );
+        }
+        if node {
+            registry.register(
+                "mesh_policy_connections_closed",
+                "Established connections closed because a policy change denies them",
+                m.revoked.clone(),
+            );
+        }
         registry.register(
             "mesh_policy_rejected",
             "Invalid policies found when the state was loaded, by what became of them",

@@ -55,6 +55,34 @@ fn banner(lab: &Lab) -> Running {
     banner
 }
 
+/// Six concurrent clients send 5 requests each to reviews-v2: (answered 200, answered 503).
+fn flood(lab: &Lab) -> (u64, u64) {
+    let clients: Vec<Running> = (0..6)
+        .map(|i| {
+            Running::spawn(
+                &format!("flood {i}"),
+                lab.command("shop/client", mesh_lab::labtool_bin()).args([
+                    "http-get",
+                    "--to",
+                    REVIEWS_V2,
+                    "--host",
+                    "reviews.shop",
+                    "--count",
+                    "5",
+                ]),
+            )
+        })
+        .collect();
+    let (mut ok, mut overflowed) = (0, 0);
+    for mut c in clients {
+        let line = c.wait_success(WAIT).join("");
+        let summary: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        ok += count(&summary, "statuses", "200");
+        overflowed += count(&summary, "statuses", "503");
+    }
+    (ok, overflowed)
+}
+
 fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     mesh_lab::exposed_value(metrics, name, labels).unwrap_or_else(|e| panic!("{e}\n{metrics}"))
 }
@@ -395,48 +423,29 @@ fn the_breaker_trips_under_a_flood_and_a_failing_endpoint_is_ejected_and_returns
     let _v1 = serve_http(&lab, "shop/reviews-v1", "v1", &["--fail-every", "1"]);
     let _v2 = serve_http(&lab, "shop/reviews-v2", "v2", &["--delay-ms", "200"]);
     set_state(&lab, "[]", "[]");
-    let _waypoint = start_waypoint(
-        &lab,
-        "{retries: {attempts: 0}, limits: {max_requests: 2, max_pending: 1}, \
-         outlier: {consecutive_errors: 3, base_ejection_ms: 2000}}",
-    );
+    let outlier = "outlier: {consecutive_errors: 3, base_ejection_ms: 2000}";
 
-    // A flood of 6 concurrent clients on v2 (2 in flight, 1 waiting): the rest get 503 UO.
-    let flood: Vec<Running> = (0..6)
-        .map(|i| {
-            Running::spawn(
-                &format!("flood {i}"),
-                lab.command("shop/client", mesh_lab::labtool_bin()).args([
-                    "http-get",
-                    "--to",
-                    REVIEWS_V2,
-                    "--host",
-                    "reviews.shop",
-                    "--count",
-                    "5",
-                ]),
-            )
-        })
-        .collect();
-    let mut ok = 0;
-    let mut overflowed = 0;
-    for mut f in flood {
-        let line = f.wait_success(WAIT).join("");
-        let summary: serde_json::Value = serde_json::from_str(&line).expect("JSON");
-        ok += count(&summary, "statuses", "200");
-        overflowed += count(&summary, "statuses", "503");
-    }
+    // Requests: 2 in flight and 1 waiting at most.
+    let mut waypoint = start_waypoint(
+        &lab,
+        &format!(
+            "{{retries: {{attempts: 0}}, limits: {{max_requests: 2, max_pending: 1}}, {outlier}}}"
+        ),
+    );
+    let (ok, overflowed) = flood(&lab);
     assert!(overflowed > 0, "the breaker never tripped: {ok} answered");
     assert!(ok >= 3, "the breaker let too little through: {ok}");
-    let metrics = waypoint_metrics(&lab);
-    assert_eq!(
+    let overflows = || {
         metric(
-            &metrics,
+            &waypoint_metrics(&lab),
             "mesh_waypoint_overflows_total",
-            &[("service", "shop/reviews-v2")]
-        ),
-        overflowed as f64
-    );
+            &[("service", "shop/reviews-v2")],
+        )
+    };
+    assert_eq!(overflows(), overflowed as f64);
+    assert!(waypoint
+        .stderr()
+        .contains("over its concurrent request limit"));
     // It recovers: one request at a time goes through.
     let calm = http_get(
         &lab,
@@ -445,8 +454,26 @@ fn the_breaker_trips_under_a_flood_and_a_failing_endpoint_is_ejected_and_returns
         &[HOST[0], HOST[1], "--count", "3"],
     );
     assert_eq!(count(&calm, "statuses", "200"), 3, "{calm}");
+    waypoint.kill();
 
-    // reviews (v1 and v2): v1 is ejected after 3 consecutive 503s, and the rest go to v2; each
+    // Connections: 1 per backend. The flood's second request in flight finds no place for a
+    // connection of its own.
+    let waypoint = start_waypoint(
+        &lab,
+        &format!("{{retries: {{attempts: 0}}, limits: {{max_connections: 1}}, {outlier}}}"),
+    );
+    let (ok, overflowed) = flood(&lab);
+    assert!(
+        overflowed > 0,
+        "the connection limit never held: {ok} answered"
+    );
+    assert!(ok >= 3, "the connection limit let too little through: {ok}");
+    assert_eq!(overflows(), overflowed as f64);
+    let said = waypoint.stderr();
+    assert!(said.contains("over its connection limit"), "{said}");
+
+    // reviews (v1 and v2, one connection at a time: an idle one to v1 is closed to make room
+    // for one to v2): v1 is ejected after 3 consecutive 503s, and the rest go to v2; each
     // ejection (2 s, then 4 s) costs exactly 3 failed requests.
     let ejections = || {
         metric(

@@ -91,6 +91,13 @@ impl Gate {
     }
 }
 
+impl Permit {
+    /// Whether this permit is one of `gate`'s.
+    pub fn of(&self, gate: &Gate) -> bool {
+        Arc::ptr_eq(&self.gate, &gate.inner)
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         self.gate.in_use.fetch_sub(1, Ordering::AcqRel);

@@ -580,17 +580,15 @@ fn mirror(
     // The mirror's answer is discarded; the request does not wait for it.
     tokio::spawn(async move {
         let backend = wp.backend(&key);
-        let send = wp
-            .upstream
-            .send(
-                version,
-                endpoint,
-                &workload,
-                &expected,
-                client,
-                &backend.connections,
-                req,
-            );
+        let send = wp.upstream.send(
+            version,
+            endpoint,
+            &workload,
+            &expected,
+            client,
+            &backend.connections,
+            req,
+        );
         let _ = tokio::time::timeout(MIRROR_TIMEOUT, send).await;
     });
 }

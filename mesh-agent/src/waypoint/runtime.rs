@@ -46,7 +46,7 @@ struct Identity {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let metrics = Arc::new(crate::metrics::Metrics::without_node_families());
     let readiness = Arc::new(admin::Readiness::new("starting: no certificate yet"));
     let (_stop_admin, admin_stopped) = watch::channel(false);
     let mut wanted = vec![("metrics", config.metrics_addr)];

@@ -56,6 +56,9 @@ pub enum Error {
 /// Client TLS configurations by (expected identity, its node).
 type TlsConfigs = HashMap<(SpiffeId, String), Arc<rustls::ClientConfig>>;
 
+/// An HTTP/1.1 connection and its place under its backend's connection limit.
+type Idle = (conn::http1::SendRequest<ReplayBody>, Permit);
+
 /// HTTP/1.1 connections kept idle per endpoint, at most.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
@@ -67,7 +70,9 @@ pub struct Upstream {
     /// Client TLS configurations by (expected identity, its node), built on first use; cleared
     /// when the trust bundle changes.
     tls: Mutex<(usize, TlsConfigs)>,
-    idle: Mutex<HashMap<SocketAddr, Vec<conn::http1::SendRequest<ReplayBody>>>>,
+    /// Idle HTTP/1.1 connections by endpoint, each with its place under its backend's
+    /// connection limit (released when the connection is dropped).
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     http2: Mutex<HashMap<SocketAddr, conn::http2::SendRequest<ReplayBody>>>,
     connect_timeout: Duration,
 }
@@ -169,19 +174,22 @@ impl Upstream {
     ) -> Result<Response<Incoming>, Error> {
         match version {
             Version::Http1 => {
-                let mut sender = match self.checkout(endpoint) {
-                    Some(s) => s,
+                let (mut sender, place) = match self.checkout(endpoint) {
+                    Some(idle) => idle,
                     None => {
-                        let place = connections
-                            .try_acquire()
+                        let place = self
+                            .place(connections)
                             .ok_or(Error::Overflow { endpoint })?;
-                        self.connect_http1(endpoint, workload, expected, client, place)
-                            .await?
+                        let sender = self
+                            .connect_http1(endpoint, workload, expected, client)
+                            .await?;
+                        (sender, place)
                     }
                 };
                 let result = sender.send_request(req).await;
-                // Ready again once the response has been read: kept for the next request.
-                self.checkin(endpoint, sender);
+                // Ready again once the response has been read: kept for the next request,
+                // with its place under the backend's connection limit.
+                self.checkin(endpoint, (sender, place));
                 result.map_err(|source| Error::Reset { endpoint, source })
             }
             Version::Http2 => {
@@ -196,23 +204,42 @@ impl Upstream {
         }
     }
 
-    fn checkout(&self, endpoint: SocketAddr) -> Option<conn::http1::SendRequest<ReplayBody>> {
+    fn checkout(&self, endpoint: SocketAddr) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&endpoint)?;
-        list.retain(|s| !s.is_closed());
-        let ready = list.iter().position(conn::http1::SendRequest::is_ready)?;
+        list.retain(|(s, _)| !s.is_closed());
+        let ready = list.iter().position(|(s, _)| s.is_ready())?;
         Some(list.swap_remove(ready))
     }
 
-    fn checkin(&self, endpoint: SocketAddr, sender: conn::http1::SendRequest<ReplayBody>) {
+    fn checkin(&self, endpoint: SocketAddr, (sender, place): Idle) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(endpoint).or_default();
         if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push(sender);
+            list.push((sender, place));
         }
+    }
+
+    /// A place for a new connection under `connections`: free, or freed by closing an idle
+    /// connection of the same backend (to any of its endpoints).
+    fn place(&self, connections: &Gate) -> Option<Permit> {
+        if let Some(place) = connections.try_acquire() {
+            return Some(place);
+        }
+        let evicted = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.values_mut().find_map(|list| {
+                list.iter()
+                    .position(|(_, p)| p.of(connections))
+                    .map(|i| list.swap_remove(i))
+            })
+        };
+        // Dropping it closes the connection and gives its place back.
+        drop(evicted?);
+        connections.try_acquire()
     }
 
     async fn connect_http1(
@@ -221,7 +248,6 @@ impl Upstream {
         workload: &Workload,
         expected: &SpiffeId,
         client: SocketAddr,
-        place: Permit,
     ) -> Result<conn::http1::SendRequest<ReplayBody>, Error> {
         let io = self.stream(endpoint, workload, expected, client).await?;
         let (sender, connection) = conn::http1::Builder::new()
@@ -232,7 +258,6 @@ impl Upstream {
                 message: e.to_string(),
             })?;
         tokio::spawn(async move {
-            let _place = place;
             if let Err(e) = connection.await {
                 debug!(%endpoint, error = %e, "HTTP/1.1 connection to an endpoint ended");
             }
