@@ -237,10 +237,14 @@ fn waypoint() -> anyhow::Result<()> {
     println!("  HTTPRoute shop/reviews: x-version: v2 -> reviews-v2; the rest 90/10 v1/v2");
     println!("  AuthorizationPolicy shop/no-admin (bound to Service reviews): DENY /admin");
     l7::set_state(&lab, routes, policies);
-    mesh_lab::wait_until("the waypoint to apply the route", Duration::from_secs(20), || {
-        exposed_value(&l7::waypoint_metrics(&lab), "mesh_waypoint_routes", &[])
-            .is_ok_and(|v| v == 1.0)
-    });
+    mesh_lab::wait_until(
+        "the waypoint to apply the route",
+        Duration::from_secs(20),
+        || {
+            exposed_value(&l7::waypoint_metrics(&lab), "mesh_waypoint_routes", &[])
+                .is_ok_and(|v| v == 1.0)
+        },
+    );
     let get = |args: &[&str]| {
         let mut all = vec!["--host", "reviews.shop"];
         all.extend_from_slice(args);
