@@ -7,9 +7,10 @@
 use std::time::{Duration, Instant};
 
 use mesh_lab::{
+    certs,
     l7::{
         count, http_get, serve_http, set_state, start_waypoint, topology, waypoint_metrics, MAIL,
-        REVIEWS, REVIEWS_V1, REVIEWS_V2, SMTP, WAIT,
+        REVIEWS, REVIEWS_V1, REVIEWS_V2, SMTP, WAIT, WAYPOINT_VIP,
     },
     Lab, LabOptions, Running,
 };
@@ -594,6 +595,53 @@ fn l7_policy_sees_the_normalised_request_and_the_clients_identity() {
             "mesh_policy_decisions_total",
             &[("action", "deny"), ("policy", "shop/from-the-waypoint")]
         ) >= 1.0
+    );
+    // The waypoint's own HBONE server (here from legacy/client, outside the mesh) admits a
+    // client by placement, and takes only the service ports of its namespace that name it.
+    let waypoint_addr = format!("{}:15008", lab.pod("shop/waypoint").ip);
+    let client_id = certs::id("shop", "client");
+    let placed = certs::issue_node_leaf(&lab, "n1", &client_id, "client-n1");
+    let requests = [
+        format!("CONNECT {REVIEWS}"),
+        format!("CONNECT {direct}:8080"),
+        "CONNECT 10.240.100.99:80".to_owned(),
+        format!("CONNECT {WAYPOINT_VIP}:15008"),
+    ];
+    let out = certs::hbone_client(
+        &lab,
+        "legacy/client",
+        &waypoint_addr,
+        Some(&placed),
+        &requests,
+    );
+    let has = |line: &str| out.iter().any(|l| l == line);
+    assert!(
+        has(&format!(
+            "server_identity {}",
+            certs::id("shop", "waypoint")
+        )),
+        "{out:?}"
+    );
+    assert!(has("response 0 status=200"), "{out:?}");
+    for i in 1..requests.len() {
+        assert!(
+            has(&format!("response {i} status=400")),
+            "{} was not refused: {out:?}",
+            requests[i]
+        );
+    }
+    // shop/client runs on n1: a certificate of its identity from n2 is refused.
+    let misplaced = certs::issue_node_leaf(&lab, "n2", &client_id, "client-n2");
+    let out = certs::hbone_client(
+        &lab,
+        "legacy/client",
+        &waypoint_addr,
+        Some(&misplaced),
+        &[format!("CONNECT {REVIEWS}")],
+    );
+    assert!(
+        !out.iter().any(|l| l.starts_with("response 0 status=")),
+        "{out:?}"
     );
     // The waypoint's log names the deciding policy and rule.
     let said = waypoint.stderr();

@@ -490,9 +490,10 @@ async fn stream(wp: Arc<Waypoint>, req: tunnel::server::Request) {
         .service(&service)
         .and_then(|def| def.ports.iter().find(|p| p.port == authority.port()))
         .map_or(Protocol::Unspecified, |p| p.protocol);
-    let ours = service
-        .split_once('/')
-        .is_some_and(|(ns, _)| ns == wp.namespace && snap.waypoint_of(ns) == Some(&wp.name));
+    // A service of its namespace that names it, never its own (which would loop back to it).
+    let ours = service.split_once('/').is_some_and(|(ns, name)| {
+        ns == wp.namespace && name != wp.name && snap.waypoint_of(ns) == Some(&wp.name)
+    });
     if !ours {
         return refused(
             &wp,
