@@ -72,7 +72,8 @@ pub const TEST: &[Tool] = &[
 pub const KUBE_LAB: &[Tool] = &[Tool {
     command: "curl",
     package: "curl",
-    why: "the lab's Kubernetes mode creates and labels objects in the API emulator with it",
+    why: "the lab's Kubernetes mode creates and labels objects in the API emulator with it; \
+          the waypoint tests and the demo read a waypoint's readiness and metrics in its pod",
 }];
 
 /// `cargo xtask manifests` and the Kubernetes discovery tests (both run by `cargo xtask
