@@ -5,20 +5,18 @@
 //! naming its waypoint, services and HTTPRoutes, and checks the route table and the status the
 //! waypoint writes on each route. No root needed.
 
+mod emulator;
+
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
+use emulator::{not_skipped, Emulator};
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use kube::{
-    api::{Api, DynamicObject, Patch, PatchParams, PostParams},
-    Client,
-};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use mesh_agent::{
     discovery::kube::{routes::httproute_resource, run_mesh, run_routes, Rules, Waypoint},
     metrics::Metrics,
@@ -30,63 +28,6 @@ use mesh_agent::{
     },
 };
 use serde_json::{json, Value};
-
-fn python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("MESH_KMOCK_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/kmock-venv/bin/python");
-    venv.exists().then_some(venv)
-}
-
-/// The emulator process, killed when dropped.
-struct Emulator {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Emulator {
-    fn start(python: &PathBuf) -> Self {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/kube_emulator.py");
-        let mut child = Command::new(python)
-            .arg(&script)
-            .args(["--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("the emulator did not say where it listens within 30 s"));
-        let port = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("the emulator said {line:?}, not `listening on PORT`"));
-        Self { child, port }
-    }
-
-    fn client(&self) -> Client {
-        let url = format!("http://127.0.0.1:{}", self.port)
-            .parse()
-            .expect("url");
-        Client::try_from(kube::Config::new(url)).expect("a client for the emulator")
-    }
-}
 
 fn service(name: &str, vip: &str) -> Service {
     serde_json::from_value(json!({
@@ -172,13 +113,8 @@ async fn until_status(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waypoint_follows_httproutes_and_reports_their_status() {
-    let Some(python) = python() else {
-        assert!(
-            !std::env::var("MESH_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1"),
-            "KMock is not installed (target/kmock-venv, or MESH_KMOCK_PYTHON): cargo xtask \
-             test installs it"
-        );
-        eprintln!("\n*** SKIPPED: KMock is not installed; cargo xtask test installs it ***\n");
+    let Some(python) = not_skipped("the_waypoint_follows_httproutes_and_reports_their_status")
+    else {
         return;
     };
     let emulator = Emulator::start(&python);
