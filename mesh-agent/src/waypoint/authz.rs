@@ -21,14 +21,9 @@ pub(super) fn authorize(
     host: &str,
     record: &mut Record,
 ) -> Result<(), Local> {
-    let (namespace, service) = down
-        .service
-        .split_once('/')
-        .unwrap_or((wp.namespace.as_str(), down.service.as_str()));
-    let selected = snap.service_policies(namespace, service);
-    if selected.is_empty() {
+    let Some(selected) = bound(wp, down, snap) else {
         return Ok(());
-    }
+    };
     let decision = crate::policy::decide_request(
         &selected,
         &crate::policy::Request {
@@ -73,14 +68,9 @@ pub(super) fn authorize_opaque(
     down: &Downstream,
     snap: &Snapshot,
 ) -> Result<(), String> {
-    let (namespace, service) = down
-        .service
-        .split_once('/')
-        .unwrap_or((wp.namespace.as_str(), down.service.as_str()));
-    let selected = snap.service_policies(namespace, service);
-    if selected.is_empty() {
+    let Some(selected) = bound(wp, down, snap) else {
         return Ok(());
-    }
+    };
     let decision = crate::policy::evaluate(
         Some(&selected),
         &crate::policy::Conn {
@@ -100,4 +90,14 @@ pub(super) fn authorize_opaque(
             decision.reason.as_str()
         ))
     }
+}
+
+/// The policies bound to the service the client asked for; `None` when there are none.
+fn bound(wp: &Waypoint, down: &Downstream, snap: &Snapshot) -> Option<crate::policy::Selected> {
+    let (namespace, service) = down
+        .service
+        .split_once('/')
+        .unwrap_or((wp.namespace.as_str(), down.service.as_str()));
+    let selected = snap.service_policies(namespace, service);
+    (!selected.is_empty()).then_some(selected)
 }

@@ -139,6 +139,23 @@ impl Waypoint {
         }
     }
 
+    /// The workload at `endpoint` and the identity it must present, when it is a workload of
+    /// the mesh (requests go over HBONE only, never to an endpoint outside the mesh).
+    pub(super) fn endpoint_identity(
+        &self,
+        snap: &Snapshot,
+        endpoint: SocketAddr,
+    ) -> Option<(Arc<Workload>, SpiffeId)> {
+        let workload = snap.meshed_workload(endpoint.ip())?.clone();
+        let id = SpiffeId::new(
+            &self.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .ok()?;
+        Some((workload, id))
+    }
+
     pub(super) fn now(&self) -> Duration {
         self.epoch.elapsed()
     }
@@ -556,14 +573,7 @@ fn mirror(
     let Some(&endpoint) = endpoints.get(rand::rng().random_range(0..endpoints.len())) else {
         return;
     };
-    let Some(workload) = snap.meshed_workload(endpoint.ip()).cloned() else {
-        return;
-    };
-    let Ok(expected) = SpiffeId::new(
-        &wp.trust_domain,
-        &workload.namespace,
-        &workload.service_account,
-    ) else {
+    let Some((workload, expected)) = wp.endpoint_identity(snap, endpoint) else {
         return;
     };
     let empty = ReplayBody::new(http_body_util::Empty::<Bytes>::new(), 0);

@@ -22,7 +22,7 @@ use super::{
     replay::{BoxError, ReplayBody},
     telemetry, upstream,
 };
-use crate::{identity::SpiffeId, state::Snapshot};
+use crate::state::Snapshot;
 
 /// The tries of one request, within its backend's limits.
 #[allow(clippy::too_many_arguments)]
@@ -128,7 +128,7 @@ pub(super) async fn tries(
         tried.push(endpoint);
         record.tries = attempt + 1;
         record.endpoint = Some(endpoint);
-        let Some(workload) = snap.meshed_workload(endpoint.ip()).cloned() else {
+        let Some((workload, expected)) = wp.endpoint_identity(snap, endpoint) else {
             // Fail closed: an endpoint outside the mesh would get the request in plaintext.
             last = Some(Err(Local::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -138,18 +138,6 @@ pub(super) async fn tries(
             continue;
         };
         record.destination = Some(workload.clone());
-        let Ok(expected) = SpiffeId::new(
-            &wp.trust_domain,
-            &workload.namespace,
-            &workload.service_account,
-        ) else {
-            last = Some(Err(Local::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                flags::NO_HEALTHY,
-                format!("endpoint {endpoint}: no identity"),
-            )));
-            continue;
-        };
         // This try's body: the original the first time, a replay after.
         let this_body = match attempt {
             0 => {
@@ -306,14 +294,8 @@ where
             break;
         };
         tried.push(endpoint);
-        let Some(workload) = snap.meshed_workload(endpoint.ip()).cloned() else {
-            continue;
-        };
-        let Ok(expected) = SpiffeId::new(
-            &wp.trust_domain,
-            &workload.namespace,
-            &workload.service_account,
-        ) else {
+        // Never to an endpoint outside the mesh (it would get the bytes in plaintext).
+        let Some((workload, expected)) = wp.endpoint_identity(&snap, endpoint) else {
             continue;
         };
         let Some(_place) = state.connections.try_acquire() else {
