@@ -623,11 +623,10 @@ fn l7_policy_sees_the_normalised_request_and_the_clients_identity() {
         "{out:?}"
     );
     assert!(has("response 0 status=200"), "{out:?}");
-    for i in 1..requests.len() {
+    for (i, request) in requests.iter().enumerate().skip(1) {
         assert!(
             has(&format!("response {i} status=400")),
-            "{} was not refused: {out:?}",
-            requests[i]
+            "{request} was not refused: {out:?}"
         );
     }
     // shop/client runs on n1: a certificate of its identity from n2 is refused.

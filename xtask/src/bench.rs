@@ -8,6 +8,7 @@
 //! speed is judged by a human reading a full run (docs/performance.md).
 
 mod control;
+mod l7;
 mod latency;
 mod measure;
 mod memory;
@@ -39,8 +40,8 @@ pub struct BenchArgs {
     /// MESH_AGENT_BIN and MESH_LABTOOL_BIN name).
     #[arg(long)]
     no_build: bool,
-    /// Run only these scenarios (throughput, latency, churn, policy, memory, control); all by
-    /// default.
+    /// Run only these scenarios (throughput, latency, churn, policy, memory, control, l7); all
+    /// by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -137,6 +138,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             memory::after_all(&lab, &mut figures)?;
         }
         lab.try_down()?;
+    }
+    // Its own lab, once the main one is down (bench/l7.rs says why).
+    if wanted("l7") {
+        l7::run(&d, &mut figures).context("L7 scenario (through the waypoint)")?;
+    }
+    if lab_scenarios.iter().any(|s| wanted(s)) || wanted("l7") {
         // Leaves nothing behind, not even the empty shared lab directories.
         mesh_lab::sweep()?;
     }
@@ -147,6 +154,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "policy",
         "memory",
         "control",
+        "l7",
     ]
     .into_iter()
     .filter(|s| wanted(s))

@@ -19,6 +19,8 @@ mod grpc;
 mod hbone;
 #[path = "labtool/http.rs"]
 mod http;
+#[path = "labtool/http_load.rs"]
+mod http_load;
 #[path = "labtool/idle.rs"]
 mod idle;
 #[path = "labtool/maps.rs"]
@@ -117,6 +119,9 @@ enum Cmd {
     HttpServe(http::ServeArgs),
     /// Sends N HTTP requests, prints one JSON line tallying the answers.
     HttpGet(http::GetArgs),
+    /// HTTP/1.1 load at a fixed rate on keep-alive connections, open loop (latency from each
+    /// request's scheduled time); prints one JSON line of percentiles and statuses.
+    HttpLoad(http_load::LoadArgs),
     /// gRPC server naming itself: echoes (unary), streams N messages, ends with a non-OK
     /// status when asked to (`fail`).
     GrpcServe(grpc::ServeArgs),
@@ -170,6 +175,7 @@ fn main() -> ExitCode {
         Cmd::Probe(args) => probe::run(args),
         Cmd::HttpServe(args) => http::serve(args),
         Cmd::HttpGet(args) => http::get(args),
+        Cmd::HttpLoad(args) => http_load::load(args),
         Cmd::GrpcServe(args) => grpc::serve(args),
         Cmd::GrpcCall(args) => grpc::call(args),
         Cmd::Banner(args) => http::banner(args),

@@ -93,8 +93,13 @@ pub fn agent_rss_mib(lab: &Lab, node: &str) -> Result<f64> {
     let pid = lab
         .agent_pid(node)
         .with_context(|| format!("no agent on {node}"))?;
+    process_rss_mib(pid).with_context(|| format!("the agent of {node}"))
+}
+
+/// Resident memory (VmRSS) of one process, in MiB.
+pub fn process_rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status (the agent of {node})"))?;
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -1,6 +1,6 @@
 //! HTTP for the waypoint's tests: a server that names itself and reports what it received (and
-//! can fail or stall on purpose), a client that sends N requests and tallies the answers, and
-//! a server-speaks-first banner server with its client.
+//! can fail or stall on purpose), a client that sends N requests and tallies the answers, and a
+//! server-speaks-first banner server with its client. The bench's load: `http_load`.
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Wait this long before answering.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// Answer with a body of this many bytes (`.` repeated) instead of the JSON report: the
+    /// same answer on every path, whatever headers a proxy added (for `http-load`).
+    #[arg(long)]
+    body_bytes: Option<usize>,
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `port`: each answer is a JSON object with
@@ -46,7 +50,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("0.0.0.0", args.port)).await?;
         say(&format!("listening {}", listener.local_addr()?));
-        let args = Arc::new(args);
+        let fixed = args.body_bytes.map(|n| Bytes::from(vec![b'.'; n]));
+        let args = Arc::new((args, fixed));
         let count = Arc::new(AtomicU64::new(0));
         loop {
             let (tcp, _) = listener.accept().await?;
@@ -70,8 +75,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// One answer; `args.1` is the fixed body of `--body-bytes`.
 async fn answer(
-    args: Arc<ServeArgs>,
+    args: Arc<(ServeArgs, Option<Bytes>)>,
     count: Arc<AtomicU64>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -82,31 +88,38 @@ async fn answer(
         .await
         .map(|b| b.to_bytes().len())
         .unwrap_or(0);
+    let (args, fixed) = &*args;
     if args.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
     }
-    let headers: BTreeMap<String, String> = parts
-        .headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
     let failing = args
         .fail_every
         .is_some_and(|every| every > 0 && n.is_multiple_of(every));
-    let body = serde_json::json!({
-        "name": args.name,
-        "method": parts.method.as_str(),
-        "path": parts.uri.path_and_query().map_or("", |p| p.as_str()),
-        "version": format!("{:?}", parts.version),
-        "headers": headers,
-        "body_bytes": received,
-    });
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    let body = match fixed {
+        Some(body) => body.clone(),
+        None => {
+            let headers: BTreeMap<String, String> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let report = serde_json::json!({
+                "name": args.name,
+                "method": parts.method.as_str(),
+                "path": parts.uri.path_and_query().map_or("", |p| p.as_str()),
+                "version": format!("{:?}", parts.version),
+                "headers": headers,
+                "body_bytes": received,
+            });
+            Bytes::from(report.to_string())
+        }
+    };
+    let mut r = Response::new(Full::new(body));
     r.headers_mut()
         .insert("x-served-by", args.name.parse().expect("a header value"));
     if failing {

@@ -365,14 +365,14 @@ fn open(to: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// Offset of request `j` from the start of a run at `rate` requests per second (`rate > 0`).
-fn schedule(j: u64, rate: u64) -> Duration {
+pub(super) fn schedule(j: u64, rate: u64) -> Duration {
     let nanos = u128::from(j % rate) * 1_000_000_000 / u128::from(rate);
     // `j % rate < rate`, so `nanos` is below one second.
     Duration::new(j / rate, u32::try_from(nanos).unwrap_or(999_999_999))
 }
 
 /// Sleeps until `when`, precisely: the kernel's sleep for all but the last [`SPIN`], then yields.
-fn sleep_until(when: Instant) {
+pub(super) fn sleep_until(when: Instant) {
     loop {
         let left = when.saturating_duration_since(Instant::now());
         if left.is_zero() {
