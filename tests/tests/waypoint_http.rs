@@ -17,8 +17,15 @@ use mesh_lab::{
 
 const HOST: [&str; 2] = ["--host", "reviews.shop"];
 
-/// Header `x-version: v2` to v2; the rest 90/10 over v1 and v2.
+/// Header `x-version: v2` to v2; the rest 90/10 over v1 and v2. reviews-v1's requests are
+/// mirrored to v2.
 const SPLIT: &str = r#"
+- metadata: {name: mirrored, namespace: shop}
+  spec:
+    parentRefs: [{group: "", kind: Service, name: reviews-v1, port: 80}]
+    rules:
+      - backendRefs: [{name: reviews-v1, port: 80}]
+        filters: [{type: RequestMirror, requestMirror: {backendRef: {name: reviews-v2, port: 80}}}]
 - metadata: {name: reviews, namespace: shop}
   spec:
     parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
@@ -94,7 +101,7 @@ fn http_through_the_waypoint_is_routed_split_and_keeps_identities() {
         return;
     };
     let _v1 = serve_http(&lab, "shop/reviews-v1", "v1", &[]);
-    let _v2 = serve_http(&lab, "shop/reviews-v2", "v2", &[]);
+    let mut v2_server = serve_http(&lab, "shop/reviews-v2", "v2", &["--log"]);
     let _banner = banner(&lab);
     set_state(&lab, SPLIT, "[]");
 
@@ -187,6 +194,19 @@ fn http_through_the_waypoint_is_routed_split_and_keeps_identities() {
         serde_json::from_str(h2["first_body"].as_str().expect("a body")).expect("JSON");
     assert_eq!(version["version"], "HTTP/2.0");
 
+    // A mirrored request: v1 answers, v2 gets a copy, body included, its host marked.
+    let mirrored = http_get(
+        &lab,
+        "shop/client",
+        REVIEWS_V1,
+        &[HOST[0], HOST[1], "--method", "POST", "--body-bytes", "1000"],
+    );
+    assert_eq!(count(&mirrored, "served", "v1"), 1, "{mirrored}");
+    v2_server.wait_line(
+        "request POST / host=reviews.shop-shadow body_bytes=1000",
+        WAIT,
+    );
+
     // A server-speaks-first protocol through the waypoint does not stall.
     let output = lab
         .command("shop/client", mesh_lab::labtool_bin())
@@ -242,11 +262,15 @@ fn http_through_the_waypoint_is_routed_split_and_keeps_identities() {
         "istio_requests_total",
         &[("response_code", "200")],
     );
-    assert_eq!(all, 2031.0, "{metrics}");
+    // (2,031 routed and the mirrored POST; a mirror's copy is not a request of a client.)
+    assert_eq!(all, 2032.0, "{metrics}");
     let durations = metric(
         &metrics,
         "istio_request_duration_milliseconds_count",
-        &[("destination_workload", "reviews-v1")],
+        &[
+            ("destination_workload", "reviews-v1"),
+            ("destination_service_name", "reviews"),
+        ],
     );
     assert_eq!(durations, v1 as f64, "{metrics}");
     assert!(
@@ -256,7 +280,7 @@ fn http_through_the_waypoint_is_routed_split_and_keeps_identities() {
             &[("protocol", "tcp")]
         ) >= 1.0
     );
-    assert_eq!(metric(&metrics, "mesh_waypoint_routes", &[]), 1.0);
+    assert_eq!(metric(&metrics, "mesh_waypoint_routes", &[]), 2.0);
     lab.down();
 }
 

@@ -473,9 +473,12 @@ async fn proxy(
         headers: parts.headers,
         version: down.version,
     };
-    for service in mirrors {
-        mirror(wp, &snap, &template, &service, down);
-    }
+    // Mirrors replay the recording of the body (once it has been read whole).
+    let mirror_body = if mirrors.is_empty() {
+        None
+    } else {
+        body.try_clone()
+    };
     let state = wp.backend(&backend_key);
     let timeouts = Timeouts {
         request: rule
@@ -497,16 +500,30 @@ async fn proxy(
         timeouts,
         record,
     );
-    let mut response = match timeouts.request {
+    let answered = match timeouts.request {
         Some(t) => tokio::time::timeout(t, tries).await.unwrap_or_else(|_| {
             Err(Local::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 flags::TIMEOUT,
                 format!("request timeout ({t:?}) passed"),
             ))
-        })?,
-        None => tries.await?,
+        }),
+        None => tries.await,
     };
+    for service in &mirrors {
+        match mirror_body
+            .as_ref()
+            .filter(|b| b.whole())
+            .and_then(ReplayBody::try_clone)
+        {
+            Some(body) => mirror(wp, &snap, &template, service, down, body),
+            None => tracing::debug!(
+                mirror = %service.name,
+                "not mirrored: the request body was not read whole within max_buffered_body"
+            ),
+        }
+    }
+    let mut response = answered?;
     for changes in &response_headers {
         super::filters::apply_headers(response.headers_mut(), changes);
     }
@@ -558,13 +575,15 @@ impl Template {
     }
 }
 
-/// Sends a copy of the request (without its body) to `service`, and forgets it.
+/// Sends a copy of the request (its body replayed) to `service`, with `-shadow` added to its
+/// host as Envoy does, and forgets it.
 fn mirror(
     wp: &Arc<Waypoint>,
     snap: &Snapshot,
     template: &Template,
     service: &super::httproute::ServiceRef,
     down: &Downstream,
+    body: ReplayBody,
 ) {
     let key = format!("{}/{}", wp.namespace, service.name);
     let Some(endpoints) = endpoints_of(snap, &key, service.port) else {
@@ -576,11 +595,9 @@ fn mirror(
     let Some((workload, expected)) = wp.endpoint_identity(snap, endpoint) else {
         return;
     };
-    let empty = ReplayBody::new(http_body_util::Empty::<Bytes>::new(), 0);
-    let Some(mut req) = template.request(empty) else {
+    let Some(mut req) = template.request(body) else {
         return;
     };
-    req.headers_mut().remove(header::CONTENT_LENGTH);
     let host = format!("{}-shadow", template.host);
     if let Ok(v) = HeaderValue::from_str(&host) {
         req.headers_mut().insert(header::HOST, v);

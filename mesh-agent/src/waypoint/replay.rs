@@ -108,6 +108,20 @@ impl ReplayBody {
     }
 }
 
+impl ReplayBody {
+    /// Whether the client's body has been read to its end within the limit (or had nothing to
+    /// read): a clone then replays all of it without reading the client's body again.
+    pub fn whole(&self) -> bool {
+        let shared = lock(&self.shared);
+        !shared.overflowed
+            && match &shared.source {
+                Source::Ended => true,
+                Source::Reading(body) => body.is_end_stream(),
+                Source::Failed(_) => false,
+            }
+    }
+}
+
 impl Shared {
     fn record(&mut self, data: &Bytes) {
         if self.overflowed {
@@ -282,6 +296,24 @@ mod tests {
         let third = second.try_clone().expect("replayable");
         assert_eq!(read(second).await.0, "abcdef");
         assert_eq!(read(third).await.0, "abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_body_is_whole_once_read_to_its_end_within_the_limit() {
+        let mut first = body(abc(), 100);
+        let mirror = first.try_clone().expect("replayable");
+        assert!(!mirror.whole());
+        assert_eq!(next_data(&mut first).await, "a");
+        assert!(!mirror.whole(), "read in part");
+        let _ = read(first).await;
+        assert!(mirror.whole());
+        assert_eq!(read(mirror).await.0, "abcdef");
+        // Nothing to read is whole at once; past the limit never is.
+        assert!(ReplayBody::new(http_body_util::Empty::<Bytes>::new(), 0).whole());
+        let over = body(abc(), 2);
+        let probe = over.try_clone().expect("replayable until read");
+        let _ = read(over).await;
+        assert!(!probe.whole());
     }
 
     #[tokio::test]

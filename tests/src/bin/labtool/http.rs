@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// same answer on every path, whatever headers a proxy added (for `http-load`).
     #[arg(long)]
     body_bytes: Option<usize>,
+    /// Print `request METHOD PATH host=H body_bytes=N` for each request.
+    #[arg(long)]
+    log: bool,
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `port`: each answer is a JSON object with
@@ -89,6 +92,19 @@ async fn answer(
         .map(|b| b.to_bytes().len())
         .unwrap_or(0);
     let (args, fixed) = &*args;
+    if args.log {
+        let host = parts
+            .headers
+            .get("host")
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            .or_else(|| parts.uri.authority().map(ToString::to_string))
+            .unwrap_or_default();
+        say(&format!(
+            "request {} {} host={host} body_bytes={received}",
+            parts.method,
+            parts.uri.path()
+        ));
+    }
     if args.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
     }
@@ -149,6 +165,9 @@ pub struct GetArgs {
     /// HTTP/2 with prior knowledge.
     #[arg(long)]
     h2: bool,
+    /// Send a body of this many bytes (`x` repeated) with each request.
+    #[arg(long, default_value_t = 0)]
+    body_bytes: usize,
 }
 
 /// Sends `count` requests and prints one JSON line: answers by status and by `x-served-by`,
@@ -188,7 +207,7 @@ pub fn get(args: GetArgs) -> Result<()> {
                     .with_context(|| format!("--header {h:?}: use 'name: value'"))?;
                 req = req.header(name.trim(), value.trim());
             }
-            let req = req.body(Full::new(Bytes::new()))?;
+            let req = req.body(Full::new(Bytes::from(vec![b'x'; args.body_bytes])))?;
             match s.send(req).await {
                 Ok((status, by, body, headers)) => {
                     *statuses.entry(status).or_default() += 1;
