@@ -83,6 +83,9 @@ pub enum TargetRef {
     /// `{kind: Gateway, group: gateway.networking.k8s.io, name}`: the requests to every service
     /// whose traffic goes through that waypoint (the namespace's, when it is named so).
     Gateway(String),
+    /// Only for the stand-in of an invalid policy whose references cannot be read: every
+    /// service of the namespace's waypoint (it fails closed there, not at L4).
+    Unreadable,
 }
 
 impl fmt::Display for TargetRef {
@@ -90,6 +93,7 @@ impl fmt::Display for TargetRef {
         match self {
             TargetRef::Service(name) => write!(f, "Service {name}"),
             TargetRef::Gateway(name) => write!(f, "Gateway {name}"),
+            TargetRef::Unreadable => f.write_str("unreadable references"),
         }
     }
 }

@@ -112,9 +112,13 @@ pub fn object(at: &str, value: Value) -> Result<(String, Result<Policy, Invalid>
         .unwrap_or(Value::Mapping(Default::default()));
     let invalid = |field: &str, message: String| {
         // The object around the spec is at fault; the spec still tells action and selector.
-        let (action, selector) = match policy::compile(&namespace, &name, spec.clone()) {
-            Ok(p) => (Some(p.action), Some(p.selector)),
-            Err(inv) => (inv.action, inv.selector),
+        let (action, selector, targets) = match policy::compile(&namespace, &name, spec.clone()) {
+            Ok(p) => (
+                Some(p.action),
+                Some(p.selector),
+                (!p.targets.is_empty()).then_some(p.targets),
+            ),
+            Err(inv) => (inv.action, inv.selector, inv.targets),
         };
         Invalid {
             namespace: namespace.clone(),
@@ -126,6 +130,7 @@ pub fn object(at: &str, value: Value) -> Result<(String, Result<Policy, Invalid>
             },
             action,
             selector,
+            targets,
         }
     };
     let unknown = map

@@ -28,6 +28,10 @@ pub struct Invalid {
     pub action: Option<Action>,
     /// `spec.selector.matchLabels`, if it could be read.
     pub selector: Option<BTreeMap<String, String>>,
+    /// For a policy bound with `targetRefs` (enforced by the waypoint): what it is bound to,
+    /// or [`TargetRef::Unreadable`]; `None` for a selector policy. Its stand-in then fails
+    /// closed at the waypoint for those services only, never at L4 across the namespace.
+    pub targets: Option<Vec<super::TargetRef>>,
 }
 
 impl fmt::Display for Invalid {
@@ -66,7 +70,7 @@ impl Invalid {
             name: self.name.clone(),
             key: Arc::from(self.key()),
             selector: self.selector.clone().unwrap_or_default(),
-            targets: Vec::new(),
+            targets: self.targets.clone().unwrap_or_default(),
             action,
             rules,
             warnings: Vec::new(),
@@ -84,6 +88,7 @@ impl Invalid {
 pub fn compile(namespace: &str, name: &str, spec: serde_yaml::Value) -> Result<Policy, Invalid> {
     let action = hint_action(&spec);
     let selector = hint_selector(&spec);
+    let targets = super::targets::hint_targets(namespace, &spec);
     let invalid = |field: String, message: String| Invalid {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
@@ -94,6 +99,7 @@ pub fn compile(namespace: &str, name: &str, spec: serde_yaml::Value) -> Result<P
         },
         action,
         selector: selector.clone(),
+        targets: targets.clone(),
     };
     let spec: AuthorizationPolicySpec = serde_path_to_error::deserialize(spec).map_err(|e| {
         let path = e.path().to_string();
@@ -108,6 +114,7 @@ pub fn compile(namespace: &str, name: &str, spec: serde_yaml::Value) -> Result<P
         // A typed error knows the action only if it could be parsed; keep the hints.
         e.action = e.action.or(action);
         e.selector = e.selector.or(selector.clone());
+        e.targets = e.targets.clone().or(targets.clone());
         e
     })
 }
@@ -140,6 +147,7 @@ pub fn compile_spec(
         },
         action: hint,
         selector: Some(selector.clone()),
+        targets: None,
     };
     let action = parsed.map_err(|m| invalid("spec.action", m))?;
     if let Some(k) = selector.keys().find(|k| k.is_empty()) {

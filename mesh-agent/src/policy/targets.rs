@@ -15,6 +15,30 @@ type FieldError = (String, String);
 /// The group of a Gateway API Gateway (a waypoint).
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
+/// What an invalid policy is bound to, read leniently from its `spec`: `None` when it has no
+/// `targetRef`/`targetRefs` (a selector policy), its references when they can be read, else
+/// [`TargetRef::Unreadable`] (every service of the namespace's waypoint).
+pub(super) fn hint_targets(namespace: &str, spec: &Value) -> Option<Vec<TargetRef>> {
+    let present = |key: &str| spec.get(key).filter(|v| !v.is_null());
+    let refs: Vec<&Value> = match (present("targetRef"), present("targetRefs")) {
+        (None, None) => return None,
+        (Some(one), None) => vec![one],
+        (None, Some(list)) => list
+            .as_sequence()
+            .map(|l| l.iter().collect())
+            .unwrap_or_default(),
+        (Some(_), Some(_)) => Vec::new(),
+    };
+    let read: Result<Vec<TargetRef>, _> = refs
+        .into_iter()
+        .map(|v| target("spec.targetRefs", namespace, v))
+        .collect();
+    Some(match read {
+        Ok(targets) if !targets.is_empty() => targets,
+        _ => vec![TargetRef::Unreadable],
+    })
+}
+
 /// The references of a policy of `namespace`; empty when it has none (it uses a selector).
 pub(super) fn targets(
     namespace: &str,

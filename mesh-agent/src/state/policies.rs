@@ -38,6 +38,7 @@ impl Snapshot {
             p.targets.iter().any(|t| match t {
                 TargetRef::Service(name) => name == service,
                 TargetRef::Gateway(name) => Some(name.as_str()) == waypoint,
+                TargetRef::Unreadable => true,
             })
         };
         let policies = self.policies_by_namespace.get(namespace);

@@ -553,3 +553,75 @@ fn service_policies() {
         ["shop/via-waypoint"]
     );
 }
+
+/// An invalid bound policy fails closed where it applies, at the waypoint, for the services it
+/// names (all of the waypoint's when they cannot be read), never across the namespace at L4.
+#[test]
+fn an_invalid_bound_policy_fails_closed_at_the_waypoint_only() {
+    let bad_deny = invalid(
+        "shop/bad-deny",
+        "{targetRefs: [{kind: Service, name: api}], action: DENY, rules: [{to: [{operation: {paths: ['/a//b']}}]}]}",
+    );
+    assert_eq!(
+        bad_deny.targets,
+        Some(vec![TargetRef::Service("api".into())])
+    );
+    let deny = bad_deny.fail_closed().expect("a DENY stand-in");
+    let bad_allow = invalid(
+        "shop/bad-allow",
+        "{targetRefs: [{kind: Service, name: web}], rules: [{to: [{operation: {methods: [get]}}]}]}",
+    );
+    let allow = bad_allow.allow_nothing().expect("an ALLOW stand-in");
+    let unreadable = invalid(
+        "shop/unreadable",
+        "{targetRefs: [{kind: Deployment, name: x}], action: DENY}",
+    );
+    assert_eq!(unreadable.targets, Some(vec![TargetRef::Unreadable]));
+    let everything = unreadable.fail_closed().expect("a DENY stand-in");
+    let (snap, _) = Snapshot::with_root_namespace(ROOT)
+        .apply(Changes {
+            namespaces: vec![Namespace {
+                name: "shop".into(),
+                enabled: true,
+                waypoint: Some("waypoint".into()),
+            }],
+            workloads: vec![
+                workload("api-0", "api", [10, 0, 1, 10]),
+                workload("web-0", "web", [10, 0, 1, 11]),
+            ],
+            policies: vec![deny, allow, everything],
+            ..Changes::default()
+        })
+        .expect("valid");
+    // At L4 no workload is touched.
+    assert!(snap.authorization("shop/api-0").is_none());
+    assert!(snap.authorization("shop/web-0").is_none());
+    // At the waypoint: api denied by both DENY stand-ins, web by the unreadable one and by
+    // its ALLOW that allows nothing.
+    let api = snap.service_policies("shop", "api");
+    assert_eq!(api.deny.len(), 2);
+    let web = snap.service_policies("shop", "web");
+    assert_eq!((web.deny.len(), web.allow.len()), (1, 1));
+    let request = |selected: &Selected| {
+        let headers = HeaderMap::new();
+        decide_request(
+            selected,
+            &Request {
+                identity: None,
+                src: ip("10.0.1.2"),
+                dst: ip("10.0.1.10"),
+                port: 80,
+                host: "api.shop",
+                method: "GET",
+                path: "/",
+                headers: &headers,
+            },
+        )
+        .allowed
+    };
+    assert!(!request(&api));
+    assert!(!request(&web));
+    // Without the unreadable one, web's requests fail on the ALLOW stand-in alone.
+    let only_allow = Selected::new([&Arc::new(bad_allow.allow_nothing().expect("stand-in"))]);
+    assert!(!request(&only_allow));
+}
