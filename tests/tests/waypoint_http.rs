@@ -284,6 +284,92 @@ fn http_through_the_waypoint_is_routed_split_and_keeps_identities() {
     lab.down();
 }
 
+#[test]
+fn filters_redirect_rewrite_and_change_headers_both_ways() {
+    let Some(lab) = lab("filters_redirect_rewrite_and_change_headers_both_ways") else {
+        return;
+    };
+    let _v1 = serve_http(&lab, "shop/reviews-v1", "v1", &[]);
+    let routes = r#"
+- metadata: {name: filtered, namespace: shop}
+  spec:
+    parentRefs: [{group: "", kind: Service, name: reviews-v1, port: 80}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /old}}]
+        filters:
+          - type: RequestRedirect
+            requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}
+      - matches: [{path: {type: PathPrefix, value: /api}}]
+        filters:
+          - type: URLRewrite
+            urlRewrite: {hostname: reviews.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}}
+          - type: RequestHeaderModifier
+            requestHeaderModifier: {set: [{name: x-env, value: lab}], add: [{name: x-added, value: "1"}], remove: [x-drop]}
+          - type: ResponseHeaderModifier
+            responseHeaderModifier: {set: [{name: x-through, value: waypoint}], remove: [x-served-by]}
+        backendRefs: [{name: reviews-v1, port: 80}]
+"#;
+    set_state(&lab, routes, "[]");
+    let waypoint = start_waypoint(&lab, "{}");
+
+    // A redirect is the waypoint's own answer, the matched prefix replaced, the query kept.
+    let moved = http_get(
+        &lab,
+        "shop/client",
+        REVIEWS_V1,
+        &[HOST[0], HOST[1], "--path", "/old/page?x=1"],
+    );
+    assert_eq!(
+        count(&moved, "statuses", "301"),
+        1,
+        "{moved}\n{}",
+        waypoint.stderr()
+    );
+    assert_eq!(
+        moved["first_headers"]["location"], "http://reviews.shop/new/page?x=1",
+        "{moved}"
+    );
+    // A rewrite and header changes: what the endpoint received, and what the client got.
+    let changed = http_get(
+        &lab,
+        "shop/client",
+        REVIEWS_V1,
+        &[
+            HOST[0],
+            HOST[1],
+            "--path",
+            "/api/items?q=2",
+            "--header",
+            "x-drop: secret",
+            "--header",
+            "x-env: prod",
+        ],
+    );
+    assert_eq!(count(&changed, "statuses", "200"), 1, "{changed}");
+    let received: serde_json::Value =
+        serde_json::from_str(changed["first_body"].as_str().expect("a body")).expect("JSON");
+    assert_eq!(received["path"], "/v1/items?q=2", "{received}");
+    assert_eq!(
+        received["headers"]["host"], "reviews.internal",
+        "{received}"
+    );
+    assert_eq!(received["headers"]["x-env"], "lab", "{received}");
+    assert_eq!(received["headers"]["x-added"], "1", "{received}");
+    assert!(received["headers"].get("x-drop").is_none(), "{received}");
+    let headers = &changed["first_headers"];
+    assert_eq!(headers["x-through"], "waypoint", "{changed}");
+    assert!(headers.get("x-served-by").is_none(), "{changed}");
+    // No rule matches: 404 from the waypoint.
+    let unrouted = http_get(
+        &lab,
+        "shop/client",
+        REVIEWS_V1,
+        &[HOST[0], HOST[1], "--path", "/else"],
+    );
+    assert_eq!(count(&unrouted, "statuses", "404"), 1, "{unrouted}");
+    lab.down();
+}
+
 /// Every request to reviews-v1 and reviews-v2 goes to that service (no route).
 #[test]
 fn retries_hide_a_flaky_endpoint_the_budget_caps_them_and_timeouts_hold() {
