@@ -274,22 +274,25 @@ impl Lab {
         for (node, agent) in layout.nodes.iter().zip(self.agents.iter_mut()) {
             agent::wait_started(layout, node, agent, deadline)?;
         }
+        // In the Kubernetes mode the pods start now (as a kubelet starts them), and waypoints
+        // learn the mesh from the API (which listens on n1's underlay address: pods reach it).
+        let kubeconfig = opts.kube.is_some().then(|| self.kubeconfig_path());
         if opts.kube.is_some() {
             self.run_pods()?;
-        } else {
-            // (In the Kubernetes mode, the emulated API listens on the host's loopback, which
-            // no pod reaches: its waypoints do not run.)
-            for (ns, pod, name) in waypoint::pods(&self.topology) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                waypoint::start(
-                    &self.layout,
-                    &ns,
-                    &pod,
-                    &name,
-                    &agent::agent_bin(),
-                    left.max(Duration::from_secs(10)),
-                )?;
-            }
+        }
+        for (ns, pod, name) in waypoint::pods(&self.topology) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            waypoint::start(
+                &self.layout,
+                waypoint::Start {
+                    ns: &ns,
+                    pod: &pod,
+                    name: &name,
+                    bin: &agent::agent_bin(),
+                    kubeconfig: kubeconfig.as_deref(),
+                },
+                left.max(Duration::from_secs(20)),
+            )?;
         }
         Ok(())
     }
@@ -387,11 +390,8 @@ impl Lab {
     }
 
     /// The waypoints this lab runs (the topology's `waypoints`, in the pods their services
-    /// select; none in the Kubernetes mode).
+    /// select).
     pub fn waypoints(&self) -> Vec<WaypointProcess> {
-        if self.is_kube() {
-            return Vec::new();
-        }
         waypoint::pods(&self.topology)
             .into_iter()
             .map(|(ns, pod, name)| WaypointProcess {

@@ -336,3 +336,99 @@ fn agents_learn_the_mesh_from_the_api_and_a_label_meshes_a_namespace_live() {
     );
     lab.down();
 }
+
+#[test]
+fn a_waypoint_follows_httproutes_from_the_api_and_reports_their_status() {
+    const TEST: &str = "a_waypoint_follows_httproutes_from_the_api_and_reports_their_status";
+    if !mesh_lab::require_privileged(TEST) {
+        return;
+    }
+    let Some(python) = kmock_python(TEST) else {
+        return;
+    };
+    use mesh_lab::l7::{count, http_get, serve_http, REVIEWS, WAIT, WAYPOINT_TOPOLOGY_YAML};
+    // The L7 lab in the Kubernetes mode: shop is labelled `mesh-agent/waypoint=waypoint`, and
+    // the waypoint (in its pod, kubelet-style) runs with `discovery: kube`.
+    let lab = Lab::up(LabOptions {
+        topology: Topology::from_yaml(WAYPOINT_TOPOLOGY_YAML).expect("the L7 topology"),
+        kube: Some(python),
+        ..LabOptions::default()
+    });
+    assert_eq!(lab.waypoints().len(), 1);
+    let _v1 = serve_http(&lab, "shop/reviews-v1", "v1", &[]);
+    let _v2 = serve_http(&lab, "shop/reviews-v2", "v2", &[]);
+    let host = ["--host", "reviews.shop"];
+    let get = |args: &[&str]| {
+        let mut all = host.to_vec();
+        all.extend_from_slice(args);
+        http_get(&lab, "shop/client", REVIEWS, &all)
+    };
+    // No route yet: the service itself, through the waypoint.
+    let before = get(&["--count", "4"]);
+    assert_eq!(count(&before, "statuses", "200"), 4, "{before}");
+
+    let route = |header: &str| {
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "reviews", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 80}],
+                "rules": [
+                    {"matches": [{"headers": [{"name": header, "value": "v2"}]}],
+                     "backendRefs": [{"name": "reviews-v2", "port": 80}]},
+                    {"backendRefs": [{"name": "reviews-v1", "port": 80}]},
+                ],
+            },
+        })
+    };
+    let path = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes";
+    lab.kube_create(path, route("x-version"))
+        .expect("creating the HTTPRoute");
+    mesh_lab::wait_until("the waypoint to route by the API's HTTPRoute", WAIT, || {
+        let v2 = get(&["--header", "x-version: v2", "--count", "3"]);
+        let v1 = get(&["--count", "3"]);
+        count(&v2, "served", "v2") == 3 && count(&v1, "served", "v1") == 3
+    });
+    let condition = |want_type: &str| {
+        let route = lab
+            .kube_get(&format!("{path}/reviews"))
+            .expect("reading the HTTPRoute");
+        route["status"]["parents"]
+            .as_array()
+            .and_then(|parents| {
+                parents
+                    .iter()
+                    .find(|p| p["controllerName"] == "mesh-agent.dev/waypoint")
+            })
+            .and_then(|p| p["conditions"].as_array().cloned())
+            .and_then(|c| c.into_iter().find(|c| c["type"] == want_type))
+            .unwrap_or(serde_json::Value::Null)
+    };
+    mesh_lab::wait_until(
+        "the route's status: Accepted and ResolvedRefs",
+        WAIT,
+        || {
+            condition("Accepted")["status"] == "True"
+                && condition("ResolvedRefs")["status"] == "True"
+        },
+    );
+    // An invalid change: refused in the route's status, naming the field; the last good
+    // version keeps routing.
+    lab.kube_call(
+        "PATCH",
+        &format!("{path}/reviews"),
+        "application/merge-patch+json",
+        &serde_json::json!({"spec": route("bad name")["spec"]}),
+    )
+    .expect("patching the HTTPRoute");
+    mesh_lab::wait_until("the route's status: not accepted", WAIT, || {
+        let accepted = condition("Accepted");
+        accepted["status"] == "False"
+            && accepted["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("spec.rules[0].matches[0].headers[0].name"))
+    });
+    let still = get(&["--header", "x-version: v2", "--count", "3"]);
+    assert_eq!(count(&still, "served", "v2"), 3, "{still}");
+    lab.down();
+}

@@ -256,11 +256,19 @@ impl Lab {
     /// pods.
     pub(crate) fn publish(&self) -> Result<()> {
         for ns in &self.topology.namespaces {
-            let labels = if ns.enabled {
+            let mut labels = if ns.enabled {
                 json!({"mesh-agent/enabled": "true"})
             } else {
                 json!({})
             };
+            if let Some(w) = self
+                .topology
+                .waypoints
+                .iter()
+                .find(|w| w.namespace == ns.name)
+            {
+                labels["mesh-agent/waypoint"] = json!(w.name);
+            }
             self.kube_create(
                 "/api/v1/namespaces",
                 json!({"apiVersion": "v1", "kind": "Namespace",

@@ -49,27 +49,46 @@ pub(crate) fn pods(topology: &Topology) -> Vec<(String, String, String)> {
     out
 }
 
-/// Starts the waypoint of `ns/pod` (waypoint `name`) and waits until it serves.
-pub(crate) fn start(
-    layout: &Layout,
-    ns: &str,
-    pod_name: &str,
-    name: &str,
-    bin: &Path,
-    timeout: Duration,
-) -> Result<u32> {
+/// What [`start`] starts.
+pub(crate) struct Start<'a> {
+    pub ns: &'a str,
+    pub pod: &'a str,
+    /// The waypoint's name (its service).
+    pub name: &'a str,
+    pub bin: &'a Path,
+    /// The Kubernetes mode's kubeconfig (`discovery: kube`); the state file otherwise.
+    pub kubeconfig: Option<&'a Path>,
+}
+
+/// Starts a waypoint and waits until it serves.
+pub(crate) fn start(layout: &Layout, start: Start<'_>, timeout: Duration) -> Result<u32> {
+    let Start {
+        ns,
+        pod: pod_name,
+        name,
+        bin,
+        kubeconfig,
+    } = start;
     let pod = layout
         .pods
         .iter()
         .find(|p| p.namespace == ns && p.name == pod_name)
         .with_context(|| format!("no pod {ns}/{pod_name}"))?;
     let config = config_path(layout, ns, pod_name);
+    let source = match kubeconfig {
+        Some(path) => format!(
+            "discovery: kube\nkube: {{kubeconfig: {}}}\n",
+            path.display()
+        ),
+        None => format!(
+            "state_file: {}\nstate_poll_interval_ms: 100\n",
+            layout.state_path().display()
+        ),
+    };
     sys::write_atomic(
         &config,
         format!(
-            "namespace: {ns}\nname: {name}\nstate_file: {}\nstate_poll_interval_ms: 100\n\
-             identity: {{workload_socket: {}}}\n",
-            layout.state_path().display(),
+            "namespace: {ns}\nname: {name}\n{source}identity: {{workload_socket: {}}}\n",
             layout.workload_socket(&pod.node).display()
         )
         .as_bytes(),
