@@ -97,7 +97,7 @@ enum WorkloadCommand {
     /// <OUT>/key.pem (mode 0600) and <OUT>/root-cert.pem (the trust bundle).
     Fetch {
         /// The agent's workload API socket (`identity.workload_socket`).
-        #[arg(long, default_value = "/var/run/mesh-agent/workload.sock")]
+        #[arg(long, default_value = "/run/mesh-agent/workload/workload.sock")]
         socket: PathBuf,
         /// Directory for the files (created, mode 0700, if missing).
         #[arg(long)]

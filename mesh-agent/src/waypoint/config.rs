@@ -81,7 +81,7 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
             trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.into(),
-            workload_socket: PathBuf::from("/var/run/mesh-agent/workload.sock"),
+            workload_socket: PathBuf::from("/run/mesh-agent/workload/workload.sock"),
         }
     }
 }
