@@ -467,26 +467,13 @@ fn allowed(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/')
 }
 
-/// A `*` only at the start or the end, the rest in `allowed`.
+/// A `*` only at the start or the end ([`super::l7::wildcard`]), the rest in `allowed`.
 fn pattern(s: &str) -> Result<Pattern, String> {
-    if s.is_empty() {
-        return Err("is empty".into());
-    }
-    if s == "*" {
-        return Ok(Pattern::Any);
-    }
-    let (p, body) = if let Some(rest) = s.strip_prefix('*') {
-        (Pattern::Suffix(rest.to_owned()), rest)
-    } else if let Some(rest) = s.strip_suffix('*') {
-        (Pattern::Prefix(rest.to_owned()), rest)
-    } else {
-        (Pattern::Exact(s.to_owned()), s)
+    let p = super::l7::wildcard(s)?;
+    let body = match &p {
+        Pattern::Any => return Ok(p),
+        Pattern::Exact(body) | Pattern::Prefix(body) | Pattern::Suffix(body) => body,
     };
-    if body.contains('*') {
-        return Err(format!(
-            "{s:?}: a `*` may only stand alone, at the start or at the end"
-        ));
-    }
     if let Some(c) = body.chars().find(|c| !allowed(*c)) {
         return Err(format!("{s:?}: character {c:?} is not allowed"));
     }

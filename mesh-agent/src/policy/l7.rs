@@ -13,7 +13,7 @@ use super::Pattern;
 use crate::waypoint::normalize;
 
 /// `*`, `abc*`, `*abc` or `abc`, as Istio's string matches; no other `*`.
-fn wildcard(s: &str) -> Result<Pattern, String> {
+pub(super) fn wildcard(s: &str) -> Result<Pattern, String> {
     if s.is_empty() {
         return Err("is empty".into());
     }
