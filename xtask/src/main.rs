@@ -31,7 +31,7 @@ enum Command {
     Build,
     /// Build everything, bring up the lab, show a captured connection and the metrics that
     /// prove it, then the lab with a Kubernetes API (an emulator) where a label meshes a
-    /// namespace live; tear down.
+    /// namespace live, then a waypoint routing, splitting and denying HTTP; tear down.
     Demo,
     /// Run the fuzz targets (fuzz/), each for a while; fails on any failing input, naming it.
     Fuzz(fuzz::FuzzArgs),

@@ -253,10 +253,7 @@ impl Upstream {
         let (sender, connection) = conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
-            .map_err(|e| Error::Connect {
-                endpoint,
-                message: e.to_string(),
-            })?;
+            .map_err(handshake_failed(endpoint))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(%endpoint, error = %e, "HTTP/1.1 connection to an endpoint ended");
@@ -292,10 +289,7 @@ impl Upstream {
         let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
             .await
-            .map_err(|e| Error::Connect {
-                endpoint,
-                message: e.to_string(),
-            })?;
+            .map_err(handshake_failed(endpoint))?;
         tokio::spawn(async move {
             let _place = place;
             if let Err(e) = connection.await {
@@ -307,5 +301,13 @@ impl Upstream {
             .unwrap_or_else(|e| e.into_inner())
             .insert(endpoint, sender.clone());
         Ok(sender)
+    }
+}
+
+/// An HTTP handshake with `endpoint` that failed: nothing was sent (a connect failure).
+fn handshake_failed(endpoint: SocketAddr) -> impl FnOnce(hyper::Error) -> Error {
+    move |e| Error::Connect {
+        endpoint,
+        message: e.to_string(),
     }
 }
