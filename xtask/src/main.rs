@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Performance figures in the lab, each beside the direct path (markdown + JSON).
+    /// Performance figures in the lab, each beside the direct path (markdown, JSON, SVG plots);
+    /// compares two runs (--compare) and renders docs/performance.md (--render-docs).
     Bench(bench::BenchArgs),
     /// Build the eBPF object (installs rust-src and bpf-linker when missing).
     BuildEbpf,

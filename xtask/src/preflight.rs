@@ -87,11 +87,19 @@ pub const MANIFESTS: &[Tool] = &[Tool {
 }];
 
 /// `cargo xtask bench`, besides [`LAB`].
-pub const BENCH: &[Tool] = &[Tool {
-    command: "iperf3",
-    package: "iperf3",
-    why: "the throughput scenario's load",
-}];
+pub const BENCH: &[Tool] = &[
+    Tool {
+        command: "iperf3",
+        package: "iperf3",
+        why: "the throughput scenario's load",
+    },
+    Tool {
+        command: "sockperf",
+        package: "sockperf",
+        why: "the latency scenario measures the direct and the full mesh path with it too, \
+              beside mesh-labtool rr, as a load generator users know",
+    },
+];
 
 /// Makes sure every command of `sets` is on `PATH` for `task`, installing what is missing when
 /// it can (root and apt-get), else failing with what to install.

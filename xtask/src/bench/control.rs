@@ -64,6 +64,7 @@ pub fn run(bench: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     ] {
         out.push(Figure {
             scenario: "control",
+            key: format!("control.{key}"),
             name: format!("{scale}: {name}"),
             unit,
             value: num(&v, key)?,

@@ -26,11 +26,12 @@ const RATE: u32 = 1000;
 const CONNECTIONS: u32 = 4;
 /// Body of every answer: the same on every path, whatever headers the waypoint adds.
 const BODY_BYTES: &str = "1024";
-const PERCENTILES: [(&str, &str); 4] = [
-    ("p50", "p50_us"),
-    ("p90", "p90_us"),
-    ("p99", "p99_us"),
-    ("p99.9", "p999_us"),
+/// Percentiles of the figures: label, key in the load generator's report, key of the figure.
+const PERCENTILES: [(&str, &str, &str); 4] = [
+    ("p50", "p50_us", "p50"),
+    ("p90", "p90_us", "p90"),
+    ("p99", "p99_us", "p99"),
+    ("p99.9", "p999_us", "p999"),
 ];
 
 pub fn run(d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
@@ -80,17 +81,22 @@ fn measure(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
         num(&l7, "requests")?
     );
 
-    for (label, key) in PERCENTILES {
+    for (label, key, pk) in PERCENTILES {
         let dv = num(&direct, key)?;
-        for (path, run) in [("L4 mesh", &l4), ("through the waypoint", &l7)] {
+        for (path, pathk, run) in [
+            ("L4 mesh", "l4", &l4),
+            ("through the waypoint", "waypoint", &l7),
+        ] {
             let v = num(run, key)?;
             out.push(figure(
+                format!("l7.{pathk}.{pk}"),
                 format!("{path}: round trip {label}"),
                 "µs",
                 v,
                 Some(dv),
             ));
             out.push(figure(
+                format!("l7.{pathk}.added.{pk}"),
                 format!("{path}: latency added {label}"),
                 "µs",
                 v - dv,
@@ -100,6 +106,7 @@ fn measure(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
         // The waypoint's own share: the L7 path minus the L4 path, same percentile.
         let share = num(&l7, key)? - num(&l4, key)?;
         out.push(figure(
+            format!("l7.hop.{pk}"),
             format!("waypoint hop: L7 minus L4 {label}"),
             "µs",
             share,
@@ -115,30 +122,35 @@ fn measure(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
         })
     };
     out.push(figure(
+        "l7.waypoint.req_per_cpu_s".into(),
         "waypoint: requests per CPU second".into(),
         "req/CPU s",
         per_cpu(&l7, wp_cpu)?,
         None,
     ));
     out.push(figure(
+        "l7.agents.waypoint.req_per_cpu_s".into(),
         "through the waypoint: requests per CPU second of both node agents".into(),
         "req/CPU s",
         per_cpu(&l7, l7_agents)?,
         None,
     ));
     out.push(figure(
+        "l7.agents.l4.req_per_cpu_s".into(),
         "L4 mesh: requests per CPU second of both node agents".into(),
         "req/CPU s",
         per_cpu(&l4, l4_agents)?,
         None,
     ));
     out.push(figure(
+        "l7.waypoint.rss_ready".into(),
         "waypoint RSS, ready, before the load".into(),
         "MiB",
         rss_ready,
         None,
     ));
     out.push(figure(
+        "l7.waypoint.rss_after".into(),
         format!("waypoint RSS after {} requests", num(&l7, "sent")?),
         "MiB",
         rss_after,
@@ -147,9 +159,16 @@ fn measure(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
     Ok(())
 }
 
-fn figure(name: String, unit: &'static str, value: f64, direct: Option<f64>) -> Figure {
+fn figure(
+    key: String,
+    name: String,
+    unit: &'static str,
+    value: f64,
+    direct: Option<f64>,
+) -> Figure {
     Figure {
         scenario: "l7",
+        key,
         name,
         unit,
         value,

@@ -18,16 +18,32 @@ pub fn environment() -> String {
         })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let commit = Command::new("git")
-        .args(["describe", "--always", "--dirty"])
-        .current_dir(crate::build::root())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
     format!(
-        "kernel {}, {cpu}, {cores} cores, commit {commit}; both agents, clients and servers share the cores",
-        kernel.trim()
+        "kernel {}, {cpu}, {cores} cores, commit {}; both agents, clients and servers share the cores",
+        kernel.trim(),
+        commit()
     )
+}
+
+/// `git describe --always --dirty` of the workspace (empty if git cannot tell).
+pub fn commit() -> String {
+    output(
+        Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .current_dir(crate::build::root()),
+    )
+}
+
+/// Today's date in UTC, `YYYY-MM-DD` (empty if `date` cannot tell).
+pub fn date() -> String {
+    output(Command::new("date").args(["-u", "+%Y-%m-%d"]))
+}
+
+/// What `cmd` prints, trimmed; empty if it cannot run.
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// CPU seconds (user + system, exited threads included) of one process so far.

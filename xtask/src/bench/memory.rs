@@ -19,6 +19,7 @@ pub fn idle(lab: &Lab, out: &mut Vec<Figure>) -> Result<()> {
         out.push(rss(
             lab,
             &node.name,
+            format!("memory.idle.{}", node.name),
             format!("agent RSS, idle, {} with {pods} captured pods", node.name),
         )?);
     }
@@ -28,16 +29,18 @@ pub fn idle(lab: &Lab, out: &mut Vec<Figure>) -> Result<()> {
 /// Agent RSS once every scenario has run: memory that never returns to the system shows here.
 pub fn after_all(lab: &Lab, out: &mut Vec<Figure>) -> Result<()> {
     for node in lab.nodes() {
+        let key = format!("memory.after_all.{}", node.name);
         let name = format!("agent RSS after all scenarios, {}", node.name);
-        out.push(rss(lab, &node.name, name)?);
+        out.push(rss(lab, &node.name, key, name)?);
     }
     Ok(())
 }
 
 /// The agent RSS of `node` now, as a figure.
-fn rss(lab: &Lab, node: &str, name: String) -> Result<Figure> {
+fn rss(lab: &Lab, node: &str, key: String, name: String) -> Result<Figure> {
     Ok(Figure {
         scenario: "memory",
+        key,
         name,
         unit: "MiB",
         value: agent_rss_mib(lab, node)?,
@@ -67,10 +70,17 @@ pub fn connections(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()
             s
         })
         .collect();
-    for (what, server, nodes, fds_per_conn) in [
-        ("full mesh", "shop/api", &["n1", "n2"][..], 1),
-        ("capture-only passthrough", "legacy/server", &["n1"][..], 2),
+    for (what, path, server, nodes, fds_per_conn) in [
+        ("full mesh", "mesh", "shop/api", &["n1", "n2"][..], 1),
+        (
+            "capture-only passthrough",
+            "passthrough",
+            "legacy/server",
+            &["n1"][..],
+            2,
+        ),
     ] {
+        let key = |node: &str, what: &str| format!("memory.idle_conns.{path}.{node}.{what}");
         // As many as the client agent's open file limit allows (each connection holds
         // `fds_per_conn` descriptors there; the limit is what this machine grants).
         let room = fd_room(lab, "n1")?;
@@ -109,6 +119,7 @@ pub fn connections(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()
             let with = agent_rss_mib(lab, node)?;
             out.push(Figure {
                 scenario: "memory",
+                key: key(node, "per_conn"),
                 name: format!("{what}: agent {node} memory per idle connection ({n} open)"),
                 unit: "KiB",
                 value: (with - before) * 1024.0 / n as f64,
@@ -121,13 +132,14 @@ pub fn connections(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()
             wait_connections_closed(lab, node)?;
             out.push(Figure {
                 scenario: "memory",
+                key: key(node, "rss_before"),
                 name: format!("{what}: agent {node} RSS before {n} connections"),
                 unit: "MiB",
                 value: *before,
                 direct: None,
             });
             let name = format!("{what}: agent {node} RSS after they all closed");
-            out.push(rss(lab, node, name)?);
+            out.push(rss(lab, node, key(node, "rss_after"), name)?);
         }
     }
     Ok(())

@@ -24,6 +24,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 /// line is recognised.
 struct Path {
     name: &'static str,
+    /// The path in figure keys.
+    key: &'static str,
     client: &'static str,
     addr: String,
     node: &'static str,
@@ -37,6 +39,7 @@ pub fn run(lab: &Lab, rounds: usize, out: &mut Vec<Figure>) -> Result<()> {
     let paths = [
         Path {
             name: "HBONE stream from another node",
+            key: "hbone",
             client: "shop/db",
             addr: api.clone(),
             node: "n2",
@@ -44,6 +47,7 @@ pub fn run(lab: &Lab, rounds: usize, out: &mut Vec<Figure>) -> Result<()> {
         },
         Path {
             name: "plaintext connection",
+            key: "plaintext",
             client: "legacy/client",
             addr: api.clone(),
             node: "n2",
@@ -51,6 +55,7 @@ pub fn run(lab: &Lab, rounds: usize, out: &mut Vec<Figure>) -> Result<()> {
         },
         Path {
             name: "same-node delivery",
+            key: "same_node",
             client: "shop/client",
             addr: db,
             node: "n1",
@@ -87,9 +92,10 @@ pub fn run(lab: &Lab, rounds: usize, out: &mut Vec<Figure>) -> Result<()> {
     }
     set_policies(lab, &[])?;
     for (i, p) in paths.iter().enumerate() {
-        let mut figure = |name: String, value: f64| {
+        let mut figure = |key: &str, name: String, value: f64| {
             out.push(Figure {
                 scenario: "policy",
+                key: format!("policy.{}.{key}", p.key),
                 name,
                 unit: "ms",
                 value,
@@ -98,6 +104,7 @@ pub fn run(lab: &Lab, rounds: usize, out: &mut Vec<Figure>) -> Result<()> {
         };
         let n = seen[i].len();
         figure(
+            "cut_median",
             format!(
                 "{}: cut after the state file changed, median of {n}",
                 p.name
@@ -105,10 +112,12 @@ pub fn run(lab: &Lab, rounds: usize, out: &mut Vec<Figure>) -> Result<()> {
             median(&mut seen[i]),
         );
         figure(
+            "cut_max",
             format!("{}: cut after the state file changed, max of {n}", p.name),
             max(&seen[i]),
         );
         figure(
+            "agent_close_max",
             format!(
                 "{}: closed after the agent began the reload, max of {n}",
                 p.name

@@ -17,6 +17,8 @@ use super::{
 /// One place of the comparison: the direct pair and the two meshed paths beside it.
 struct Place {
     name: &'static str,
+    /// The place in figure keys.
+    key: &'static str,
     /// Outside the mesh: the direct path.
     direct: (&'static str, &'static str),
     passthrough: (&'static str, &'static str),
@@ -28,6 +30,7 @@ struct Place {
 const PLACES: [Place; 2] = [
     Place {
         name: "cross-node",
+        key: "cross_node",
         direct: ("legacy/client", "legacy/server"),
         passthrough: ("shop/client", "legacy/server"),
         mesh: ("shop/client", "shop/api"),
@@ -35,6 +38,7 @@ const PLACES: [Place; 2] = [
     },
     Place {
         name: "same-node",
+        key: "same_node",
         direct: ("legacy/client", "legacy/local"),
         passthrough: ("shop/client", "legacy/local"),
         mesh: ("shop/client", "shop/db"),
@@ -56,8 +60,10 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
                 measure::iperf(lab, client, &ip(server), streams, d.iperf_secs)?;
             let machine = measure::machine_cpu()? - machine0;
             let direct = direct_bps / 1e9;
+            let key = |what: &str| format!("throughput.{}.{streams}.{what}", place.key);
             out.push(Figure {
                 scenario: "throughput",
+                key: key("direct"),
                 name: format!("{}, {streams} stream(s): direct", place.name),
                 unit: "Gbit/s",
                 value: direct,
@@ -67,6 +73,7 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
             // agents' CPU per GiB below, it bounds what the machine's cores can carry.
             out.push(Figure {
                 scenario: "throughput",
+                key: key("direct.machine_cpu_per_gib"),
                 name: format!(
                     "{}, {streams} stream(s): direct, machine CPU per GiB (iperf3 and kernel)",
                     place.name
@@ -75,15 +82,16 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
                 value: machine / (direct_bytes / f64::from(1u32 << 30)),
                 direct: None,
             });
-            for (what, (client, server)) in [
-                ("capture-only passthrough", place.passthrough),
-                (place.mesh_label, place.mesh),
+            for (path, what, (client, server)) in [
+                ("passthrough", "capture-only passthrough", place.passthrough),
+                ("mesh", place.mesh_label, place.mesh),
             ] {
                 let cpu0 = agents_cpu(lab)?;
                 let (bps, bytes) = measure::iperf(lab, client, &ip(server), streams, d.iperf_secs)?;
                 let cpu = agents_cpu(lab)? - cpu0;
                 out.push(Figure {
                     scenario: "throughput",
+                    key: key(path),
                     name: format!("{}, {streams} stream(s): {what}", place.name),
                     unit: "Gbit/s",
                     value: bps / 1e9,
@@ -91,6 +99,7 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>) -> Result<()> {
                 });
                 out.push(Figure {
                     scenario: "throughput",
+                    key: key(&format!("{path}.agent_cpu_per_gib")),
                     name: format!(
                         "{}, {streams} stream(s): {what}, agent CPU per GiB",
                         place.name
@@ -122,6 +131,7 @@ pub fn crypto(bench: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     ] {
         out.push(Figure {
             scenario: "throughput",
+            key: format!("throughput.tls.{key}"),
             name: format!("TLS records (AES-128-GCM, 16 KiB): {name}"),
             unit,
             value: measure::num(&v, key)?,

@@ -11,7 +11,9 @@
 //! Requests scheduled during the warm-up are sent but not recorded; the recording window is the
 //! `duration` after it. A worker that has fallen behind drains its backlog for at most
 //! [`BACKLOG_GRACE`] after the window; what it has not sent by then is missing from `requests`
-//! and so shows in `achieved_rate`. The report is one JSON line on stdout.
+//! and so shows in `achieved_rate`. The report is one JSON line on stdout: counts, rates and
+//! percentiles of the round trip (and, with `--new-conn`, of the connect), plus `curve`, the
+//! round trip as `[percentile, µs]` pairs from p50 to the maximum for plotting.
 
 use std::{
     fmt::Write as _,
@@ -42,6 +44,21 @@ const MAX_SIZE: usize = 64 * 1024;
 const MAX_CONNS: usize = 1024;
 /// Failed requests beyond this fraction make the run fail (exit 1 after the report).
 const MAX_ERROR_RATIO: f64 = 0.01;
+/// Points of the report's `curve` (the bench plots them on a log scale of 1/(1-p)): percentile
+/// and quantile, written out (`99.9 / 100.0` is a hair above 0.999 and would read the next
+/// bucket); 100 is the largest sample.
+const CURVE: [(f64, f64); 10] = [
+    (50.0, 0.5),
+    (75.0, 0.75),
+    (90.0, 0.9),
+    (95.0, 0.95),
+    (99.0, 0.99),
+    (99.5, 0.995),
+    (99.9, 0.999),
+    (99.95, 0.9995),
+    (99.99, 0.9999),
+    (100.0, 1.0),
+];
 
 /// Arguments of `mesh-labtool rr`.
 #[derive(clap::Args, Debug)]
@@ -409,6 +426,18 @@ fn report(plan: &Plan, total: &Recorder) -> String {
         lat.max(),
         lat.mean(),
     );
+    json.push_str(",\"curve\":[");
+    for (i, (p, q)) in CURVE.iter().enumerate() {
+        let us = if *q >= 1.0 {
+            lat.max()
+        } else {
+            lat.value_at_quantile(*q)
+        };
+        let comma = if i == 0 { "" } else { "," };
+        // Writing to a String cannot fail.
+        let _ = write!(json, "{comma}[{p},{us}]");
+    }
+    json.push(']');
     if plan.churn {
         let c = &total.connect;
         // Writing to a String cannot fail.
@@ -491,6 +520,27 @@ mod tests {
             "{json}"
         );
         assert!(!json.contains("connect_"), "{json}");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("the report is JSON");
+        let curve: Vec<(f64, f64)> = v["curve"]
+            .as_array()
+            .expect("a curve")
+            .iter()
+            .map(|point| {
+                (
+                    point[0].as_f64().expect("p"),
+                    point[1].as_f64().expect("µs"),
+                )
+            })
+            .collect();
+        let percentiles: Vec<f64> = curve.iter().map(|(p, _)| *p).collect();
+        let expected: Vec<f64> = CURVE.iter().map(|(p, _)| *p).collect();
+        assert_eq!(percentiles, expected, "{json}");
+        assert!(curve.windows(2).all(|w| w[0].1 <= w[1].1), "{json}");
+        assert_eq!(curve[0].1, v["p50_us"].as_f64().expect("p50"), "{json}");
+        assert_eq!(curve[2].1, v["p90_us"].as_f64().expect("p90"), "{json}");
+        assert_eq!(curve[4].1, v["p99_us"].as_f64().expect("p99"), "{json}");
+        assert_eq!(curve[6].1, v["p999_us"].as_f64().expect("p99.9"), "{json}");
+        assert_eq!(curve[9].1, v["max_us"].as_f64().expect("max"), "{json}");
     }
 
     #[test]
