@@ -23,8 +23,9 @@ pub enum Error {
     )]
     NoBpffs { path: PathBuf },
     #[error(
-        "kernel {release} is too old: the agent needs Linux 5.15 or newer (sk_lookup, \
-         SO_NETNS_COOKIE, bpf_get_netns_cookie in sock_ops, map lookup-and-delete)"
+        "kernel {release} is too old: the agent needs Linux 5.17 or newer (sk_lookup and its \
+         ingress interface, 5.17; SO_NETNS_COOKIE, bpf_get_netns_cookie in sock_ops, map \
+         lookup-and-delete)"
     )]
     Kernel { release: String },
     #[error("cannot read {what}: {source}")]
@@ -64,7 +65,7 @@ fn check_kernel() -> Result<(), Error> {
             source,
         })?;
     let release = release.trim().to_owned();
-    if kernel_at_least(&release, (5, 15)) {
+    if kernel_at_least(&release, (5, 17)) {
         Ok(())
     } else {
         Err(Error::Kernel { release })

@@ -1,7 +1,8 @@
 //! `sk_lookup`, attached to each captured pod's network namespace (and only to those): steer
-//! inbound TCP for the pod's address to the agent's in-pod inbound listener, except local
-//! sources (the agent's own delivery to the application, which connects from the pod's
-//! address), loopback, and excluded ports. Port 15008 (HBONE) goes to the pod's HBONE
+//! inbound TCP for the pod's address to the agent's in-pod inbound listener, except what
+//! arrives on the pod's loopback device (connections made inside the pod: the agent's own
+//! delivery to the application, which connects from the client's address over `lo`), local
+//! sources (the pod's own address), loopback addresses, and excluded ports. Port 15008 (HBONE) goes to the pod's HBONE
 //! listener; the agent's other ports, and local addresses the state does not list (a secondary
 //! or link-local address), are dropped. A captured pod without a listener (no agent runs, or
 //! it has not opened the pod's listeners yet) is refused too: SK_DROP makes the socket lookup
@@ -19,6 +20,8 @@ const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -55,7 +58,11 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<Reason, Reason> {
             is_loopback6(&local6),
         )
     };
-    if loopback || local == remote {
+    // Only a socket inside the pod's own namespace sends over its `lo`: the agent's delivery,
+    // which connects from the client's address (docs/capture.md, "The client's address"), or
+    // a process of the pod connecting to the pod's own address. Nothing from outside the pod
+    // arrives there.
+    if loopback || local == remote || crate::ctx_field!(lk, ingress_ifindex) == LOOPBACK_IFINDEX {
         return Ok(Reason::LookupSkipLocal);
     }
     let Some(pod) = POD_ADDRS.get_ptr(PodAddr { ip: local }) else {
