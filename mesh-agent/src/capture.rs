@@ -7,6 +7,7 @@ pub mod ebpf;
 pub mod listeners;
 pub mod pins;
 pub mod pod;
+pub mod return_path;
 
 use std::{
     net::{IpAddr, Ipv6Addr},

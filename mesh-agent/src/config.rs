@@ -67,6 +67,34 @@ pub struct Config {
     /// Finding the sandboxes of pods the state names by UID, and the CNI plugin.
     #[serde(default)]
     pub pods: PodsConfig,
+    /// How connections are delivered to a captured pod's application.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+}
+
+/// How the agent connects to a captured pod's application for an inbound connection (HBONE,
+/// plaintext, or same-node).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Connect from the original client's address, as the direct path does (default), so the
+    /// application and its logs see the real client and TIME_WAIT is spread per client; each
+    /// captured pod gets a routing rule and table for the answers (docs/capture.md, "The
+    /// client's address"). `false`: connect from the pod's own address.
+    #[serde(default = "yes")]
+    pub preserve_client_address: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            preserve_client_address: true,
+        }
+    }
 }
 
 /// How the node finds the cgroup and network namespace of a pod the state names by UID

@@ -198,6 +198,8 @@ pub struct Metrics {
     pub state_parse: Histogram,
     pub captured_pods: Gauge,
     pub capture_failures: Family<PodLabels, Counter>,
+    /// Pods whose return path could not be installed (delivered from their own address).
+    pub return_path_failures: Counter,
     /// Pods whose capture is in place but that no listener serves (refused until served).
     pub closed_pods: Gauge,
     /// What capture did to pods: captured, adopted, reattached, closed, released.
@@ -247,6 +249,7 @@ impl Metrics {
             state_parse: Histogram::new(PARSE_BUCKETS),
             captured_pods: Gauge::default(),
             capture_failures: Family::default(),
+            return_path_failures: Counter::default(),
             closed_pods: Gauge::default(),
             capture_changes: Family::default(),
             handovers: Family::default(),
@@ -338,6 +341,12 @@ impl Metrics {
                 "mesh_pod_capture_failures",
                 "Failed attempts to capture a pod",
                 m.capture_failures.clone(),
+            );
+            registry.register(
+                "mesh_return_path_failures",
+                "Pods served without their return path: connections reach the application from \
+                 the pod's own address instead of the client's",
+                m.return_path_failures.clone(),
             );
         }
         if node {

@@ -244,6 +244,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         pool,
         local: proxy::LocalPods::default(),
         same_node_fast_path: config.hbone.same_node_fast_path,
+        preserve_client_address: config.delivery.preserve_client_address,
         hbone_server: config
             .hbone
             .server

@@ -54,6 +54,9 @@ pub struct Inputs {
     pub local: LocalPods,
     /// Whether the same-node fast path is on (`hbone.same_node_fast_path`).
     pub same_node_fast_path: bool,
+    /// Whether pods get the return path and connections are delivered from the client's
+    /// address (`delivery.preserve_client_address`).
+    pub preserve_client_address: bool,
     /// How inbound HBONE connections are treated (`hbone.max_connection_age_secs`, idle
     /// timeout and PINGs from `hbone.server`).
     pub hbone_server: tunnel::server::Options,
@@ -118,6 +121,9 @@ pub struct Pod {
     pub routes: RouteCounters,
     /// Samples the log lines a peer can provoke at will (denials, bad requests).
     pub sampled: sampled::LogSampler,
+    /// Whether connections are delivered to the application from the client's address (the
+    /// pod has its return path, `capture::return_path`); otherwise from the pod's own.
+    pub client_address: bool,
 }
 
 /// What can change about a captured pod without capturing it again.
@@ -131,9 +137,16 @@ pub struct PodState {
 }
 
 impl Pod {
-    pub fn new(netns: Arc<Netns>, netns_cookie: u64, state: PodState, metrics: &Metrics) -> Self {
+    pub fn new(
+        netns: Arc<Netns>,
+        netns_cookie: u64,
+        state: PodState,
+        metrics: &Metrics,
+        client_address: bool,
+    ) -> Self {
         let w = &state.workload;
         Self {
+            client_address,
             key: w.key(),
             outbound: metrics.conn_counters("outbound", &w.namespace, &w.name),
             inbound: metrics.conn_counters("inbound", &w.namespace, &w.name),
@@ -199,13 +212,14 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    /// EADDRNOTAVAIL: every local port of the pod toward `addr` is taken. Connections the agent
-    /// closes first leave their TIME_WAIT in the pod, so fast churn to one application port
-    /// runs the pod out of ports under the kernel's defaults.
+    /// EADDRNOTAVAIL: every local port toward `addr` is taken for the address the agent
+    /// connects from (the client's, or the pod's own when the client's address is not
+    /// preserved): connections open, or closed by the agent first and in TIME_WAIT.
     #[error(
-        "connecting to {addr} failed: the pod has no free local port toward it (its ephemeral \
-         ports are in use or in TIME_WAIT from recent connections); with many short connections \
-         set net.ipv4.tcp_tw_reuse=1 or widen net.ipv4.ip_local_port_range in the pod \
+        "connecting to {addr} failed: no free local port toward it in the pod (the pod's \
+         ephemeral ports toward it, for the address the agent connects from, are in use or in \
+         TIME_WAIT); widen net.ipv4.ip_local_port_range in the pod, or, with \
+         delivery.preserve_client_address off, set net.ipv4.tcp_tw_reuse=1 there \
          (docs/performance.md, \"Connection churn and TIME_WAIT\")"
     )]
     NoLocalPort { addr: SocketAddr },
@@ -538,13 +552,21 @@ async fn account(
     result
 }
 
-/// Creates a TCP socket inside the pod's network namespace and connects it to `addr`.
+/// Creates a TCP socket inside the pod's network namespace and connects it to `addr`: from
+/// `client`'s address when given and the pod delivers from clients' addresses (see
+/// [`delivery_socket`]), else from the pod's own.
 async fn connect_in_pod(
     pod: &Pod,
     home: &Netns,
     addr: SocketAddr,
+    client: Option<IpAddr>,
 ) -> Result<tokio::net::TcpStream, Error> {
-    let socket = pod_socket(pod, home, addr).map_err(Error::Socket)?;
+    let client = client.filter(|ip| pod.client_address && transparent_from(pod, *ip, addr));
+    let socket = match client {
+        Some(ip) => delivery_socket(pod, home, ip, addr),
+        None => pod_socket(pod, home, addr),
+    }
+    .map_err(Error::Socket)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) if source.kind() == std::io::ErrorKind::AddrNotAvailable => {
@@ -555,16 +577,28 @@ async fn connect_in_pod(
     }
 }
 
+/// Whether a delivery to `addr` needs (and can have) a socket bound to `client`: of the same
+/// family, and not one of the pod's own addresses (those it has anyway).
+fn transparent_from(pod: &Pod, client: IpAddr, addr: SocketAddr) -> bool {
+    client.is_ipv4() == addr.is_ipv4()
+        && !client.is_loopback()
+        && !client.is_unspecified()
+        && !pod.state().workload.ips.contains(&client)
+}
+
 /// Connects to `addr` from inside the pod's network namespace on behalf of `client`, which is
 /// reset when that fails (a refused upstream shows as a reset, not as an empty success).
-/// Returns both. Boxed: the connect future is large and done long before the connection.
+/// `from`: the client's address, for a delivery to the application (`None` for an outbound
+/// connection, which leaves from the pod's own). Returns both. Boxed: the connect future is
+/// large and done long before the connection.
 async fn connect_for(
     client: tokio::net::TcpStream,
     pod: &Pod,
     home: &Netns,
     addr: SocketAddr,
+    from: Option<IpAddr>,
 ) -> Result<(tokio::net::TcpStream, tokio::net::TcpStream), Error> {
-    match Box::pin(connect_in_pod(pod, home, addr)).await {
+    match Box::pin(connect_in_pod(pod, home, addr, from)).await {
         Ok(upstream) => Ok((client, upstream)),
         Err(e) => {
             reset(client);
@@ -575,15 +609,51 @@ async fn connect_for(
 
 /// A non-blocking TCP socket for `addr`, created inside the pod's network namespace.
 fn pod_socket(pod: &Pod, home: &Netns, addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
-    let socket = pod.netns.run(home, || {
-        // Non-blocking from the start (SOCK_NONBLOCK): no fcntl calls per connection.
-        socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM.nonblocking(),
-            Some(socket2::Protocol::TCP),
-        )
-    })??;
+    let socket = pod.netns.run(home, || new_socket(addr))??;
+    Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+}
+
+fn new_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    // Non-blocking from the start (SOCK_NONBLOCK): no fcntl calls per connection.
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )?;
     socket.set_nodelay(true)?;
+    Ok(socket)
+}
+
+/// A socket in the pod's namespace that connects to the application at `addr` from `client`'s
+/// address, as ztunnel does: the application (and its logs) see the real client, and the
+/// connection's 4-tuple is the client's own, so TIME_WAIT is spread over one port range per
+/// client as on the direct path. `IP_TRANSPARENT` lets it bind an address the pod does not
+/// have; the mark brings the application's answers back to it over `lo`
+/// (`capture::return_path`), and being bound to `lo` is what lets the kernel's default
+/// `tcp_tw_reuse=2` ("loopback only") reuse its TIME_WAIT ports, so a client's churn is not
+/// capped by the server pod's port range. The port is chosen at connect time
+/// (`IP_BIND_ADDRESS_NO_PORT`), per destination.
+fn delivery_socket(
+    pod: &Pod,
+    home: &Netns,
+    client: IpAddr,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = pod
+        .netns
+        .run(home, || -> std::io::Result<socket2::Socket> {
+            let socket = new_socket(addr)?;
+            socket.set_mark(crate::capture::return_path::MARK)?;
+            if client.is_ipv4() {
+                socket.set_ip_transparent(true)?;
+                crate::sys::set_bind_address_no_port(std::os::fd::AsFd::as_fd(&socket))?;
+            } else {
+                crate::sys::set_ipv6_transparent(std::os::fd::AsFd::as_fd(&socket))?;
+            }
+            socket.bind_device(Some(b"lo"))?;
+            socket.bind(&SocketAddr::new(client, 0).into())?;
+            Ok(socket)
+        })??;
     Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
 }
 

@@ -8,6 +8,7 @@
 
 pub mod bpf;
 pub mod fdpass;
+pub mod netlink;
 pub mod unix;
 
 use std::{
@@ -130,6 +131,38 @@ pub fn set_linger_zero(socket: BorrowedFd<'_>) -> io::Result<()> {
             libc::SO_LINGER,
             (&raw const linger).cast(),
             socklen::<libc::linger>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a socket bound to an address without a port gets its port at
+/// connect time, chosen for its destination (so one address can hold a port range per
+/// destination instead of one for all).
+pub fn set_bind_address_no_port(socket: BorrowedFd<'_>) -> io::Result<()> {
+    set_int_option(socket, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT)
+}
+
+/// `IPV6_TRANSPARENT`: an IPv6 socket may bind an address the namespace does not have.
+pub fn set_ipv6_transparent(socket: BorrowedFd<'_>) -> io::Result<()> {
+    set_int_option(socket, libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+}
+
+/// Sets an `int` socket option to 1.
+fn set_int_option(socket: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: the option value is a live `int` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw const one).cast(),
+            socklen::<libc::c_int>(),
         )
     };
     if rc == 0 {

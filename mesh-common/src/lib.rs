@@ -12,6 +12,11 @@
 #![no_std]
 
 /// Ports of the agent, identical to Istio ambient's so tooling and HBONE peers interoperate.
+/// The mark of the sockets a node agent delivers connections to a captured pod's application
+/// from (the client's address, `IP_TRANSPARENT`); the pod's return path routes packets
+/// carrying it back over `lo` (mesh-agent `capture::return_path`).
+pub const DELIVERY_MARK: u32 = 0x4d53_0001;
+
 pub mod ports {
     /// Outbound listener inside each captured pod (`127.0.0.1` and `[::1]`).
     pub const OUTBOUND: u16 = 15001;

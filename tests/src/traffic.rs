@@ -69,6 +69,14 @@ pub fn peer_of(line: &str) -> &str {
         .unwrap_or_else(|| panic!("no peer= in {line:?}"))
 }
 
+/// Whether an echo server's `accepted` line is of a connection a node agent delivered: it
+/// carries the agent's mark (`mesh_common::DELIVERY_MARK`). With the client's address
+/// preserved, that is what tells a delivery from a connection that went around the agent.
+pub fn delivered(line: &str) -> bool {
+    let mark = format!("mark={:#x}", mesh_common::DELIVERY_MARK);
+    line.split_whitespace().any(|f| f == mark)
+}
+
 /// The `connected` line of a sender's output.
 pub fn connected(out: &[String]) -> &str {
     out.iter()

@@ -6,7 +6,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use mesh_lab::{
-    traffic::{connected, echoed, peer_of, send, serve, WAIT},
+    traffic::{connected, delivered, echoed, peer_of, send, serve, WAIT},
     wait_until, CaptureExclusions, Lab, LabOptions, Running,
 };
 
@@ -244,11 +244,12 @@ fn inbound_from_an_unmeshed_client_is_captured_by_sk_lookup() {
     let out = send(&lab, "legacy/client", &format!("{}:8080", api.ip), 1 << 20);
     // The client itself is not captured: it is connected to the real address...
     assert_eq!(peer_of(connected(&out)), format!("{}:8080", api.ip));
-    // ...but the application received the connection from the agent (inside its own pod).
+    // ...but the application received the connection from the agent (inside its own pod),
+    // from the client's address.
     let accepted = server.wait_line("accepted", WAIT);
     assert!(
-        peer_of(&accepted).starts_with(&format!("{}:", api.ip)),
-        "not delivered by the agent: {accepted}"
+        delivered(&accepted) && peer_of(&accepted).starts_with(&format!("{}:", legacy.ip)),
+        "not delivered by the agent from the client's address: {accepted}"
     );
     assert_eq!(opened(&lab, "n2", "inbound", "shop/api"), 1.0);
     assert!(capture_events(&lab, "n2", "sk_lookup", "steered") >= 1.0);
@@ -282,7 +283,7 @@ fn unmeshed_pods_and_loopback_are_not_captured() {
     assert_eq!(peer_of(connected(&out)), format!("{legacy_server}:8080"));
     let accepted = server.wait_line("accepted", WAIT);
     assert!(
-        peer_of(&accepted).starts_with(&format!("{legacy_client}:")),
+        peer_of(&accepted).starts_with(&format!("{legacy_client}:")) && !delivered(&accepted),
         "{accepted}"
     );
 
@@ -349,6 +350,7 @@ fn excluded_ports_and_cidrs_are_not_captured() {
     let api = lab.pod("shop/api").ip;
     let db = lab.pod("shop/db").ip;
     let legacy = lab.pod("legacy/client").ip;
+    let client = lab.pod("shop/client").ip;
     let mut s7001 = serve(&lab, "shop/api", 7001);
     let mut s7002 = serve(&lab, "shop/api", 7002);
     let mut s8080 = serve(&lab, "shop/api", 8080);
@@ -359,12 +361,19 @@ fn excluded_ports_and_cidrs_are_not_captured() {
     let out = send(&lab, "shop/client", &format!("{api}:7001"), 1 << 20);
     assert_eq!(peer_of(connected(&out)), format!("{api}:7001"));
     assert!(capture_events(&lab, "n1", "connect", "skip_excluded_port") >= 1.0);
-    // ...but api's inbound capture still applies: the app sees the agent (its own address).
-    assert!(peer_of(&s7001.wait_line("accepted", WAIT)).starts_with(&format!("{api}:")));
+    // ...but api's inbound capture still applies: the agent delivers it (from the client's
+    // address, with its mark).
+    let accepted = s7001.wait_line("accepted", WAIT);
+    assert!(delivered(&accepted), "{accepted}");
+    assert!(
+        peer_of(&accepted).starts_with(&format!("{client}:")),
+        "{accepted}"
+    );
 
     // Global inbound port exclusion: legacy/client reaches api:7002 directly.
     send(&lab, "legacy/client", &format!("{api}:7002"), 1 << 20);
-    assert!(peer_of(&s7002.wait_line("accepted", WAIT)).starts_with(&format!("{legacy}:")));
+    let accepted = s7002.wait_line("accepted", WAIT);
+    assert!(peer_of(&accepted).starts_with(&format!("{legacy}:")) && !delivered(&accepted));
     assert!(capture_events(&lab, "n2", "sk_lookup", "skip_excluded_port") >= 1.0);
 
     // Per-pod CIDR exclusion: shop/db to the other node's subnet is direct; shop/client is not.
@@ -377,9 +386,11 @@ fn excluded_ports_and_cidrs_are_not_captured() {
 
     // Per-pod inbound exclusion: db's port 7003 is reached directly, its port 7004 is not.
     send(&lab, "legacy/client", &format!("{db}:7003"), 1 << 20);
-    assert!(peer_of(&s7003.wait_line("accepted", WAIT)).starts_with(&format!("{legacy}:")));
+    let accepted = s7003.wait_line("accepted", WAIT);
+    assert!(peer_of(&accepted).starts_with(&format!("{legacy}:")) && !delivered(&accepted));
     send(&lab, "legacy/client", &format!("{db}:7004"), 1 << 20);
-    assert!(peer_of(&s7004.wait_line("accepted", WAIT)).starts_with(&format!("{db}:")));
+    let accepted = s7004.wait_line("accepted", WAIT);
+    assert!(peer_of(&accepted).starts_with(&format!("{legacy}:")) && delivered(&accepted));
     down_and_check_clean(lab);
 }
 

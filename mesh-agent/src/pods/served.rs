@@ -44,6 +44,7 @@ impl ServedPod {
         let prepared = Prepared::open(env, workload.clone(), received)?;
         let (identity, server_tls) = identity(inputs, &workload)?;
         let (kernel, outcome) = prepared.attach(loaded, env, scope)?;
+        let client_address = inputs.preserve_client_address && return_path(inputs, &kernel);
         let (stop, stopped) = watch::channel(Stop::Running);
         let proxy = Arc::new(proxy::Pod::new(
             kernel.netns().clone(),
@@ -54,6 +55,7 @@ impl ServedPod {
                 server_tls,
             },
             &inputs.metrics,
+            client_address,
         ));
         for (kind, l) in kernel.listeners().all() {
             proxy::spawn_listener(l, kind, proxy.clone(), inputs.clone(), stopped.clone());
@@ -140,6 +142,22 @@ impl ServedPod {
     /// stays for the agent that took the listeners over), capture stays in place.
     pub fn relinquish(self) {
         self.stop.send_replace(Stop::Handover);
+    }
+}
+
+/// Installs the pod's return path (`capture::return_path`); whether it is in place. Without
+/// it the pod is still served, its connections delivered from its own address: the client's
+/// address is a convenience for the application, not a security property.
+fn return_path(inputs: &proxy::Inputs, kernel: &CapturedPod) -> bool {
+    let w = kernel.workload();
+    let ipv6 = w.ips.iter().any(std::net::IpAddr::is_ipv6);
+    match crate::capture::return_path::install(kernel.netns(), &inputs.home, ipv6) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(pod = %w.key(), error = %e, "cannot deliver connections from the client's address: the pod sees its own address as their source");
+            inputs.metrics.return_path_failures.inc();
+            false
+        }
     }
 }
 

@@ -55,6 +55,8 @@ async fn deliver(
         reset(client);
         return Err(Error::Loop { addr: dst });
     }
+    // The application sees the client's address (`delivery.preserve_client_address`).
+    let from = peer.src;
     let grant = match authz::authorize(pod, inputs, peer, dst) {
         Ok(grant) => grant,
         Err(denied) => {
@@ -62,7 +64,7 @@ async fn deliver(
             return Err(denied);
         }
     };
-    let (client, app) = connect_for(client, pod, &inputs.home, dst).await?;
+    let (client, app) = connect_for(client, pod, &inputs.home, dst, Some(from)).await?;
     debug!("connection delivered");
     let copy = Box::pin(copy::bidirectional(app, client));
     authz::enforce(pod, inputs, grant, copy).await
@@ -96,9 +98,15 @@ pub async fn deliver_local(
         rule = tracing::field::Empty,
         audit = tracing::field::Empty
     );
+    // The source pod's address of the destination's family: what the application sees.
+    let src = (source.workload.ips.iter())
+        .find(|ip| ip.is_ipv4() == target.is_ipv4())
+        .or(source.workload.ips.first())
+        .copied()
+        .unwrap_or(target.ip());
     let peer = Peer {
         identity: Some(std::sync::Arc::new(source.identity.clone())),
-        src: source.workload.ips.first().copied().unwrap_or(target.ip()),
+        src,
     };
     let work = std::pin::pin!(deliver(client, peer, dst, target, inputs));
     match super::account(super::Direction::Inbound, dst, inputs, work)
@@ -295,9 +303,10 @@ async fn hbone_stream(
     };
     tracing::Span::current().record("dst", tracing::field::display(dst));
     // Authorized before the application is connected: a denied client never reaches it.
+    let from = req.remote.ip().to_canonical();
     let peer = Peer {
         identity: Some(req.peer.clone()),
-        src: req.remote.ip().to_canonical(),
+        src: from,
     };
     let grant = match authz::authorize(pod, inputs, peer, dst) {
         Ok(grant) => grant,
@@ -312,7 +321,7 @@ async fn hbone_stream(
         let Some(_slot) = inputs.limits.connect_slot(super::CONNECT_TIMEOUT).await else {
             return Err(Error::ConnectsInFlight { addr: dst });
         };
-        connect_in_pod(pod, &inputs.home, dst).await
+        connect_in_pod(pod, &inputs.home, dst, Some(from)).await
     });
     let app = match req.unless_reset(connect).await {
         Some(Ok(app)) => app,

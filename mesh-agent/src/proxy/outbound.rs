@@ -131,7 +131,7 @@ pub async fn proxy(
             Ok((sent + sent_first, received))
         }
         None => {
-            let (stream, upstream) = connect_for(stream, pod, &inputs.home, target).await?;
+            let (stream, upstream) = connect_for(stream, pod, &inputs.home, target, None).await?;
             debug!("connection proxied");
             Box::pin(copy::bidirectional(stream, upstream))
                 .await

@@ -320,7 +320,12 @@ fn echo(mut conn: TcpStream) {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|e| format!("?({e})"));
-    say(&format!("accepted peer={peer} local={local}"));
+    // The connection's mark: a connection the node agent delivered carries the agent's (the
+    // pod accepts with net.ipv4.tcp_fwmark_accept=1), one that arrived any other way has none.
+    let mark = socket2::SockRef::from(&conn)
+        .mark()
+        .map_or_else(|e| format!("?({e})"), |m| format!("{m:#x}"));
+    say(&format!("accepted peer={peer} local={local} mark={mark}"));
     let mut buf = vec![0u8; BLOCK];
     let mut total: u64 = 0;
     let result = loop {
