@@ -206,9 +206,9 @@ pub fn num(v: &serde_json::Value, key: &str) -> Result<f64> {
 /// connections and the whole ephemeral port range (with the kernel's defaults a sustained churn
 /// runs out of ports, about 470 new connections per second to one destination, and measures
 /// the port search instead of connections). The range starts above every port a lab server
-/// listens on (7000, 7100, 8080, the agent's 15001-15008): a TIME_WAIT socket on a server's port,
-/// left by a connection the agent made from the pod's address, would make the next server that
-/// binds it fail with EADDRINUSE (seen in CI: the policy scenario's server on 7100 after churn).
+/// listens on (7000, 7100, 7200, 8080, the agent's 15001-15008): a TIME_WAIT socket on a
+/// server's port would make the next server that binds it fail with EADDRINUSE (seen in CI,
+/// when the server pods were tuned too: the policy scenario's server on 7100 after churn).
 pub fn tune_ports(lab: &Lab, pod: &str) -> Result<()> {
     let script = "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse && \
                   echo '20000 65535' > /proc/sys/net/ipv4/ip_local_port_range";
