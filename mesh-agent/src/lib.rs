@@ -21,6 +21,7 @@ pub mod pods;
 pub mod policy;
 pub mod preflight;
 pub mod proxy;
+pub mod runtime;
 pub mod state;
 pub mod sys;
 pub mod tunnel;

@@ -111,21 +111,8 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     // Before anything is bound: the running agent's sockets are ours to share from here.
     let socket_path = config.handover_socket();
     let takeover = handover::take(&socket_path)?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    // MESH_WORKER_THREADS: data path threads (default: one per core), as ztunnel's
-    // ZTUNNEL_WORKER_THREADS.
-    if let Some(n) = std::env::var("MESH_WORKER_THREADS")
-        .ok()
-        .filter(|v| !v.is_empty())
-    {
-        let n: usize = n
-            .parse()
-            .ok()
-            .filter(|n| (1..=256).contains(n))
-            .with_context(|| format!("MESH_WORKER_THREADS={n}: use a number from 1 to 256"))?;
-        runtime.worker_threads(n);
-    }
-    let runtime = runtime.enable_all().build()?;
+    let (runtime, shape) = crate::runtime::build()?;
+    tracing::info!("data path: {shape}");
     let start = Start {
         config,
         bpf_dir,

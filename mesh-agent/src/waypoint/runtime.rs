@@ -32,9 +32,8 @@ use crate::{
 /// Runs the waypoint until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let (runtime, shape) = crate::runtime::build()?;
+    tracing::info!("data path: {shape}");
     runtime.block_on(serve(config))
 }
 
