@@ -290,14 +290,7 @@ fn write(results: &Results) -> Result<()> {
         "| scenario | measurement | value | direct | ratio |\n|---|---|---|---|---|"
     );
     for f in &results.figures {
-        let direct = f
-            .direct
-            .map(|d| format!("{} {}", fmt_value(d), f.unit))
-            .unwrap_or_default();
-        let ratio = f
-            .ratio()
-            .map(|r| format!("{:.0}%", r * 100.0))
-            .unwrap_or_default();
+        let (direct, ratio) = (f.direct_cell(), f.ratio_cell());
         let _ = writeln!(
             md,
             "| {} | {} | {} {} | {direct} | {ratio} |",

@@ -109,9 +109,7 @@ fn with_unit(f: &Saved) -> String {
 }
 
 fn ratio(f: &Saved) -> String {
-    f.ratio()
-        .map(|r| format!("{:.0}%", r * 100.0))
-        .unwrap_or_default()
+    f.ratio_cell()
 }
 
 #[cfg(test)]

@@ -104,14 +104,7 @@ pub fn block(results: &Results, source: &str, plots: &[&str]) -> String {
             "\n### {scenario}\n\n| measurement | value | direct | ratio | key |\n|---|---|---|---|---|\n"
         );
         for f in results.figures.iter().filter(|f| f.scenario == scenario) {
-            let direct = f
-                .direct
-                .map(|d| format!("{} {}", fmt_value(d), f.unit))
-                .unwrap_or_default();
-            let ratio = f
-                .ratio()
-                .map(|r| format!("{:.0}%", r * 100.0))
-                .unwrap_or_default();
+            let (direct, ratio) = (f.direct_cell(), f.ratio_cell());
             let _ = writeln!(
                 out,
                 "| {} | {} {} | {direct} | {ratio} | `{}` |",

@@ -52,6 +52,20 @@ impl Saved {
     pub fn ratio(&self) -> Option<f64> {
         self.direct.filter(|d| *d != 0.0).map(|d| self.value / d)
     }
+
+    /// The direct value with its unit, for a table cell (empty without one).
+    pub fn direct_cell(&self) -> String {
+        self.direct
+            .map(|d| format!("{} {}", super::fmt_value(d), self.unit))
+            .unwrap_or_default()
+    }
+
+    /// The ratio as a percentage, for a table cell (empty without one).
+    pub fn ratio_cell(&self) -> String {
+        self.ratio()
+            .map(|r| format!("{:.0}%", r * 100.0))
+            .unwrap_or_default()
+    }
 }
 
 impl From<&Figure> for Saved {
