@@ -583,7 +583,7 @@ fn transparent_from(pod: &Pod, client: IpAddr, addr: SocketAddr) -> bool {
     client.is_ipv4() == addr.is_ipv4()
         && !client.is_loopback()
         && !client.is_unspecified()
-        && !pod.state().workload.ips.contains(&client)
+        && !pod.current.load().workload.ips.contains(&client)
 }
 
 /// Connects to `addr` from inside the pod's network namespace on behalf of `client`, which is

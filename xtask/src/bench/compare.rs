@@ -50,8 +50,8 @@ pub fn compare(old: &Results, old_name: &str, new: &Results, new_name: &str) -> 
             with_unit(o),
             with_unit(n),
             change.map_or("n/a".to_owned(), |c| format!("{c:+.1}%")),
-            ratio(o),
-            ratio(n),
+            o.ratio_cell(),
+            n.ratio_cell(),
             if flag { FLAG } else { "" },
         );
     }
@@ -106,10 +106,6 @@ fn change_percent(old: f64, new: f64) -> Option<f64> {
 
 fn with_unit(f: &Saved) -> String {
     format!("{} {}", fmt_value(f.value), f.unit)
-}
-
-fn ratio(f: &Saved) -> String {
-    f.ratio_cell()
 }
 
 #[cfg(test)]

@@ -59,6 +59,34 @@ fn rr(
     )
 }
 
+/// Two figures of one percentile: the full mesh's round trip beside the direct path's
+/// (`<prefix>.mesh.<pk>`), and the latency the mesh adds (`<prefix>.mesh_added.<pk>`), named
+/// by `names` in that order.
+pub(super) fn mesh_and_added(
+    out: &mut Vec<Figure>,
+    prefix: &str,
+    [name, added]: [String; 2],
+    pk: &str,
+    (mesh, direct): (f64, f64),
+) {
+    out.push(Figure {
+        scenario: "latency",
+        key: format!("{prefix}.mesh.{pk}"),
+        name,
+        unit: "µs",
+        value: mesh,
+        direct: Some(direct),
+    });
+    out.push(Figure {
+        scenario: "latency",
+        key: format!("{prefix}.mesh_added.{pk}"),
+        name: added,
+        unit: "µs",
+        value: mesh - direct,
+        direct: None,
+    });
+}
+
 /// 1 KiB request/response on four persistent connections at 1000/s and 5000/s; each path's
 /// percentile curve goes to `curves` as `latency.<rate>.<path>`.
 pub fn persistent(
@@ -87,23 +115,16 @@ pub fn persistent(
             curves.insert(format!("latency.{rate}.{path}"), curve(report)?);
         }
         for (label, key, pk) in PERCENTILES {
-            let (m, dv) = (num(&mesh, key)?, num(&direct, key)?);
-            out.push(Figure {
-                scenario: "latency",
-                key: format!("latency.{rate}.mesh.{pk}"),
-                name: format!("{rate}/s, full mesh round trip {label}"),
-                unit: "µs",
-                value: m,
-                direct: Some(dv),
-            });
-            out.push(Figure {
-                scenario: "latency",
-                key: format!("latency.{rate}.mesh_added.{pk}"),
-                name: format!("{rate}/s, latency added by the mesh {label}"),
-                unit: "µs",
-                value: m - dv,
-                direct: None,
-            });
+            mesh_and_added(
+                out,
+                &format!("latency.{rate}"),
+                [
+                    format!("{rate}/s, full mesh round trip {label}"),
+                    format!("{rate}/s, latency added by the mesh {label}"),
+                ],
+                pk,
+                (num(&mesh, key)?, num(&direct, key)?),
+            );
         }
         for (label, key, pk) in [PERCENTILES[0], PERCENTILES[2]] {
             let (pt, dv) = (num(&passthrough, key)?, num(&direct, key)?);

@@ -39,23 +39,16 @@ pub fn run(lab: &Lab, d: &Durations, out: &mut Vec<Figure>, curves: &mut Curves)
     for (label, _, pk) in PERCENTILES {
         // "p99.9" -> 99.9
         let percentile: f64 = label[1..].parse().context("a percentile label")?;
-        let (m, dv) = (mesh.at(percentile)?, direct.at(percentile)?);
-        out.push(Figure {
-            scenario: "latency",
-            key: format!("latency.sockperf.{RATE}.mesh.{pk}"),
-            name: format!("sockperf ping-pong {RATE}/s, full mesh round trip (RTT) {label}"),
-            unit: "µs",
-            value: m,
-            direct: Some(dv),
-        });
-        out.push(Figure {
-            scenario: "latency",
-            key: format!("latency.sockperf.{RATE}.mesh_added.{pk}"),
-            name: format!("sockperf ping-pong {RATE}/s, RTT added by the mesh {label}"),
-            unit: "µs",
-            value: m - dv,
-            direct: None,
-        });
+        latency::mesh_and_added(
+            out,
+            &format!("latency.sockperf.{RATE}"),
+            [
+                format!("sockperf ping-pong {RATE}/s, full mesh round trip (RTT) {label}"),
+                format!("sockperf ping-pong {RATE}/s, RTT added by the mesh {label}"),
+            ],
+            pk,
+            (mesh.at(percentile)?, direct.at(percentile)?),
+        );
     }
     for (path, report) in [("direct", &direct), ("mesh", &mesh)] {
         curves.insert(format!("sockperf.{RATE}.{path}"), report.points.clone());
