@@ -101,6 +101,9 @@ pub struct Durations {
     pub rr_secs: u32,
     pub warmup_secs: u32,
     pub idle_conns: usize,
+    /// How long after the idle connections closed the memory scenario reads the full mesh's
+    /// agent RSS again (the performance issue's "two minutes after the burst").
+    pub settle_secs: u64,
     /// Policy changes of the policy scenario.
     pub policy_rounds: usize,
 }
@@ -146,6 +149,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rr_secs: 2,
             warmup_secs: 0,
             idle_conns: 1000,
+            settle_secs: 5,
             policy_rounds: 1,
         }
     } else {
@@ -154,6 +158,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rr_secs: 20,
             warmup_secs: 1,
             idle_conns: 10_000,
+            settle_secs: 120,
             policy_rounds: 10,
         }
     };
