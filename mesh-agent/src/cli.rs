@@ -112,8 +112,38 @@ enum PolicyCommand {
     Check(policy::cli::CheckArgs),
 }
 
-/// Runs the command line of this process.
-pub fn main() -> anyhow::Result<()> {
+/// The process's allocator, as the binary chose it (`#[global_allocator]` is the binary's:
+/// src/main.rs), for the start-up log of the agent and the waypoint.
+#[derive(Clone, Debug)]
+pub struct Allocator {
+    /// Which one, with its version.
+    pub name: String,
+    /// The options it runs with, as written (built in, then from the environment).
+    pub options: String,
+    /// Whether freed memory goes back to the system while the process makes no allocation
+    /// (jemalloc's background thread); without it, the RSS of an agent that went idle after a
+    /// burst of connections stays at the burst's high-water mark.
+    pub returns_idle_memory: bool,
+}
+
+impl Allocator {
+    fn log(&self) {
+        if self.returns_idle_memory {
+            tracing::info!(allocator = %self.name, options = %self.options, "allocator");
+        } else {
+            tracing::warn!(
+                allocator = %self.name,
+                options = %self.options,
+                "allocator: freed memory goes back to the system only when the allocator is \
+                 next busy, so the RSS can stay at the high-water mark of a burst (build with \
+                 the default `jemalloc` feature, with background_thread:true)"
+            );
+        }
+    }
+}
+
+/// Runs the command line of this process, whose allocator is `allocator`.
+pub fn main(allocator: Allocator) -> anyhow::Result<()> {
     // Installed as `mesh-agent-cni`, the runtime runs the binary as its CNI plugin.
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if std::path::Path::new(&argv0)
@@ -134,12 +164,18 @@ pub fn main() -> anyhow::Result<()> {
         Command::Node {
             config,
             uninstall: false,
-        } => node::run(&config),
+        } => {
+            allocator.log();
+            node::run(&config)
+        }
         Command::Node {
             config,
             uninstall: true,
         } => node::uninstall(&config),
-        Command::Waypoint { config } => crate::waypoint::runtime::run(&config),
+        Command::Waypoint { config } => {
+            allocator.log();
+            crate::waypoint::runtime::run(&config)
+        }
         Command::Cni { command: None } => cni_plugin(),
         Command::Cni {
             command:

@@ -168,6 +168,7 @@ pub fn ebpf() -> anyhow::Result<()> {
 
 /// `cargo xtask build`: the eBPF object and the release binaries.
 pub fn all() -> anyhow::Result<()> {
+    crate::preflight::ensure("cargo xtask build", &[crate::preflight::BUILD])?;
     ebpf()?;
     run(Command::new("cargo")
         .current_dir(root())
@@ -260,6 +261,7 @@ pub fn lab_bins(profile: Profile, build: bool) -> anyhow::Result<LabBins> {
     }
     if build && !wanted.is_empty() {
         if agent.is_none() {
+            crate::preflight::ensure("building the agent", &[crate::preflight::BUILD])?;
             // mesh-agent embeds the eBPF object.
             ebpf()?;
         }

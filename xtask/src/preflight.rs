@@ -22,6 +22,20 @@ pub struct Tool {
     pub why: &'static str,
 }
 
+/// Building the agent (every command that builds it): the C parts of its dependencies.
+pub const BUILD: &[Tool] = &[
+    Tool {
+        command: "cc",
+        package: "gcc",
+        why: "ring and jemalloc (the agent's allocator) compile C with it, and Rust links with it",
+    },
+    Tool {
+        command: "make",
+        package: "make",
+        why: "jemalloc, the agent's allocator, is built from source with it",
+    },
+];
+
 /// Every lab: `lab up`, `demo`, `bench` and the end-to-end tests.
 pub const LAB: &[Tool] = &[
     Tool {
@@ -252,7 +266,7 @@ mod tests {
 
     #[test]
     fn each_command_is_listed_once() {
-        let all: Vec<&str> = [UNIT, LAB, TEST, MANIFESTS, KUBE_LAB, BENCH]
+        let all: Vec<&str> = [BUILD, UNIT, LAB, TEST, MANIFESTS, KUBE_LAB, BENCH]
             .iter()
             .flat_map(|set| set.iter().map(|t| t.command))
             .collect();

@@ -20,6 +20,7 @@ pub fn run_all() -> anyhow::Result<()> {
         preflight::ensure(
             "cargo xtask test",
             &[
+                preflight::BUILD,
                 preflight::UNIT,
                 preflight::MANIFESTS,
                 preflight::LAB,
@@ -28,7 +29,10 @@ pub fn run_all() -> anyhow::Result<()> {
             ],
         )?;
     } else {
-        preflight::ensure("cargo xtask test", &[preflight::UNIT, preflight::MANIFESTS])?;
+        preflight::ensure(
+            "cargo xtask test",
+            &[preflight::BUILD, preflight::UNIT, preflight::MANIFESTS],
+        )?;
         eprintln!(
             "xtask: not root: the end-to-end tests will skip, so the commands they run are not \
              checked"

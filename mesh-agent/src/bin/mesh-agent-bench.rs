@@ -6,6 +6,11 @@
 use clap::{Parser, Subcommand};
 use mesh_agent::{state, tunnel};
 
+/// The agent's allocator (src/main.rs), so that the state's RSS is the agent's.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mesh-agent-bench",
