@@ -16,15 +16,17 @@ fn main() -> anyhow::Result<()> {
 #[cfg(feature = "jemalloc")]
 fn allocator() -> mesh_agent::cli::Allocator {
     use tikv_jemalloc_ctl::{config, opt, version};
-    let mut options = config::malloc_conf::read().unwrap_or_default().to_owned();
+    // jemalloc's strings come with their terminating NUL.
+    let text =
+        |s: tikv_jemalloc_ctl::Result<&'static str>| s.unwrap_or_default().trim_end_matches('\0');
+    let mut options = text(config::malloc_conf::read()).to_owned();
     if let Ok(env) = std::env::var("_RJEM_MALLOC_CONF") {
         options = format!("{options} then _RJEM_MALLOC_CONF={env}");
     }
+    // "5.3.1-0-g<commit>": the release is enough.
+    let release = text(version::read()).split('-').next().unwrap_or_default();
     mesh_agent::cli::Allocator {
-        name: format!(
-            "jemalloc {}",
-            version::read().unwrap_or("(unknown version)")
-        ),
+        name: format!("jemalloc {release}"),
         options,
         returns_idle_memory: opt::background_thread::read().unwrap_or(false),
     }
