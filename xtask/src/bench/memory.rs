@@ -40,22 +40,23 @@ pub fn after_all(lab: &Lab, out: &mut Vec<Figure>) -> Result<()> {
 
 /// The agent RSS of `node` now, as a figure.
 fn rss(lab: &Lab, node: &str, key: String, name: String) -> Result<Figure> {
-    Ok(Figure {
-        scenario: "memory",
-        key,
-        name,
-        unit: "MiB",
-        value: agent_rss_mib(lab, node)?,
-        direct: None,
-    })
+    Ok(mib(key, name, agent_rss_mib(lab, node)?))
 }
 
 /// The agent RSS of `node` once it has settled, as a figure ([`settled_rss_mib`]).
 fn settled_rss(lab: &Lab, node: &str, key: String, name: String) -> Result<Figure> {
-    Ok(Figure {
-        value: settled_rss_mib(lab, node)?,
-        ..rss(lab, node, key, name)?
-    })
+    Ok(mib(key, name, settled_rss_mib(lab, node)?))
+}
+
+fn mib(key: String, name: String, value: f64) -> Figure {
+    Figure {
+        scenario: "memory",
+        key,
+        name,
+        unit: "MiB",
+        value,
+        direct: None,
+    }
 }
 
 /// The agent RSS of `node` once two readings a second apart are within 1% of each other (at
