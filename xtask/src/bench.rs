@@ -138,6 +138,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !mesh_lab::require_privileged("cargo xtask bench") {
         anyhow::bail!("the benchmarks need root (network namespaces, cgroups, eBPF)");
     }
+    // The release build: about 2 GiB from scratch.
+    preflight::disk_space("cargo xtask bench", 3);
     let bins = build::lab_bins(Profile::Release, !args.no_build)?;
     // Per-connection log lines at info, as in production (the lab's default adds debug).
     if std::env::var_os("MESH_LOG").is_none() {

@@ -160,6 +160,41 @@ pub fn ensure(task: &str, sets: &[&'static [Tool]]) -> Result<()> {
     Ok(())
 }
 
+/// Warns when the filesystem of the build directory has less than `need_gib` GiB free: a build
+/// from scratch would stop half-way with "No space left on device", which names neither the
+/// task nor how much it needs. Only a warning: what is already built needs less.
+pub fn disk_space(task: &str, need_gib: u64) {
+    let dir = crate::build::target_dir();
+    // The build directory may not exist yet: its nearest existing ancestor has its filesystem.
+    let Some(existing) = dir.ancestors().find(|d| d.exists()) else {
+        return;
+    };
+    match free_bytes(existing) {
+        Ok(free) if free < need_gib << 30 => eprintln!(
+            "xtask: warning: {:.1} GiB free for {} (the build directory); {task} from scratch \
+             needs about {need_gib} GiB and would fail with \"No space left on device\": free \
+             some (`cargo clean` removes the build directory)",
+            free as f64 / f64::from(1u32 << 30),
+            dir.display()
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("xtask: warning: free space of {}: {e}", existing.display()),
+    }
+}
+
+/// Bytes an unprivileged user may still write on the filesystem of `path` (statvfs).
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs only writes the struct it is given; an all-zero statvfs is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a pointer to a live, writable statvfs.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// True when xtask runs as root (it can install packages, and the lab can run).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -262,6 +297,12 @@ mod tests {
             why: "test",
         };
         assert!(missing(&[&sh], std::env::var_os("PATH").as_deref()).is_empty());
+    }
+
+    #[test]
+    fn free_space_is_read_and_a_missing_path_is_an_error() {
+        assert!(free_bytes(Path::new("/")).is_ok_and(|free| free > 0));
+        assert!(free_bytes(Path::new("/nonexistent/xtask-test")).is_err());
     }
 
     #[test]

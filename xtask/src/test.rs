@@ -38,6 +38,9 @@ pub fn run_all() -> anyhow::Result<()> {
              checked"
         );
     }
+    // Measured on a fresh clone: about 6 GiB of debug builds (without incremental data, as CI
+    // builds), the eBPF objects and the Kubernetes tools.
+    preflight::disk_space("cargo xtask test", 8);
     build::ebpf()?;
     step("format (rustfmt, nightly for the import options in rustfmt.toml)");
     run(Command::new("cargo")
