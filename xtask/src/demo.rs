@@ -32,6 +32,8 @@ pub fn run() -> anyhow::Result<()> {
     if !mesh_lab::require_privileged("cargo xtask demo") {
         anyhow::bail!("the demo needs root (network namespaces, cgroups, eBPF)");
     }
+    // The release build of the agent and the lab tool: about 2 GiB from scratch.
+    preflight::disk_space("cargo xtask demo", 3);
     build::lab_bins(Profile::Release, true)?;
     println!("\n== bringing up the lab: nodes n1, n2; meshed namespace shop, unmeshed legacy ==");
     let lab = Lab::try_up(LabOptions {
