@@ -90,12 +90,49 @@ fn rustls_io(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Drives `conn` through the handshake over `tcp`. On failure the alert rustls queued (if any)
-/// is sent before the error is returned, so the peer learns why.
+/// Drives `conn` through the handshake over `tcp` and hands the connection over to the record
+/// layer as its traffic secrets and key schedule.
 pub(super) async fn drive<C: Unbuffered>(
-    mut conn: C,
+    conn: C,
     tcp: &mut TcpStream,
 ) -> io::Result<Established<C::Data>> {
+    let Handshaken {
+        conn,
+        buffered,
+        plaintext,
+        peer_closed,
+    } = handshake(conn, tcp).await?;
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let peer_certificates = conn.peer_certificates().map(<[_]>::to_vec);
+    let (secrets, kernel) = conn.into_kernel().map_err(rustls_io)?;
+    Ok(Established {
+        secrets,
+        kernel,
+        alpn,
+        peer_certificates,
+        buffered,
+        plaintext,
+        peer_closed,
+    })
+}
+
+/// A rustls connection whose handshake is done, with what arrived after it.
+pub(super) struct Handshaken<C> {
+    pub(super) conn: C,
+    /// Bytes read past the last record rustls processed: the start of the record stream.
+    pub(super) buffered: Vec<u8>,
+    /// Application data rustls decrypted along with the peer's last handshake records.
+    pub(super) plaintext: Vec<u8>,
+    /// The peer sent close_notify along with its last handshake records.
+    pub(super) peer_closed: bool,
+}
+
+/// Drives `conn` through the handshake over `tcp`. On failure the alert rustls queued (if any)
+/// is sent before the error is returned, so the peer learns why.
+pub(super) async fn handshake<C: Unbuffered>(
+    mut conn: C,
+    tcp: &mut TcpStream,
+) -> io::Result<Handshaken<C>> {
     // No buffer before the peer sends something: a connection that never does (thousands of
     // idle connects) costs no more than its socket.
     let mut incoming: Vec<u8> = Vec::new();
@@ -163,14 +200,8 @@ pub(super) async fn drive<C: Unbuffered>(
             }
         }
     }
-    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-    let peer_certificates = conn.peer_certificates().map(<[_]>::to_vec);
-    let (secrets, kernel) = conn.into_kernel().map_err(rustls_io)?;
-    Ok(Established {
-        secrets,
-        kernel,
-        alpn,
-        peer_certificates,
+    Ok(Handshaken {
+        conn,
         buffered: incoming,
         plaintext,
         peer_closed,
