@@ -14,6 +14,8 @@ mod conn;
 pub(crate) mod fuzzing;
 mod handshake;
 mod read;
+#[cfg(feature = "rustls-records")]
+mod rustls_traffic;
 #[cfg(test)]
 mod testing;
 mod write;
@@ -29,7 +31,10 @@ use rustls::{
 };
 use tokio::net::TcpStream;
 
+#[cfg(not(feature = "rustls-records"))]
 pub use self::conn::TlsStream;
+#[cfg(feature = "rustls-records")]
+pub use self::rustls_traffic::TlsStream;
 
 /// Record header: content type, legacy version, length.
 const HEADER_LEN: usize = 5;
@@ -184,8 +189,16 @@ pub async fn connect(
 ) -> io::Result<TlsStream> {
     let conn = UnbufferedClientConnection::new(config, name)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let established = handshake::drive(conn, &mut tcp).await?;
-    TlsStream::new(tcp, established, Kernel::Client).map_err(io::Error::from)
+    #[cfg(feature = "rustls-records")]
+    {
+        let handshaken = handshake::handshake(conn, &mut tcp).await?;
+        Ok(TlsStream::client(tcp, handshaken))
+    }
+    #[cfg(not(feature = "rustls-records"))]
+    {
+        let established = handshake::drive(conn, &mut tcp).await?;
+        TlsStream::new(tcp, established, Kernel::Client).map_err(io::Error::from)
+    }
 }
 
 /// Handshakes as a server over `tcp`, verifying the client as `config` says.
@@ -195,8 +208,16 @@ pub async fn accept(
 ) -> io::Result<TlsStream> {
     let conn = UnbufferedServerConnection::new(config)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let established = handshake::drive(conn, &mut tcp).await?;
-    TlsStream::new(tcp, established, Kernel::Server).map_err(io::Error::from)
+    #[cfg(feature = "rustls-records")]
+    {
+        let handshaken = handshake::handshake(conn, &mut tcp).await?;
+        Ok(TlsStream::server(tcp, handshaken))
+    }
+    #[cfg(not(feature = "rustls-records"))]
+    {
+        let established = handshake::drive(conn, &mut tcp).await?;
+        TlsStream::new(tcp, established, Kernel::Server).map_err(io::Error::from)
+    }
 }
 
 /// What rustls keeps after the handshake: the key schedule, for key updates.
@@ -239,5 +260,6 @@ impl Kernel {
     }
 }
 
-#[cfg(test)]
+// Our record layer's own tests (its internals); the tunnel's tests run on either path.
+#[cfg(all(test, not(feature = "rustls-records")))]
 mod tests;

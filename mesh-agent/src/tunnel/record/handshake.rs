@@ -30,6 +30,8 @@ pub(super) trait Unbuffered: Send {
     fn is_handshaking(&self) -> bool;
     fn alpn_protocol(&self) -> Option<&[u8]>;
     fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]>;
+    #[cfg_attr(not(feature = "rustls-records"), allow(dead_code))]
+    fn suite(&self) -> Option<rustls::SupportedCipherSuite>;
     fn into_kernel(self)
         -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
 }
@@ -56,6 +58,10 @@ macro_rules! unbuffered {
 
             fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
                 (**self).peer_certificates()
+            }
+
+            fn suite(&self) -> Option<rustls::SupportedCipherSuite> {
+                (**self).negotiated_cipher_suite()
             }
 
             fn into_kernel(
