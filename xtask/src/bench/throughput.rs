@@ -138,5 +138,29 @@ pub fn crypto(bench: &Path, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
             direct: None,
         });
     }
+    // The record path, ours against rustls's unbuffered API (docs/performance.md, "The record
+    // layer against rustls").
+    let v = measure::agent_json(bench, &["records", "--millis", millis])?;
+    for (path, who) in [
+        ("ours", "our record layer"),
+        ("rustls", "rustls's unbuffered API"),
+    ] {
+        out.push(Figure {
+            scenario: "throughput",
+            key: format!("throughput.tls.path.{path}.cpu_s_per_gib"),
+            name: format!("TLS record path in memory, {who}: 16 KiB records, CPU per GiB"),
+            unit: "CPU s",
+            value: measure::num(&v, &format!("{path}_path_cpu_s_per_gib"))?,
+            direct: None,
+        });
+        out.push(Figure {
+            scenario: "throughput",
+            key: format!("throughput.tls.path.{path}.ns_per_1k_record"),
+            name: format!("TLS record path in memory, {who}: one 1 KiB record"),
+            unit: "ns",
+            value: measure::num(&v, &format!("{path}_path_ns_per_1k_record"))?,
+            direct: None,
+        });
+    }
     Ok(())
 }
