@@ -93,6 +93,29 @@ pub fn run_all() -> anyhow::Result<()> {
             "--test-threads=2",
         ])
         .env("MESH_EBPF_OBJECT", "/nonexistent/mesh-ebpf"))?;
+    step("the tunnel with rustls's record path (feature rustls-records, the other side of an A/B)");
+    // Built for measurements only (docs/performance.md, "The record layer against rustls"),
+    // so it is linted and its HBONE tests run here, where it would otherwise rot unseen.
+    let rustls_records = [
+        "-p",
+        "mesh-agent",
+        "--lib",
+        "--no-default-features",
+        "--features",
+        "rustls-records",
+    ];
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .arg("clippy")
+        .args(rustls_records)
+        .args(["--tests", "--", "-D", "warnings"])
+        .env("MESH_EBPF_OBJECT", "/nonexistent/mesh-ebpf"))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .arg("test")
+        .args(rustls_records)
+        .args(["--", "--test-threads=2", "tunnel::"])
+        .env("MESH_EBPF_OBJECT", "/nonexistent/mesh-ebpf"))?;
     step("Kubernetes manifests (deploy/: rendered and validated)");
     manifests::run_all()?;
     step("build (debug binaries the lab runs)");
