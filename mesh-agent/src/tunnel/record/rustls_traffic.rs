@@ -21,7 +21,7 @@ use rustls::{
     client::UnbufferedClientConnection,
     pki_types::CertificateDer,
     server::UnbufferedServerConnection,
-    unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus},
+    unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic},
     SupportedCipherSuite,
 };
 use tokio::{
@@ -375,46 +375,74 @@ impl<C: Unbuffered> Traffic<C> {
         Poll::Ready(Ok(n))
     }
 
-    /// Seals `data` into `outgoing` (processing first what rustls must send before it).
+    /// Seals `data` into `outgoing`.
     fn seal(&mut self, data: &[u8]) -> io::Result<()> {
         let records = data.len().div_ceil(MAX_PLAINTEXT).max(1);
         let need = data.len() + records * (HEADER_LEN + MAX_CIPHERTEXT - MAX_PLAINTEXT);
+        let sealed = self.when_writable(|traffic, outgoing| {
+            let used = outgoing.len();
+            outgoing.resize(used + need, 0);
+            let n = match traffic.encrypt(data, &mut outgoing[used..]) {
+                Ok(n) => n,
+                Err(EncryptError::InsufficientSize(e)) => {
+                    outgoing.resize(used + e.required_size, 0);
+                    traffic
+                        .encrypt(data, &mut outgoing[used..])
+                        .map_err(|e| io::Error::other(format!("TLS: {e}")))?
+                }
+                Err(e) => return Err(io::Error::other(format!("TLS: {e}"))),
+            };
+            outgoing.truncate(used + n);
+            Ok(())
+        })?;
+        sealed.ok_or_else(|| Error::WriteAfterClose.into())
+    }
+
+    /// Processes what rustls must do before sending (a KeyUpdate answer to encode), then runs
+    /// `write` with the connection's permission to send and `outgoing`; `None` once the
+    /// connection is closed both ways.
+    fn when_writable<R>(
+        &mut self,
+        mut write: impl FnMut(&mut WriteTraffic<'_, C::Data>, &mut Vec<u8>) -> io::Result<R>,
+    ) -> io::Result<Option<R>> {
         loop {
-            let UnbufferedStatus { discard, state } =
+            let UnbufferedStatus { mut discard, state } =
                 self.conn.process(&mut self.incoming[self.start..]);
-            self.start += discard;
-            match state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+            let written = match state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    let used = self.outgoing.len();
-                    self.outgoing.resize(used + need, 0);
-                    let n = match traffic.encrypt(data, &mut self.outgoing[used..]) {
-                        Ok(n) => n,
-                        Err(EncryptError::InsufficientSize(e)) => {
-                            self.outgoing.resize(used + e.required_size, 0);
-                            traffic
-                                .encrypt(data, &mut self.outgoing[used..])
-                                .map_err(|e| io::Error::other(format!("TLS: {e}")))?
-                        }
-                        Err(e) => return Err(io::Error::other(format!("TLS: {e}"))),
-                    };
-                    self.outgoing.truncate(used + n);
-                    return Ok(());
+                    Some(write(&mut traffic, &mut self.outgoing)?)
                 }
                 ConnectionState::EncodeTlsData(mut tls) => {
                     encode(&mut |out| tls.encode(out), &mut self.outgoing)?;
+                    None
                 }
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    None
+                }
                 ConnectionState::ReadTraffic(mut traffic) => {
                     // Every complete record was processed by the last read; kept for the
                     // next one all the same.
                     while let Some(record) = traffic.next_record() {
                         let record =
                             record.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        discard += record.discard;
                         self.plaintext.extend_from_slice(record.payload);
                     }
+                    None
                 }
-                ConnectionState::PeerClosed => self.peer_closed = true,
-                _ => return Err(Error::WriteAfterClose.into()),
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                    None
+                }
+                _ => {
+                    self.start += discard;
+                    return Ok(None);
+                }
+            };
+            self.start += discard;
+            if written.is_some() {
+                return Ok(written);
             }
         }
     }
@@ -433,36 +461,16 @@ impl<C: Unbuffered> Traffic<C> {
         }
         if !self.closed {
             self.closed = true;
-            loop {
-                let UnbufferedStatus { discard, state } =
-                    self.conn.process(&mut self.incoming[self.start..]);
-                self.start += discard;
-                match state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
-                    ConnectionState::WriteTraffic(mut traffic) => {
-                        let used = self.outgoing.len();
-                        self.outgoing.resize(used + HEADER_LEN + 64, 0);
-                        let n = traffic
-                            .queue_close_notify(&mut self.outgoing[used..])
-                            .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
-                        self.outgoing.truncate(used + n);
-                        break;
-                    }
-                    ConnectionState::EncodeTlsData(mut data) => {
-                        encode(&mut |out| data.encode(out), &mut self.outgoing)?;
-                    }
-                    ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                    ConnectionState::ReadTraffic(mut traffic) => {
-                        while let Some(record) = traffic.next_record() {
-                            let record = record
-                                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                            self.plaintext.extend_from_slice(record.payload);
-                        }
-                    }
-                    ConnectionState::PeerClosed => self.peer_closed = true,
-                    // Both sides closed already.
-                    _ => break,
-                }
-            }
+            // Nothing to send when both sides have closed already.
+            self.when_writable(|traffic, outgoing| {
+                let used = outgoing.len();
+                outgoing.resize(used + HEADER_LEN + 64, 0);
+                let n = traffic
+                    .queue_close_notify(&mut outgoing[used..])
+                    .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+                outgoing.truncate(used + n);
+                Ok(())
+            })?;
         }
         ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.tcp).poll_shutdown(cx)
