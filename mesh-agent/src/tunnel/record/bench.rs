@@ -334,23 +334,12 @@ fn step<C: super::handshake::Unbuffered>(
     incoming: &mut Vec<u8>,
     outgoing: &mut Vec<u8>,
 ) -> PathResult<bool> {
-    use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+    use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
     loop {
         let UnbufferedStatus { discard, state } = conn.process(incoming);
         let done = match state.map_err(|e| e.to_string())? {
             ConnectionState::EncodeTlsData(mut data) => {
-                let used = outgoing.len();
-                outgoing.resize(used + (16 << 10), 0);
-                let n = match data.encode(&mut outgoing[used..]) {
-                    Ok(n) => n,
-                    Err(EncodeError::InsufficientSize(e)) => {
-                        outgoing.resize(used + e.required_size, 0);
-                        data.encode(&mut outgoing[used..])
-                            .map_err(|e| e.to_string())?
-                    }
-                    Err(e) => return Err(e.to_string()),
-                };
-                outgoing.truncate(used + n);
+                super::handshake::encode(&mut data, outgoing).map_err(|e| e.to_string())?;
                 None
             }
             ConnectionState::TransmitTlsData(transmit) => {

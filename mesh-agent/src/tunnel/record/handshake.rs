@@ -92,7 +92,7 @@ pub(super) struct Established<Data> {
 
 /// A rustls error as tokio-rustls reports it: the `rustls::Error` inside an `InvalidData`
 /// `io::Error`, so callers can tell which check failed.
-fn rustls_io(e: rustls::Error) -> io::Error {
+pub(super) fn rustls_io(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
@@ -254,8 +254,11 @@ fn first_record_end(buf: &[u8]) -> usize {
     }
 }
 
-/// Encodes the handshake record rustls has ready at the end of `out`.
-fn encode<Data>(data: &mut EncodeTlsData<'_, Data>, out: &mut Vec<u8>) -> io::Result<()> {
+/// Encodes the handshake (or alert) record rustls has ready at the end of `out`.
+pub(super) fn encode<Data>(
+    data: &mut EncodeTlsData<'_, Data>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     let used = out.len();
     out.resize(used + READ_MIN, 0);
     let n = match data.encode(&mut out[used..]) {

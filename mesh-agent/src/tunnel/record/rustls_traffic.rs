@@ -21,7 +21,7 @@ use rustls::{
     client::UnbufferedClientConnection,
     pki_types::CertificateDer,
     server::UnbufferedServerConnection,
-    unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic},
+    unbuffered::{ConnectionState, EncryptError, ReadTraffic, UnbufferedStatus, WriteTraffic},
     SupportedCipherSuite,
 };
 use tokio::{
@@ -30,7 +30,7 @@ use tokio::{
 };
 
 use super::{
-    handshake::{Handshaken, Unbuffered},
+    handshake::{encode, rustls_io, Handshaken, Unbuffered},
     read::READ_MIN,
     Error, HEADER_LEN, MAX_CIPHERTEXT, MAX_PLAINTEXT,
 };
@@ -167,25 +167,16 @@ impl<C: Unbuffered> Traffic<C> {
                 Err(e) => {
                     self.start += discard;
                     self.encode_pending();
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                    return Err(rustls_io(e));
                 }
             };
             let done = match state {
                 ConnectionState::ReadTraffic(mut traffic) => {
-                    while let Some(record) = traffic.next_record() {
-                        let record =
-                            record.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                        discard += record.discard;
-                        if self.read == self.plaintext.len() {
-                            self.plaintext.clear();
-                            self.read = 0;
-                        }
-                        self.plaintext.extend_from_slice(record.payload);
-                    }
+                    discard += take_plaintext(&mut traffic, &mut self.plaintext, &mut self.read)?;
                     None
                 }
                 ConnectionState::EncodeTlsData(mut data) => {
-                    encode(&mut |out| data.encode(out), &mut self.outgoing)?;
+                    encode(&mut data, &mut self.outgoing)?;
                     None
                 }
                 ConnectionState::TransmitTlsData(transmit) => {
@@ -222,7 +213,7 @@ impl<C: Unbuffered> Traffic<C> {
             self.start += discard;
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                    if encode(&mut |out| data.encode(out), &mut self.outgoing).is_err() {
+                    if encode(&mut data, &mut self.outgoing).is_err() {
                         return;
                     }
                 }
@@ -408,12 +399,12 @@ impl<C: Unbuffered> Traffic<C> {
         loop {
             let UnbufferedStatus { mut discard, state } =
                 self.conn.process(&mut self.incoming[self.start..]);
-            let written = match state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+            let written = match state.map_err(rustls_io)? {
                 ConnectionState::WriteTraffic(mut traffic) => {
                     Some(write(&mut traffic, &mut self.outgoing)?)
                 }
                 ConnectionState::EncodeTlsData(mut tls) => {
-                    encode(&mut |out| tls.encode(out), &mut self.outgoing)?;
+                    encode(&mut tls, &mut self.outgoing)?;
                     None
                 }
                 ConnectionState::TransmitTlsData(transmit) => {
@@ -423,12 +414,7 @@ impl<C: Unbuffered> Traffic<C> {
                 ConnectionState::ReadTraffic(mut traffic) => {
                     // Every complete record was processed by the last read; kept for the
                     // next one all the same.
-                    while let Some(record) = traffic.next_record() {
-                        let record =
-                            record.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                        discard += record.discard;
-                        self.plaintext.extend_from_slice(record.payload);
-                    }
+                    discard += take_plaintext(&mut traffic, &mut self.plaintext, &mut self.read)?;
                     None
                 }
                 ConnectionState::PeerClosed => {
@@ -477,23 +463,24 @@ impl<C: Unbuffered> Traffic<C> {
     }
 }
 
-/// Encodes a handshake or alert record at the end of `out`.
-fn encode(
-    data: &mut dyn FnMut(&mut [u8]) -> Result<usize, EncodeError>,
-    out: &mut Vec<u8>,
-) -> io::Result<()> {
-    let used = out.len();
-    out.resize(used + READ_MIN, 0);
-    let n = match data(&mut out[used..]) {
-        Ok(n) => n,
-        Err(EncodeError::InsufficientSize(e)) => {
-            out.resize(used + e.required_size, 0);
-            data(&mut out[used..]).map_err(|e| io::Error::other(format!("TLS: {e}")))?
+/// Moves the records rustls opened to the unread end of `plaintext` (`plaintext[read..]`
+/// unread); returns the bytes of input rustls asks to discard beyond its status's.
+fn take_plaintext<D>(
+    traffic: &mut ReadTraffic<'_, '_, D>,
+    plaintext: &mut Vec<u8>,
+    read: &mut usize,
+) -> io::Result<usize> {
+    let mut discard = 0;
+    while let Some(record) = traffic.next_record() {
+        let record = record.map_err(rustls_io)?;
+        discard += record.discard;
+        if *read == plaintext.len() {
+            plaintext.clear();
+            *read = 0;
         }
-        Err(e) => return Err(io::Error::other(format!("TLS: {e}"))),
-    };
-    out.truncate(used + n);
-    Ok(())
+        plaintext.extend_from_slice(record.payload);
+    }
+    Ok(discard)
 }
 
 impl AsyncRead for TlsStream {
