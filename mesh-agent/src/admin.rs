@@ -185,10 +185,18 @@ pub fn serve_with(
     Ok(endpoint)
 }
 
+/// What `/metrics` is: prometheus-client encodes OpenMetrics text. Prometheus 3 refuses a
+/// scrape without a content type it knows.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 fn handle<B>(req: &Request<B>, metrics: &Metrics, readiness: &Readiness) -> Response<Full<Bytes>> {
+    let mut content_type = "text/plain; charset=utf-8";
     let (status, body) = match req.uri().path() {
         "/metrics" => match metrics.encode() {
-            Ok(text) => (StatusCode::OK, text),
+            Ok(text) => {
+                content_type = METRICS_CONTENT_TYPE;
+                (StatusCode::OK, text)
+            }
             Err(e) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("encoding metrics failed: {e}\n"),
@@ -208,6 +216,10 @@ fn handle<B>(req: &Request<B>, metrics: &Metrics, readiness: &Readiness) -> Resp
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     resp
 }
 
@@ -247,6 +259,25 @@ mod tests {
             Err(e) => panic!("read: {e}"),
         }
         all
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_as_openmetrics_text() {
+        let (addr, _serving) = endpoint(Limits::default()).await;
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = String::from_utf8(until_closed(&mut conn).await).expect("utf-8");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains(&format!(
+                "content-type: {}\r\n",
+                METRICS_CONTENT_TYPE.to_ascii_lowercase()
+            )),
+            "{answer}"
+        );
+        assert!(answer.ends_with("# EOF\n"), "{answer}");
     }
 
     #[tokio::test]
