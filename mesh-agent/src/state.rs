@@ -95,6 +95,11 @@ impl Workload {
     }
 }
 
+/// A service's host name, as Kubernetes' DNS and Istio's metrics (`destination_service`) name it.
+pub fn service_host(namespace: &str, name: &str) -> String {
+    format!("{name}.{namespace}.svc.cluster.local")
+}
+
 /// A service: virtual addresses whose ports lead to the workloads its selector picks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {

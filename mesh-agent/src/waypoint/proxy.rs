@@ -637,7 +637,7 @@ pub(super) fn endpoints_of(snap: &Snapshot, service: &str, port: u16) -> Option<
 /// `name.namespace.svc.cluster.local` of `namespace/name`.
 pub(super) fn service_host(service: &str) -> String {
     match service.split_once('/') {
-        Some((ns, name)) => format!("{name}.{ns}.svc.cluster.local"),
+        Some((ns, name)) => crate::state::service_host(ns, name),
         None => service.to_owned(),
     }
 }
