@@ -216,6 +216,8 @@ pub struct Metrics {
     pub policy_rejected: Family<RejectedLabels, Counter>,
     /// Invalid policies in the current state source.
     pub policies_invalid: Gauge,
+    /// Istio's `istio_tcp_*` families (node agent only).
+    pub istio: crate::proxy::telemetry::IstioTcp,
 }
 
 impl Default for Metrics {
@@ -258,6 +260,7 @@ impl Metrics {
             revoked: Family::default(),
             policy_rejected: Family::default(),
             policies_invalid: Gauge::default(),
+            istio: Default::default(),
             registry: Mutex::new(Registry::default()),
         };
         let allowed_without_policy = m
@@ -272,6 +275,9 @@ impl Metrics {
             allowed_without_policy,
             ..m
         };
+        if node {
+            m.istio.register(&mut registry);
+        }
         if node {
             registry.register(
                 "mesh_tcp_connections_opened",

@@ -241,6 +241,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         hbone: tokio_util::task::TaskTracker::new(),
         drain,
     });
+    tokio::spawn(proxy::telemetry::prune(store.clone(), metrics.clone()));
     let received = takeover
         .as_mut()
         .map(|t| std::mem::take(&mut t.pods))

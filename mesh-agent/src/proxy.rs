@@ -13,6 +13,7 @@ pub mod limits;
 mod outbound;
 pub mod route;
 pub mod sampled;
+pub mod telemetry;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -242,7 +243,11 @@ pub enum Error {
     #[error("tunnelled stream: {0}")]
     Stream(std::io::Error),
     #[error("same-node delivery to {pod} failed (its inbound log line says why)")]
-    LocalDelivery { pod: String },
+    LocalDelivery {
+        pod: String,
+        /// Istio's flags of the destination's side (`DENY` when its policy refused it).
+        flags: telemetry::Flags,
+    },
     #[error(
         "denied by policy {} rule {} ({})",
         .0.policy_str(),
@@ -269,6 +274,23 @@ impl Error {
                 if *status == http::StatusCode::FORBIDDEN
                     || *status == http::StatusCode::UNAUTHORIZED
         )
+    }
+
+    /// Istio's `response_flags` for a connection that ended with this error.
+    pub fn flags(&self) -> telemetry::Flags {
+        match self {
+            Error::Denied(_) | Error::Revoked(_) => telemetry::Flags::Deny,
+            e if e.denied_by_destination() => telemetry::Flags::Deny,
+            Error::Connect { .. }
+            | Error::NoLocalPort { .. }
+            | Error::ConnectTimeout { .. }
+            | Error::ConnectsInFlight { .. }
+            | Error::Socket(_)
+            | Error::Hbone(_)
+            | Error::Identity(_) => telemetry::Flags::Connect,
+            Error::LocalDelivery { flags, .. } => *flags,
+            _ => telemetry::Flags::None,
+        }
     }
 
     /// A fixed string for the failure metric.
@@ -462,8 +484,10 @@ async fn serve_outbound(
         peer_identity = Empty,
         hbone_conn = Empty
     );
-    let work = std::pin::pin!(outbound::proxy(stream, peer, &pod, &inputs));
-    account(Direction::Outbound, &pod, &inputs, work)
+    let report = telemetry::Report::default();
+    let work = std::pin::pin!(outbound::proxy(stream, peer, &pod, &inputs, &report));
+    // Logged and counted by `account`.
+    let _ = account(Direction::Outbound, &pod, &inputs, &report, work)
         .instrument(span)
         .await;
 }
@@ -487,14 +511,17 @@ async fn serve_inbound(
         rule = Empty,
         audit = Empty
     );
-    let work = std::pin::pin!(inbound::proxy(stream, peer, &pod, &inputs));
-    account(Direction::Inbound, &pod, &inputs, work)
+    let report = telemetry::Report::default();
+    let work = std::pin::pin!(inbound::proxy(stream, peer, &pod, &inputs, &report));
+    // Logged and counted by `account`.
+    let _ = account(Direction::Inbound, &pod, &inputs, &report, work)
         .instrument(span)
         .await;
 }
 
 /// Counts and logs one proxied connection (or HBONE stream) around its work.
-/// Returns the byte counts, or `None` when the connection failed (already logged and counted).
+/// Returns the byte counts, or Istio's flags of the failure when the connection failed (already
+/// logged and counted).
 ///
 /// `work` comes pinned in the caller's future: a future passed by value to an async fn is
 /// stored twice (as the argument and as the value awaited), and an idle connection would keep
@@ -503,18 +530,30 @@ async fn account(
     direction: Direction,
     pod: &Pod,
     inputs: &Inputs,
+    report: &telemetry::Report,
     work: std::pin::Pin<&mut impl std::future::Future<Output = Result<(u64, u64), Error>>>,
-) -> Option<(u64, u64)> {
+) -> Result<(u64, u64), telemetry::Flags> {
     let counters = pod.counters(direction);
     counters.opened.inc();
     let start = std::time::Instant::now();
-    let result = match work.await {
+    let result = work.await;
+    // Istio's bytes are by request (client to server) and response; the pod's by its side.
+    let (request, response) = match (direction, &result) {
+        (_, Err(_)) => (0, 0),
+        (Direction::Outbound, Ok((sent, received))) => (*sent, *received),
+        (Direction::Inbound, Ok((sent, received))) => (*received, *sent),
+    };
+    let flags = result
+        .as_ref()
+        .map_or_else(Error::flags, |_| telemetry::Flags::None);
+    report.close(&inputs.metrics.istio, flags, request, response);
+    let result = match result {
         Ok((sent, received)) => {
             counters.sent.inc_by(sent);
             counters.received.inc_by(received);
             let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
             tracing::info!(sent, received, duration_ms, "connection closed");
-            Some((sent, received))
+            Ok((sent, received))
         }
         Err(e) => {
             pod.count_failure(&inputs.metrics, direction, &e);
@@ -545,7 +584,7 @@ async fn account(
                 }
                 _ => tracing::warn!(error = %e, "connection failed"),
             }
-            None
+            Err(flags)
         }
     };
     counters.closed.inc();

@@ -49,7 +49,7 @@ pub use self::{
         },
         CniRun, Lab, LabOptions, Node, Pod, Upgrade, WaypointProcess, METRICS_PORT, READINESS_PORT,
     },
-    metrics::{exposed_value, metric_value},
+    metrics::{exposed_value, metric_value, parse_exposition, Exposition, ParsedSample},
     running::Running,
     tally::{Tally, TALLY_DIR_ENV},
 };

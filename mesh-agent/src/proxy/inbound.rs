@@ -1,16 +1,21 @@
 //! Inbound plaintext: a connection to the pod's address that sk_lookup steered to the pod's
 //! inbound listener. The accepted socket's local address is the original destination.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
     authz::{self, Peer},
-    connect_for, connect_in_pod, copy, reset, Error, Inputs, Pod,
+    connect_for, connect_in_pod, copy, reset,
+    telemetry::{Party, Report, Reporter, Security, TcpLabels},
+    Error, Inputs, Pod,
 };
-use crate::tunnel;
+use crate::{identity::SpiffeId, state::Workload, tunnel};
 
 /// A plaintext connection from `peer`: authorized on its address alone (it has no identity),
 /// reset when denied.
@@ -19,6 +24,7 @@ pub async fn proxy(
     peer: SocketAddr,
     pod: &Pod,
     inputs: &Inputs,
+    report: &Report,
 ) -> Result<(u64, u64), Error> {
     let Ok(dst) = stream.local_addr() else {
         reset(stream);
@@ -37,24 +43,64 @@ pub async fn proxy(
         identity: None,
         src: peer.ip().to_canonical(),
     };
-    deliver(stream, peer, pod, dst, inputs).await
+    deliver(stream, peer, pod, dst, inputs, (report, None)).await
+}
+
+/// What the state says is at `ip`, when that agrees with the identity `ip` proved (if any): a
+/// workload of another namespace or service account is not named as the source.
+fn source_workload(
+    inputs: &Inputs,
+    ip: IpAddr,
+    identity: Option<&SpiffeId>,
+) -> Option<Arc<Workload>> {
+    let w = inputs.store.load().workloads_by_ip.get(&ip)?.clone();
+    match identity {
+        Some(id) if w.namespace != id.namespace || w.service_account != id.service_account => None,
+        _ => Some(w),
+    }
+}
+
+/// What Istio's metrics say about a connection from `peer` to this pod.
+fn labels(inputs: &Inputs, pod: &Pod, peer: &Peer) -> TcpLabels {
+    let identity = peer.identity.as_deref();
+    let source = source_workload(inputs, peer.src, identity);
+    let state = pod.state();
+    TcpLabels::new(
+        Reporter::Destination,
+        &Party {
+            workload: source.as_deref(),
+            principal: identity,
+        },
+        &Party {
+            workload: Some(&state.workload),
+            principal: Some(&state.identity),
+        },
+        None,
+        if identity.is_some() {
+            Security::MutualTls
+        } else {
+            Security::None
+        },
+    )
 }
 
 /// Decides `client`'s connection from `peer` (reset when denied), then connects it to the
 /// application at `dst` from inside the pod and copies both ways while the grant holds; never
 /// to an agent port (a loop). For inbound the pod's side is the application: bytes it sends are
-/// "sent".
+/// "sent". `reports`: this connection's, and the source pod's when it is one of this agent's.
 async fn deliver(
     client: TcpStream,
     peer: Peer,
     pod: &Pod,
     dst: SocketAddr,
     inputs: &Inputs,
+    reports: (&Report, Option<&Report>),
 ) -> Result<(u64, u64), Error> {
     if mesh_common::ports::RESERVED.contains(&dst.port()) {
         reset(client);
         return Err(Error::Loop { addr: dst });
     }
+    reports.0.know(labels(inputs, pod, &peer));
     // The application sees the client's address (`delivery.preserve_client_address`).
     let from = peer.src;
     let grant = match authz::authorize(pod, inputs, peer, dst) {
@@ -65,6 +111,9 @@ async fn deliver(
         }
     };
     let (client, app) = connect_for(client, pod, &inputs.home, dst, Some(from)).await?;
+    for report in [Some(reports.0), reports.1].into_iter().flatten() {
+        report.established(&inputs.metrics.istio);
+    }
     debug!("connection delivered");
     let copy = Box::pin(copy::bidirectional(app, client));
     authz::enforce(pod, inputs, grant, copy).await
@@ -83,6 +132,7 @@ pub async fn deliver_local(
     dst: &Pod,
     target: SocketAddr,
     inputs: &Inputs,
+    source_report: &Report,
 ) -> Result<(u64, u64), Error> {
     use tracing::Instrument as _;
     let source = src.state();
@@ -108,15 +158,24 @@ pub async fn deliver_local(
         identity: Some(std::sync::Arc::new(source.identity.clone())),
         src,
     };
-    let work = std::pin::pin!(deliver(client, peer, dst, target, inputs));
-    match super::account(super::Direction::Inbound, dst, inputs, work)
+    let report = Report::default();
+    let work = std::pin::pin!(deliver(
+        client,
+        peer,
+        dst,
+        target,
+        inputs,
+        (&report, Some(source_report))
+    ));
+    match super::account(super::Direction::Inbound, dst, inputs, &report, work)
         .instrument(span)
         .await
     {
         // The destination's "sent" is what the source received.
-        Some((app_sent, app_received)) => Ok((app_received, app_sent)),
-        None => Err(Error::LocalDelivery {
+        Ok((app_sent, app_received)) => Ok((app_received, app_sent)),
+        Err(flags) => Err(Error::LocalDelivery {
             pod: dst.key.clone(),
+            flags,
         }),
     }
 }
@@ -159,8 +218,11 @@ pub fn serve_hbone(
                 );
                 async move {
                     let _token = token;
-                    let work = std::pin::pin!(hbone_stream(req, &pod, &inputs));
-                    super::account(super::Direction::Inbound, &pod, &inputs, work).await;
+                    let report = Report::default();
+                    let work = std::pin::pin!(hbone_stream(req, &pod, &inputs, &report));
+                    // Logged and counted by `account`.
+                    let _ = super::account(super::Direction::Inbound, &pod, &inputs, &report, work)
+                        .await;
                 }
                 .instrument(span)
             }
@@ -264,6 +326,7 @@ async fn hbone_stream(
     mut req: tunnel::server::Request,
     pod: &Pod,
     inputs: &Inputs,
+    report: &Report,
 ) -> Result<(u64, u64), Error> {
     use http::StatusCode;
     let bad = |req: tunnel::server::Request, why: String| {
@@ -308,6 +371,7 @@ async fn hbone_stream(
         identity: Some(req.peer.clone()),
         src: from,
     };
+    report.know(labels(inputs, pod, &peer));
     let grant = match authz::authorize(pod, inputs, peer, dst) {
         Ok(grant) => grant,
         Err(denied) => {
@@ -338,6 +402,7 @@ async fn hbone_stream(
     let (send, recv) = req
         .accept()
         .map_err(|e| Error::Stream(std::io::Error::other(e)))?;
+    report.established(&inputs.metrics.istio);
     debug!("connection delivered");
     // Boxed (as the connect above): an idle connection keeps only what it still awaits.
     let copy = Box::pin(tunnel::stream::copy(app, send, recv));

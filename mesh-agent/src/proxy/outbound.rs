@@ -9,6 +9,7 @@ use tracing::debug;
 use super::{
     connect_for, copy, pod_socket, reset,
     route::{self, Route, Via},
+    telemetry::{Party, Report, Reporter, Security, TcpLabels},
     Error, Inputs, Pod,
 };
 use crate::{
@@ -22,6 +23,7 @@ pub async fn proxy(
     client: SocketAddr,
     pod: &Pod,
     inputs: &Inputs,
+    report: &Report,
 ) -> Result<(u64, u64), Error> {
     let orig = original_destination(client, pod, inputs)?;
     tracing::Span::current().record("orig_dst", tracing::field::display(orig));
@@ -81,6 +83,39 @@ pub async fn proxy(
     span.record("transport", transport);
     pod.routes
         .inc(&inputs.metrics, decision.via.label(), transport);
+    // The identity the destination must prove (or, on this node, has).
+    let expected = match (&local, &peer) {
+        (Some(dst), _) => Some(dst.state().identity.clone()),
+        (None, Some(peer)) => Some(SpiffeId::new(
+            inputs.certs.trust_domain(),
+            &peer.namespace,
+            &peer.service_account,
+        )?),
+        (None, None) => None,
+    };
+    {
+        let state = pod.state();
+        let service = match &decision.via {
+            Via::Service(service) => Some(service.as_str()),
+            Via::Direct => None,
+        };
+        report.know(TcpLabels::new(
+            Reporter::Source,
+            &Party {
+                workload: Some(&state.workload),
+                principal: Some(&state.identity),
+            },
+            &Party {
+                workload: peer.as_deref(),
+                principal: expected.as_ref(),
+            },
+            service,
+            match transport {
+                "plaintext" => Security::None,
+                _ => Security::MutualTls,
+            },
+        ));
+    }
     if let Some(dst) = local {
         span.record(
             "peer_identity",
@@ -88,17 +123,12 @@ pub async fn proxy(
         );
         debug!("connection proxied");
         return Box::pin(super::inbound::deliver_local(
-            stream, pod, &dst, target, inputs,
+            stream, pod, &dst, target, inputs, report,
         ))
         .await;
     }
-    match peer {
-        Some(peer) => {
-            let expected = SpiffeId::new(
-                inputs.certs.trust_domain(),
-                &peer.namespace,
-                &peer.service_account,
-            )?;
+    match (peer, expected) {
+        (Some(peer), Some(expected)) => {
             span.record("peer_identity", tracing::field::display(&expected));
             // What the client has already sent travels with the CONNECT request. Never waited
             // for: a server-speaks-first protocol sends nothing first.
@@ -124,14 +154,18 @@ pub async fn proxy(
                 }
             };
             span.record("hbone_conn", tunnel.conn_id);
+            report.established(&inputs.metrics.istio);
             debug!("connection proxied");
             // Boxed, as the plaintext copy below: only the branch taken stays allocated.
             let copy = Box::pin(tunnel::stream::copy(stream, tunnel.send, tunnel.recv));
             let (sent, received) = copy.await.map_err(Error::Stream)?;
             Ok((sent + sent_first, received))
         }
-        None => {
+        // Outside the mesh. Not kept in the connection's future across its awaits.
+        (peer, expected) => {
+            drop((peer, expected));
             let (stream, upstream) = connect_for(stream, pod, &inputs.home, target, None).await?;
+            report.established(&inputs.metrics.istio);
             debug!("connection proxied");
             Box::pin(copy::bidirectional(stream, upstream))
                 .await

@@ -1,0 +1,281 @@
+//! End-to-end tests of the agents' telemetry (issue: observability): Istio's `istio_tcp_*`
+//! families after real traffic, read with the official Prometheus client's text-format parser.
+
+use mesh_lab::{
+    parse_exposition,
+    traffic::{send, send_succeeds, serve, WAIT},
+    wait_until, Exposition, Lab, LabOptions, ParsedSample,
+};
+
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+/// Bytes each way of every transfer.
+const BYTES: u64 = 65536;
+/// The same, as a sample's value.
+const BYTES_F: f64 = 65536.0;
+
+/// `node`'s metrics, parsed by `prometheus_client.openmetrics.parser`.
+fn exposition(lab: &Lab, node: &str) -> Exposition {
+    parse_exposition(&lab.metrics(node)).unwrap_or_else(|e| panic!("metrics of {node}: {e:#}"))
+}
+
+/// `node`'s samples.
+fn samples(lab: &Lab, node: &str) -> Vec<ParsedSample> {
+    exposition(lab, node).samples
+}
+
+/// The families docs/metrics.md lists: the first cell of its tables' rows, in backticks.
+fn documented_families() -> std::collections::BTreeSet<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`'))
+        .map(|(name, _)| name.to_owned())
+        .collect()
+}
+
+/// The sum of the samples called `name` whose labels include all of `labels`.
+fn sum(samples: &[ParsedSample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+/// The labels of one connection's series: reporter, source and destination workload (in
+/// namespace shop, or `unknown`) and principal, service (its name, in shop, or none), the
+/// security policy and the flags.
+#[allow(clippy::too_many_arguments)]
+fn series<'a>(
+    reporter: &'a str,
+    (source, source_principal): (&'a str, &'a str),
+    (destination, destination_principal): (&'a str, &'a str),
+    service: Option<&'a str>,
+    security: &'a str,
+    flags: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    let ns = |w: &str| if w == "unknown" { "unknown" } else { "shop" };
+    let host = service.map_or("unknown", |s| match s {
+        "api" => "api.shop.svc.cluster.local",
+        other => panic!("no host for service {other}"),
+    });
+    vec![
+        ("reporter", reporter),
+        ("source_workload", source),
+        ("source_workload_namespace", ns(source)),
+        ("source_principal", source_principal),
+        ("destination_workload", destination),
+        ("destination_workload_namespace", ns(destination)),
+        ("destination_principal", destination_principal),
+        ("destination_service", host),
+        ("destination_service_name", service.unwrap_or("unknown")),
+        (
+            "destination_service_namespace",
+            service.map_or("unknown", |_| "shop"),
+        ),
+        ("request_protocol", "tcp"),
+        ("connection_security_policy", security),
+        ("response_flags", flags),
+    ]
+}
+
+/// Asserts what `node` counted for one series: connections opened and closed, and the bytes
+/// of the request (client to server) and of the response.
+fn assert_series(
+    samples: &[ParsedSample],
+    node: &str,
+    labels: &[(&str, &str)],
+    (opened, closed): (f64, f64),
+    (request, response): (f64, f64),
+) {
+    let got = (
+        sum(samples, "istio_tcp_connections_opened_total", labels),
+        sum(samples, "istio_tcp_connections_closed_total", labels),
+        sum(samples, "istio_tcp_received_bytes_total", labels),
+        sum(samples, "istio_tcp_sent_bytes_total", labels),
+    );
+    let istio: Vec<String> = samples
+        .iter()
+        .filter(|s| s.family.starts_with("istio_tcp"))
+        .map(|s| format!("{} {:?} {}", s.name, s.labels, s.value))
+        .collect();
+    assert_eq!(
+        got,
+        (opened, closed, request, response),
+        "{node}: opened, closed, request and response bytes of {labels:?}; its istio_tcp samples:\n{}",
+        istio.join("\n")
+    );
+}
+
+#[test]
+fn istio_tcp_metrics_count_connections_and_bytes_with_istios_labels() {
+    if !mesh_lab::require_privileged(
+        "istio_tcp_metrics_count_connections_and_bytes_with_istios_labels",
+    ) {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let _api = serve(&lab, "shop/api", 8080);
+    let _db = serve(&lab, "shop/db", 7000);
+    let vip = format!("{}:80", lab.service_vip("shop/api"));
+    let api = format!("{}:8080", lab.pod("shop/api").ip);
+    let db = format!("{}:7000", lab.pod("shop/db").ip);
+
+    // Across nodes through the service (HBONE), on one node (the fast path), and plaintext
+    // from a pod outside the mesh.
+    send(&lab, "shop/client", &vip, BYTES);
+    send(&lab, "shop/client", &db, BYTES);
+    send(&lab, "legacy/client", &api, BYTES);
+    // Then shop/db refuses shop/client.
+    let mut state = lab.read_state();
+    let reloads = |node: &str| lab.metric(node, "mesh_state_reloads_total", &[("result", "ok")]);
+    let before = reloads("n1");
+    state["policies"] = serde_yaml::from_str(&format!(
+        "[{{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, \
+         metadata: {{name: deny-client, namespace: shop}}, \
+         spec: {{selector: {{matchLabels: {{app: db}}}}, action: DENY, \
+         rules: [{{from: [{{source: {{principals: [\"{}\"]}}}}]}}]}}}}]",
+        CLIENT.trim_start_matches("spiffe://")
+    ))
+    .expect("policy");
+    lab.write_state(&state);
+    wait_until("n1 to apply the policy", WAIT, || reloads("n1") > before);
+    assert!(
+        !send_succeeds(&lab, "shop/client", &db, 1024),
+        "the policy denies shop/client -> shop/db"
+    );
+
+    // Every connection is counted once its agents have closed it.
+    wait_until("the agents to count the connections closed", WAIT, || {
+        sum(
+            &samples(&lab, "n1"),
+            "istio_tcp_connections_closed_total",
+            &[],
+        ) >= 5.0
+            && sum(
+                &samples(&lab, "n2"),
+                "istio_tcp_connections_closed_total",
+                &[],
+            ) >= 2.0
+    });
+    let (n1, n2) = (samples(&lab, "n1"), samples(&lab, "n2"));
+
+    // shop/client -> the service shop/api, across nodes: both agents report it.
+    let mtls = "mutual_tls";
+    assert_series(
+        &n1,
+        "n1",
+        &series(
+            "source",
+            ("client", CLIENT),
+            ("api", API),
+            Some("api"),
+            mtls,
+            "-",
+        ),
+        (1.0, 1.0),
+        (BYTES_F, BYTES_F),
+    );
+    assert_series(
+        &n2,
+        "n2",
+        &series(
+            "destination",
+            ("client", CLIENT),
+            ("api", API),
+            None,
+            mtls,
+            "-",
+        ),
+        (1.0, 1.0),
+        (BYTES_F, BYTES_F),
+    );
+    // Plaintext into shop/api: no principal, no mTLS.
+    assert_series(
+        &n2,
+        "n2",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", "unknown"),
+            ("destination_workload", "api"),
+            ("connection_security_policy", "unknown"),
+            ("response_flags", "-"),
+        ],
+        (1.0, 1.0),
+        (BYTES_F, BYTES_F),
+    );
+    // Same node, allowed then denied: reported by the source's side and the destination's.
+    for reporter in ["source", "destination"] {
+        assert_series(
+            &n1,
+            "n1",
+            &series(reporter, ("client", CLIENT), ("db", DB), None, mtls, "-"),
+            (1.0, 1.0),
+            (BYTES_F, BYTES_F),
+        );
+        assert_series(
+            &n1,
+            "n1",
+            &series(reporter, ("client", CLIENT), ("db", DB), None, mtls, "DENY"),
+            (1.0, 1.0),
+            (0.0, 0.0),
+        );
+    }
+    // Istio's labels and no others (no port, address or connection): bounded cardinality.
+    let keys: std::collections::BTreeSet<&str> =
+        series("source", ("a", "a"), ("b", "b"), None, "", "")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+    for s in n1
+        .iter()
+        .chain(&n2)
+        .filter(|s| s.family.starts_with("istio_tcp"))
+    {
+        assert_eq!(s.kind, "counter", "{s:?}");
+        assert!(
+            s.labels.keys().map(String::as_str).eq(keys.iter().copied()),
+            "{s:?}"
+        );
+    }
+
+    // Every family the agents export is documented.
+    let documented = documented_families();
+    for node in ["n1", "n2"] {
+        for (family, _) in exposition(&lab, node).families {
+            assert!(
+                documented.contains(&family),
+                "{node} exports {family}, which docs/metrics.md does not list"
+            );
+        }
+    }
+
+    // shop/db leaves the state: the series that name it go.
+    let mut state = lab.read_state();
+    let workloads = state["workloads"].as_sequence_mut().expect("workloads");
+    workloads
+        .retain(|w| !(w["namespace"].as_str() == Some("shop") && w["name"].as_str() == Some("db")));
+    lab.write_state(&state);
+    wait_until("n1 to remove the series of shop/db", WAIT, || {
+        let n1 = samples(&lab, "n1");
+        sum(
+            &n1,
+            "istio_tcp_connections_opened_total",
+            &[("destination_workload", "db")],
+        ) == 0.0
+            && sum(
+                &n1,
+                "istio_tcp_connections_opened_total",
+                &[("source_workload", "client")],
+            ) > 0.0
+    });
+    lab.down();
+}
