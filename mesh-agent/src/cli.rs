@@ -155,11 +155,21 @@ pub fn main(allocator: Allocator) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match std::env::var("MESH_LOG_FORMAT").as_deref() {
+        Ok("text") | Err(std::env::VarError::NotPresent) => {
+            log.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+        // One object per line: timestamp, level, target, the event's fields, and the spans it
+        // is in with theirs (a connection's addresses, identities, decision).
+        Ok("json") => log.json().init(),
+        Ok(other) => anyhow::bail!(
+            "MESH_LOG_FORMAT={other:?} is not a log format: text (the default) or json"
+        ),
+        Err(e) => anyhow::bail!("MESH_LOG_FORMAT: {e}"),
+    }
     match Cli::parse().command {
         Command::Node {
             config,

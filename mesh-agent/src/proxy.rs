@@ -546,13 +546,33 @@ async fn account(
     let flags = result
         .as_ref()
         .map_or_else(Error::flags, |_| telemetry::Flags::None);
-    report.close(&inputs.metrics.istio, flags, request, response);
+    let series = report.close(&inputs.metrics.istio, flags, request, response);
     let result = match result {
         Ok((sent, received)) => {
             counters.sent.inc_by(sent);
             counters.received.inc_by(received);
             let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-            tracing::info!(sent, received, duration_ms, "connection closed");
+            // The access log: one line per connection, its ends as the metrics name them (the
+            // span adds addresses, route and, inbound, the policy decision).
+            match series.as_deref().map(|s| &s.labels) {
+                Some(l) => tracing::info!(
+                    target: "access",
+                    sent,
+                    received,
+                    duration_ms,
+                    src.workload = %l.source_workload,
+                    src.namespace = %l.source_workload_namespace,
+                    src.identity = %l.source_principal,
+                    dst.workload = %l.destination_workload,
+                    dst.namespace = %l.destination_workload_namespace,
+                    dst.identity = %l.destination_principal,
+                    dst.service = %l.destination_service,
+                    "connection closed"
+                ),
+                None => {
+                    tracing::info!(target: "access", sent, received, duration_ms, "connection closed")
+                }
+            }
             Ok((sent, received))
         }
         Err(e) => {

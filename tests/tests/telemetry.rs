@@ -25,6 +25,21 @@ fn samples(lab: &Lab, node: &str) -> Vec<ParsedSample> {
     exposition(lab, node).samples
 }
 
+/// `node`'s access log lines (target `access`), each a JSON object; panics on a line of its
+/// log that is not JSON.
+fn access_lines(lab: &Lab, node: &str) -> Vec<serde_json::Value> {
+    let log = lab.agent_log(node);
+    let mut access = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a line of {node}'s log is not JSON ({e}): {line}"));
+        if v["target"] == "access" {
+            access.push(v);
+        }
+    }
+    access
+}
+
 /// The families docs/metrics.md lists: the first cell of its tables' rows, in backticks.
 fn documented_families() -> std::collections::BTreeSet<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
@@ -122,6 +137,9 @@ fn istio_tcp_metrics_count_connections_and_bytes_with_istios_labels() {
     ) {
         return;
     }
+    // The agents log JSON: they inherit this process's environment (this file's only test, so
+    // no other test of the process sees it).
+    std::env::set_var("MESH_LOG_FORMAT", "json");
     let lab = Lab::up(LabOptions::default());
     let _api = serve(&lab, "shop/api", 8080);
     let _db = serve(&lab, "shop/db", 7000);
@@ -246,6 +264,31 @@ fn istio_tcp_metrics_count_connections_and_bytes_with_istios_labels() {
             "{s:?}"
         );
     }
+
+    // The access log: one JSON object per connection with both ends as the metrics name them.
+    let access = access_lines(&lab, "n1");
+    let line = access
+        .iter()
+        .find(|l| l["fields"]["dst.workload"] == "api")
+        .unwrap_or_else(|| panic!("no access line of n1 names dst.workload api: {access:#?}"));
+    for (field, value) in [
+        ("message", "connection closed"),
+        ("src.workload", "client"),
+        ("src.namespace", "shop"),
+        ("src.identity", CLIENT),
+        ("dst.namespace", "shop"),
+        ("dst.identity", API),
+        ("dst.service", "api.shop.svc.cluster.local"),
+    ] {
+        assert_eq!(line["fields"][field], value, "{field} of {line:#}");
+    }
+    assert_eq!(line["fields"]["sent"], BYTES, "{line:#}");
+    assert_eq!(line["fields"]["received"], BYTES, "{line:#}");
+    assert_eq!(line["level"], "INFO", "{line:#}");
+    assert!(
+        line["span"]["src"].is_string() && line["span"]["endpoint"].is_string(),
+        "the connection's span rides along: {line:#}"
+    );
 
     // Every family the agents export is documented.
     let documented = documented_families();

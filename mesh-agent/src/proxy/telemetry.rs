@@ -35,6 +35,12 @@ impl Label {
     }
 }
 
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_deref().unwrap_or("unknown"))
+    }
+}
+
 impl EncodeLabelValue for Label {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
         EncodeLabelValue::encode(&self.0.as_deref().unwrap_or("unknown"), encoder)
@@ -186,7 +192,8 @@ impl TcpLabels {
 /// The counters of one label set, shared by the connections that have it.
 #[derive(Debug)]
 pub struct Series {
-    labels: TcpLabels,
+    /// What the connection's access log line says about its ends, too.
+    pub labels: TcpLabels,
     opened: Counter,
     closed: Counter,
     /// Bytes from the server toward the client (Istio: "sent during response").
@@ -324,10 +331,17 @@ impl Report {
 
     /// The connection ended: counted as closed with its bytes (`request`: client to server;
     /// `response`: server to client). One that ended before it was established is counted as
-    /// opened and closed, with `flags`.
-    pub fn close(&self, istio: &IstioTcp, flags: Flags, request: u64, response: u64) {
+    /// opened and closed, with `flags`. Returns the series it was counted in (`None` when its
+    /// ends were never known).
+    pub fn close(
+        &self,
+        istio: &IstioTcp,
+        flags: Flags,
+        request: u64,
+        response: u64,
+    ) -> Option<Arc<Series>> {
         let series = match std::mem::take(&mut *self.state()) {
-            State::Unknown => return,
+            State::Unknown => return None,
             State::Known(mut labels) => {
                 labels.response_flags = flags.as_str();
                 let series = istio.series(*labels);
@@ -346,6 +360,7 @@ impl Report {
         series.closed.inc();
         series.received.inc_by(request);
         series.sent.inc_by(response);
+        Some(series)
     }
 }
 
