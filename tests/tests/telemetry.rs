@@ -40,6 +40,50 @@ fn access_lines(lab: &Lab, node: &str) -> Vec<serde_json::Value> {
     access
 }
 
+/// The `expr` of every panel target of deploy/grafana/mesh-agent-dashboard.json.
+fn dashboard_queries() -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/mesh-agent-dashboard.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut queries = Vec::new();
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for t in targets {
+            queries.push(t["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    queries
+}
+
+/// The metric names (`mesh_*`, `istio_*`) a PromQL expression mentions.
+fn metric_names(query: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = query.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+        if word(bytes[i]) && (i == 0 || !word(bytes[i - 1])) {
+            let end = (i..bytes.len())
+                .find(|&j| !word(bytes[j]))
+                .unwrap_or(bytes.len());
+            let token = &query[i..end];
+            if token.starts_with("mesh_") || token.starts_with("istio_") {
+                names.push(token.to_owned());
+            }
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
 /// The families docs/metrics.md lists: the first cell of its tables' rows, in backticks.
 fn documented_families() -> std::collections::BTreeSet<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
@@ -297,6 +341,32 @@ fn istio_tcp_metrics_count_connections_and_bytes_with_istios_labels() {
             assert!(
                 documented.contains(&family),
                 "{node} exports {family}, which docs/metrics.md does not list"
+            );
+        }
+    }
+
+    // Every query of the Grafana dashboard in deploy/ names a family the agents export.
+    let exported: std::collections::BTreeSet<String> = ["n1", "n2"]
+        .iter()
+        .flat_map(|node| exposition(&lab, node).families)
+        .map(|(family, _)| family)
+        .collect();
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 20, "{queries:?}");
+    for query in &queries {
+        let metrics = metric_names(query);
+        assert!(
+            !metrics.is_empty(),
+            "a dashboard query names no metric: {query}"
+        );
+        for metric in metrics {
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| metric.strip_suffix(suffix))
+                .unwrap_or(&metric);
+            assert!(
+                exported.contains(family),
+                "the dashboard queries {metric}, which no agent exports: {query}"
             );
         }
     }
