@@ -428,6 +428,46 @@ impl Metrics {
             .register_collector(collector);
     }
 
+    /// Removes the per-pod series of a pod that is no longer served: its connection counters
+    /// (both directions), its route counters and the failures in `failures` (direction,
+    /// reason), so that pods coming and going do not grow the exposition without bound. A
+    /// connection of the pod still open counts into handles no longer exported.
+    pub fn remove_pod(
+        &self,
+        namespace: &str,
+        workload: &str,
+        failures: &[(&'static str, &'static str)],
+    ) {
+        for direction in ["outbound", "inbound"] {
+            let labels = ConnLabels {
+                direction,
+                namespace: namespace.into(),
+                workload: workload.into(),
+            };
+            for family in [&self.opened, &self.closed, &self.sent, &self.received] {
+                family.remove(&labels);
+            }
+        }
+        for route in ["service", "direct"] {
+            for transport in ["hbone", "local", "plaintext", "waypoint"] {
+                self.routes.remove(&RouteLabels {
+                    namespace: namespace.into(),
+                    workload: workload.into(),
+                    route,
+                    transport,
+                });
+            }
+        }
+        for (direction, reason) in failures {
+            self.failures.remove(&FailureLabels {
+                direction,
+                namespace: namespace.into(),
+                workload: workload.into(),
+                reason,
+            });
+        }
+    }
+
     /// The counter handles of one pod and direction.
     pub fn conn_counters(
         &self,
@@ -508,5 +548,40 @@ where
             ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_that_is_no_longer_served_leaves_the_exposition() {
+        let m = Metrics::new();
+        for pod in ["gone", "stays"] {
+            for direction in ["outbound", "inbound"] {
+                m.conn_counters(direction, "shop", pod).opened.inc();
+            }
+            RouteCounters::new("shop", pod).inc(&m, "service", "hbone");
+            m.failures
+                .get_or_create(&FailureLabels {
+                    direction: "outbound",
+                    namespace: "shop".into(),
+                    workload: pod.into(),
+                    reason: "connect",
+                })
+                .inc();
+        }
+        let series = |text: &str, pod: &str| {
+            text.lines()
+                .filter(|l| l.contains(&format!("workload=\"{pod}\"")))
+                .count()
+        };
+        let before = m.encode().expect("encode");
+        assert_eq!(series(&before, "gone"), 10, "{before}");
+        m.remove_pod("shop", "gone", &[("outbound", "connect")]);
+        let after = m.encode().expect("encode");
+        assert_eq!(series(&after, "gone"), 0, "{after}");
+        assert_eq!(series(&after, "stays"), 10, "{after}");
     }
 }

@@ -220,7 +220,7 @@ impl Manager {
         for key in stale {
             if let Some(pod) = self.pods.remove(&key) {
                 self.scopes.remove(&pod.netns_cookie());
-                pod.release(&mut self.loaded);
+                pod.release(&mut self.loaded, &self.inputs.metrics);
                 info!(pod = %key, "pod released");
                 changes.released += 1;
             }
@@ -455,7 +455,7 @@ impl Manager {
     pub fn uninstall(mut self) -> Changes {
         let mut changes = Changes::default();
         for (key, pod) in std::mem::take(&mut self.pods) {
-            pod.release(&mut self.loaded);
+            pod.release(&mut self.loaded, &self.inputs.metrics);
             info!(pod = %key, "pod released (uninstall)");
             changes.released += 1;
         }

@@ -122,6 +122,9 @@ pub struct Pod {
     pub routes: RouteCounters,
     /// Samples the log lines a peer can provoke at will (denials, bad requests).
     pub sampled: sampled::LogSampler,
+    /// The (direction, reason) of the failures counted for this pod: the series to remove
+    /// with it ([`Pod::remove_series`]).
+    failures: std::sync::Mutex<std::collections::BTreeSet<(&'static str, &'static str)>>,
     /// Whether connections are delivered to the application from the client's address (the
     /// pod has its return path, `capture::return_path`); otherwise from the pod's own.
     pub client_address: bool,
@@ -153,6 +156,7 @@ impl Pod {
             inbound: metrics.conn_counters("inbound", &w.namespace, &w.name),
             routes: RouteCounters::new(&w.namespace, &w.name),
             sampled: sampled::LogSampler::default(),
+            failures: Default::default(),
             current: arc_swap::ArcSwap::from_pointee(state),
             netns,
             netns_cookie,
@@ -176,7 +180,21 @@ impl Pod {
         }
     }
 
+    /// Removes the pod's per-pod series from `metrics` (the pod is no longer served).
+    pub fn remove_series(&self, metrics: &Metrics) {
+        let w = &self.state().workload;
+        let failures: Vec<_> = (self.failures.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        metrics.remove_pod(&w.namespace, &w.name, &failures);
+    }
+
     fn count_failure(&self, metrics: &Metrics, direction: Direction, e: &Error) {
+        (self.failures.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((direction.as_str(), e.reason()));
         metrics
             .failures
             .get_or_create(&FailureLabels {

@@ -377,6 +377,16 @@ fn istio_tcp_metrics_count_connections_and_bytes_with_istios_labels() {
     workloads
         .retain(|w| !(w["namespace"].as_str() == Some("shop") && w["name"].as_str() == Some("db")));
     lab.write_state(&state);
+    // Its own per-pod series (mesh_tcp_*: n1 served it) go too.
+    let pod_series = |samples: &[ParsedSample], workload: &str| {
+        samples
+            .iter()
+            .filter(|s| s.family.starts_with("mesh_tcp_"))
+            .filter(|s| s.labels.get("namespace").map(String::as_str) == Some("shop"))
+            .filter(|s| s.labels.get("workload").map(String::as_str) == Some(workload))
+            .count()
+    };
+    assert!(pod_series(&samples(&lab, "n1"), "db") > 0);
     wait_until("n1 to remove the series of shop/db", WAIT, || {
         let n1 = samples(&lab, "n1");
         sum(
@@ -384,6 +394,8 @@ fn istio_tcp_metrics_count_connections_and_bytes_with_istios_labels() {
             "istio_tcp_connections_opened_total",
             &[("destination_workload", "db")],
         ) == 0.0
+            && pod_series(&n1, "db") == 0
+            && pod_series(&n1, "client") > 0
             && sum(
                 &n1,
                 "istio_tcp_connections_opened_total",

@@ -132,10 +132,11 @@ impl ServedPod {
     }
 
     /// Takes the pod out of the kernel, then lets the accept loops take what is queued and
-    /// stop; established connections continue.
-    pub fn release(self, loaded: &mut Loaded) {
+    /// stop; established connections continue. Its per-pod series leave `metrics`.
+    pub fn release(self, loaded: &mut Loaded, metrics: &crate::metrics::Metrics) {
         self.kernel.release(loaded);
         self.stop.send_replace(Stop::Release);
+        self.proxy.remove_series(metrics);
     }
 
     /// Stops serving without touching the kernel: the accept loops stop at once (what is queued
