@@ -163,7 +163,7 @@ pub fn serve_with(
                 tokio::spawn(async move {
                     let _slot = slot;
                     let service = service_fn(move |req| {
-                        let response = handle(&req, &metrics, &readiness);
+                        let response = handle(what, &req, &metrics, &readiness);
                         async move { Ok::<_, Infallible>(response) }
                     });
                     let conn = http1::Builder::new()
@@ -185,13 +185,95 @@ pub fn serve_with(
     Ok(endpoint)
 }
 
+/// The name of the admin endpoint (`admin_addr`): the one that also serves `/logging`.
+pub const ADMIN: &str = "admin";
+
+/// `GET /logging`: the log filter in force. `POST /logging?level=FILTER`: replaces it (tracing's
+/// filter syntax, as `MESH_LOG`); a filter that does not parse is refused with 400 and the one
+/// in force stays.
+fn logging<B>(req: &Request<B>) -> (StatusCode, String) {
+    match *req.method() {
+        http::Method::GET => match crate::logging::current() {
+            Some(filter) => (StatusCode::OK, format!("{filter}\n")),
+            None => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the log filter of this process cannot be changed\n".into(),
+            ),
+        },
+        http::Method::POST | http::Method::PUT => {
+            let level = (req.uri().query().unwrap_or(""))
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == "level")
+                .map(|(_, v)| percent_decode(v));
+            let Some(level) = level else {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    "give the filter as ?level=, e.g. POST /logging?level=info,mesh_agent::proxy=debug\n"
+                        .into(),
+                );
+            };
+            match crate::logging::set(&level) {
+                Ok(()) => {
+                    tracing::warn!(filter = %level, "log filter changed through the admin endpoint");
+                    (StatusCode::OK, format!("log filter: {level}\n"))
+                }
+                Err(e) => (
+                    StatusCode::BAD_REQUEST,
+                    format!("{e}; the filter in force stays\n"),
+                ),
+            }
+        }
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET /logging, or POST /logging?level=FILTER\n".into(),
+        ),
+    }
+}
+
+/// `%XX` escapes and `+` of a query value decoded (an invalid escape stays as it is).
+fn percent_decode(v: &str) -> String {
+    let hex = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi * 16 + lo);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// What `/metrics` is: prometheus-client encodes OpenMetrics text. Prometheus 3 refuses a
 /// scrape without a content type it knows.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-fn handle<B>(req: &Request<B>, metrics: &Metrics, readiness: &Readiness) -> Response<Full<Bytes>> {
+fn handle<B>(
+    what: &str,
+    req: &Request<B>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
     let mut content_type = "text/plain; charset=utf-8";
     let (status, body) = match req.uri().path() {
+        // Changes the agent: on the admin endpoint only, which listens on loopback only.
+        "/logging" if what == ADMIN => logging(req),
         "/metrics" => match metrics.encode() {
             Ok(text) => {
                 content_type = METRICS_CONTENT_TYPE;
@@ -209,6 +291,10 @@ fn handle<B>(req: &Request<B>, metrics: &Metrics, readiness: &Readiness) -> Resp
                 format!("not ready: {why}\n"),
             ),
         },
+        _ if what == ADMIN => (
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz/ready or /logging\n".into(),
+        ),
         _ => (
             StatusCode::NOT_FOUND,
             "not found: try /metrics or /healthz/ready\n".into(),
@@ -231,12 +317,20 @@ mod tests {
 
     /// An endpoint with `limits`, served until the returned sender is dropped.
     async fn endpoint(limits: Limits) -> (SocketAddr, watch::Sender<bool>) {
-        let listener = bind("127.0.0.1:0".parse().expect("addr"), "test").expect("bind");
+        endpoint_named("test", limits).await
+    }
+
+    /// [`endpoint`], called `what`.
+    async fn endpoint_named(
+        what: &'static str,
+        limits: Limits,
+    ) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"), what).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = watch::channel(false);
         serve_with(
             listener,
-            "test",
+            what,
             Arc::new(Metrics::new()),
             Arc::new(Readiness::new("starting")),
             stopped,
@@ -259,6 +353,82 @@ mod tests {
             Err(e) => panic!("read: {e}"),
         }
         all
+    }
+
+    /// `method path` on `addr`; the whole answer.
+    async fn request(addr: SocketAddr, method: &str, path: &str) -> String {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(
+            format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        String::from_utf8(until_closed(&mut conn).await).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn the_log_filter_changes_on_the_admin_endpoint_only() {
+        let applied = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = applied.clone();
+        crate::logging::install("info".into(), move |f| {
+            seen.lock().expect("lock").push(f.to_string());
+            Ok(())
+        });
+        let (admin, _a) = endpoint_named(ADMIN, Limits::default()).await;
+        let (metrics, _m) = endpoint_named("metrics", Limits::default()).await;
+        assert!(request(metrics, "POST", "/logging?level=debug")
+            .await
+            .starts_with("HTTP/1.1 404"));
+        assert!(request(metrics, "GET", "/logging")
+            .await
+            .starts_with("HTTP/1.1 404"));
+        let answer = request(admin, "GET", "/logging").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\ninfo\n"),
+            "{answer}"
+        );
+        let answer = request(
+            admin,
+            "POST",
+            "/logging?level=info,mesh_agent%3A%3Aproxy%3Ddebug",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(request(admin, "GET", "/logging")
+            .await
+            .ends_with("\ninfo,mesh_agent::proxy=debug\n"));
+        // A filter that does not parse: refused, naming it; the one in force stays.
+        let answer = request(admin, "POST", "/logging?level=info,%5Bbad").await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(
+            answer.contains("\"info,[bad\" is not a log filter") && answer.contains("stays"),
+            "{answer}"
+        );
+        assert!(request(admin, "GET", "/logging")
+            .await
+            .ends_with("\ninfo,mesh_agent::proxy=debug\n"));
+        assert!(request(admin, "POST", "/logging")
+            .await
+            .starts_with("HTTP/1.1 400"));
+        assert!(request(admin, "DELETE", "/logging")
+            .await
+            .starts_with("HTTP/1.1 405"));
+        assert_eq!(
+            applied.lock().expect("lock").len(),
+            1,
+            "only the good filter was applied"
+        );
+        // The rest is served on the admin endpoint too.
+        assert!(request(admin, "GET", "/metrics")
+            .await
+            .starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(percent_decode("a%3A%3Ab%3Ddebug+x"), "a::b=debug x");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4", "invalid escapes stay");
+        assert_eq!(percent_decode("%C3%A9é"), "éé");
     }
 
     #[tokio::test]

@@ -152,19 +152,35 @@ pub fn main(allocator: Allocator) -> anyhow::Result<()> {
     {
         cni_plugin();
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, spec) = match tracing_subscriber::EnvFilter::try_from_env("MESH_LOG") {
+        Ok(filter) => (filter, std::env::var("MESH_LOG").unwrap_or_default()),
+        Err(_) => (
+            tracing_subscriber::EnvFilter::new("info"),
+            "info".to_owned(),
+        ),
+    };
     use std::io::IsTerminal as _;
     let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // The filter stays changeable (the admin endpoint's /logging).
     match std::env::var("MESH_LOG_FORMAT").as_deref() {
         Ok("text") | Err(std::env::VarError::NotPresent) => {
-            log.with_ansi(std::io::stderr().is_terminal()).init();
+            let log = log
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter_reloading();
+            let handle = log.reload_handle();
+            log.init();
+            crate::logging::install(spec, move |f| handle.reload(f).map_err(|e| e.to_string()));
         }
         // One object per line: timestamp, level, target, the event's fields, and the spans it
         // is in with theirs (a connection's addresses, identities, decision).
-        Ok("json") => log.json().init(),
+        Ok("json") => {
+            let log = log.json().with_filter_reloading();
+            let handle = log.reload_handle();
+            log.init();
+            crate::logging::install(spec, move |f| handle.reload(f).map_err(|e| e.to_string()));
+        }
         Ok(other) => anyhow::bail!(
             "MESH_LOG_FORMAT={other:?} is not a log format: text (the default) or json"
         ),

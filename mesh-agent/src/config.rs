@@ -47,6 +47,9 @@ pub struct Config {
     /// Readiness listener.
     #[serde(default = "default_readiness_addr")]
     pub readiness_addr: SocketAddr,
+    /// The admin endpoint (`/logging`, `/healthz/ready`, ...): loopback only.
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: SocketAddr,
     /// How often the state file is checked for changes, in milliseconds.
     #[serde(default = "default_poll_ms")]
     pub state_poll_interval_ms: u64,
@@ -424,6 +427,10 @@ fn default_metrics_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], mesh_common::ports::METRICS))
 }
 
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], mesh_common::ports::ADMIN))
+}
+
 fn default_readiness_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], mesh_common::ports::READINESS))
 }
@@ -548,6 +555,19 @@ impl Config {
             ));
         }
         self.hbone.server.validate()?;
+        if !self.admin_addr.ip().is_loopback() {
+            return Err(format!(
+                "`admin_addr` is {}: the admin endpoint changes the agent (its log filter) and \
+                 shows its state, so it listens on a loopback address only (127.0.0.1 or ::1)",
+                self.admin_addr
+            ));
+        }
+        if [self.metrics_addr, self.readiness_addr].contains(&self.admin_addr) {
+            return Err(format!(
+                "`admin_addr` {} is also the metrics or readiness address: give it its own",
+                self.admin_addr
+            ));
+        }
         if self.lifecycle.drain_timeout_secs > 24 * 3600 {
             return Err(format!(
                 "`lifecycle.drain_timeout_secs` is {}: use 0 to 86400",
@@ -681,6 +701,7 @@ mod tests {
         assert_eq!(c.identity.leaf_lifetime_secs, 86400);
         assert_eq!(c.metrics_addr, "127.0.0.1:15020".parse().expect("addr"));
         assert_eq!(c.readiness_addr, "127.0.0.1:15021".parse().expect("addr"));
+        assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().expect("addr"));
         assert_eq!(c.bpf_dir(), PathBuf::from("/sys/fs/bpf/mesh/n1"));
         assert_eq!(c.state_poll_interval_ms, 500);
         assert_eq!(
@@ -688,6 +709,24 @@ mod tests {
             PathBuf::from("/run/mesh-agent/n1/handover.sock")
         );
         assert_eq!(c.drain_timeout(), std::time::Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_admin_endpoint_is_loopback_only() {
+        let e = parse("node: n1\nstate_file: /s\nadmin_addr: 0.0.0.0:15000\n")
+            .expect_err("all addresses");
+        assert!(
+            e.contains("`admin_addr` is 0.0.0.0:15000") && e.contains("loopback"),
+            "{e}"
+        );
+        let e = parse("node: n1\nstate_file: /s\nadmin_addr: 10.0.0.7:15000\n")
+            .expect_err("the node's address");
+        assert!(e.contains("loopback"), "{e}");
+        let e = parse("node: n1\nstate_file: /s\nadmin_addr: 127.0.0.1:15020\n")
+            .expect_err("the metrics address");
+        assert!(e.contains("its own"), "{e}");
+        let c = parse("node: n1\nstate_file: /s\nadmin_addr: \"[::1]:15001\"\n").expect("::1");
+        assert_eq!(c.admin_addr, "[::1]:15001".parse().expect("addr"));
     }
 
     #[test]

@@ -180,6 +180,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
     if config.readiness_addr != config.metrics_addr {
         wanted.push(("readiness", config.readiness_addr));
     }
+    wanted.push((admin::ADMIN, config.admin_addr));
     for (what, addr) in wanted {
         let listener = match received_admin
             .iter()

@@ -444,3 +444,48 @@ fn connects_that_never_complete_leave_nothing_in_the_shared_maps() {
     assert_eq!(misses, 0.0, "connections lost their original destination");
     lab.down();
 }
+
+/// The admin endpoint (`admin_addr`, which changes the log filter) answers on the node's
+/// loopback and nowhere a pod reaches: neither its own loopback nor the node's address, captured
+/// or not.
+#[test]
+fn the_admin_endpoint_is_out_of_the_pods_reach() {
+    if !mesh_lab::require_privileged("the_admin_endpoint_is_out_of_the_pods_reach") {
+        return;
+    }
+    let lab = Lab::up(LabOptions::default());
+    let port = mesh_common::ports::ADMIN;
+    let (status, body) = lab
+        .http_get("n1", port, "/logging")
+        .expect("the node's loopback");
+    assert_eq!(status, 200, "{body}");
+    let node = lab.node("n1").underlay_ip;
+    for pod in ["shop/client", "legacy/client"] {
+        for to in [format!("127.0.0.1:{port}"), format!("{node}:{port}")] {
+            let mut get = Running::spawn(
+                &format!("POST /logging from {pod} to {to}"),
+                lab.command(pod, labtool_bin()).args([
+                    "http-get",
+                    "--to",
+                    &to,
+                    "--path",
+                    "/logging?level=trace",
+                    "--method",
+                    "POST",
+                ]),
+            );
+            let line = get.wait_line("{", Duration::from_secs(30));
+            let tally: serde_json::Value = serde_json::from_str(&line).expect("http-get's JSON");
+            assert!(
+                tally["statuses"].as_object().is_some_and(|s| s.is_empty()),
+                "{pod} reached the admin endpoint at {to}: {tally}"
+            );
+        }
+    }
+    // Nothing changed the filter.
+    let (_, body) = lab
+        .http_get("n1", port, "/logging")
+        .expect("the node's loopback");
+    assert!(!body.contains("trace"), "{body}");
+    lab.down();
+}
