@@ -233,7 +233,11 @@ fn logging<B>(req: &Request<B>) -> (StatusCode, String) {
 
 /// `%XX` escapes and `+` of a query value decoded (an invalid escape stays as it is).
 fn percent_decode(v: &str) -> String {
-    let hex = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let hex = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
     let b = v.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
