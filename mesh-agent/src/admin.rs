@@ -201,11 +201,7 @@ fn logging<B>(req: &Request<B>) -> (StatusCode, String) {
             ),
         },
         http::Method::POST | http::Method::PUT => {
-            let level = (req.uri().query().unwrap_or(""))
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == "level")
-                .map(|(_, v)| percent_decode(v));
+            let level = query_value(req.uri().query().unwrap_or(""), "level");
             let Some(level) = level else {
                 return (
                     StatusCode::BAD_REQUEST,
@@ -231,37 +227,11 @@ fn logging<B>(req: &Request<B>) -> (StatusCode, String) {
     }
 }
 
-/// `%XX` escapes and `+` of a query value decoded (an invalid escape stays as it is).
-fn percent_decode(v: &str) -> String {
-    let hex = |c: u8| {
-        char::from(c)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
-    };
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push(hi * 16 + lo);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The value of `key` in a query string, decoded (`%XX` escapes, `+`).
+fn query_value(query: &str, key: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// What `/metrics` is: prometheus-client encodes OpenMetrics text. Prometheus 3 refuses a
@@ -430,9 +400,14 @@ mod tests {
 
     #[test]
     fn query_values_are_decoded() {
-        assert_eq!(percent_decode("a%3A%3Ab%3Ddebug+x"), "a::b=debug x");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4", "invalid escapes stay");
-        assert_eq!(percent_decode("%C3%A9é"), "éé");
+        let level = |v: &str| query_value(&format!("x=1&level={v}"), "level");
+        assert_eq!(level("a%3A%3Ab%3Ddebug+x").as_deref(), Some("a::b=debug x"));
+        assert_eq!(
+            level("%zz%4").as_deref(),
+            Some("%zz%4"),
+            "invalid escapes stay"
+        );
+        assert_eq!(level("%C3%A9é").as_deref(), Some("éé"));
     }
 
     #[tokio::test]

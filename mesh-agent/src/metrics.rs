@@ -79,6 +79,11 @@ impl Result {
     }
 }
 
+/// The `route` values of `mesh_outbound_routes_total`.
+const ROUTES: [&str; 2] = ["service", "direct"];
+/// Its `transport` values.
+const TRANSPORTS: [&str; 4] = ["hbone", "local", "plaintext", "waypoint"];
+
 /// Route counters of one pod's outbound connections. Each (route, transport) counter is made on
 /// first use, so only the kinds a pod uses appear, and after that a connection counts without
 /// building labels or looking them up.
@@ -87,7 +92,7 @@ pub struct RouteCounters {
     namespace: String,
     workload: String,
     /// By [`RouteCounters::slot`].
-    counters: [std::sync::OnceLock<Counter>; 8],
+    counters: [std::sync::OnceLock<Counter>; ROUTES.len() * TRANSPORTS.len()],
 }
 
 impl RouteCounters {
@@ -117,11 +122,9 @@ impl RouteCounters {
     }
 
     fn slot(route: &str, transport: &str) -> Option<usize> {
-        let r = ["service", "direct"].iter().position(|x| *x == route)?;
-        let t = ["hbone", "local", "plaintext", "waypoint"]
-            .iter()
-            .position(|x| *x == transport)?;
-        Some(r * 4 + t)
+        let r = ROUTES.iter().position(|x| *x == route)?;
+        let t = TRANSPORTS.iter().position(|x| *x == transport)?;
+        Some(r * TRANSPORTS.len() + t)
     }
 }
 
@@ -448,8 +451,8 @@ impl Metrics {
                 family.remove(&labels);
             }
         }
-        for route in ["service", "direct"] {
-            for transport in ["hbone", "local", "plaintext", "waypoint"] {
+        for route in ROUTES {
+            for transport in TRANSPORTS {
                 self.routes.remove(&RouteLabels {
                     namespace: namespace.into(),
                     workload: workload.into(),

@@ -82,6 +82,24 @@ pub struct Party<'a> {
     pub principal: Option<&'a SpiffeId>,
 }
 
+impl Party<'_> {
+    /// Its workload, namespace (the workload's, else its identity's) and principal.
+    fn labels(&self) -> (Label, Label, Label) {
+        let namespace = match (self.workload, self.principal) {
+            (Some(w), _) => Label::of(w.namespace.as_str()),
+            (None, Some(id)) => Label::of(id.namespace.as_str()),
+            (None, None) => Label::default(),
+        };
+        (
+            self.workload
+                .map_or_else(Label::default, |w| Label::of(w.name.as_str())),
+            namespace,
+            self.principal
+                .map_or_else(Label::default, |id| Label::of(id.to_string())),
+        )
+    }
+}
+
 /// Whether a connection is carried with mTLS identities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Security {
@@ -130,11 +148,9 @@ impl TcpLabels {
         service: Option<&str>,
         security: Security,
     ) -> Self {
-        let namespace = |p: &Party<'_>| match (p.workload, p.principal) {
-            (Some(w), _) => Label::of(w.namespace.as_str()),
-            (None, Some(id)) => Label::of(id.namespace.as_str()),
-            (None, None) => Label::default(),
-        };
+        let (source_workload, source_workload_namespace, source_principal) = source.labels();
+        let (destination_workload, destination_workload_namespace, destination_principal) =
+            destination.labels();
         let (service_host, service_name, service_namespace) =
             match service.and_then(|s| s.split_once('/')) {
                 Some((ns, name)) => (
@@ -149,20 +165,12 @@ impl TcpLabels {
                 Reporter::Source => "source",
                 Reporter::Destination => "destination",
             },
-            source_workload: source
-                .workload
-                .map_or_else(Label::default, |w| Label::of(w.name.as_str())),
-            source_workload_namespace: namespace(source),
-            source_principal: source
-                .principal
-                .map_or_else(Label::default, |id| Label::of(id.to_string())),
-            destination_workload: destination
-                .workload
-                .map_or_else(Label::default, |w| Label::of(w.name.as_str())),
-            destination_workload_namespace: namespace(destination),
-            destination_principal: destination
-                .principal
-                .map_or_else(Label::default, |id| Label::of(id.to_string())),
+            source_workload,
+            source_workload_namespace,
+            source_principal,
+            destination_workload,
+            destination_workload_namespace,
+            destination_principal,
             destination_service: service_host,
             destination_service_name: service_name,
             destination_service_namespace: service_namespace,
