@@ -241,6 +241,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         tasks: tokio_util::task::TaskTracker::new(),
         hbone: tokio_util::task::TaskTracker::new(),
         drain,
+        connections: Default::default(),
     });
     tokio::spawn(proxy::telemetry::prune(store.clone(), metrics.clone()));
     let received = takeover

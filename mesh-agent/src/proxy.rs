@@ -10,6 +10,7 @@ mod authz;
 mod copy;
 pub mod inbound;
 pub mod limits;
+pub mod live;
 mod outbound;
 pub mod route;
 pub mod sampled;
@@ -71,6 +72,8 @@ pub struct Inputs {
     pub hbone: tokio_util::task::TaskTracker,
     /// How far the agent is in stopping; only ever moves forward ([`Inputs::drain_to`]).
     pub drain: watch::Sender<Drain>,
+    /// The connections being served (`/connections`).
+    pub connections: Arc<live::Connections>,
 }
 
 impl Inputs {
@@ -113,6 +116,8 @@ pub type LocalPods = arc_swap::ArcSwap<std::collections::HashMap<IpAddr, Arc<Pod
 #[derive(Debug)]
 pub struct Pod {
     pub key: String,
+    /// `key`, shared by the pod's connections as they list themselves.
+    pub shared_key: Arc<str>,
     pub netns: Arc<Netns>,
     pub netns_cookie: u64,
     current: arc_swap::ArcSwap<PodState>,
@@ -152,6 +157,7 @@ impl Pod {
         Self {
             client_address,
             key: w.key(),
+            shared_key: Arc::from(w.key()),
             outbound: metrics.conn_counters("outbound", &w.namespace, &w.name),
             inbound: metrics.conn_counters("inbound", &w.namespace, &w.name),
             routes: RouteCounters::new(&w.namespace, &w.name),
@@ -502,10 +508,12 @@ async fn serve_outbound(
         peer_identity = Empty,
         hbone_conn = Empty
     );
-    let report = telemetry::Report::default();
-    let work = std::pin::pin!(outbound::proxy(stream, peer, &pod, &inputs, &report));
+    let conn = inputs
+        .connections
+        .open(Direction::Outbound, &pod.shared_key, peer);
+    let work = std::pin::pin!(outbound::proxy(stream, peer, &pod, &inputs, &conn));
     // Logged and counted by `account`.
-    let _ = account(Direction::Outbound, &pod, &inputs, &report, work)
+    let _ = account(Direction::Outbound, &pod, &inputs, &conn.report, work)
         .instrument(span)
         .await;
 }
@@ -529,10 +537,12 @@ async fn serve_inbound(
         rule = Empty,
         audit = Empty
     );
-    let report = telemetry::Report::default();
-    let work = std::pin::pin!(inbound::proxy(stream, peer, &pod, &inputs, &report));
+    let conn = inputs
+        .connections
+        .open(Direction::Inbound, &pod.shared_key, peer);
+    let work = std::pin::pin!(inbound::proxy(stream, peer, &pod, &inputs, &conn));
     // Logged and counted by `account`.
-    let _ = account(Direction::Inbound, &pod, &inputs, &report, work)
+    let _ = account(Direction::Inbound, &pod, &inputs, &conn.report, work)
         .instrument(span)
         .await;
 }

@@ -41,15 +41,23 @@ pub struct Grant {
     changes: watch::Receiver<u64>,
 }
 
-/// Decides a connection from `peer` to `dst` of `pod`; records and counts the decision.
+/// Decides a connection from `peer` to `dst` of `pod`; records the decision (on the span and
+/// on `conn`, as `/connections` lists it) and counts it.
 /// `Err(Error::Denied)` when denied: the caller refuses the connection (403 or reset).
-pub fn authorize(pod: &Pod, inputs: &Inputs, peer: Peer, dst: SocketAddr) -> Result<Grant, Error> {
+pub fn authorize(
+    pod: &Pod,
+    inputs: &Inputs,
+    peer: Peer,
+    dst: SocketAddr,
+    conn: &super::live::Conn,
+) -> Result<Grant, Error> {
     // Subscribed before the snapshot is read: a change after the read is seen by `enforce`.
     let mut changes = inputs.store.subscribe_authz();
     changes.borrow_and_update();
     let selected = inputs.store.load().authorization(&pod.key).cloned();
     let decision = decide(selected.as_deref(), &peer, dst);
     record(&decision);
+    conn.set_decision(&decision);
     count(inputs, &decision);
     if decision.allowed {
         Ok(Grant {

@@ -48,12 +48,18 @@ fn give_back(pipe: (Pipe, usize)) {
 }
 
 /// Copies until both directions have ended. `pod_side` is the pod's own connection; returns
-/// (bytes from the pod's side, bytes toward it).
+/// (bytes from the pod's side, bytes toward it), which `from_pod` and `to_pod` are also told
+/// as they move.
 /// An abnormal end on either side (a reset, an error) resets both: the application must never
 /// see a clean end (FIN) where its peer's bytes were cut off.
-pub async fn bidirectional(pod_side: TcpStream, peer_side: TcpStream) -> io::Result<(u64, u64)> {
-    let up = one_way(&pod_side, &peer_side);
-    let down = one_way(&peer_side, &pod_side);
+pub async fn bidirectional(
+    pod_side: TcpStream,
+    peer_side: TcpStream,
+    from_pod: impl Fn(u64),
+    to_pod: impl Fn(u64),
+) -> io::Result<(u64, u64)> {
+    let up = one_way(&pod_side, &peer_side, from_pod);
+    let down = one_way(&peer_side, &pod_side, to_pod);
     let result = tokio::try_join!(up, down);
     if result.is_err() {
         reset(&pod_side);
@@ -69,7 +75,8 @@ pub fn reset(s: &TcpStream) {
 }
 
 /// One direction: splices everything `src` receives into `dst`, then shuts `dst`'s write half.
-async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+/// `moved` is told each chunk once it is written.
+async fn one_way(src: &TcpStream, dst: &TcpStream, moved: impl Fn(u64)) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         src.readable().await?;
@@ -95,6 +102,7 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         // On error the pipe (maybe not empty) is dropped, never pooled.
         drain(pipe.read.as_fd(), dst, n).await?;
         total += n as u64;
+        moved(n as u64);
         if n >= capacity && capacity < PIPE_MAX {
             // A full pipe: a bulk transfer. Keep the old capacity if the kernel refuses.
             capacity = pipe.grow(PIPE_MAX).unwrap_or(capacity);
@@ -152,7 +160,7 @@ mod tests {
         // client <-> (pod_side | copier | peer_side) <-> server
         let (mut client, pod_side) = pair().await;
         let (peer_side, mut server) = pair().await;
-        let copier = tokio::spawn(bidirectional(pod_side, peer_side));
+        let copier = tokio::spawn(bidirectional(pod_side, peer_side, |_| {}, |_| {}));
         // 3 MiB one way: fills and grows the pipe; the other way stays open meanwhile.
         let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
         let sent = data.clone();
@@ -179,7 +187,7 @@ mod tests {
     async fn a_reset_ends_the_copy_with_an_error_and_resets_the_other_side() {
         let (mut client, pod_side) = pair().await;
         let (peer_side, server) = pair().await;
-        let copier = tokio::spawn(bidirectional(pod_side, peer_side));
+        let copier = tokio::spawn(bidirectional(pod_side, peer_side, |_| {}, |_| {}));
         let std = server.into_std().expect("std");
         sys::set_linger_zero(std.as_fd()).expect("linger");
         drop(std);

@@ -11,8 +11,10 @@ use tracing::debug;
 
 use super::{
     authz::{self, Peer},
-    connect_for, connect_in_pod, copy, reset,
-    telemetry::{Party, Report, Reporter, Security, TcpLabels},
+    connect_for, connect_in_pod, copy,
+    live::{Conn, Meter},
+    reset,
+    telemetry::{Party, Reporter, Security, TcpLabels},
     Error, Inputs, Pod,
 };
 use crate::{identity::SpiffeId, state::Workload, tunnel};
@@ -24,7 +26,7 @@ pub async fn proxy(
     peer: SocketAddr,
     pod: &Pod,
     inputs: &Inputs,
-    report: &Report,
+    conn: &Conn,
 ) -> Result<(u64, u64), Error> {
     let Ok(dst) = stream.local_addr() else {
         reset(stream);
@@ -43,7 +45,8 @@ pub async fn proxy(
         identity: None,
         src: peer.ip().to_canonical(),
     };
-    deliver(stream, peer, pod, dst, inputs, (report, None)).await
+    conn.set_transport("plaintext");
+    deliver(stream, peer, pod, dst, inputs, (conn, None)).await
 }
 
 /// What the state says is at `ip`, when that agrees with the identity `ip` proved (if any): a
@@ -87,23 +90,24 @@ fn labels(inputs: &Inputs, pod: &Pod, peer: &Peer) -> TcpLabels {
 /// Decides `client`'s connection from `peer` (reset when denied), then connects it to the
 /// application at `dst` from inside the pod and copies both ways while the grant holds; never
 /// to an agent port (a loop). For inbound the pod's side is the application: bytes it sends are
-/// "sent". `reports`: this connection's, and the source pod's when it is one of this agent's.
+/// "sent". `conns`: this connection, and the source pod's when it is one of this agent's.
 async fn deliver(
     client: TcpStream,
     peer: Peer,
     pod: &Pod,
     dst: SocketAddr,
     inputs: &Inputs,
-    reports: (&Report, Option<&Report>),
+    conns: (&Conn, Option<&Conn>),
 ) -> Result<(u64, u64), Error> {
     if mesh_common::ports::RESERVED.contains(&dst.port()) {
         reset(client);
         return Err(Error::Loop { addr: dst });
     }
-    reports.0.know(labels(inputs, pod, &peer));
+    conns.0.set_dst(dst);
+    conns.0.report.know(labels(inputs, pod, &peer));
     // The application sees the client's address (`delivery.preserve_client_address`).
     let from = peer.src;
-    let grant = match authz::authorize(pod, inputs, peer, dst) {
+    let grant = match authz::authorize(pod, inputs, peer, dst, conns.0) {
         Ok(grant) => grant,
         Err(denied) => {
             reset(client);
@@ -111,11 +115,20 @@ async fn deliver(
         }
     };
     let (client, app) = connect_for(client, pod, &inputs.home, dst, Some(from)).await?;
-    for report in [Some(reports.0), reports.1].into_iter().flatten() {
-        report.established(&inputs.metrics.istio);
+    for conn in [Some(conns.0), conns.1].into_iter().flatten() {
+        conn.report.established(&inputs.metrics.istio);
     }
     debug!("connection delivered");
-    let copy = Box::pin(copy::bidirectional(app, client));
+    let meter = Meter {
+        pod: &conns.0.progress,
+        mirror: conns.1.map(|c| &c.progress),
+    };
+    let copy = Box::pin(copy::bidirectional(
+        app,
+        client,
+        |n| meter.from_pod(n),
+        |n| meter.to_pod(n),
+    ));
     authz::enforce(pod, inputs, grant, copy).await
 }
 
@@ -132,7 +145,7 @@ pub async fn deliver_local(
     dst: &Pod,
     target: SocketAddr,
     inputs: &Inputs,
-    source_report: &Report,
+    source_conn: &Conn,
 ) -> Result<(u64, u64), Error> {
     use tracing::Instrument as _;
     let source = src.state();
@@ -158,16 +171,21 @@ pub async fn deliver_local(
         identity: Some(std::sync::Arc::new(source.identity.clone())),
         src,
     };
-    let report = Report::default();
+    let conn = (inputs.connections).open(
+        super::Direction::Inbound,
+        &dst.shared_key,
+        SocketAddr::new(src, source_conn.src().port()),
+    );
+    conn.set_transport("local");
     let work = std::pin::pin!(deliver(
         client,
         peer,
         dst,
         target,
         inputs,
-        (&report, Some(source_report))
+        (&conn, Some(source_conn))
     ));
-    match super::account(super::Direction::Inbound, dst, inputs, &report, work)
+    match super::account(super::Direction::Inbound, dst, inputs, &conn.report, work)
         .instrument(span)
         .await
     {
@@ -218,11 +236,21 @@ pub fn serve_hbone(
                 );
                 async move {
                     let _token = token;
-                    let report = Report::default();
-                    let work = std::pin::pin!(hbone_stream(req, &pod, &inputs, &report));
+                    let conn = (inputs.connections).open(
+                        super::Direction::Inbound,
+                        &pod.shared_key,
+                        req.remote,
+                    );
+                    let work = std::pin::pin!(hbone_stream(req, &pod, &inputs, &conn));
                     // Logged and counted by `account`.
-                    let _ = super::account(super::Direction::Inbound, &pod, &inputs, &report, work)
-                        .await;
+                    let _ = super::account(
+                        super::Direction::Inbound,
+                        &pod,
+                        &inputs,
+                        &conn.report,
+                        work,
+                    )
+                    .await;
                 }
                 .instrument(span)
             }
@@ -326,9 +354,10 @@ async fn hbone_stream(
     mut req: tunnel::server::Request,
     pod: &Pod,
     inputs: &Inputs,
-    report: &Report,
+    conn: &Conn,
 ) -> Result<(u64, u64), Error> {
     use http::StatusCode;
+    let report = &conn.report;
     let bad = |req: tunnel::server::Request, why: String| {
         let peer = (*req.peer).clone();
         req.reject(StatusCode::BAD_REQUEST);
@@ -365,6 +394,8 @@ async fn hbone_stream(
         }
     };
     tracing::Span::current().record("dst", tracing::field::display(dst));
+    conn.set_dst(dst);
+    conn.set_transport("hbone");
     // Authorized before the application is connected: a denied client never reaches it.
     let from = req.remote.ip().to_canonical();
     let peer = Peer {
@@ -372,7 +403,7 @@ async fn hbone_stream(
         src: from,
     };
     report.know(labels(inputs, pod, &peer));
-    let grant = match authz::authorize(pod, inputs, peer, dst) {
+    let grant = match authz::authorize(pod, inputs, peer, dst, conn) {
         Ok(grant) => grant,
         Err(denied) => {
             req.reject(StatusCode::FORBIDDEN);
@@ -405,6 +436,16 @@ async fn hbone_stream(
     report.established(&inputs.metrics.istio);
     debug!("connection delivered");
     // Boxed (as the connect above): an idle connection keeps only what it still awaits.
-    let copy = Box::pin(tunnel::stream::copy(app, send, recv));
+    let meter = Meter {
+        pod: &conn.progress,
+        mirror: None,
+    };
+    let copy = Box::pin(tunnel::stream::copy(
+        app,
+        send,
+        recv,
+        |n| meter.from_pod(n),
+        |n| meter.to_pod(n),
+    ));
     authz::enforce(pod, inputs, grant, copy).await
 }

@@ -7,9 +7,11 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    connect_for, copy, pod_socket, reset,
+    connect_for, copy,
+    live::{Conn, Meter},
+    pod_socket, reset,
     route::{self, Route, Via},
-    telemetry::{Party, Report, Reporter, Security, TcpLabels},
+    telemetry::{Party, Reporter, Security, TcpLabels},
     Error, Inputs, Pod,
 };
 use crate::{
@@ -23,10 +25,12 @@ pub async fn proxy(
     client: SocketAddr,
     pod: &Pod,
     inputs: &Inputs,
-    report: &Report,
+    conn: &Conn,
 ) -> Result<(u64, u64), Error> {
+    let report = &conn.report;
     let orig = original_destination(client, pod, inputs)?;
     tracing::Span::current().record("orig_dst", tracing::field::display(orig));
+    conn.set_dst(orig);
     let snap = inputs.store.load();
     let source = route::Source {
         node: &inputs.node,
@@ -81,6 +85,7 @@ pub async fn proxy(
     span.record("endpoint", tracing::field::display(target));
     span.record("route", decision.via.label());
     span.record("transport", transport);
+    conn.set_route(target, transport);
     pod.routes
         .inc(&inputs.metrics, decision.via.label(), transport);
     // The identity the destination must prove (or, on this node, has).
@@ -123,7 +128,7 @@ pub async fn proxy(
         );
         debug!("connection proxied");
         return Box::pin(super::inbound::deliver_local(
-            stream, pod, &dst, target, inputs, report,
+            stream, pod, &dst, target, inputs, conn,
         ))
         .await;
     }
@@ -157,7 +162,18 @@ pub async fn proxy(
             report.established(&inputs.metrics.istio);
             debug!("connection proxied");
             // Boxed, as the plaintext copy below: only the branch taken stays allocated.
-            let copy = Box::pin(tunnel::stream::copy(stream, tunnel.send, tunnel.recv));
+            let meter = Meter {
+                pod: &conn.progress,
+                mirror: None,
+            };
+            meter.from_pod(sent_first);
+            let copy = Box::pin(tunnel::stream::copy(
+                stream,
+                tunnel.send,
+                tunnel.recv,
+                |n| meter.from_pod(n),
+                |n| meter.to_pod(n),
+            ));
             let (sent, received) = copy.await.map_err(Error::Stream)?;
             Ok((sent + sent_first, received))
         }
@@ -167,9 +183,18 @@ pub async fn proxy(
             let (stream, upstream) = connect_for(stream, pod, &inputs.home, target, None).await?;
             report.established(&inputs.metrics.istio);
             debug!("connection proxied");
-            Box::pin(copy::bidirectional(stream, upstream))
-                .await
-                .map_err(Error::Stream)
+            let meter = Meter {
+                pod: &conn.progress,
+                mirror: None,
+            };
+            Box::pin(copy::bidirectional(
+                stream,
+                upstream,
+                |n| meter.from_pod(n),
+                |n| meter.to_pod(n),
+            ))
+            .await
+            .map_err(Error::Stream)
         }
     }
 }

@@ -33,6 +33,11 @@ impl Label {
     fn of(value: impl Into<Arc<str>>) -> Self {
         Self(Some(value.into()))
     }
+
+    /// Whether the value is known (not `unknown`).
+    pub fn is_known(&self) -> bool {
+        self.0.is_some()
+    }
 }
 
 impl std::fmt::Display for Label {
@@ -320,6 +325,15 @@ pub struct Report(Mutex<State>);
 impl Report {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection's labels, once both ends are known.
+    pub fn labels(&self) -> Option<TcpLabels> {
+        match &*self.state() {
+            State::Unknown => None,
+            State::Known(labels) => Some((**labels).clone()),
+            State::Open(series) => Some(series.labels.clone()),
+        }
     }
 
     /// Both ends are known (not counted before [`Report::established`] or the close).

@@ -24,7 +24,8 @@ pub const FIRST_READ: usize = 16 << 10;
 /// Largest read (and DATA frame) once a transfer keeps filling the buffer.
 pub const MAX_READ: usize = 256 << 10;
 
-/// Copies until both directions end; returns (bytes TCP to HTTP/2, bytes HTTP/2 to TCP).
+/// Copies until both directions end; returns (bytes TCP to HTTP/2, bytes HTTP/2 to TCP), which
+/// `up_moved` and `down_moved` are also told as they move.
 ///
 /// An abnormal end resets the other side: a stream reset by the peer (or a failed tunnel)
 /// resets the TCP connection, never ends it with a FIN the application could take for a
@@ -34,9 +35,11 @@ pub async fn copy(
     mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
     recv: RecvStream,
+    up_moved: impl Fn(u64),
+    down_moved: impl Fn(u64),
 ) -> io::Result<(u64, u64)> {
     let (rd, wr) = tcp.split();
-    let result = tokio::try_join!(up(rd, &mut send), down(recv, wr));
+    let result = tokio::try_join!(up(rd, &mut send, up_moved), down(recv, wr, down_moved));
     if result.is_err() {
         // Nothing better to do if this fails: the close is then an ordinary one.
         let _ = crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&tcp));
@@ -49,6 +52,7 @@ pub async fn copy(
 async fn up(
     mut rd: tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
+    moved: impl Fn(u64),
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut size = FIRST_READ;
@@ -83,6 +87,7 @@ async fn up(
                 size = (size * 2).min(MAX_READ);
             }
             send_all(send, buf.split().freeze()).await?;
+            moved(n as u64);
         }
         // Idle again: give the buffer back and start the next burst small.
         buf = BytesMut::new();
@@ -107,13 +112,18 @@ async fn send_all(send: &mut SendStream<Bytes>, mut chunk: Bytes) -> io::Result<
 }
 
 /// HTTP/2 to TCP.
-async fn down(mut recv: RecvStream, mut wr: tokio::net::tcp::WriteHalf<'_>) -> io::Result<u64> {
+async fn down(
+    mut recv: RecvStream,
+    mut wr: tokio::net::tcp::WriteHalf<'_>,
+    moved: impl Fn(u64),
+) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_io)?;
         let n = data.len();
         wr.write_all(&data).await?;
         total += n as u64;
+        moved(n as u64);
         recv.flow_control().release_capacity(n).map_err(h2_io)?;
     }
     wr.shutdown().await?;

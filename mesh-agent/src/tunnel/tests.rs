@@ -209,7 +209,7 @@ async fn proxy(
         return req.reject(StatusCode::SERVICE_UNAVAILABLE);
     };
     if let Ok((send, recv)) = req.accept() {
-        let _ = copied.send(stream::copy(tcp, send, recv).await);
+        let _ = copied.send(stream::copy(tcp, send, recv, |_| {}, |_| {}).await);
     }
 }
 
@@ -439,7 +439,7 @@ async fn tunnels_one_mebibyte_both_ways_with_half_close() {
         .expect("connect bridge");
     let (side, _) = bridge.accept().await.expect("accept bridge");
     let Stream { send, recv, .. } = stream;
-    let client_copy = tokio::spawn(stream::copy(side, send, recv));
+    let client_copy = tokio::spawn(stream::copy(side, send, recv, |_| {}, |_| {}));
 
     // The echo server answers only after EOF: every byte back follows our END_STREAM.
     let data: Vec<u8> = (0..251u8).cycle().take(1 << 20).collect();
