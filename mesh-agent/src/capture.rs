@@ -4,6 +4,7 @@
 //! part (`crate::pods`); capture knows nothing of the proxy.
 
 pub mod ebpf;
+pub mod inspect;
 pub mod listeners;
 pub mod pins;
 pub mod pod;

@@ -8,6 +8,7 @@
 //! refused, never passed) a pod it cannot serve.
 
 pub mod cni;
+pub mod inspect;
 pub mod sandbox;
 mod served;
 
@@ -143,6 +144,8 @@ pub enum Command {
     /// A request of the CNI plugin: answered once the pod is captured (ADD), released (DEL)
     /// or checked (CHECK).
     Cni(crate::cni::Request, oneshot::Sender<crate::cni::Reply>),
+    /// The capture state, for the admin endpoint (not answered while frozen for a handover).
+    Inspect(oneshot::Sender<inspect::CaptureView>),
 }
 
 impl Manager {
@@ -550,6 +553,9 @@ pub async fn run(
                 None => break,
                 Some(Command::Thaw) => {}
                 Some(Command::Cni(request, reply)) => capture.cni(request, reply),
+                Some(Command::Inspect(reply)) => {
+                    let _ = reply.send(capture.inspect(&failed, &not_started));
+                }
                 Some(Command::Freeze(reply)) => {
                     let _ = reply.send(capture.handover());
                     info!("capture frozen: a successor is taking over");
@@ -587,6 +593,10 @@ async fn frozen(commands: &mut mpsc::Receiver<Command>) -> Option<Command> {
         match commands.recv().await {
             Some(Command::Freeze(reply)) => {
                 // Only one successor at a time; a second one gets nothing.
+                drop(reply);
+            }
+            Some(Command::Inspect(reply)) => {
+                // The admin endpoint says capture is handing over.
                 drop(reply);
             }
             Some(Command::Cni(request, reply)) => {

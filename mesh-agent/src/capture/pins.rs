@@ -189,7 +189,7 @@ pub struct Adopted {
 
 /// The programs in the order they are attached: sk_lookup first (inbound), connect last, so
 /// that no connect is redirected before the rest is in place.
-const ORDER: [&str; 4] = [
+pub const ORDER: [&str; 4] = [
     programs::SK_LOOKUP,
     programs::SOCK_OPS,
     programs::CONNECT6,
@@ -225,13 +225,9 @@ pub fn adopt(loaded: &mut Loaded, dir: &Path, target: &Target<'_>) -> Result<Ado
                 None
             }
         };
-        let usable =
-            link.as_ref()
-                .is_some_and(|fd| match bpf::link_info(fd.as_fd()).map(|i| i.target) {
-                    Ok(LinkTarget::Cgroup(Some(id))) => Some(id) == cgroup_id,
-                    Ok(LinkTarget::Netns(Some(ino))) => Some(u64::from(ino)) == netns_ino,
-                    _ => false,
-                });
+        let usable = link.as_ref().is_some_and(|fd| {
+            bpf::link_info(fd.as_fd()).is_ok_and(|i| attached_to(i.target, cgroup_id, netns_ino))
+        });
         match link {
             Some(fd) if usable => {
                 let prog = loaded.program(program)?.fd().map_err(|e| Error::Attach {
@@ -258,6 +254,16 @@ pub fn adopt(loaded: &mut Loaded, dir: &Path, target: &Target<'_>) -> Result<Ado
         }
     }
     Ok(adopted)
+}
+
+/// Whether a link's target is the pod's cgroup (`cgroup_id`, its directory's inode) or network
+/// namespace (`netns_ino`).
+pub fn attached_to(target: LinkTarget, cgroup_id: Option<u64>, netns_ino: Option<u64>) -> bool {
+    match target {
+        LinkTarget::Cgroup(Some(id)) => Some(id) == cgroup_id,
+        LinkTarget::Netns(Some(ino)) => Some(u64::from(ino)) == netns_ino,
+        _ => false,
+    }
 }
 
 /// Removes a pod's link pins and their directory: the links detach (nothing else holds them).

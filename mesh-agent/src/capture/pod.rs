@@ -200,6 +200,11 @@ impl CapturedPod {
     }
 
     /// The pod's network namespace, open for the pod's life.
+    /// The directory of its pinned links.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
+    }
+
     pub fn netns(&self) -> &Arc<Netns> {
         &self.netns
     }

@@ -40,6 +40,10 @@ fn capture_stand_in(mut rx: mpsc::Receiver<Command>) -> std::thread::JoinHandle<
                     seen.push("cni");
                     drop(reply);
                 }
+                Command::Inspect(reply) => {
+                    seen.push("inspect");
+                    drop(reply);
+                }
             }
         }
         seen

@@ -90,6 +90,11 @@ impl ServedPod {
         self.kernel.listeners()
     }
 
+    /// Its kernel side.
+    pub fn kernel(&self) -> &CapturedPod {
+        &self.kernel
+    }
+
     /// The proxy's view of the pod (for same-node delivery).
     pub fn proxy(&self) -> &Arc<proxy::Pod> {
         &self.proxy

@@ -10,6 +10,7 @@ use std::{
 
 use super::socklen;
 
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -146,9 +147,10 @@ pub enum LinkTarget {
     Other(u32),
 }
 
-/// A link's program id and target.
+/// A link's id, program id and target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkInfo {
+    pub id: u32,
     pub prog_id: u32,
     pub target: LinkTarget,
 }
@@ -174,13 +176,106 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) }?;
     let lo = |w: u64| (w & 0xffff_ffff) as u32;
     let link_type = lo(info[0]);
+    let id = (info[0] >> 32) as u32;
     let prog_id = lo(info[1]);
     let target = match link_type {
         BPF_LINK_TYPE_CGROUP => LinkTarget::Cgroup(Some(info[2]).filter(|id| *id != 0)),
         BPF_LINK_TYPE_NETNS => LinkTarget::Netns(Some(lo(info[2])).filter(|ino| *ino != 0)),
         other => LinkTarget::Other(other),
     };
-    Ok(LinkInfo { prog_id, target })
+    Ok(LinkInfo {
+        id,
+        prog_id,
+        target,
+    })
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a program: its id (`struct bpf_prog_info`: type, id, ...).
+pub fn prog_id(program: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(info_words(program)?[1])
+}
+
+/// What the kernel says of a map (`struct bpf_map_info`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    /// `bpf_map_type`.
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub max_entries: u32,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a map.
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let w = info_words(map)?;
+    Ok(MapInfo {
+        map_type: w[0],
+        id: w[1],
+        key_size: w[2],
+        max_entries: w[4],
+    })
+}
+
+/// The first words of an object's info (`struct bpf_prog_info` or `bpf_map_info`; the
+/// kernel copies what fits).
+fn info_words(fd: BorrowedFd<'_>) -> io::Result<[u32; 24]> {
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = [0u32; 24];
+    let attr = Attr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: socklen::<[u32; 24]>(),
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: bpf_attr's info layout; `info` is live, zeroed and as long as info_len says.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) }?;
+    Ok(info)
+}
+
+/// Counts a map's entries by walking its keys (`BPF_MAP_GET_NEXT_KEY`), stopping at `limit`
+/// steps (a hash map whose entries change during the walk may restart it). Not for arrays
+/// (always full) or maps without keys to walk (socket storage).
+pub fn count_entries(map: BorrowedFd<'_>, key_size: u32, limit: usize) -> io::Result<usize> {
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    let size = key_size as usize;
+    if size == 0 || size > 512 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unexpected key size {key_size}"),
+        ));
+    }
+    let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
+    let mut count = 0;
+    let mut first = true;
+    while count < limit {
+        let attr = Attr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: bpf_attr's map element layout; `key` and `next` are live buffers of the
+        // map's key size (a null key asks for the first one).
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &attr) } {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        count += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
+    Ok(count)
 }
 
 /// `BPF_LINK_UPDATE`: atomically replaces the program of a link (cgroup links since Linux 5.7,
