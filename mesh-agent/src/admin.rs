@@ -1,6 +1,8 @@
-//! The agent's HTTP endpoints: `/metrics` (Prometheus) and `/healthz/ready`. Both listeners
-//! serve both paths; each is bound where the configuration says (metrics and readiness are
-//! scraped and probed from outside the node namespace, the admin port comes later on loopback).
+//! The agent's HTTP endpoints: `/metrics` (Prometheus) and `/healthz/ready` on each listener;
+//! each is bound where the configuration says (metrics and readiness are scraped and probed
+//! from outside the node namespace). The admin listener (`admin_addr`, loopback only) also
+//! serves what changes or reveals the agent: `/logging`, and, from the node agent,
+//! `/config_dump`, `/connections` and `/why` (the [`Inspect`] it is given once running).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -57,6 +59,24 @@ impl Readiness {
     }
 }
 
+/// What the node agent answers on its admin endpoint beyond metrics, readiness and logging
+/// (`crate::inspect`). A seam: the admin endpoint serves the waypoint too, which has none.
+pub trait Inspect: Send + Sync + std::fmt::Debug {
+    /// `GET /config_dump`: the effective configuration and what the agent holds, as JSON.
+    fn config_dump(&self) -> BoxFuture<'_, Result<serde_json::Value, String>>;
+    /// `GET /connections`: the connections being served, as JSON.
+    fn connections(&self) -> serde_json::Value;
+    /// `GET /why?src=NS/POD&dst=NS/NAME:PORT`: whether that connection would be captured,
+    /// routed and allowed, from the live state. `Err`: the question names something unknown.
+    fn why(&self, src: &str, dst: &str) -> BoxFuture<'_, Result<serde_json::Value, String>>;
+}
+
+/// A boxed future of an [`Inspect`] answer.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The node's [`Inspect`], set once the agent runs (the endpoints are served before).
+pub type Inspector = Arc<std::sync::OnceLock<Arc<dyn Inspect>>>;
+
 /// One of the agent's HTTP listeners (metrics, readiness), kept so that it can be handed over.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
@@ -109,17 +129,35 @@ pub fn serve(
     what: &'static str,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    inspector: Inspector,
     stop: watch::Receiver<bool>,
 ) -> Result<Endpoint, Error> {
-    serve_with(listener, what, metrics, readiness, stop, Limits::default())
+    serve_with(
+        listener,
+        what,
+        Served {
+            metrics,
+            readiness,
+            inspector,
+        },
+        stop,
+        Limits::default(),
+    )
+}
+
+/// What an endpoint answers from.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub inspector: Inspector,
 }
 
 /// [`serve`] with other limits.
 pub fn serve_with(
     listener: std::net::TcpListener,
     what: &'static str,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
+    served: Served,
     mut stop: watch::Receiver<bool>,
     limits: Limits,
 ) -> Result<Endpoint, Error> {
@@ -159,12 +197,12 @@ pub fn serve_with(
                     drop(stream);
                     continue;
                 };
-                let (metrics, readiness) = (metrics.clone(), readiness.clone());
+                let served = served.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     let service = service_fn(move |req| {
-                        let response = handle(what, &req, &metrics, &readiness);
-                        async move { Ok::<_, Infallible>(response) }
+                        let served = served.clone();
+                        async move { Ok::<_, Infallible>(handle(what, &req, &served).await) }
                     });
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -238,17 +276,63 @@ fn query_value(query: &str, key: &str) -> Option<String> {
 /// scrape without a content type it knows.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-fn handle<B>(
-    what: &str,
-    req: &Request<B>,
-    metrics: &Metrics,
-    readiness: &Readiness,
-) -> Response<Full<Bytes>> {
+/// The JSON content type of the inspection endpoints.
+const JSON: &str = "application/json";
+
+/// `/config_dump`, `/connections` and `/why` (admin endpoint only): JSON, or why not.
+async fn inspect<B>(req: &Request<B>, inspector: &Inspector) -> (StatusCode, &'static str, String) {
+    let text = "text/plain; charset=utf-8";
+    let Some(inspect) = inspector.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            text,
+            "this process has no state to inspect (yet): the node agent answers once it runs\n"
+                .into(),
+        );
+    };
+    if req.method() != http::Method::GET {
+        return (StatusCode::METHOD_NOT_ALLOWED, text, "GET only\n".into());
+    }
+    let query = req.uri().query().unwrap_or("");
+    let answer = match req.uri().path() {
+        "/config_dump" => inspect.config_dump().await,
+        "/connections" => Ok(inspect.connections()),
+        _ => match (query_value(query, "src"), query_value(query, "dst")) {
+            (Some(src), Some(dst)) => inspect.why(&src, &dst).await,
+            _ => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    text,
+                    "give both ends: /why?src=NAMESPACE/POD&dst=NAMESPACE/NAME:PORT\n".into(),
+                )
+            }
+        },
+    };
+    match answer {
+        Ok(json) => match serde_json::to_string_pretty(&json) {
+            Ok(body) => (StatusCode::OK, JSON, body + "\n"),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                text,
+                format!("encoding JSON failed: {e}\n"),
+            ),
+        },
+        Err(why) => (StatusCode::BAD_REQUEST, text, format!("{why}\n")),
+    }
+}
+
+async fn handle<B>(what: &str, req: &Request<B>, served: &Served) -> Response<Full<Bytes>> {
     let mut content_type = "text/plain; charset=utf-8";
     let (status, body) = match req.uri().path() {
         // Changes the agent: on the admin endpoint only, which listens on loopback only.
         "/logging" if what == ADMIN => logging(req),
-        "/metrics" => match metrics.encode() {
+        // Reveal the agent's state: as `/logging`.
+        "/config_dump" | "/connections" | "/why" if what == ADMIN => {
+            let (status, kind, body) = inspect(req, &served.inspector).await;
+            content_type = kind;
+            (status, body)
+        }
+        "/metrics" => match served.metrics.encode() {
             Ok(text) => {
                 content_type = METRICS_CONTENT_TYPE;
                 (StatusCode::OK, text)
@@ -258,7 +342,7 @@ fn handle<B>(
                 format!("encoding metrics failed: {e}\n"),
             ),
         },
-        "/healthz/ready" => match readiness.get() {
+        "/healthz/ready" => match served.readiness.get() {
             None => (StatusCode::OK, "ready\n".into()),
             Some(why) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -267,7 +351,8 @@ fn handle<B>(
         },
         _ if what == ADMIN => (
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz/ready or /logging\n".into(),
+            "not found: try /metrics, /healthz/ready, /logging, /config_dump, /connections or /why\n"
+                .into(),
         ),
         _ => (
             StatusCode::NOT_FOUND,
@@ -305,8 +390,11 @@ mod tests {
         serve_with(
             listener,
             what,
-            Arc::new(Metrics::new()),
-            Arc::new(Readiness::new("starting")),
+            Served {
+                metrics: Arc::new(Metrics::new()),
+                readiness: Arc::new(Readiness::new("starting")),
+                inspector: Inspector::default(),
+            },
             stopped,
             limits,
         )

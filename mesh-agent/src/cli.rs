@@ -83,6 +83,10 @@ enum Command {
     /// AuthorizationPolicy, for clusters without Istio), generated from the agent's own types.
     /// deploy/crds/ holds the output.
     Crds,
+    /// Ask this node's agent what it is doing: workloads, services, policies, certificates,
+    /// connections, eBPF; one pod; why a connection would be allowed or not; or check the
+    /// node before trusting it (docs/operations.md, "Inspecting a node").
+    Inspect(crate::inspect::cli::Args),
     /// Check that this machine and these privileges can run the agent, then exit.
     Check {
         /// The pin directory that would be used.
@@ -245,6 +249,10 @@ pub fn main(allocator: Allocator) -> anyhow::Result<()> {
         }
         Command::Policy(PolicyCommand::Check(args)) => {
             print!("{}", policy::cli::check(&args)?);
+            Ok(())
+        }
+        Command::Inspect(args) => {
+            print!("{}", crate::inspect::cli::run(&args)?);
             Ok(())
         }
         Command::Crds => {

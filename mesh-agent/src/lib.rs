@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod fuzzing;
 pub mod handover;
 pub mod identity;
+pub mod inspect;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -176,6 +176,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         .map(|t| std::mem::take(&mut t.admin))
         .unwrap_or_default();
     let mut endpoints = Vec::new();
+    let inspector = admin::Inspector::default();
     let mut wanted = vec![("metrics", config.metrics_addr)];
     if config.readiness_addr != config.metrics_addr {
         wanted.push(("readiness", config.readiness_addr));
@@ -194,6 +195,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
             what,
             metrics.clone(),
             readiness.clone(),
+            inspector.clone(),
             admin_stopped.clone(),
         )?);
     }
@@ -335,6 +337,12 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         }
     };
     let (commands, command_rx) = mpsc::channel(4);
+    let _ = inspector.set(Arc::new(crate::inspect::Node::new(
+        &config,
+        inputs.clone(),
+        commands.clone(),
+        readiness.clone(),
+    )));
     let reconcile = pods::run(
         pods,
         store,

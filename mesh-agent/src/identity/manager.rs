@@ -54,6 +54,25 @@ impl From<&SpiffeId> for CertLabels {
     }
 }
 
+/// A workload certificate as the admin endpoint shows it (never its key). Times are Unix
+/// seconds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertView {
+    pub identity: String,
+    pub serial: String,
+    /// The issuer's subject (this node's intermediate, or a central CA).
+    pub issuer: String,
+    pub not_before: u64,
+    pub not_after: u64,
+    /// When the agent renews it (its half-life, or the next retry).
+    pub renew_at: u64,
+    pub expires_in_secs: u64,
+    /// Within its validity now.
+    pub valid: bool,
+    /// Certificates presented: the leaf and its issuers (not the root).
+    pub chain_len: usize,
+}
+
 /// Mints and rotates leaf certificates for the service accounts of pods on this node.
 pub struct CertManager {
     issuer: Issuer,
@@ -163,6 +182,43 @@ impl CertManager {
             .iter()
             .map(|der| super::pem::encode("CERTIFICATE", der))
             .collect()
+    }
+
+    /// The workload certificates held now (no keys), by identity: for the admin endpoint.
+    pub fn certificates(&self) -> Vec<CertView> {
+        let now = (self.clock)();
+        let mut views: Vec<CertView> = self
+            .lock()
+            .values()
+            .map(|entry| {
+                let leaf = entry.leaf.load();
+                let unix = |t: SystemTime| {
+                    t.duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                };
+                let parsed = leaf.chain.first().and_then(|der| {
+                    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                    Some((cert.raw_serial_as_string(), cert.issuer().to_string()))
+                });
+                let (serial, issuer) = parsed.unwrap_or_default();
+                CertView {
+                    identity: leaf.id.to_string(),
+                    serial,
+                    issuer,
+                    not_before: unix(leaf.not_before),
+                    not_after: unix(leaf.not_after),
+                    renew_at: unix(entry.renew),
+                    expires_in_secs: leaf
+                        .not_after
+                        .duration_since(now)
+                        .map_or(0, |d| d.as_secs()),
+                    valid: leaf.not_before <= now && now < leaf.not_after,
+                    chain_len: leaf.chain.len(),
+                }
+            })
+            .collect();
+        views.sort_by(|a, b| a.identity.cmp(&b.identity));
+        views
     }
 
     /// Forgets the identities not in `keep` (no pod of theirs is left on this node), and their

@@ -59,6 +59,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             what,
             metrics.clone(),
             readiness.clone(),
+            admin::Inspector::default(),
             admin_stopped.clone(),
         )?);
     }
