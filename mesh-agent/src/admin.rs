@@ -384,6 +384,15 @@ mod tests {
         what: &'static str,
         limits: Limits,
     ) -> (SocketAddr, watch::Sender<bool>) {
+        endpoint_inspected(what, limits, Inspector::default()).await
+    }
+
+    /// [`endpoint_named`], answering from `inspector`.
+    async fn endpoint_inspected(
+        what: &'static str,
+        limits: Limits,
+        inspector: Inspector,
+    ) -> (SocketAddr, watch::Sender<bool>) {
         let listener = bind("127.0.0.1:0".parse().expect("addr"), what).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = watch::channel(false);
@@ -393,7 +402,7 @@ mod tests {
             Served {
                 metrics: Arc::new(Metrics::new()),
                 readiness: Arc::new(Readiness::new("starting")),
-                inspector: Inspector::default(),
+                inspector,
             },
             stopped,
             limits,
@@ -484,6 +493,77 @@ mod tests {
         assert!(request(admin, "GET", "/metrics")
             .await
             .starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn the_agents_state_is_revealed_on_the_admin_endpoint_only() {
+        let (admin, _a) = endpoint_named(ADMIN, Limits::default()).await;
+        let (metrics, _m) = endpoint_named("metrics", Limits::default()).await;
+        for path in ["/config_dump", "/connections", "/why?src=a/b&dst=c/d:1"] {
+            let answer = request(metrics, "GET", path).await;
+            assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
+            // This endpoint has no inspector (a waypoint's, or an agent not running yet).
+            let answer = request(admin, "GET", path).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 503") && answer.contains("no state to inspect"),
+                "{path}: {answer}"
+            );
+        }
+    }
+
+    /// Answers as a node agent would, from fixed values.
+    #[derive(Debug)]
+    struct Fixed;
+
+    impl Inspect for Fixed {
+        fn config_dump(&self) -> BoxFuture<'_, Result<serde_json::Value, String>> {
+            Box::pin(async { Ok(serde_json::json!({ "node": "n1" })) })
+        }
+        fn connections(&self) -> serde_json::Value {
+            serde_json::json!({ "connections": [] })
+        }
+        fn why(&self, src: &str, dst: &str) -> BoxFuture<'_, Result<serde_json::Value, String>> {
+            let asked = format!("{src} -> {dst}");
+            Box::pin(async move {
+                match asked.starts_with("shop/nobody") {
+                    true => Err("no workload shop/nobody in the state".into()),
+                    false => Ok(serde_json::json!({ "asked": asked })),
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_inspection_endpoints_answer_json_or_say_what_is_wrong() {
+        let inspector = Inspector::default();
+        inspector.set(Arc::new(Fixed)).expect("set once");
+        let (admin, _a) = endpoint_inspected(ADMIN, Limits::default(), inspector).await;
+        let answer = request(admin, "GET", "/config_dump").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("content-type: application/json\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("\"node\": \"n1\""), "{answer}");
+        let answer = request(admin, "GET", "/why?src=shop%2Fclient&dst=shop%2Fdb%3A5432").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("shop/client -> shop/db:5432"),
+            "{answer}"
+        );
+        let answer = request(admin, "GET", "/why?src=shop/nobody&dst=shop/db:1").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400") && answer.contains("no workload shop/nobody"),
+            "{answer}"
+        );
+        let answer = request(admin, "GET", "/why?src=shop/client").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400") && answer.contains("give both ends"),
+            "{answer}"
+        );
+        let answer = request(admin, "POST", "/connections").await;
+        assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
     }
 
     #[test]

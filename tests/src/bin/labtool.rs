@@ -114,6 +114,9 @@ enum Cmd {
     Collide(maps::CollideArgs),
     /// Counts the entries of a pinned eBPF hash map; prints `entries N`.
     MapCount(maps::MapCountArgs),
+    /// Detaches a pinned eBPF link from its hook, as `bpftool link detach` does; prints
+    /// `detached`.
+    LinkDetach(maps::LinkDetachArgs),
     /// HTTP/1.1 and HTTP/2 server naming itself, reporting what it received (`--fail-every`,
     /// `--delay-ms` to misbehave).
     HttpServe(http::ServeArgs),
@@ -156,6 +159,7 @@ fn main() -> ExitCode {
         Cmd::Flood(args) => idle::flood(args),
         Cmd::Collide(args) => maps::collide(args),
         Cmd::MapCount(args) => maps::map_count(args),
+        Cmd::LinkDetach(args) => maps::link_detach(args),
         Cmd::Connects(args) => idle::connects(args),
         Cmd::Send {
             to,

@@ -97,6 +97,32 @@ pub fn map_count(args: MapCountArgs) -> Result<()> {
     Ok(())
 }
 
+/// Arguments of `mesh-labtool link-detach`.
+#[derive(clap::Args, Debug)]
+pub struct LinkDetachArgs {
+    /// The pinned link.
+    #[arg(long)]
+    pin: PathBuf,
+}
+
+/// Detaches a pinned link from its hook as `bpftool link detach` does (BPF_LINK_DETACH): the
+/// link and its pin stay, attached to nothing. Prints `detached`.
+pub fn link_detach(args: LinkDetachArgs) -> Result<()> {
+    let link = obj_get(&args.pin).with_context(|| format!("opening {}", args.pin.display()))?;
+    let mut attr = [0u64; 4];
+    attr[0] = link.as_raw_fd() as u64;
+    // SAFETY: BPF_LINK_DETACH with a valid attr (the link's descriptor).
+    if unsafe { bpf(BPF_LINK_DETACH, &mut attr) } < 0 {
+        bail!(
+            "detaching {}: {}",
+            args.pin.display(),
+            io::Error::last_os_error()
+        );
+    }
+    crate::say("detached");
+    Ok(())
+}
+
 fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -115,6 +141,7 @@ fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
 /// bpf(2) commands (linux/bpf.h).
 const BPF_MAP_GET_NEXT_KEY: libc::c_int = 4;
 const BPF_OBJ_GET: libc::c_int = 7;
+const BPF_LINK_DETACH: libc::c_int = 34;
 
 /// bpf(2) with a zero-padded attr.
 ///
