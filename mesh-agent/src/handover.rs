@@ -22,6 +22,8 @@
 //! dies): the giver thaws and carries on, having lost nothing. `Uninstall` (from `mesh-agent
 //! node --uninstall`) asks the running agent to release every pod, remove its pins and stop.
 
+pub mod metrics;
+
 use std::{
     io,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
@@ -391,6 +393,7 @@ impl Giver {
     ) {
         let count = |result: &'static str| {
             metrics
+                .handover
                 .handovers
                 .get_or_create(&crate::metrics::HandoverLabels {
                     role: "giver",

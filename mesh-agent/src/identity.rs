@@ -20,7 +20,7 @@ use std::{
 };
 
 pub use ca::{IssuedPem, Issuer, Leaf, TrustBundle};
-pub use manager::{CertLabels, CertManager, CertView};
+pub use manager::{expiry_family, CertLabels, CertManager, CertView};
 pub use spiffe::SpiffeId;
 pub use verify::{verify_peer, verify_peer_issued, PeerRole, Placement};
 

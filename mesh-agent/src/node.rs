@@ -205,20 +205,11 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
     layout.prepare(&bpf_dir)?;
     let (loaded, orig_dst, collector) = capture::ebpf::load(&layout, &config.capture)?;
     metrics.register_collector(collector);
-    let expiry = prometheus_client::metrics::family::Family::<
-        identity::CertLabels,
-        prometheus_client::metrics::gauge::Gauge,
-    >::default();
-    metrics.register(
-        "mesh_certificate_expiry_timestamp_seconds",
-        "When each workload certificate of this node expires (Unix time)",
-        expiry.clone(),
-    );
     let certs = identity::CertManager::new(
         issuer,
         bundle,
         Duration::from_secs(config.identity.leaf_lifetime_secs),
-        expiry,
+        identity::expiry_family(&metrics),
     );
     let (stop_rotation, rotation_stopped) = watch::channel(false);
     tokio::spawn(certs.clone().run_rotation(rotation_stopped));
@@ -372,6 +363,7 @@ async fn serve(s: Start) -> anyhow::Result<i32> {
         let giver = takeover.giver;
         let taker = |result| {
             metrics
+                .handover
                 .handovers
                 .get_or_create(&metrics::HandoverLabels {
                     role: "taker",
@@ -622,28 +614,7 @@ fn same_listener(l: &std::net::TcpListener, addr: std::net::SocketAddr, home: &s
 }
 
 fn hbone_pool(config: &config::Config, metrics: &metrics::Metrics) -> Arc<tunnel::client::Pool> {
-    let pool_metrics = tunnel::client::PoolMetrics::default();
-    metrics.register(
-        "mesh_hbone_connections_opened",
-        "HBONE connections opened (TLS handshakes)",
-        pool_metrics.connections_opened.clone(),
-    );
-    metrics.register(
-        "mesh_hbone_connections",
-        "HBONE connections in the pool",
-        pool_metrics.connections.clone(),
-    );
-    metrics.register(
-        "mesh_hbone_streams_opened",
-        "HBONE CONNECT streams opened",
-        pool_metrics.streams_opened.clone(),
-    );
-    metrics.register(
-        "mesh_hbone_streams_retried",
-        "HBONE CONNECT streams a draining peer refused unprocessed, opened again on another \
-         connection",
-        pool_metrics.streams_retried.clone(),
-    );
+    let pool_metrics = tunnel::client::PoolMetrics::registered(metrics);
     let pool_config = tunnel::client::PoolConfig {
         max_conns: config.hbone.connections_per_peer,
         max_age: config.hbone.max_connection_age(),

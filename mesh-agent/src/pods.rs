@@ -9,6 +9,7 @@
 
 pub mod cni;
 pub mod inspect;
+pub mod metrics;
 pub mod sandbox;
 mod served;
 
@@ -349,6 +350,7 @@ impl Manager {
                 error!(pod = %key, error = %e, "pod capture failed; will retry");
                 self.inputs
                     .metrics
+                    .capture
                     .capture_failures
                     .get_or_create(&PodLabels {
                         namespace: workload.namespace.clone(),
@@ -425,14 +427,17 @@ impl Manager {
             ("released", c.released),
         ] {
             if n > 0 {
-                m.capture_changes
+                m.capture
+                    .capture_changes
                     .get_or_create(&ChangeLabels { change })
                     .inc_by(n as u64);
             }
         }
-        m.captured_pods
+        m.capture
+            .captured_pods
             .set(i64::try_from(self.pods.len()).unwrap_or(i64::MAX));
-        m.closed_pods
+        m.capture
+            .closed_pods
             .set(i64::try_from(self.pinned.len()).unwrap_or(i64::MAX));
     }
 

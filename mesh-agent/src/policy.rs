@@ -13,6 +13,7 @@ mod eval;
 #[cfg(test)]
 mod fuzz;
 mod l7;
+pub mod metrics;
 pub mod spec;
 mod targets;
 #[cfg(test)]

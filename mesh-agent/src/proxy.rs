@@ -11,6 +11,7 @@ mod copy;
 pub mod inbound;
 pub mod limits;
 pub mod live;
+pub mod metrics;
 mod outbound;
 pub mod route;
 pub mod sampled;
@@ -158,8 +159,12 @@ impl Pod {
             client_address,
             key: w.key(),
             shared_key: Arc::from(w.key()),
-            outbound: metrics.conn_counters("outbound", &w.namespace, &w.name),
-            inbound: metrics.conn_counters("inbound", &w.namespace, &w.name),
+            outbound: metrics
+                .proxy
+                .conn_counters("outbound", &w.namespace, &w.name),
+            inbound: metrics
+                .proxy
+                .conn_counters("inbound", &w.namespace, &w.name),
             routes: RouteCounters::new(&w.namespace, &w.name),
             sampled: sampled::LogSampler::default(),
             failures: Default::default(),
@@ -194,7 +199,7 @@ impl Pod {
             .iter()
             .copied()
             .collect();
-        metrics.remove_pod(&w.namespace, &w.name, &failures);
+        metrics.proxy.remove_pod(&w.namespace, &w.name, &failures);
     }
 
     fn count_failure(&self, metrics: &Metrics, direction: Direction, e: &Error) {
@@ -202,6 +207,7 @@ impl Pod {
             .unwrap_or_else(|e| e.into_inner())
             .insert((direction.as_str(), e.reason()));
         metrics
+            .proxy
             .failures
             .get_or_create(&FailureLabels {
                 direction: direction.as_str(),

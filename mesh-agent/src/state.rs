@@ -13,6 +13,7 @@ pub mod bench;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod canonical;
 mod index;
+pub mod metrics;
 mod policies;
 #[cfg(test)]
 pub(crate) mod tests;

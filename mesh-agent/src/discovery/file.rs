@@ -418,7 +418,7 @@ fn reload(path: &Path, bytes: &[u8], store: &Store, metrics: &Metrics) -> Result
     let started = Instant::now();
     let parsed = parse(path, &String::from_utf8_lossy(bytes));
     let parse_time = started.elapsed();
-    metrics.state_parse.observe(parse_time.as_secs_f64());
+    metrics.state.state_parse.observe(parse_time.as_secs_f64());
     let mut desired = parsed?;
     let started = Instant::now();
     let current = store.load();
@@ -432,7 +432,7 @@ fn reload(path: &Path, bytes: &[u8], store: &Store, metrics: &Metrics) -> Result
         message: e.to_string(),
     })?;
     let apply_time = started.elapsed();
-    metrics.state_apply.observe(apply_time.as_secs_f64());
+    metrics.state.state_apply.observe(apply_time.as_secs_f64());
     let snap = store.load();
     info!(
         path = %path.display(),
@@ -486,6 +486,7 @@ pub async fn watch(
                 if last_bad.as_deref() != Some(&[]) {
                     error!(error = %e, "keeping the last good state");
                     metrics
+                        .state
                         .state_reloads
                         .get_or_create(&crate::metrics::Result::error())
                         .inc();
@@ -500,6 +501,7 @@ pub async fn watch(
         match reload(&path, &bytes, &store, &metrics) {
             Ok(()) => {
                 metrics
+                    .state
                     .state_reloads
                     .get_or_create(&crate::metrics::Result::ok())
                     .inc();
@@ -509,6 +511,7 @@ pub async fn watch(
             Err(e) => {
                 error!(error = %e, "state change rejected; keeping the last good state");
                 metrics
+                    .state
                     .state_reloads
                     .get_or_create(&crate::metrics::Result::error())
                     .inc();

@@ -213,6 +213,7 @@ pub fn settle(
 pub fn report(rejections: &[Rejection], metrics: &Metrics) {
     count(rejections, metrics);
     metrics
+        .policy
         .policies_invalid
         .set(i64::try_from(rejections.len()).unwrap_or(i64::MAX));
 }
@@ -223,6 +224,7 @@ pub fn count(rejections: &[Rejection], metrics: &Metrics) {
     for r in rejections {
         error!(policy = %r.invalid.key(), outcome = %r.outcome.as_str(), "policy rejected: {r}");
         metrics
+            .policy
             .policy_rejected
             .get_or_create(&crate::metrics::RejectedLabels {
                 policy: r.invalid.key(),

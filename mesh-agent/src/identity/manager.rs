@@ -73,6 +73,18 @@ pub struct CertView {
     pub chain_len: usize,
 }
 
+/// The family of `mesh_certificate_expiry_timestamp_seconds`, registered in `metrics`: the
+/// [`CertManager`] of the node sets it.
+pub fn expiry_family(metrics: &crate::metrics::Metrics) -> Family<CertLabels, Gauge> {
+    let expiry = Family::<CertLabels, Gauge>::default();
+    metrics.register(
+        "mesh_certificate_expiry_timestamp_seconds",
+        "When each workload certificate of this node expires (Unix time)",
+        expiry.clone(),
+    );
+    expiry
+}
+
 /// Mints and rotates leaf certificates for the service accounts of pods on this node.
 pub struct CertManager {
     issuer: Issuer,

@@ -105,6 +105,7 @@ impl Manager {
                     error!(pod = %key, error = %why, "pod sandbox not found; will retry");
                     self.inputs
                         .metrics
+                        .capture
                         .capture_failures
                         .get_or_create(&PodLabels {
                             namespace: w.namespace.clone(),

@@ -161,7 +161,7 @@ fn return_path(inputs: &proxy::Inputs, kernel: &CapturedPod) -> bool {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(pod = %w.key(), error = %e, "cannot deliver connections from the client's address: the pod sees its own address as their source");
-            inputs.metrics.return_path_failures.inc();
+            inputs.metrics.capture.return_path_failures.inc();
             false
         }
     }

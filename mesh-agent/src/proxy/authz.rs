@@ -127,7 +127,7 @@ where
                 }
                 inputs
                     .metrics
-                    .revoked
+                    .policy.revoked
                     .get_or_create(&RevokedLabels {
                         policy: PolicyLabel(decision.policy_label()),
                         reason: decision.reason.as_str(),
@@ -154,7 +154,8 @@ fn record(d: &Decision) {
 fn count(inputs: &Inputs, d: &Decision) {
     let m = &inputs.metrics;
     for (policy, _) in &d.audited {
-        m.decisions
+        m.policy
+            .decisions
             .get_or_create(&DecisionLabels {
                 action: "audit",
                 policy: PolicyLabel(policy.clone()),
@@ -163,10 +164,11 @@ fn count(inputs: &Inputs, d: &Decision) {
             .inc();
     }
     if d.reason == Reason::NoPolicy {
-        m.allowed_without_policy.inc();
+        m.policy.allowed_without_policy.inc();
         return;
     }
-    m.decisions
+    m.policy
+        .decisions
         .get_or_create(&DecisionLabels {
             action: d.verdict(),
             policy: PolicyLabel(d.policy_label()),

@@ -87,7 +87,7 @@ pub async fn proxy(
     span.record("transport", transport);
     conn.set_route(target, transport);
     pod.routes
-        .inc(&inputs.metrics, decision.via.label(), transport);
+        .inc(&inputs.metrics.proxy, decision.via.label(), transport);
     // The identity the destination must prove (or, on this node, has).
     let expected = match (&local, &peer) {
         (Some(dst), _) => Some(dst.state().identity.clone()),

@@ -41,7 +41,7 @@ pub struct PoolKey {
     pub expected: SpiffeId,
 }
 
-/// Pool metrics, registered by the caller.
+/// Pool metrics ([`PoolMetrics::registered`] registers them).
 #[derive(Clone, Debug, Default)]
 pub struct PoolMetrics {
     /// HBONE connections opened (TLS handshakes made).
@@ -52,6 +52,35 @@ pub struct PoolMetrics {
     pub streams_opened: Counter,
     /// CONNECT streams the server refused unprocessed (draining) and that were opened again.
     pub streams_retried: Counter,
+}
+
+impl PoolMetrics {
+    /// New pool metrics, registered in `metrics`.
+    pub fn registered(metrics: &crate::metrics::Metrics) -> Self {
+        let m = Self::default();
+        metrics.register(
+            "mesh_hbone_connections_opened",
+            "HBONE connections opened (TLS handshakes)",
+            m.connections_opened.clone(),
+        );
+        metrics.register(
+            "mesh_hbone_connections",
+            "HBONE connections in the pool",
+            m.connections.clone(),
+        );
+        metrics.register(
+            "mesh_hbone_streams_opened",
+            "HBONE CONNECT streams opened",
+            m.streams_opened.clone(),
+        );
+        metrics.register(
+            "mesh_hbone_streams_retried",
+            "HBONE CONNECT streams a draining peer refused unprocessed, opened again on another \
+             connection",
+            m.streams_retried.clone(),
+        );
+        m
+    }
 }
 
 /// Pool limits.

@@ -194,6 +194,7 @@ impl Metrics {
 
     pub fn policies_invalid(&self, n: usize) {
         self.agent
+            .policy
             .policies_invalid
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
