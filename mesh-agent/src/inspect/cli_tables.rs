@@ -321,13 +321,19 @@ fn workload(w: &Value, cert: Option<&Value>, conns: &[&Value]) -> String {
         cell(&w["identity"]),
     );
     out.push_str(&match cert {
-        Some(c) => format!(
-            "cert:      serial {}, expires in {}, renewed at {} (Unix), issued by {}\n",
-            cell(&c["serial"]),
-            duration(c["expires_in_secs"].as_u64().unwrap_or(0)),
-            cell(&c["renew_at"]),
-            cell(&c["issuer"])
-        ),
+        Some(c) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let renew = c["renew_at"].as_u64().unwrap_or(0).saturating_sub(now);
+            format!(
+                "cert:      serial {}, expires in {}, renewed in {}, issued by {}\n",
+                cell(&c["serial"]),
+                duration(c["expires_in_secs"].as_u64().unwrap_or(0)),
+                duration(renew),
+                cell(&c["issuer"])
+            )
+        }
         None => "cert:      none held (minted at capture)\n".to_owned(),
     });
     out.push_str(&format!(
@@ -377,11 +383,14 @@ pub fn why(a: &Value) -> String {
         cell(&a["summary"])
     );
     let end = |e: &Value| {
+        let at = match &e["port"] {
+            Value::Null => cell(&e["address"]),
+            port => format!("{}:{}", cell(&e["address"]), cell(port)),
+        };
         format!(
-            "{} {} at {} (node {}, identity {}, {})",
+            "{} {} at {at}, node {}, identity {}, {}",
             cell(&e["kind"]),
             cell(&e["name"]),
-            cell(&e["address"]),
             cell(&e["node"]),
             cell(&e["identity"]),
             if e["meshed"] == true {
@@ -394,7 +403,7 @@ pub fn why(a: &Value) -> String {
     out.push_str(&format!("source:      {}\n", end(&a["source"])));
     out.push_str(&format!("destination: {}\n", end(&a["destination"])));
     out.push_str(&format!(
-        "capture:     {} ({})\n",
+        "capture:     {}: {}\n",
         if a["capture"]["ok"] == true {
             "yes"
         } else {
@@ -403,38 +412,50 @@ pub fn why(a: &Value) -> String {
         cell(&a["capture"]["why"])
     ));
     if let Some(r) = a.get("route").filter(|r| !r.is_null()) {
+        let to = match (&r["endpoint"], &r["peer"]) {
+            (Value::Null, _) => String::new(),
+            (e, Value::Null) => format!(" to {}", cell(e)),
+            (e, p) => format!(
+                " to {} ({}, which must prove {})",
+                cell(e),
+                cell(p),
+                cell(&r["peer_identity"])
+            ),
+        };
+        let service = match &r["service"] {
+            Value::Null => String::new(),
+            s => format!(" {}", cell(s)),
+        };
         out.push_str(&format!(
-            "route:       {} via {}{} to {} ({}, expecting {}): {}\n",
+            "route:       {} via {}{service}{to}: {}\n",
             cell(&r["transport"]),
             cell(&r["via"]),
-            match &r["service"] {
-                Value::Null => String::new(),
-                s => format!(" {}", cell(s)),
-            },
-            cell(&r["endpoint"]),
-            cell(&r["peer"]),
-            cell(&r["peer_identity"]),
             cell(&r["why"])
         ));
     }
     if let Some(p) = a.get("policy").filter(|p| !p.is_null()) {
+        let by = match (&p["policy"], &p["rule"]) {
+            (Value::Null, _) => "no policy".to_owned(),
+            (policy, Value::Null) => format!("policy {}", cell(policy)),
+            (policy, rule) => format!("policy {} rule {}", cell(policy), cell(rule)),
+        };
+        let seen = match &p["identity"] {
+            Value::Null => format!("plaintext from {}", cell(&p["source_address"])),
+            id => format!("{} from {}", cell(id), cell(&p["source_address"])),
+        };
         out.push_str(&format!(
-            "policy:      {} at {}: policy {} rule {} ({}); seen as {} from {}; in force: {}\n",
+            "policy:      {} at {} by {by} ({}), seeing {seen}; in force: {}\n",
             if p["allowed"] == true {
                 "allow"
             } else {
                 "deny"
             },
             cell(&p["workload"]),
-            cell(&p["policy"]),
-            cell(&p["rule"]),
             cell(&p["reason"]),
-            match &p["identity"] {
-                Value::Null => "plaintext".to_owned(),
-                id => cell(id),
-            },
-            cell(&p["source_address"]),
-            cell(&p["in_force"])
+            match cell(&p["in_force"]) {
+                s if s == "-" => "none".to_owned(),
+                s => s,
+            }
         ));
     }
     out

@@ -86,7 +86,9 @@ pub struct End {
     /// `pod` or `service`.
     pub kind: &'static str,
     pub node: Option<String>,
-    pub address: SocketAddr,
+    pub address: IpAddr,
+    /// The destination's port (none for the source).
+    pub port: Option<u16>,
     pub identity: Option<String>,
     pub meshed: bool,
 }
@@ -172,7 +174,8 @@ pub fn answer(snap: &Snapshot, here: &Here<'_>, q: &Question) -> Result<Answer, 
                     name: w.key(),
                     kind: "pod",
                     node: Some(w.node.clone()),
-                    address: SocketAddr::new(ip, q.port),
+                    address: ip,
+                    port: Some(q.port),
                     identity: identity_of(here, w).map(|id| id.to_string()),
                     meshed: meshed(snap, w),
                 },
@@ -206,7 +209,8 @@ pub fn answer(snap: &Snapshot, here: &Here<'_>, q: &Question) -> Result<Answer, 
                     name: key,
                     kind: "service",
                     node: None,
-                    address: SocketAddr::new(vip, q.port),
+                    address: vip,
+                    port: Some(q.port),
                     identity: None,
                     meshed: snap.namespace_enabled(&q.dst.0),
                 },
@@ -218,11 +222,12 @@ pub fn answer(snap: &Snapshot, here: &Here<'_>, q: &Question) -> Result<Answer, 
         name: src.key(),
         kind: "pod",
         node: Some(src.node.clone()),
-        address: SocketAddr::new(src_ip, 0),
+        address: src_ip,
+        port: None,
         identity: src_identity.as_ref().map(ToString::to_string),
         meshed: meshed(snap, src),
     };
-    let dst_addr = destination.address;
+    let dst_addr = SocketAddr::new(destination.address, q.port);
     let mut answer = Answer {
         verdict: "allowed",
         summary: String::new(),
@@ -247,27 +252,67 @@ pub fn answer(snap: &Snapshot, here: &Here<'_>, q: &Question) -> Result<Answer, 
     } else if let Some(why) = excluded {
         Err(why)
     } else if src.node == here.node {
-        let (c, _) = capture_of(snap, here.capture, src);
+        let (c, links) = capture_of(snap, here.capture, src);
+        // Of a degraded pod, only the links this connection meets matter: the connect
+        // program of its family redirects it, sock_ops records where it was going.
+        let connect = if dst_addr.is_ipv4() {
+            mesh_common::programs::CONNECT4
+        } else {
+            mesh_common::programs::CONNECT6
+        };
+        let broken = |program: &str| {
+            (links.iter())
+                .find(|l| l.program == program && !l.attached)
+                .map(|l| {
+                    format!(
+                        "{program}: {}",
+                        l.problem.as_deref().unwrap_or("not attached")
+                    )
+                })
+        };
+        let refused = |answer: &mut Answer, why: String| {
+            answer.capture = Step {
+                ok: false,
+                why: why.clone(),
+            };
+            answer.verdict = "refused";
+            answer.summary = format!("refused: {why}");
+        };
         match c.state {
-            "captured" => Ok(format!("captured by this agent (node {})", here.node)),
+            "captured" => Ok(format!("captured by this agent, node {}'s", here.node)),
             "refused" | "waiting" | "pending" => {
-                answer.capture = Step {
-                    ok: false,
-                    why: c.why.clone(),
-                };
-                answer.verdict = "refused";
-                answer.summary = format!(
-                    "refused: the source {} is in the mesh and not served yet: {}",
-                    src.key(),
-                    c.why
+                refused(
+                    &mut answer,
+                    format!(
+                        "the source {} is in the mesh and not served yet: {}",
+                        src.key(),
+                        c.why
+                    ),
                 );
                 return Ok(answer);
             }
-            _ => Err(format!("capture is not intact: {}", c.why)),
+            _ => match (broken(connect), broken(mesh_common::programs::SOCK_OPS)) {
+                (Some(why), _) => Err(format!("capture is not intact: {why}")),
+                (None, Some(why)) => {
+                    refused(
+                        &mut answer,
+                        format!(
+                            "the agent cannot learn where the connection was going ({why}): it \
+                             refuses it"
+                        ),
+                    );
+                    return Ok(answer);
+                }
+                (None, None) => Ok(format!(
+                    "captured by this agent, node {}'s (the pod's capture is degraded, not on \
+                     this connection's path: {})",
+                    here.node, c.why
+                )),
+            },
         }
     } else {
         Ok(format!(
-            "captured by the agent of node {} (as the state says; that agent holds its capture)",
+            "captured by node {}'s agent, as the state says (that agent holds its capture)",
             src.node
         ))
     };
@@ -411,7 +456,7 @@ fn routed(
         peer_identity: None,
         why: String::new(),
     };
-    let src_ip = answer.source.address.ip();
+    let src_ip = answer.source.address;
     let identity = identity_of(here, src);
     let mut refuse = |step: &mut RouteStep, why: String| {
         step.why = why.clone();
@@ -493,29 +538,4 @@ fn routed(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn questions_are_parsed_or_refused_naming_what_is_wrong() {
-        let q = Question::parse("shop/web-0", "db/pg-0:5432").expect("parse");
-        assert_eq!(q.src, ("shop".into(), "web-0".into()));
-        assert_eq!(q.dst, ("db".into(), "pg-0".into()));
-        assert_eq!(q.port, 5432);
-        for (src, dst, says) in [
-            ("shop", "db/pg:1", "source \"shop\" is not NAMESPACE/NAME"),
-            ("shop/web", "db/pg", "has no port"),
-            ("shop/web", "db/pg:http", "\"http\" is not a port"),
-            ("shop/web", "db/pg:0", "\"0\" is not a port"),
-            (
-                "shop/web",
-                "pg:80",
-                "destination \"pg\" is not NAMESPACE/NAME",
-            ),
-            ("/web", "db/pg:80", "source \"/web\""),
-        ] {
-            let e = Question::parse(src, dst).expect_err(src);
-            assert!(e.contains(says), "{src} {dst}: {e}");
-        }
-    }
-}
+mod tests;
