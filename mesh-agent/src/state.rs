@@ -90,6 +90,34 @@ impl Workload {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// Istio's canonical service of the workload, as its metrics and Kiali's app graph name
+    /// it: the label `service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else
+    /// `app`, else the workload's name.
+    pub fn canonical_service(&self) -> &str {
+        [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|k| self.labels.get(*k))
+        .map_or(self.name.as_str(), String::as_str)
+    }
+
+    /// Istio's canonical revision of the workload: the label
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else `version`,
+    /// else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        [
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ]
+        .iter()
+        .find_map(|k| self.labels.get(*k))
+        .map_or("latest", String::as_str)
+    }
+
     /// Whether this is a pod of a waypoint ([`ROLE_LABEL`]): never captured.
     pub fn is_waypoint(&self) -> bool {
         self.labels.get(ROLE_LABEL).map(String::as_str) == Some(ROLE_WAYPOINT)

@@ -111,7 +111,8 @@ fn sum(samples: &[ParsedSample], name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// The labels of one connection's series: reporter, source and destination workload (in
 /// namespace shop, or `unknown`) and principal, service (its name, in shop, or none), the
-/// security policy and the flags.
+/// security policy and the flags. The lab's pods are labelled `app: <their name>` and have no
+/// version: that is their canonical service, and their revision is `latest`.
 #[allow(clippy::too_many_arguments)]
 fn series<'a>(
     reporter: &'a str,
@@ -122,6 +123,7 @@ fn series<'a>(
     flags: &'a str,
 ) -> Vec<(&'a str, &'a str)> {
     let ns = |w: &str| if w == "unknown" { "unknown" } else { "shop" };
+    let revision = |w: &str| if w == "unknown" { "unknown" } else { "latest" };
     let host = service.map_or("unknown", |s| match s {
         "api" => "api.shop.svc.cluster.local",
         other => panic!("no host for service {other}"),
@@ -129,11 +131,19 @@ fn series<'a>(
     vec![
         ("reporter", reporter),
         ("source_workload", source),
+        ("source_canonical_service", source),
+        ("source_canonical_revision", revision(source)),
         ("source_workload_namespace", ns(source)),
         ("source_principal", source_principal),
+        ("source_app", source),
+        ("source_version", revision(source)),
         ("destination_workload", destination),
+        ("destination_canonical_service", destination),
+        ("destination_canonical_revision", revision(destination)),
         ("destination_workload_namespace", ns(destination)),
         ("destination_principal", destination_principal),
+        ("destination_app", destination),
+        ("destination_version", revision(destination)),
         ("destination_service", host),
         ("destination_service_name", service.unwrap_or("unknown")),
         (

@@ -241,7 +241,14 @@ fn http_through_the_waypoint_is_routed_split_and_keeps_identities() {
                 "source_principal",
                 "spiffe://cluster.local/ns/shop/sa/client",
             ),
+            ("source_canonical_service", "client"),
+            ("source_canonical_revision", "latest"),
             ("destination_workload", "reviews-v2"),
+            // Its pod's labels app=reviews, version=v2: what Kiali's versioned app graph shows.
+            ("destination_canonical_service", "reviews"),
+            ("destination_canonical_revision", "v2"),
+            ("destination_app", "reviews"),
+            ("destination_version", "v2"),
             ("destination_workload_namespace", "shop"),
             (
                 "destination_principal",

@@ -52,23 +52,33 @@ impl EncodeLabelValue for Label {
     }
 }
 
-/// The labels of Istio's TCP metrics (Istio's standard labels without the canonical-service,
-/// app, version and cluster labels, which need pod metadata the state does not carry).
+/// The labels of Istio's TCP metrics, in ztunnel's order (Istio's standard labels without the
+/// cluster and locality ones: one cluster, no topology in the state).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     /// `source` (the client's agent) or `destination` (the server's).
     pub reporter: &'static str,
     pub source_workload: Label,
+    /// The workload's canonical service (`state::Workload::canonical_service`).
+    pub source_canonical_service: Label,
+    pub source_canonical_revision: Label,
     pub source_workload_namespace: Label,
     pub source_principal: Label,
-    pub destination_workload: Label,
-    pub destination_workload_namespace: Label,
-    pub destination_principal: Label,
+    /// As ztunnel: the canonical service and revision again.
+    pub source_app: Label,
+    pub source_version: Label,
     /// The service's host name (`name.namespace.svc.cluster.local`) when the client connected
     /// to a service.
     pub destination_service: Label,
-    pub destination_service_name: Label,
     pub destination_service_namespace: Label,
+    pub destination_service_name: Label,
+    pub destination_workload: Label,
+    pub destination_canonical_service: Label,
+    pub destination_canonical_revision: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_app: Label,
+    pub destination_version: Label,
     /// Always `tcp`.
     pub request_protocol: &'static str,
     /// `-`, `DENY` (refused by an authorization policy) or `CONNECT` (the upstream connection
@@ -87,21 +97,37 @@ pub struct Party<'a> {
     pub principal: Option<&'a SpiffeId>,
 }
 
+/// What Istio's labels say of one end.
+struct PartyLabels {
+    workload: Label,
+    canonical_service: Label,
+    canonical_revision: Label,
+    namespace: Label,
+    principal: Label,
+}
+
 impl Party<'_> {
-    /// Its workload, namespace (the workload's, else its identity's) and principal.
-    fn labels(&self) -> (Label, Label, Label) {
+    /// Its workload, canonical service and revision, namespace (the workload's, else its
+    /// identity's) and principal.
+    fn labels(&self) -> PartyLabels {
         let namespace = match (self.workload, self.principal) {
             (Some(w), _) => Label::of(w.namespace.as_str()),
             (None, Some(id)) => Label::of(id.namespace.as_str()),
             (None, None) => Label::default(),
         };
-        (
+        let of = |f: fn(&Workload) -> &str| {
             self.workload
-                .map_or_else(Label::default, |w| Label::of(w.name.as_str())),
+                .map_or_else(Label::default, |w| Label::of(f(w)))
+        };
+        PartyLabels {
+            workload: of(|w| &w.name),
+            canonical_service: of(Workload::canonical_service),
+            canonical_revision: of(Workload::canonical_revision),
             namespace,
-            self.principal
+            principal: self
+                .principal
                 .map_or_else(Label::default, |id| Label::of(id.to_string())),
-        )
+        }
     }
 }
 
@@ -153,9 +179,7 @@ impl TcpLabels {
         service: Option<&str>,
         security: Security,
     ) -> Self {
-        let (source_workload, source_workload_namespace, source_principal) = source.labels();
-        let (destination_workload, destination_workload_namespace, destination_principal) =
-            destination.labels();
+        let (src, dst) = (source.labels(), destination.labels());
         let (service_host, service_name, service_namespace) =
             match service.and_then(|s| s.split_once('/')) {
                 Some((ns, name)) => (
@@ -170,15 +194,23 @@ impl TcpLabels {
                 Reporter::Source => "source",
                 Reporter::Destination => "destination",
             },
-            source_workload,
-            source_workload_namespace,
-            source_principal,
-            destination_workload,
-            destination_workload_namespace,
-            destination_principal,
+            source_workload: src.workload,
+            source_app: src.canonical_service.clone(),
+            source_canonical_service: src.canonical_service,
+            source_version: src.canonical_revision.clone(),
+            source_canonical_revision: src.canonical_revision,
+            source_workload_namespace: src.namespace,
+            source_principal: src.principal,
             destination_service: service_host,
-            destination_service_name: service_name,
             destination_service_namespace: service_namespace,
+            destination_service_name: service_name,
+            destination_workload: dst.workload,
+            destination_app: dst.canonical_service.clone(),
+            destination_canonical_service: dst.canonical_service,
+            destination_version: dst.canonical_revision.clone(),
+            destination_canonical_revision: dst.canonical_revision,
+            destination_workload_namespace: dst.namespace,
+            destination_principal: dst.principal,
             request_protocol: "tcp",
             response_flags: Flags::None.as_str(),
             connection_security_policy: match security {
@@ -416,7 +448,17 @@ mod tests {
     #[test]
     fn a_connection_is_opened_when_established_and_closed_with_its_bytes() {
         let istio = IstioTcp::default();
-        let (client, server) = (workload("shop", "client"), workload("shop", "api"));
+        let (client, mut server) = (workload("shop", "client"), workload("shop", "api"));
+        // Istio's canonical service and revision: app.kubernetes.io/name before app, version
+        // when app.kubernetes.io/version is not there; without labels, the name and `latest`.
+        server.labels = [
+            ("app", "ignored"),
+            ("app.kubernetes.io/name", "api-svc"),
+            ("version", "v3"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
         let id = SpiffeId::new("cluster.local", "shop", "api").expect("id");
         let report = Report::default();
         report.know(TcpLabels::new(
@@ -438,11 +480,15 @@ mod tests {
         assert!(
             text.contains(
                 "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"client\",\
+                 source_canonical_service=\"client\",source_canonical_revision=\"latest\",\
                  source_workload_namespace=\"shop\",source_principal=\"unknown\",\
-                 destination_workload=\"api\",destination_workload_namespace=\"shop\",\
-                 destination_principal=\"spiffe://cluster.local/ns/shop/sa/api\",\
+                 source_app=\"client\",source_version=\"latest\",\
                  destination_service=\"api.shop.svc.cluster.local\",\
-                 destination_service_name=\"api\",destination_service_namespace=\"shop\",\
+                 destination_service_namespace=\"shop\",destination_service_name=\"api\",\
+                 destination_workload=\"api\",destination_canonical_service=\"api-svc\",\
+                 destination_canonical_revision=\"v3\",destination_workload_namespace=\"shop\",\
+                 destination_principal=\"spiffe://cluster.local/ns/shop/sa/api\",\
+                 destination_app=\"api-svc\",destination_version=\"v3\",\
                  request_protocol=\"tcp\",response_flags=\"-\",\
                  connection_security_policy=\"mutual_tls\"} 1"
             ),

@@ -152,12 +152,30 @@ impl Finish {
             .map_or((String::new(), down.service.clone()), |(a, b)| {
                 (a.to_owned(), b.to_owned())
             });
+        let canonical = |w: Option<&crate::state::Workload>| {
+            w.map_or_else(Default::default, |w| {
+                (
+                    w.canonical_service().to_owned(),
+                    w.canonical_revision().to_owned(),
+                )
+            })
+        };
+        let (src_service, src_revision) = canonical(down.workload.as_deref());
+        let (dst_service, dst_revision) = canonical(dst.map(|w| &**w));
         let labels = RequestLabels {
             reporter: "waypoint",
             source_workload: src_name.clone(),
+            source_app: src_service.clone(),
+            source_canonical_service: src_service,
+            source_version: src_revision.clone(),
+            source_canonical_revision: src_revision,
             source_workload_namespace: src_ns,
             source_principal: down.identity.to_string(),
             destination_workload: dst.map_or_else(String::new, |w| w.name.clone()),
+            destination_app: dst_service.clone(),
+            destination_canonical_service: dst_service,
+            destination_version: dst_revision.clone(),
+            destination_canonical_revision: dst_revision,
             destination_workload_namespace: dst.map_or_else(String::new, |w| w.namespace.clone()),
             destination_principal,
             destination_service: service_host(&down.service),

@@ -8,17 +8,27 @@ use prometheus_client::{
 };
 use rand::RngCore as _;
 
-/// Labels of Istio's request metrics (a subset of Istio's standard labels: no app/version or
-/// canonical-service labels, which need pod metadata the state does not carry).
+/// Labels of Istio's request metrics (Istio's standard labels without the cluster and locality
+/// ones). A value the waypoint does not know is empty.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: &'static str,
     pub source_workload: String,
+    /// The workload's canonical service (`state::Workload::canonical_service`) and revision,
+    /// and again as app and version, as Istio's proxies report them.
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
     pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
