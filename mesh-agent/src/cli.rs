@@ -85,7 +85,7 @@ enum Command {
     Crds,
     /// Ask this node's agent what it is doing: workloads, services, policies, certificates,
     /// connections, eBPF; one pod; why a connection would be allowed or not; or check the
-    /// node before trusting it (docs/operations.md, "Inspecting a node").
+    /// node before trusting it (docs/metrics.md, "mesh-agent inspect").
     Inspect(crate::inspect::cli::Args),
     /// Check that this machine and these privileges can run the agent, then exit.
     Check {
