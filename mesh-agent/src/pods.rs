@@ -522,7 +522,7 @@ pub async fn run(
     mut commands: mpsc::Receiver<Command>,
 ) {
     let mut changes = store.subscribe();
-    loop {
+    'reconcile: loop {
         let Changes {
             failed,
             not_started,
@@ -541,7 +541,7 @@ pub async fn run(
         // Failed pods are retried; CNI requests waiting for their pod are answered by their
         // deadline.
         let pending = cni::Pending::deadline(&capture.pending);
-        let wait_retry = async {
+        let mut wait_retry = std::pin::pin!(async {
             match (failed.is_empty() && not_started.is_empty(), pending) {
                 (true, None) => std::future::pending::<()>().await,
                 // A pending ADD's pod may reach the node pods meanwhile: looked for again.
@@ -550,44 +550,54 @@ pub async fn run(
                 }
                 (false, _) => tokio::time::sleep(retry).await,
             }
-        };
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { break },
-            () = wait_retry => {},
-            command = commands.recv() => match command {
-                None => break,
-                Some(Command::Thaw) => {}
-                Some(Command::Cni(request, reply)) => capture.cni(request, reply),
-                Some(Command::Inspect(reply)) => {
-                    let _ = reply.send(capture.inspect(&failed, &not_started));
-                }
-                Some(Command::Freeze(reply)) => {
-                    let _ = reply.send(capture.handover());
-                    info!("capture frozen: a successor is taking over");
-                    match frozen(&mut commands).await {
-                        Some(Command::Relinquish(reply)) => {
-                            capture.relinquish();
-                            info!("listeners handed over: this agent no longer accepts connections");
-                            let _ = reply.send(());
-                            return;
-                        }
-                        Some(Command::Uninstall(reply)) => {
-                            let _ = reply.send(capture.uninstall());
-                            return;
-                        }
-                        _ => info!("handover abandoned: capture follows the state again"),
+        });
+        // An inspection changes nothing: answered without a reconcile, waiting on.
+        let command = loop {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break 'reconcile } else { continue 'reconcile },
+                () = &mut wait_retry => continue 'reconcile,
+                command = commands.recv() => match command {
+                    Some(Command::Inspect(reply)) => {
+                        let _ = reply.send(capture.inspect(&failed, &not_started));
                     }
+                    other => break other,
+                },
+            }
+        };
+        match command {
+            None => break,
+            Some(Command::Thaw) => {}
+            Some(Command::Cni(request, reply)) => capture.cni(request, reply),
+            // Answered in the loop above; never here.
+            Some(Command::Inspect(reply)) => {
+                let _ = reply.send(capture.inspect(&failed, &not_started));
+            }
+            Some(Command::Freeze(reply)) => {
+                let _ = reply.send(capture.handover());
+                info!("capture frozen: a successor is taking over");
+                match frozen(&mut commands).await {
+                    Some(Command::Relinquish(reply)) => {
+                        capture.relinquish();
+                        info!("listeners handed over: this agent no longer accepts connections");
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(Command::Uninstall(reply)) => {
+                        let _ = reply.send(capture.uninstall());
+                        return;
+                    }
+                    _ => info!("handover abandoned: capture follows the state again"),
                 }
-                Some(Command::Relinquish(reply)) => {
-                    capture.relinquish();
-                    let _ = reply.send(());
-                    return;
-                }
-                Some(Command::Uninstall(reply)) => {
-                    let _ = reply.send(capture.uninstall());
-                    return;
-                }
-            },
+            }
+            Some(Command::Relinquish(reply)) => {
+                capture.relinquish();
+                let _ = reply.send(());
+                return;
+            }
+            Some(Command::Uninstall(reply)) => {
+                let _ = reply.send(capture.uninstall());
+                return;
+            }
         }
     }
 }
