@@ -581,62 +581,76 @@ async fn account(
         .as_ref()
         .map_or_else(Error::flags, |_| telemetry::Flags::None);
     let series = report.close(&inputs.metrics.istio, flags, request, response);
+    let labels = series.as_deref().map(|s| &s.labels);
+    let end = |f: fn(&telemetry::TcpLabels) -> &telemetry::Label| telemetry::Known(labels.map(f));
+    let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
+    // The access log: one line per connection as it ends, its ends as the metrics name them
+    // (the span adds addresses, route and, inbound, the policy decision), and why it ended:
+    // `close` is `closed` (both sides finished) or the failure's reason (as
+    // `mesh_tcp_connection_failures_total` counts it), `flags` Istio's.
+    macro_rules! access {
+        ($level:expr, $message:literal $(, $($field:tt)+)?) => {
+            tracing::event!(
+                target: "access",
+                $level,
+                sent,
+                received,
+                duration_ms,
+                src.workload = %end(|l| &l.source_workload),
+                src.namespace = %end(|l| &l.source_workload_namespace),
+                src.identity = %end(|l| &l.source_principal),
+                dst.workload = %end(|l| &l.destination_workload),
+                dst.namespace = %end(|l| &l.destination_workload_namespace),
+                dst.identity = %end(|l| &l.destination_principal),
+                dst.service = %end(|l| &l.destination_service),
+                flags = flags.as_str(),
+                $($($field)+,)?
+                $message
+            )
+        };
+    }
+    use tracing::Level;
     let result = match result {
         Ok((sent, received)) => {
             counters.sent.inc_by(sent);
             counters.received.inc_by(received);
-            let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-            // The access log: one line per connection, its ends as the metrics name them (the
-            // span adds addresses, route and, inbound, the policy decision).
-            match series.as_deref().map(|s| &s.labels) {
-                Some(l) => tracing::info!(
-                    target: "access",
-                    sent,
-                    received,
-                    duration_ms,
-                    src.workload = %l.source_workload,
-                    src.namespace = %l.source_workload_namespace,
-                    src.identity = %l.source_principal,
-                    dst.workload = %l.destination_workload,
-                    dst.namespace = %l.destination_workload_namespace,
-                    dst.identity = %l.destination_principal,
-                    dst.service = %l.destination_service,
-                    "connection closed"
-                ),
-                None => {
-                    tracing::info!(target: "access", sent, received, duration_ms, "connection closed")
-                }
-            }
+            access!(Level::INFO, "connection closed", close = "closed");
             Ok((sent, received))
         }
         Err(e) => {
             pod.count_failure(&inputs.metrics, direction, &e);
+            let close = e.reason();
             match &e {
                 // Decisions, not faults: the span says which policy and rule. A peer can
                 // provoke these at will: counted always, logged sampled.
                 Error::Denied(d) => {
                     if let Some(left_out) = pod.sampled.admit() {
-                        tracing::info!(reason = %d.reason, left_out, "connection denied");
+                        access!(Level::INFO, "connection denied", close, policy = %d.policy_str(), rule = %d.rule_str(), reason = %d.reason, left_out);
                     }
                 }
-                Error::Revoked(d) => tracing::info!(
+                Error::Revoked(d) => access!(
+                    Level::INFO,
+                    "connection closed by a policy change",
+                    close,
                     policy = %d.policy_str(),
                     rule = %d.rule_str(),
-                    reason = %d.reason,
-                    "connection closed by a policy change"
+                    reason = %d.reason
                 ),
                 // Counted; not worth a line each (a flood of them closes the connection, logged).
-                Error::EarlyReset { .. } => tracing::debug!(error = %e, "connection failed"),
+                Error::EarlyReset { .. } => {
+                    access!(Level::DEBUG, "connection failed", close, error = %e)
+                }
                 // A decision too, the destination's: its own log names the policy.
                 e if e.denied_by_destination() => {
-                    tracing::info!(error = %e, "connection denied by the destination's policy")
+                    access!(Level::INFO, "connection denied by the destination's policy", close, error = %e)
                 }
                 Error::BadRequest { .. } => {
                     if let Some(left_out) = pod.sampled.admit() {
-                        tracing::warn!(error = %e, left_out, "connection failed");
+                        access!(Level::WARN, "connection failed", close, error = %e, left_out);
                     }
                 }
-                _ => tracing::warn!(error = %e, "connection failed"),
+                _ => access!(Level::WARN, "connection failed", close, error = %e),
             }
             Err(flags)
         }

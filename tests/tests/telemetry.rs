@@ -343,6 +343,30 @@ fn istio_tcp_metrics_count_connections_and_bytes_with_istios_labels() {
         line["span"]["src"].is_string() && line["span"]["endpoint"].is_string(),
         "the connection's span rides along: {line:#}"
     );
+    assert_eq!(
+        (&line["fields"]["close"], &line["fields"]["flags"]),
+        (&"closed".into(), &"-".into()),
+        "{line:#}"
+    );
+    // A denied connection has its access line too, saying why, with Istio's flag (the
+    // destination's side, where shop/db's policy decided).
+    let denied = access
+        .iter()
+        .find(|l| {
+            l["fields"]["message"] == "connection denied" && l["fields"]["dst.workload"] == "db"
+        })
+        .unwrap_or_else(|| panic!("no access line of n1 for the denied connection: {access:#?}"));
+    for (field, value) in [
+        ("close", "policy_denied"),
+        ("flags", "DENY"),
+        ("src.workload", "client"),
+        ("src.identity", CLIENT),
+        ("dst.identity", DB),
+        ("policy", "shop/deny-client"),
+    ] {
+        assert_eq!(denied["fields"][field], value, "{field} of {denied:#}");
+    }
+    assert_eq!(denied["fields"]["sent"], 0, "{denied:#}");
 
     // Every family the agents export is documented.
     let documented = documented_families();

@@ -46,6 +46,19 @@ impl std::fmt::Display for Label {
     }
 }
 
+/// A label for a log line: `unknown` when absent, as in the metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Known<'a>(pub Option<&'a Label>);
+
+impl std::fmt::Display for Known<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(label) => label.fmt(f),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
 impl EncodeLabelValue for Label {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
         EncodeLabelValue::encode(&self.0.as_deref().unwrap_or("unknown"), encoder)
@@ -160,7 +173,7 @@ pub enum Flags {
 }
 
 impl Flags {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Flags::None => "-",
             Flags::Deny => "DENY",
