@@ -215,24 +215,24 @@ fn certs(dump: &Value) -> String {
     )
 }
 
+/// The columns of a connection.
+const CONNECTION: [&str; 11] = [
+    "POD",
+    "DIR",
+    "SRC",
+    "DST",
+    "PEER",
+    "PEER IDENTITY",
+    "VIA",
+    "DECISION",
+    "AGE",
+    "SENT",
+    "RECEIVED",
+];
+
 pub fn connections(conns: &Value) -> String {
     let rows: Vec<Vec<String>> = list(conns).iter().map(connection_row).collect();
-    table(
-        &[
-            "POD",
-            "DIR",
-            "SRC",
-            "DST",
-            "PEER",
-            "PEER IDENTITY",
-            "VIA",
-            "DECISION",
-            "AGE",
-            "SENT",
-            "RECEIVED",
-        ],
-        &rows,
-    )
+    table(&CONNECTION, &rows)
 }
 
 fn connection_row(c: &Value) -> Vec<String> {
@@ -356,22 +356,7 @@ fn workload(w: &Value, cert: Option<&Value>, conns: &[&Value]) -> String {
         out.push_str("no connections now\n");
     } else {
         let rows: Vec<Vec<String>> = conns.iter().map(|c| connection_row(c)).collect();
-        out.push_str(&table(
-            &[
-                "POD",
-                "DIR",
-                "SRC",
-                "DST",
-                "PEER",
-                "PEER IDENTITY",
-                "VIA",
-                "DECISION",
-                "AGE",
-                "SENT",
-                "RECEIVED",
-            ],
-            &rows,
-        ));
+        out.push_str(&table(&CONNECTION, &rows));
     }
     out
 }

@@ -95,20 +95,7 @@ impl<K: aya::Pod, V: aya::Pod + Default> TakeMap<K, V> {
 
 /// A map's key and value sizes (`struct bpf_map_info`: type, id, key_size, value_size, ...).
 fn map_sizes(map: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
-    #[repr(C)]
-    struct Attr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut info = [0u32; 24];
-    let attr = Attr {
-        bpf_fd: map.as_raw_fd() as u32,
-        info_len: socklen::<[u32; 24]>(),
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: bpf_attr's info layout; `info` is live, zeroed and as long as info_len says.
-    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) }?;
+    let info = info_words(map)?;
     Ok((info[2], info[3]))
 }
 
@@ -157,35 +144,25 @@ pub struct LinkInfo {
 
 /// `BPF_OBJ_GET_INFO_BY_FD` on a link.
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
-    #[repr(C)]
-    struct Attr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
     // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-byte aligned union at
-    // offset 16 whose cgroup member is { u64 cgroup_id; u32 attach_type } and whose netns
-    // member is { u32 netns_ino; u32 attach_type }. The kernel copies what fits in info_len.
-    let mut info = [0u64; 8];
-    let attr = Attr {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: socklen::<[u64; 8]>(),
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: bpf_attr's info layout; `info` is live, zeroed and as long as info_len says.
-    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) }?;
-    let lo = |w: u64| (w & 0xffff_ffff) as u32;
-    let link_type = lo(info[0]);
-    let id = (info[0] >> 32) as u32;
-    let prog_id = lo(info[1]);
-    let target = match link_type {
-        BPF_LINK_TYPE_CGROUP => LinkTarget::Cgroup(Some(info[2]).filter(|id| *id != 0)),
-        BPF_LINK_TYPE_NETNS => LinkTarget::Netns(Some(lo(info[2])).filter(|ino| *ino != 0)),
+    // offset 16 (word 4) whose cgroup member is { u64 cgroup_id; u32 attach_type } and whose
+    // netns member is { u32 netns_ino; u32 attach_type }.
+    let w = info_words(link)?;
+    let target = match w[0] {
+        BPF_LINK_TYPE_CGROUP => {
+            // The u64 as the kernel wrote it, in the host's byte order.
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&w[4].to_ne_bytes());
+            bytes[4..].copy_from_slice(&w[5].to_ne_bytes());
+            let cgroup_id = u64::from_ne_bytes(bytes);
+            LinkTarget::Cgroup(Some(cgroup_id).filter(|id| *id != 0))
+        }
+        BPF_LINK_TYPE_NETNS => LinkTarget::Netns(Some(w[4]).filter(|ino| *ino != 0)),
         other => LinkTarget::Other(other),
     };
     Ok(LinkInfo {
-        id,
-        prog_id,
+        id: w[1],
+        prog_id: w[2],
         target,
     })
 }
@@ -216,8 +193,8 @@ pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
     })
 }
 
-/// The first words of an object's info (`struct bpf_prog_info` or `bpf_map_info`; the
-/// kernel copies what fits).
+/// The first words of an object's info (`struct bpf_prog_info`, `bpf_map_info` or
+/// `bpf_link_info`; the kernel copies what fits).
 fn info_words(fd: BorrowedFd<'_>) -> io::Result<[u32; 24]> {
     #[repr(C)]
     struct Attr {
