@@ -12,7 +12,7 @@ use tracing::debug;
 use super::{
     authz::{self, Peer},
     connect_for, connect_in_pod, copy,
-    live::{Conn, Meter},
+    live::{Conn, Meter, Transport},
     reset,
     telemetry::{Party, Reporter, Security, TcpLabels},
     Error, Inputs, Pod,
@@ -45,7 +45,7 @@ pub async fn proxy(
         identity: None,
         src: peer.ip().to_canonical(),
     };
-    conn.set_transport("plaintext");
+    conn.set_transport(Transport::Plaintext);
     deliver(stream, peer, pod, dst, inputs, (conn, None)).await
 }
 
@@ -176,7 +176,7 @@ pub async fn deliver_local(
         &dst.shared_key,
         SocketAddr::new(src, source_conn.src().port()),
     );
-    conn.set_transport("local");
+    conn.set_transport(Transport::Local);
     let work = std::pin::pin!(deliver(
         client,
         peer,
@@ -395,7 +395,7 @@ async fn hbone_stream(
     };
     tracing::Span::current().record("dst", tracing::field::display(dst));
     conn.set_dst(dst);
-    conn.set_transport("hbone");
+    conn.set_transport(Transport::Hbone);
     // Authorized before the application is connected: a denied client never reaches it.
     let from = req.remote.ip().to_canonical();
     let peer = Peer {

@@ -66,28 +66,55 @@ impl Meter<'_> {
     }
 }
 
+/// How a connection reaches or leaves its pod, as `/connections` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Outbound over HBONE to the endpoint, or inbound from an HBONE stream.
+    Hbone,
+    /// Outbound over HBONE to the namespace's waypoint.
+    Waypoint,
+    /// Between two pods of this agent, without a tunnel.
+    Local,
+    /// Plain TCP (outside the mesh, or from a client outside it).
+    Plaintext,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Hbone => "hbone",
+            Transport::Waypoint => "waypoint",
+            Transport::Local => "local",
+            Transport::Plaintext => "plaintext",
+        }
+    }
+}
+
 /// What is known of a connection beyond its report: set once by the path that serves it.
+/// Kept small (every open connection has one): codes, not strings.
 #[derive(Debug, Default, Clone)]
 struct Detail {
     /// Outbound: the original destination; inbound: the application's address.
     dst: Option<SocketAddr>,
-    /// Outbound: the endpoint chosen and how it is reached.
+    /// Outbound: the endpoint chosen.
     endpoint: Option<SocketAddr>,
-    transport: Option<&'static str>,
-    /// Inbound: the policy decision (`allow`), its policy and rule.
-    decision: Option<(&'static str, Arc<str>, Option<usize>)>,
+    transport: Option<Transport>,
+    /// Inbound: the policy that decided the connection (`None`: none did) and its rule;
+    /// `decided` once a decision admitted it.
+    policy: Option<Arc<str>>,
+    rule: Option<u32>,
+    decided: bool,
+    /// Immutable; here, in the padding, rather than in [`Conn`].
+    direction: Option<Direction>,
 }
 
-/// One proxied connection (or HBONE stream).
+/// One proxied connection (or HBONE stream). About 200 bytes for as long as it is open.
 #[derive(Debug)]
 pub struct Conn {
-    id: u64,
-    direction: Direction,
     /// `namespace/name` of the pod served.
     pod: Arc<str>,
     /// The client's address as the agent saw it.
     src: SocketAddr,
-    started: SystemTime,
     start: Instant,
     /// The connection's `istio_tcp_*` report: who is at either end.
     pub report: Report,
@@ -111,38 +138,41 @@ impl Conn {
         self.detail().dst = Some(dst);
     }
 
-    /// Outbound: the endpoint chosen and how it is reached (`hbone`, `waypoint`, `local`,
-    /// `plaintext`).
-    pub fn set_route(&self, endpoint: SocketAddr, transport: &'static str) {
+    /// Outbound: the endpoint chosen and how it is reached.
+    pub fn set_route(&self, endpoint: SocketAddr, transport: Transport) {
         let mut d = self.detail();
         d.endpoint = Some(endpoint);
         d.transport = Some(transport);
     }
 
-    /// Inbound: how it arrived (`hbone`, `plaintext`, `local`).
-    pub fn set_transport(&self, transport: &'static str) {
+    /// Inbound: how it arrived.
+    pub fn set_transport(&self, transport: Transport) {
         self.detail().transport = Some(transport);
     }
 
     /// Inbound: the decision that admitted the connection.
     pub fn set_decision(&self, d: &crate::policy::Decision) {
-        self.detail().decision = Some((d.verdict(), d.policy_label(), d.rule));
+        let mut detail = self.detail();
+        detail.decided = true;
+        detail.policy = d.policy.clone();
+        detail.rule = d.rule.and_then(|r| u32::try_from(r).ok());
     }
 
     /// What `/connections` shows of it.
-    fn view(&self, now: Instant) -> View {
+    fn view(&self, id: usize, now: Instant, wall: SystemTime) -> View {
         let detail = self.detail().clone();
         let labels = self.report.labels();
         let label = |f: fn(&super::telemetry::TcpLabels) -> String| labels.as_ref().map(f);
         let (sent, received) = self.progress.get();
+        let age = now.duration_since(self.start);
         View {
-            id: self.id,
+            id,
             pod: self.pod.to_string(),
-            direction: self.direction.as_str(),
+            direction: detail.direction.map_or("", Direction::as_str),
             src: self.src,
             dst: detail.dst,
             endpoint: detail.endpoint,
-            transport: detail.transport,
+            transport: detail.transport.map(Transport::as_str),
             src_workload: label(|l| party(&l.source_workload_namespace, &l.source_workload)),
             src_identity: label(|l| l.source_principal.to_string()),
             dst_workload: label(|l| {
@@ -151,14 +181,17 @@ impl Conn {
             dst_identity: label(|l| l.destination_principal.to_string()),
             dst_service: label(|l| l.destination_service.to_string()),
             security: labels.as_ref().map(|l| l.connection_security_policy),
-            decision: detail.decision.as_ref().map(|d| d.0),
-            policy: detail.decision.as_ref().map(|d| d.1.to_string()),
-            rule: detail.decision.as_ref().and_then(|d| d.2),
-            started_unix_ms: self
-                .started
-                .duration_since(SystemTime::UNIX_EPOCH)
+            // Only an admitted connection is listed with a decision: a denied one ends at once.
+            decision: detail.decided.then_some("allow"),
+            policy: detail
+                .decided
+                .then(|| detail.policy.as_deref().unwrap_or("-").to_owned()),
+            rule: detail.rule,
+            started_unix_ms: wall
+                .checked_sub(age)
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            age_ms: u64::try_from(now.duration_since(self.start).as_millis()).unwrap_or(u64::MAX),
+            age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
             sent,
             received,
         }
@@ -177,7 +210,8 @@ fn party(namespace: &super::telemetry::Label, name: &super::telemetry::Label) ->
 /// `received` toward it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct View {
-    pub id: u64,
+    /// Unique among the connections open now (not across time).
+    pub id: usize,
     pub pod: String,
     pub direction: &'static str,
     pub src: SocketAddr,
@@ -192,18 +226,17 @@ pub struct View {
     pub security: Option<&'static str>,
     pub decision: Option<&'static str>,
     pub policy: Option<String>,
-    pub rule: Option<usize>,
+    pub rule: Option<u32>,
     pub started_unix_ms: u64,
     pub age_ms: u64,
     pub sent: u64,
     pub received: u64,
 }
 
-/// Every connection being served, by id.
+/// Every connection being served, by the address of its entry (unique while it is open).
 #[derive(Debug, Default)]
 pub struct Connections {
-    next: AtomicU64,
-    table: Mutex<HashMap<u64, Arc<Conn>>>,
+    table: Mutex<HashMap<usize, Arc<Conn>>>,
 }
 
 impl Connections {
@@ -215,24 +248,24 @@ impl Connections {
         src: SocketAddr,
     ) -> Registered {
         let conn = Arc::new(Conn {
-            id: self.next.fetch_add(1, Ordering::Relaxed),
-            direction,
             pod: pod.clone(),
             src,
-            started: SystemTime::now(),
             start: Instant::now(),
             report: Report::default(),
             progress: Progress::default(),
-            detail: Mutex::default(),
+            detail: Mutex::new(Detail {
+                direction: Some(direction),
+                ..Detail::default()
+            }),
         });
-        self.lock().insert(conn.id, conn.clone());
+        self.lock().insert(key(&conn), conn.clone());
         Registered {
             conn,
             table: self.clone(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<Conn>>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -248,12 +281,21 @@ impl Connections {
 
     /// Every open connection, oldest first.
     pub fn list(&self) -> Vec<View> {
-        let conns: Vec<Arc<Conn>> = self.lock().values().cloned().collect();
-        let now = Instant::now();
-        let mut views: Vec<View> = conns.iter().map(|c| c.view(now)).collect();
-        views.sort_by_key(|v| v.id);
-        views
+        let conns: Vec<(usize, Arc<Conn>)> =
+            self.lock().iter().map(|(k, c)| (*k, c.clone())).collect();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut views: Vec<(Instant, View)> = conns
+            .iter()
+            .map(|(id, c)| (c.start, c.view(*id, now, wall)))
+            .collect();
+        views.sort_by_key(|(start, v)| (*start, v.id));
+        views.into_iter().map(|(_, v)| v).collect()
     }
+}
+
+/// A connection's key in the table: its entry's address, unique while the entry lives.
+fn key(conn: &Arc<Conn>) -> usize {
+    Arc::as_ptr(conn) as usize
 }
 
 /// A registered connection: removed from the table when dropped (the connection ended).
@@ -272,7 +314,7 @@ impl std::ops::Deref for Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.table.lock().remove(&self.conn.id);
+        self.table.lock().remove(&key(&self.conn));
     }
 }
 
@@ -295,7 +337,7 @@ mod tests {
             "10.0.0.2:40001".parse().expect("addr"),
         );
         a.set_dst("10.96.0.10:80".parse().expect("addr"));
-        a.set_route("10.0.1.5:8080".parse().expect("addr"), "hbone");
+        a.set_route("10.0.1.5:8080".parse().expect("addr"), Transport::Hbone);
         a.progress.sent.fetch_add(100, Ordering::Relaxed);
         a.progress.received.fetch_add(7, Ordering::Relaxed);
         let listed = table.list();
@@ -310,11 +352,21 @@ mod tests {
         assert_eq!(first.src_workload, None, "no report yet");
         assert_eq!(listed[1].direction, "inbound");
         drop(a);
-        assert_eq!(
-            table.list().iter().map(|v| v.id).collect::<Vec<_>>(),
-            [b.id]
-        );
+        let left = table.list();
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].direction, left[0].src), ("inbound", b.src()));
         drop(b);
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn an_open_connection_costs_one_small_allocation() {
+        // With its reference counts, within jemalloc's 224-byte class (docs/performance.md,
+        // "Memory"): every open connection has one.
+        assert!(
+            std::mem::size_of::<Conn>() + 16 <= 224,
+            "{}",
+            std::mem::size_of::<Conn>()
+        );
     }
 }

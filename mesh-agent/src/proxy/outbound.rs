@@ -8,7 +8,7 @@ use tracing::debug;
 
 use super::{
     connect_for, copy,
-    live::{Conn, Meter},
+    live::{Conn, Meter, Transport},
     pod_socket, reset,
     route::{self, Route, Via},
     telemetry::{Party, Reporter, Security, TcpLabels},
@@ -76,18 +76,21 @@ pub async fn proxy(
         }
     };
     let transport = match (&local, &peer, &hbone) {
-        (Some(_), _, _) => "local",
-        (None, Some(_), Some(_)) => "waypoint",
-        (None, Some(_), None) => "hbone",
-        (None, None, _) => "plaintext",
+        (Some(_), _, _) => Transport::Local,
+        (None, Some(_), Some(_)) => Transport::Waypoint,
+        (None, Some(_), None) => Transport::Hbone,
+        (None, None, _) => Transport::Plaintext,
     };
     let span = tracing::Span::current();
     span.record("endpoint", tracing::field::display(target));
     span.record("route", decision.via.label());
-    span.record("transport", transport);
+    span.record("transport", transport.as_str());
     conn.set_route(target, transport);
-    pod.routes
-        .inc(&inputs.metrics.proxy, decision.via.label(), transport);
+    pod.routes.inc(
+        &inputs.metrics.proxy,
+        decision.via.label(),
+        transport.as_str(),
+    );
     // The identity the destination must prove (or, on this node, has).
     let expected = match (&local, &peer) {
         (Some(dst), _) => Some(dst.state().identity.clone()),
@@ -116,7 +119,7 @@ pub async fn proxy(
             },
             service,
             match transport {
-                "plaintext" => Security::None,
+                Transport::Plaintext => Security::None,
                 _ => Security::MutualTls,
             },
         ));
