@@ -184,7 +184,8 @@ impl Pod {
         self.current.store(Arc::new(state));
     }
 
-    fn counters(&self, direction: Direction) -> &ConnCounters {
+    /// Its `mesh_tcp_*` counters of one direction.
+    pub fn counters(&self, direction: Direction) -> &ConnCounters {
         match direction {
             Direction::Outbound => &self.outbound,
             Direction::Inbound => &self.inbound,
@@ -519,7 +520,7 @@ async fn serve_outbound(
         .open(Direction::Outbound, &pod.shared_key, peer);
     let work = std::pin::pin!(outbound::proxy(stream, peer, &pod, &inputs, &conn));
     // Logged and counted by `account`.
-    let _ = account(Direction::Outbound, &pod, &inputs, &conn.report, work)
+    let _ = account(Direction::Outbound, &pod, &inputs, &conn, work)
         .instrument(span)
         .await;
 }
@@ -548,7 +549,7 @@ async fn serve_inbound(
         .open(Direction::Inbound, &pod.shared_key, peer);
     let work = std::pin::pin!(inbound::proxy(stream, peer, &pod, &inputs, &conn));
     // Logged and counted by `account`.
-    let _ = account(Direction::Inbound, &pod, &inputs, &conn.report, work)
+    let _ = account(Direction::Inbound, &pod, &inputs, &conn, work)
         .instrument(span)
         .await;
 }
@@ -564,27 +565,24 @@ async fn account(
     direction: Direction,
     pod: &Pod,
     inputs: &Inputs,
-    report: &telemetry::Report,
+    conn: &live::Conn,
     work: std::pin::Pin<&mut impl std::future::Future<Output = Result<(u64, u64), Error>>>,
 ) -> Result<(u64, u64), telemetry::Flags> {
+    let report = &conn.report;
     let counters = pod.counters(direction);
     counters.opened.inc();
     let start = std::time::Instant::now();
     let result = work.await;
-    // Istio's bytes are by request (client to server) and response; the pod's by its side.
-    let (request, response) = match (direction, &result) {
-        (_, Err(_)) => (0, 0),
-        (Direction::Outbound, Ok((sent, received))) => (*sent, *received),
-        (Direction::Inbound, Ok((sent, received))) => (*received, *sent),
-    };
     let flags = result
         .as_ref()
         .map_or_else(Error::flags, |_| telemetry::Flags::None);
-    let series = report.close(&inputs.metrics.istio, flags, request, response);
+    // Bytes were counted as they moved (`live::Meter`), in both families.
+    let series = report.close(&inputs.metrics.istio, flags);
     let labels = series.as_deref().map(|s| &s.labels);
     let end = |f: fn(&telemetry::TcpLabels) -> &telemetry::Label| telemetry::Known(labels.map(f));
     let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
+    // What moved, also of a connection that failed mid-way (a reset, a policy change).
+    let (sent, received) = conn.progress.get();
     // The access log: one line per connection as it ends, its ends as the metrics name them
     // (the span adds addresses, route and, inbound, the policy decision), and why it ended:
     // `close` is `closed` (both sides finished) or the failure's reason (as
@@ -613,8 +611,6 @@ async fn account(
     use tracing::Level;
     let result = match result {
         Ok((sent, received)) => {
-            counters.sent.inc_by(sent);
-            counters.received.inc_by(received);
             access!(Level::INFO, "connection closed", close = "closed");
             Ok((sent, received))
         }

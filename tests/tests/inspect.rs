@@ -168,6 +168,32 @@ fn every_inspect_subcommand_answers_from_the_running_agent() {
     wait_until("the stream's bytes to grow in /connections", WAIT, || {
         bytes_to_api(&lab).is_some_and(|b| b > first)
     });
+    // The metrics count the same bytes as they move, not when the connection ends: Istio's
+    // dashboards rate them while it lasts.
+    for (node, family, labels) in [
+        (
+            "n1",
+            "istio_tcp_received_bytes_total",
+            [("reporter", "source"), ("destination_workload", "api")],
+        ),
+        (
+            "n2",
+            "istio_tcp_received_bytes_total",
+            [("reporter", "destination"), ("source_workload", "client")],
+        ),
+        (
+            "n1",
+            "mesh_tcp_sent_bytes_total",
+            [("direction", "outbound"), ("workload", "client")],
+        ),
+    ] {
+        let before = lab.metric(node, family, &labels);
+        wait_until(
+            &format!("{family} {labels:?} of {node} to grow while the stream runs"),
+            WAIT,
+            || lab.metric(node, family, &labels) > before,
+        );
+    }
     let conns = json(&lab, "n1", &["connections"]);
     let out = find(&conns["connections"], "pod", "shop/client");
     assert_eq!(out["direction"], "outbound");

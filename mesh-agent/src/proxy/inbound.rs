@@ -12,10 +12,10 @@ use tracing::debug;
 use super::{
     authz::{self, Peer},
     connect_for, connect_in_pod, copy,
-    live::{Conn, Meter, Transport},
+    live::{Conn, Meter, Side, Transport},
     reset,
     telemetry::{Party, Reporter, Security, TcpLabels},
-    Error, Inputs, Pod,
+    Direction, Error, Inputs, Pod,
 };
 use crate::{identity::SpiffeId, state::Workload, tunnel};
 
@@ -90,14 +90,15 @@ fn labels(inputs: &Inputs, pod: &Pod, peer: &Peer) -> TcpLabels {
 /// Decides `client`'s connection from `peer` (reset when denied), then connects it to the
 /// application at `dst` from inside the pod and copies both ways while the grant holds; never
 /// to an agent port (a loop). For inbound the pod's side is the application: bytes it sends are
-/// "sent". `conns`: this connection, and the source pod's when it is one of this agent's.
+/// "sent". `conns`: this connection, and the source pod's (with the pod) when it is one of
+/// this agent's.
 async fn deliver(
     client: TcpStream,
     peer: Peer,
     pod: &Pod,
     dst: SocketAddr,
     inputs: &Inputs,
-    conns: (&Conn, Option<&Conn>),
+    conns: (&Conn, Option<(&Conn, &Pod)>),
 ) -> Result<(u64, u64), Error> {
     if mesh_common::ports::RESERVED.contains(&dst.port()) {
         reset(client);
@@ -115,13 +116,22 @@ async fn deliver(
         }
     };
     let (client, app) = connect_for(client, pod, &inputs.home, dst, Some(from)).await?;
-    for conn in [Some(conns.0), conns.1].into_iter().flatten() {
+    for conn in [Some(conns.0), conns.1.map(|(c, _)| c)]
+        .into_iter()
+        .flatten()
+    {
         conn.report.established(&inputs.metrics.istio);
     }
     debug!("connection delivered");
     let meter = Meter {
-        pod: &conns.0.progress,
-        mirror: conns.1.map(|c| &c.progress),
+        side: Side::new(
+            conns.0,
+            pod.counters(Direction::Inbound),
+            Direction::Inbound,
+        ),
+        mirror: conns
+            .1
+            .map(|(c, src)| Side::new(c, src.counters(Direction::Outbound), Direction::Outbound)),
     };
     let copy = Box::pin(copy::bidirectional(
         app,
@@ -162,19 +172,19 @@ pub async fn deliver_local(
         audit = tracing::field::Empty
     );
     // The source pod's address of the destination's family: what the application sees.
-    let src = (source.workload.ips.iter())
+    let src_ip = (source.workload.ips.iter())
         .find(|ip| ip.is_ipv4() == target.is_ipv4())
         .or(source.workload.ips.first())
         .copied()
         .unwrap_or(target.ip());
     let peer = Peer {
         identity: Some(std::sync::Arc::new(source.identity.clone())),
-        src,
+        src: src_ip,
     };
     let conn = (inputs.connections).open(
         super::Direction::Inbound,
         &dst.shared_key,
-        SocketAddr::new(src, source_conn.src().port()),
+        SocketAddr::new(src_ip, source_conn.src().port()),
     );
     conn.set_transport(Transport::Local);
     let work = std::pin::pin!(deliver(
@@ -183,9 +193,9 @@ pub async fn deliver_local(
         dst,
         target,
         inputs,
-        (&conn, Some(source_conn))
+        (&conn, Some((source_conn, src)))
     ));
-    match super::account(super::Direction::Inbound, dst, inputs, &conn.report, work)
+    match super::account(super::Direction::Inbound, dst, inputs, &conn, work)
         .instrument(span)
         .await
     {
@@ -243,14 +253,8 @@ pub fn serve_hbone(
                     );
                     let work = std::pin::pin!(hbone_stream(req, &pod, &inputs, &conn));
                     // Logged and counted by `account`.
-                    let _ = super::account(
-                        super::Direction::Inbound,
-                        &pod,
-                        &inputs,
-                        &conn.report,
-                        work,
-                    )
-                    .await;
+                    let _ =
+                        super::account(super::Direction::Inbound, &pod, &inputs, &conn, work).await;
                 }
                 .instrument(span)
             }
@@ -437,7 +441,7 @@ async fn hbone_stream(
     debug!("connection delivered");
     // Boxed (as the connect above): an idle connection keeps only what it still awaits.
     let meter = Meter {
-        pod: &conn.progress,
+        side: Side::new(conn, pod.counters(Direction::Inbound), Direction::Inbound),
         mirror: None,
     };
     let copy = Box::pin(tunnel::stream::copy(

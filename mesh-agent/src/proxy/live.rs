@@ -18,9 +18,10 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
-use super::{telemetry::Report, Direction};
+use super::{metrics::ConnCounters, telemetry::Report, Direction};
 
 /// Bytes moved so far, each way, from the pod's side (`sent`) and toward it (`received`).
 #[derive(Debug, Default)]
@@ -39,29 +40,80 @@ impl Progress {
     }
 }
 
-/// Where a copy loop adds the bytes it moves: the connection's progress, and the other end's
+/// Where the bytes of one connection's pod side are counted as they move: the connection's
+/// progress (`/connections`), its pod's `mesh_tcp_sent_bytes` / `mesh_tcp_received_bytes`, and
+/// its `istio_tcp_*` series once established; so a long transfer shows in every family while
+/// it runs, as in ztunnel, not at its end.
+#[derive(Debug)]
+pub struct Side<'a> {
+    progress: &'a Progress,
+    /// The pod's counters: bytes from its side, toward it.
+    pod: (&'a Counter, &'a Counter),
+    /// The Istio series' counters: bytes from the pod's side, toward it.
+    istio: Option<(Counter, Counter)>,
+}
+
+impl<'a> Side<'a> {
+    /// `conn`, a connection of a pod with `counters`, on `direction`'s side. Made once the
+    /// connection is established (its Istio series is known then).
+    pub fn new(conn: &'a Conn, counters: &'a ConnCounters, direction: Direction) -> Self {
+        let istio = conn.report.series().map(|series| {
+            let (request, response) = series.bytes();
+            match direction {
+                // The pod is the client: it sends the request.
+                Direction::Outbound => (request.clone(), response.clone()),
+                Direction::Inbound => (response.clone(), request.clone()),
+            }
+        });
+        Self {
+            progress: &conn.progress,
+            pod: (&counters.sent, &counters.received),
+            istio,
+        }
+    }
+
+    /// `n` bytes from the pod's side.
+    fn sent(&self, n: u64) {
+        self.progress.sent.fetch_add(n, Ordering::Relaxed);
+        self.pod.0.inc_by(n);
+        if let Some((from, _)) = &self.istio {
+            from.inc_by(n);
+        }
+    }
+
+    /// `n` bytes toward the pod's side.
+    fn received(&self, n: u64) {
+        self.progress.received.fetch_add(n, Ordering::Relaxed);
+        self.pod.1.inc_by(n);
+        if let Some((_, to)) = &self.istio {
+            to.inc_by(n);
+        }
+    }
+}
+
+/// Where a copy loop adds the bytes it moves: the connection's side, and the other end's
 /// when that is a connection of this agent too (a same-node delivery: the source pod's
 /// outbound connection, whose bytes are the same ones the other way round).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Meter<'a> {
-    pub pod: &'a Progress,
-    pub mirror: Option<&'a Progress>,
+    pub side: Side<'a>,
+    pub mirror: Option<Side<'a>>,
 }
 
 impl Meter<'_> {
     /// `n` bytes from the pod's side.
     pub fn from_pod(&self, n: u64) {
-        self.pod.sent.fetch_add(n, Ordering::Relaxed);
-        if let Some(m) = self.mirror {
-            m.received.fetch_add(n, Ordering::Relaxed);
+        self.side.sent(n);
+        if let Some(m) = &self.mirror {
+            m.received(n);
         }
     }
 
     /// `n` bytes toward the pod's side.
     pub fn to_pod(&self, n: u64) {
-        self.pod.received.fetch_add(n, Ordering::Relaxed);
-        if let Some(m) = self.mirror {
-            m.sent.fetch_add(n, Ordering::Relaxed);
+        self.side.received(n);
+        if let Some(m) = &self.mirror {
+            m.sent(n);
         }
     }
 }
@@ -90,9 +142,12 @@ impl Transport {
     }
 }
 
+/// `Detail::rule` when no rule decided (4 bytes, not an `Option`'s 8).
+const NO_RULE: u32 = u32::MAX;
+
 /// What is known of a connection beyond its report: set once by the path that serves it.
 /// Kept small (every open connection has one): codes, not strings.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct Detail {
     /// Outbound: the original destination; inbound: the application's address.
     dst: Option<SocketAddr>,
@@ -102,15 +157,32 @@ struct Detail {
     /// Inbound: the policy that decided the connection (`None`: none did) and its rule;
     /// `decided` once a decision admitted it.
     policy: Option<Arc<str>>,
-    rule: Option<u32>,
+    /// [`NO_RULE`] when none.
+    rule: u32,
     decided: bool,
     /// Immutable; here, in the padding, rather than in [`Conn`].
     direction: Option<Direction>,
 }
 
+impl Detail {
+    fn new(direction: Direction) -> Self {
+        Self {
+            dst: None,
+            endpoint: None,
+            transport: None,
+            policy: None,
+            rule: NO_RULE,
+            decided: false,
+            direction: Some(direction),
+        }
+    }
+}
+
 /// One proxied connection (or HBONE stream). About 200 bytes for as long as it is open.
 #[derive(Debug)]
 pub struct Conn {
+    /// Unique among the connections of this agent.
+    id: u64,
     /// `namespace/name` of the pod served.
     pod: Arc<str>,
     /// The client's address as the agent saw it.
@@ -150,23 +222,27 @@ impl Conn {
         self.detail().transport = Some(transport);
     }
 
-    /// Inbound: the decision that admitted the connection.
+    /// Inbound: the decision on the connection (listed only when it admitted it: a denied
+    /// connection ends at once).
     pub fn set_decision(&self, d: &crate::policy::Decision) {
         let mut detail = self.detail();
-        detail.decided = true;
+        detail.decided = d.allowed;
         detail.policy = d.policy.clone();
-        detail.rule = d.rule.and_then(|r| u32::try_from(r).ok());
+        detail.rule = d
+            .rule
+            .and_then(|r| u32::try_from(r).ok())
+            .unwrap_or(NO_RULE);
     }
 
     /// What `/connections` shows of it.
-    fn view(&self, id: usize, now: Instant, wall: SystemTime) -> View {
+    fn view(&self, now: Instant, wall: SystemTime) -> View {
         let detail = self.detail().clone();
         let labels = self.report.labels();
         let label = |f: fn(&super::telemetry::TcpLabels) -> String| labels.as_ref().map(f);
         let (sent, received) = self.progress.get();
         let age = now.duration_since(self.start);
         View {
-            id,
+            id: self.id,
             pod: self.pod.to_string(),
             direction: detail.direction.map_or("", Direction::as_str),
             src: self.src,
@@ -186,7 +262,7 @@ impl Conn {
             policy: detail
                 .decided
                 .then(|| detail.policy.as_deref().unwrap_or("-").to_owned()),
-            rule: detail.rule,
+            rule: (detail.rule != NO_RULE).then_some(detail.rule),
             started_unix_ms: wall
                 .checked_sub(age)
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -210,8 +286,8 @@ fn party(namespace: &super::telemetry::Label, name: &super::telemetry::Label) ->
 /// `received` toward it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct View {
-    /// Unique among the connections open now (not across time).
-    pub id: usize,
+    /// Unique among the connections of this agent.
+    pub id: u64,
     pub pod: String,
     pub direction: &'static str,
     pub src: SocketAddr,
@@ -233,10 +309,11 @@ pub struct View {
     pub received: u64,
 }
 
-/// Every connection being served, by the address of its entry (unique while it is open).
+/// Every connection being served, by id.
 #[derive(Debug, Default)]
 pub struct Connections {
-    table: Mutex<HashMap<usize, Arc<Conn>>>,
+    next: std::sync::atomic::AtomicU64,
+    table: Mutex<HashMap<u64, Arc<Conn>>>,
 }
 
 impl Connections {
@@ -248,24 +325,22 @@ impl Connections {
         src: SocketAddr,
     ) -> Registered {
         let conn = Arc::new(Conn {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
             pod: pod.clone(),
             src,
             start: Instant::now(),
             report: Report::default(),
             progress: Progress::default(),
-            detail: Mutex::new(Detail {
-                direction: Some(direction),
-                ..Detail::default()
-            }),
+            detail: Mutex::new(Detail::new(direction)),
         });
-        self.lock().insert(key(&conn), conn.clone());
+        self.lock().insert(conn.id, conn.clone());
         Registered {
             conn,
             table: self.clone(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<Conn>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -281,21 +356,12 @@ impl Connections {
 
     /// Every open connection, oldest first.
     pub fn list(&self) -> Vec<View> {
-        let conns: Vec<(usize, Arc<Conn>)> =
-            self.lock().iter().map(|(k, c)| (*k, c.clone())).collect();
+        let conns: Vec<Arc<Conn>> = self.lock().values().cloned().collect();
         let (now, wall) = (Instant::now(), SystemTime::now());
-        let mut views: Vec<(Instant, View)> = conns
-            .iter()
-            .map(|(id, c)| (c.start, c.view(*id, now, wall)))
-            .collect();
-        views.sort_by_key(|(start, v)| (*start, v.id));
-        views.into_iter().map(|(_, v)| v).collect()
+        let mut views: Vec<View> = conns.iter().map(|c| c.view(now, wall)).collect();
+        views.sort_by_key(|v| v.id);
+        views
     }
-}
-
-/// A connection's key in the table: its entry's address, unique while the entry lives.
-fn key(conn: &Arc<Conn>) -> usize {
-    Arc::as_ptr(conn) as usize
 }
 
 /// A registered connection: removed from the table when dropped (the connection ended).
@@ -314,7 +380,7 @@ impl std::ops::Deref for Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.table.lock().remove(&key(&self.conn));
+        self.table.lock().remove(&self.conn.id);
     }
 }
 

@@ -8,11 +8,11 @@ use tracing::debug;
 
 use super::{
     connect_for, copy,
-    live::{Conn, Meter, Transport},
+    live::{Conn, Meter, Side, Transport},
     pod_socket, reset,
     route::{self, Route, Via},
     telemetry::{Party, Reporter, Security, TcpLabels},
-    Error, Inputs, Pod,
+    Direction, Error, Inputs, Pod,
 };
 use crate::{
     capture::mapped_words,
@@ -166,7 +166,7 @@ pub async fn proxy(
             debug!("connection proxied");
             // Boxed, as the plaintext copy below: only the branch taken stays allocated.
             let meter = Meter {
-                pod: &conn.progress,
+                side: Side::new(conn, pod.counters(Direction::Outbound), Direction::Outbound),
                 mirror: None,
             };
             meter.from_pod(sent_first);
@@ -187,7 +187,7 @@ pub async fn proxy(
             report.established(&inputs.metrics.istio);
             debug!("connection proxied");
             let meter = Meter {
-                pod: &conn.progress,
+                side: Side::new(conn, pod.counters(Direction::Outbound), Direction::Outbound),
                 mirror: None,
             };
             Box::pin(copy::bidirectional(

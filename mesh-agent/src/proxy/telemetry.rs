@@ -260,6 +260,14 @@ pub struct Series {
     received: Counter,
 }
 
+impl Series {
+    /// The byte counters: of the request (client to server, Istio's "received") and of the
+    /// response (server to client, "sent").
+    pub fn bytes(&self) -> (&Counter, &Counter) {
+        (&self.received, &self.sent)
+    }
+}
+
 /// The `istio_tcp_*` families of the node agent.
 #[derive(Debug, Default)]
 pub struct IstioTcp {
@@ -396,17 +404,19 @@ impl Report {
         }
     }
 
-    /// The connection ended: counted as closed with its bytes (`request`: client to server;
-    /// `response`: server to client). One that ended before it was established is counted as
-    /// opened and closed, with `flags`. Returns the series it was counted in (`None` when its
-    /// ends were never known).
-    pub fn close(
-        &self,
-        istio: &IstioTcp,
-        flags: Flags,
-        request: u64,
-        response: u64,
-    ) -> Option<Arc<Series>> {
+    /// The series of an established connection: the copy loops count its bytes into it as
+    /// they move ([`Series::bytes`]).
+    pub fn series(&self) -> Option<Arc<Series>> {
+        match &*self.state() {
+            State::Open(series) => Some(series.clone()),
+            _ => None,
+        }
+    }
+
+    /// The connection ended: counted as closed (its bytes were counted as they moved). One
+    /// that ended before it was established is counted as opened and closed, with `flags`.
+    /// Returns the series it was counted in (`None` when its ends were never known).
+    pub fn close(&self, istio: &IstioTcp, flags: Flags) -> Option<Arc<Series>> {
         let series = match std::mem::take(&mut *self.state()) {
             State::Unknown => return None,
             State::Known(mut labels) => {
@@ -425,8 +435,6 @@ impl Report {
             }
         };
         series.closed.inc();
-        series.received.inc_by(request);
-        series.sent.inc_by(response);
         Some(series)
     }
 }
@@ -507,7 +515,11 @@ mod tests {
             ),
             "{text}"
         );
-        report.close(&istio, Flags::None, 10, 2000);
+        let series = report.series().expect("established");
+        let (request, response) = series.bytes();
+        request.inc_by(10);
+        response.inc_by(2000);
+        report.close(&istio, Flags::None);
         let text = encode(&istio);
         assert!(text.contains("istio_tcp_connections_closed_total{reporter=\"source\""));
         assert!(
@@ -536,7 +548,7 @@ mod tests {
             None,
             Security::None,
         ));
-        report.close(&istio, Flags::Deny, 0, 0);
+        report.close(&istio, Flags::Deny);
         let text = encode(&istio);
         for family in [
             "istio_tcp_connections_opened_total",
@@ -552,7 +564,7 @@ mod tests {
             );
         }
         // A report that never learnt its ends counts nothing.
-        Report::default().close(&istio, Flags::Connect, 0, 0);
+        Report::default().close(&istio, Flags::Connect);
         assert!(!encode(&istio).contains("CONNECT"));
     }
 
@@ -580,7 +592,7 @@ mod tests {
                 Security::MutualTls,
             ));
             report.established(&istio);
-            report.close(&istio, Flags::None, 1, 1);
+            report.close(&istio, Flags::None);
         }
         let present: HashSet<String> = ["shop/a".to_owned(), "shop/b".to_owned()].into();
         assert_eq!(istio.retain_workloads(&present), 1);
