@@ -33,6 +33,8 @@ pub struct Node {
     trust_domain: String,
     /// Where capture is pinned.
     bpf_dir: std::path::PathBuf,
+    /// One inspection at a time: each asks the capture task and walks the maps.
+    one_at_a_time: tokio::sync::Semaphore,
     /// The node-wide capture exclusions (`capture`).
     exclusions: crate::config::CaptureExclusions,
     inputs: Arc<proxy::Inputs>,
@@ -53,10 +55,27 @@ impl Node {
             trust_domain: config.identity.trust_domain.clone(),
             exclusions: config.capture.clone(),
             bpf_dir: config.bpf_dir(),
+            one_at_a_time: tokio::sync::Semaphore::new(1),
             inputs,
             commands,
             readiness,
         }
+    }
+
+    /// Waits for the other inspections (at most [`CAPTURE_ANSWER`]).
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, String> {
+        match tokio::time::timeout(CAPTURE_ANSWER, self.one_at_a_time.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err("busy with another inspection: ask again".to_owned()),
+        }
+    }
+
+    /// The maps and their fill, read by walking them off the runtime's threads.
+    async fn maps(&self) -> Vec<crate::capture::inspect::MapView> {
+        let layout = crate::capture::pins::Layout::new(&self.bpf_dir);
+        tokio::task::spawn_blocking(move || crate::capture::inspect::maps(&layout))
+            .await
+            .unwrap_or_default()
     }
 
     /// The capture task's view, or why there is none.
@@ -86,8 +105,10 @@ impl Node {
 impl Inspect for Node {
     fn config_dump(&self) -> BoxFuture<'_, Result<serde_json::Value, String>> {
         Box::pin(async move {
+            let _turn = self.turn().await?;
             let capture = self.capture().await?;
-            Ok(dump::config_dump(self, &capture))
+            let maps = self.maps().await;
+            Ok(dump::config_dump(self, &capture, &maps))
         })
     }
 
@@ -101,6 +122,7 @@ impl Inspect for Node {
     fn why(&self, src: &str, dst: &str) -> BoxFuture<'_, Result<serde_json::Value, String>> {
         let (src, dst) = (src.to_owned(), dst.to_owned());
         Box::pin(async move {
+            let _turn = self.turn().await?;
             let capture = self.capture().await?;
             let snap = self.inputs.store.load();
             let asked = why::Question::parse(&src, &dst)?;

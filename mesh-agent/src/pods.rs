@@ -557,6 +557,8 @@ pub async fn run(
                 changed = changes.changed() => if changed.is_err() { break 'reconcile } else { continue 'reconcile },
                 () = &mut wait_retry => continue 'reconcile,
                 command = commands.recv() => match command {
+                    // Not for an asker that gave up waiting.
+                    Some(Command::Inspect(reply)) if reply.is_closed() => {}
                     Some(Command::Inspect(reply)) => {
                         let _ = reply.send(capture.inspect(&failed, &not_started));
                     }

@@ -258,6 +258,15 @@ impl ServicePort {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
         Some(self.endpoints[i])
     }
+
+    /// The endpoint [`ServicePort::pick`] would give next, without taking it (an inspection
+    /// must not move the round robin).
+    pub fn peek(&self) -> Option<SocketAddr> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        Some(self.endpoints[self.position() % self.endpoints.len()])
+    }
 }
 
 /// Adds, changes and removals of objects, applied together or not at all. Removals are applied
@@ -450,10 +459,24 @@ impl Snapshot {
         self.index.services.iter()
     }
 
-    /// Resolves an original destination.
+    /// Resolves an original destination (a service port: its next endpoint, taken).
     pub fn resolve(&self, orig: SocketAddr) -> Destination {
+        self.resolve_with(orig, ServicePort::pick)
+    }
+
+    /// [`Snapshot::resolve`] without taking the endpoint (`ServicePort::peek`): for an
+    /// inspection.
+    pub fn resolve_peek(&self, orig: SocketAddr) -> Destination {
+        self.resolve_with(orig, ServicePort::peek)
+    }
+
+    fn resolve_with(
+        &self,
+        orig: SocketAddr,
+        pick: fn(&ServicePort) -> Option<SocketAddr>,
+    ) -> Destination {
         match self.services.get(&orig) {
-            Some(port) => match port.pick() {
+            Some(port) => match pick(port) {
                 Some(endpoint) => Destination::Service {
                     service: port.service.clone(),
                     endpoint,

@@ -4,8 +4,6 @@
 //! passes on an intact node and fails, naming the pod and program, once a link is detached by
 //! hand (as `bpftool link detach` does) or its pin removed.
 
-use std::time::Duration;
-
 use mesh_lab::{
     agent_bin, labtool_bin,
     traffic::{send_succeeds, serve, stream, WAIT},
@@ -14,18 +12,22 @@ use mesh_lab::{
 use serde_json::Value;
 use serde_yaml::Value as Yaml;
 
-/// `mesh-agent inspect ARGS` on `node`: whether it exited 0, its stdout and its stderr.
+/// `mesh-agent inspect ARGS` on `node`: whether it exited 0, its stdout and its stderr (all
+/// of them: read to the end, the command's own timeouts bound it).
 fn inspect(lab: &Lab, node: &str, args: &[&str]) -> (bool, String, String) {
-    let mut run = Running::spawn(
-        &format!("mesh-agent inspect {args:?} on {node}"),
-        lab.command(node, agent_bin())
-            .env("RUST_BACKTRACE", "0")
-            .arg("inspect")
-            .args(args),
-    );
-    let ok = run.wait(Duration::from_secs(60)).success();
-    let out = run.stdout_lines().join("\n");
-    (ok, out, run.stderr())
+    let out = lab
+        .command(node, agent_bin())
+        .env("RUST_BACKTRACE", "0")
+        .arg("inspect")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("mesh-agent inspect {args:?} on {node}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// `inspect ARGS -o json` on `node`, which must succeed.

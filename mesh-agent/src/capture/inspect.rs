@@ -17,9 +17,11 @@ use super::pins::{Layout, ORDER};
 use crate::sys::bpf::{self, LinkTarget};
 
 /// `bpf_map_type` values whose entries are not walked: arrays (always full) and socket
-/// storage (no keys to walk).
+/// storage (no keys to walk); and those that evict instead of filling up (LRU).
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
 const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
 
 /// A pinned program.
@@ -38,8 +40,11 @@ pub struct MapView {
     pub name: &'static str,
     pub id: Option<u32>,
     pub max_entries: Option<u32>,
-    /// Entries now (arrays: their size); `None` when not counted.
+    /// Entries now (arrays: their size), approximate while the map changes (a walk restarts
+    /// when the key it stands on is removed), at most `max_entries`; `None` when not counted.
     pub entries: Option<usize>,
+    /// The map evicts its oldest entries when full (LRU) instead of refusing new ones.
+    pub evicts: bool,
     pub problem: Option<String>,
 }
 
@@ -77,7 +82,8 @@ pub fn programs(layout: &Layout) -> Vec<ProgramView> {
         .collect()
 }
 
-/// The maps pinned in `layout`, with their fill.
+/// The maps pinned in `layout`, with their fill: up to one system call per entry (a blocking
+/// walk; call it where blocking is allowed).
 pub fn maps(layout: &Layout) -> Vec<MapView> {
     maps::ALL
         .iter()
@@ -94,7 +100,7 @@ pub fn maps(layout: &Layout) -> Vec<MapView> {
                     _ => Some(bpf::count_entries(
                         fd.as_fd(),
                         info.key_size,
-                        2 * info.max_entries as usize + 1,
+                        info.max_entries as usize,
                     )?),
                 };
                 Ok((info, entries))
@@ -105,6 +111,10 @@ pub fn maps(layout: &Layout) -> Vec<MapView> {
                     id: Some(info.id),
                     max_entries: Some(info.max_entries),
                     entries,
+                    evicts: matches!(
+                        info.map_type,
+                        BPF_MAP_TYPE_LRU_HASH | BPF_MAP_TYPE_LRU_PERCPU_HASH
+                    ),
                     problem: None,
                 },
                 Err(e) => MapView {
@@ -112,6 +122,7 @@ pub fn maps(layout: &Layout) -> Vec<MapView> {
                     id: None,
                     max_entries: None,
                     entries: None,
+                    evicts: false,
                     problem: Some(format!("cannot read {}: {e}", pin.display())),
                 },
             }

@@ -199,12 +199,12 @@ impl CapturedPod {
         self.netns_cookie
     }
 
-    /// The pod's network namespace, open for the pod's life.
     /// The directory of its pinned links.
     pub fn pin_dir(&self) -> &std::path::Path {
         &self.pin_dir
     }
 
+    /// The pod's network namespace, open for the pod's life.
     pub fn netns(&self) -> &Arc<Netns> {
         &self.netns
     }

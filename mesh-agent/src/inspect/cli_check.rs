@@ -62,9 +62,9 @@ pub fn check(addr: SocketAddr, bpf_dir: Option<&Path>) -> Result<String, Error> 
             return fail(format!("map {}: {}", text(&m["name"]), text(&m["problem"])));
         }
         if let (Some(n), Some(max)) = (m["entries"].as_u64(), m["max_entries"].as_u64()) {
-            // Arrays are always full; only maps that fill up can run out.
+            // Arrays are always full, an LRU map evicts: only the others can run out.
             let array = text(&m["name"]) == mesh_common::maps::COUNTERS;
-            if !array && max > 0 && n >= max {
+            if !array && m["evicts"] != true && max > 0 && n >= max {
                 return fail(format!(
                     "map {} is full ({n} of {max} entries): new pods or connections cannot be \
                      captured",

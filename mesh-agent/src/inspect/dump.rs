@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::Node;
 use crate::{
-    capture::inspect::LinkView,
+    capture::inspect::{LinkView, MapView},
     pods::inspect::CaptureView,
     state::{Snapshot, Workload},
 };
@@ -112,7 +112,7 @@ pub fn policies_of(snap: &Snapshot, key: &str) -> BTreeMap<&'static str, Vec<Str
     by_action
 }
 
-pub fn config_dump(node: &Node, capture: &CaptureView) -> Value {
+pub fn config_dump(node: &Node, capture: &CaptureView, maps: &[MapView]) -> Value {
     let snap = node.inputs.store.load();
     let here = &node.inputs.node;
     let workloads: Vec<Value> = (snap.workloads.values())
@@ -184,7 +184,7 @@ pub fn config_dump(node: &Node, capture: &CaptureView) -> Value {
         "certificates": node.inputs.certs.certificates(),
         "ebpf": {
             "programs": capture.programs,
-            "maps": capture.maps,
+            "maps": maps,
         },
         "capture": {
             "failed": capture.failed,

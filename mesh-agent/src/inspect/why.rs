@@ -280,7 +280,9 @@ pub fn answer(snap: &Snapshot, here: &Here<'_>, q: &Question) -> Result<Answer, 
         };
         match c.state {
             "captured" => Ok(format!("captured by this agent, node {}'s", here.node)),
-            "refused" | "waiting" | "pending" => {
+            // Without the CNI plugin a pod runs before it is captured; its connections pass.
+            "pending" => Err(format!("not captured yet: {}", c.why)),
+            "refused" | "waiting" => {
                 refused(
                     &mut answer,
                     format!(
@@ -327,12 +329,28 @@ pub fn answer(snap: &Snapshot, here: &Here<'_>, q: &Question) -> Result<Answer, 
                 why: why.clone(),
             };
             answer.verdict = "not_captured";
-            // It leaves as the pod sent it: in plaintext, from the pod's address.
+            // It leaves as the pod sent it: in plaintext, from the pod's address. A service's
+            // address is not resolved by the mesh then; where kube-proxy sends it to an
+            // endpoint, that pod's side decides (the one a connection would get next here).
+            let endpoint = match snap.resolve_peek(dst_addr) {
+                crate::state::Destination::Service { endpoint, .. } => endpoint,
+                _ => dst_addr,
+            };
             let dst = dst_pod
                 .clone()
-                .or_else(|| snap.workloads_by_ip.get(&dst_addr.ip()).cloned());
+                .or_else(|| snap.workloads_by_ip.get(&endpoint.ip()).cloned());
             match dst.filter(|w| meshed(snap, w)) {
-                Some(w) => Some((w, None, src_ip, dst_addr)),
+                Some(w) => match inbound_bypass(snap, here, &w, endpoint) {
+                    Some(bypass) => {
+                        answer.summary = format!(
+                            "not captured ({why}), and {bypass}: it reaches {} directly, no \
+                             policy decides",
+                            w.key()
+                        );
+                        None
+                    }
+                    None => Some((w, None, src_ip, endpoint)),
+                },
                 None => {
                     answer.summary = format!(
                         "not captured ({why}): it leaves in plaintext, and the destination is \
@@ -400,6 +418,41 @@ pub fn answer(snap: &Snapshot, here: &Here<'_>, q: &Question) -> Result<Answer, 
     Ok(answer)
 }
 
+/// Why a plaintext connection to `endpoint` of `w` would reach the application without the
+/// agent, if it would: the port excluded from inbound capture (the pod's own exclusions; the
+/// node's too when it is this one), or, on this node, the pod's sk_lookup not attached.
+fn inbound_bypass(
+    snap: &Snapshot,
+    here: &Here<'_>,
+    w: &Workload,
+    endpoint: SocketAddr,
+) -> Option<String> {
+    let port = endpoint.port();
+    if w.capture.exclude_inbound_ports.contains(&port) {
+        return Some(format!(
+            "port {port} is excluded from its inbound capture (the pod's exclude_inbound_ports)"
+        ));
+    }
+    if w.node != here.node {
+        return None;
+    }
+    if here.global.exclude_inbound_ports.contains(&port) {
+        return Some(format!(
+            "port {port} is excluded from inbound capture (the node's exclude_inbound_ports)"
+        ));
+    }
+    let (_, links) = capture_of(snap, here.capture, w);
+    (links.iter())
+        .find(|l| l.program == mesh_common::programs::SK_LOOKUP && !l.attached)
+        .map(|l| {
+            format!(
+                "its {} is not attached ({})",
+                l.program,
+                l.problem.as_deref().unwrap_or("?")
+            )
+        })
+}
+
 /// Whether the source's own or the node's exclusions leave `dst` uncaptured.
 fn excluded(global: &CaptureExclusions, src: &Workload, dst: SocketAddr) -> Option<String> {
     for (ex, whose) in [(global, "the node's"), (&src.capture, "the pod's")] {
@@ -442,7 +495,7 @@ fn routed(
         node: &src.node,
         same_node_fast_path: here.same_node_fast_path,
     };
-    let decision = route::route(snap, &source, dst);
+    let decision = route::explain(snap, &source, dst);
     let service = match &decision.via {
         Via::Service(s) => Some(s.clone()),
         Via::Direct => None,
@@ -513,7 +566,27 @@ fn routed(
             None
         }
         Route::Hbone { endpoint, workload } | Route::SameNode { endpoint, workload } => {
-            let local = workload.node == src.node && here.same_node_fast_path;
+            let same_node = workload.node == src.node && here.same_node_fast_path;
+            // This agent hands it over only when it serves the destination; a destination it
+            // holds closed refuses it, one it has not taken yet gets it over HBONE.
+            let local = if same_node && workload.node == here.node {
+                let (c, _) = capture_of(snap, here.capture, &workload);
+                if c.state == "refused" || c.state == "waiting" {
+                    refuse(
+                        &mut step,
+                        format!(
+                            "{} is on this node and not served: {}",
+                            workload.key(),
+                            c.why
+                        ),
+                    );
+                    answer.route = Some(step);
+                    return None;
+                }
+                c.state != "pending"
+            } else {
+                same_node
+            };
             step.transport = if local { "local" } else { "hbone" };
             step.endpoint = Some(endpoint);
             step.peer = Some(workload.key());

@@ -1,14 +1,15 @@
-//! What the pod lifecycle manager tells the admin endpoint (`/config_dump`): each pod of this
-//! node it serves or holds closed, with its links as the kernel has them, the pods it could not
-//! serve and why, and the programs and maps. Answered by the capture task between two changes
-//! ([`super::Command::Inspect`]), so it never sees a pod half captured.
+//! What the pod lifecycle manager tells the admin endpoint (`/config_dump`, `/why`): each pod of
+//! this node it serves or holds closed, with its links as the kernel has them, the pods it
+//! could not serve and why, and the programs. Answered by the capture task between two changes
+//! ([`super::Command::Inspect`]), so it never sees a pod half captured; a few system calls per
+//! pod (the maps' fill, which walks them, is read outside the task: `inspect::Node`).
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use serde::Serialize;
 
 use super::Manager;
-use crate::capture::inspect::{self, LinkView, MapView, ProgramView};
+use crate::capture::inspect::{self, LinkView, ProgramView};
 
 /// The capture state of this node.
 #[derive(Debug, Clone, Serialize)]
@@ -23,7 +24,6 @@ pub struct CaptureView {
     /// Pods named by UID whose sandbox has no process yet.
     pub not_started: Vec<String>,
     pub programs: Vec<ProgramView>,
-    pub maps: Vec<MapView>,
 }
 
 /// A served pod.
@@ -90,7 +90,6 @@ impl Manager {
                 .collect(),
             failed: failed.clone(),
             not_started: not_started.to_vec(),
-            maps: inspect::maps(&self.layout),
             programs,
         }
     }

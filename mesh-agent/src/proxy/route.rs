@@ -80,9 +80,22 @@ pub struct Decision {
 /// its endpoints; a meshed endpoint is reached over HBONE (or handed over on the same node); the
 /// rest goes out in plaintext, except addresses that would loop back to this agent.
 pub fn route(snap: &Snapshot, source: &Source<'_>, orig: SocketAddr) -> Decision {
-    let (via, endpoint) = match snap.resolve(orig) {
+    decide(snap, source, orig, Snapshot::resolve)
+}
+
+/// [`route`] without taking a service's endpoint: what the next connection would meet, for an
+/// inspection (`/why`), which must not move the round robin.
+pub fn explain(snap: &Snapshot, source: &Source<'_>, orig: SocketAddr) -> Decision {
+    decide(snap, source, orig, Snapshot::resolve_peek)
+}
+
+/// How a service port is resolved: taking its next endpoint, or looking at it.
+type Resolve = fn(&Snapshot, SocketAddr) -> Destination;
+
+fn decide(snap: &Snapshot, source: &Source<'_>, orig: SocketAddr, resolve: Resolve) -> Decision {
+    let (via, endpoint) = match resolve(snap, orig) {
         Destination::Service { service, endpoint } => {
-            match through_waypoint(snap, &service, orig) {
+            match through_waypoint(snap, &service, orig, resolve) {
                 Some(route) => {
                     return Decision {
                         via: Via::Service(service),
@@ -93,10 +106,11 @@ pub fn route(snap: &Snapshot, source: &Source<'_>, orig: SocketAddr) -> Decision
             }
         }
         Destination::NoEndpoints { service } => {
-            let route =
-                through_waypoint(snap, &service, orig).unwrap_or_else(|| Route::NoEndpoints {
+            let route = through_waypoint(snap, &service, orig, resolve).unwrap_or_else(|| {
+                Route::NoEndpoints {
                     service: service.clone(),
-                });
+                }
+            });
             return Decision {
                 via: Via::Service(service),
                 route,
@@ -128,7 +142,12 @@ pub fn route(snap: &Snapshot, source: &Source<'_>, orig: SocketAddr) -> Decision
 
 /// The route through the waypoint of service `service`'s namespace, if the namespace is meshed
 /// and has one (and `service` is not the waypoint's own service).
-fn through_waypoint(snap: &Snapshot, service: &str, orig: SocketAddr) -> Option<Route> {
+fn through_waypoint(
+    snap: &Snapshot,
+    service: &str,
+    orig: SocketAddr,
+    resolve: Resolve,
+) -> Option<Route> {
     let (namespace, name) = service.split_once('/')?;
     if !snap.namespace_enabled(namespace) {
         return None;
@@ -140,7 +159,7 @@ fn through_waypoint(snap: &Snapshot, service: &str, orig: SocketAddr) -> Option<
     let key = format!("{namespace}/{waypoint}");
     let found = snap.service(&key).and_then(|def| {
         def.vips.iter().find_map(|vip| {
-            match snap.resolve(SocketAddr::new(*vip, mesh_common::ports::HBONE)) {
+            match resolve(snap, SocketAddr::new(*vip, mesh_common::ports::HBONE)) {
                 Destination::Service { endpoint, .. } => snap
                     .meshed_workload(endpoint.ip())
                     .map(|w| (endpoint, w.clone())),

@@ -1,8 +1,6 @@
 //! `why` against a state file and a capture view made here: the verdicts an operator meets,
 //! each with what decided it.
 
-use std::collections::BTreeMap;
-
 use super::*;
 use crate::{
     capture::inspect::LinkView,
@@ -17,11 +15,13 @@ namespaces:
 workloads:
   - {name: client, namespace: shop, service_account: client, node: n1, ips: [10.0.1.2], netns: /x, cgroup: /x, labels: {app: client},
      capture: {exclude_outbound_ports: [3306]}}
-  - {name: db, namespace: shop, service_account: db, node: n1, ips: [10.0.1.3], netns: /x, cgroup: /x, labels: {app: db}}
+  - {name: db, namespace: shop, service_account: db, node: n1, ips: [10.0.1.3], netns: /x, cgroup: /x, labels: {app: db},
+     capture: {exclude_inbound_ports: [9000]}}
   - {name: api, namespace: shop, service_account: api, node: n2, ips: [10.0.2.2], netns: /x, cgroup: /x, labels: {app: api}}
   - {name: old, namespace: legacy, node: n1, ips: [10.0.1.4], netns: /x, cgroup: /x, labels: {app: old}}
   - {name: wp, namespace: books, service_account: wp, node: n2, ips: [10.0.2.9], labels: {mesh-agent/role: waypoint, app: wp}}
   - {name: shelf, namespace: books, node: n2, ips: [10.0.2.5], netns: /x, cgroup: /x, labels: {app: shelf}}
+  - {name: shelf-2, namespace: books, node: n2, ips: [10.0.2.6], netns: /x, cgroup: /x, labels: {app: shelf}}
 services:
   - {name: api, namespace: shop, vips: [10.96.0.1], ports: [{port: 80, target_port: 8080}], selector: {app: api}}
   - {name: empty, namespace: shop, vips: [10.96.0.2], ports: [{port: 80, target_port: 8080}], selector: {app: nobody}}
@@ -61,7 +61,12 @@ fn link(program: &'static str, problem: Option<&str>) -> LinkView {
 /// This node (n1) serves shop/client and shop/db; `broken` programs of shop/client are
 /// detached.
 fn capture(broken: &[&'static str]) -> CaptureView {
-    let served = |pod: &str, broken: &[&'static str]| ServedView {
+    capture_of(&[("shop/client", broken), ("shop/db", &[])], &[])
+}
+
+/// This node serves `served` (with those programs detached); `failed` could not be served.
+fn capture_of(served: &[(&str, &[&'static str])], failed: &[(&str, &str)]) -> CaptureView {
+    let serve = |pod: &str, broken: &[&'static str]| ServedView {
         pod: pod.into(),
         ips: Vec::new(),
         identity: String::new(),
@@ -74,12 +79,14 @@ fn capture(broken: &[&'static str]) -> CaptureView {
             .collect(),
     };
     CaptureView {
-        served: vec![served("shop/client", broken), served("shop/db", &[])],
+        served: served.iter().map(|(p, b)| serve(p, b)).collect(),
         closed: Vec::new(),
-        failed: BTreeMap::new(),
+        failed: failed
+            .iter()
+            .map(|(p, why)| ((*p).to_owned(), (*why).to_owned()))
+            .collect(),
         not_started: Vec::new(),
         programs: Vec::new(),
-        maps: Vec::new(),
     }
 }
 
@@ -222,4 +229,76 @@ fn questions_are_parsed_or_refused_naming_what_is_wrong() {
         let e = Question::parse(src, dst).expect_err(src);
         assert!(e.contains(says), "{src} {dst}: {e}");
     }
+}
+
+#[test]
+fn what_an_uncaptured_connection_meets_at_the_destination() {
+    let intact = capture(&[]);
+    // To a service: the mesh does not resolve it; one of its endpoints' policy decides.
+    let a = ask(&intact, "legacy/old", "shop/api:80");
+    assert_eq!(a.verdict, "not_captured", "{a:#?}");
+    assert_eq!(
+        a.policy.as_ref().map(|p| p.workload.as_str()),
+        Some("shop/api")
+    );
+    // A port the destination excludes from inbound capture: straight to the application.
+    let a = ask(&intact, "legacy/old", "shop/db:9000");
+    assert!(
+        a.policy.is_none() && a.summary.contains("exclude_inbound_ports"),
+        "{a:#?}"
+    );
+    // The destination's sk_lookup detached (on this node): straight to the application too.
+    let detached = capture_of(
+        &[("shop/client", &[]), ("shop/db", &["mesh_sk_lookup"])],
+        &[],
+    );
+    let a = ask(&detached, "legacy/old", "shop/db:5432");
+    assert!(
+        a.policy.is_none() && a.summary.contains("mesh_sk_lookup"),
+        "{a:#?}"
+    );
+    // A source the next reconcile takes: not captured yet.
+    let pending = capture_of(&[("shop/db", &[])], &[]);
+    let a = ask(&pending, "shop/client", "shop/api:8080");
+    assert_eq!(a.verdict, "not_captured", "{a:#?}");
+    assert!(a.capture.why.starts_with("not captured yet"), "{a:#?}");
+}
+
+#[test]
+fn a_same_node_destination_this_agent_does_not_serve_is_refused() {
+    let db_failed = capture_of(&[("shop/client", &[])], &[("shop/db", "no certificate")]);
+    let a = ask(&db_failed, "shop/client", "shop/db:5432");
+    assert_eq!(a.verdict, "refused", "{a:#?}");
+    assert!(
+        a.summary.contains("shop/db is on this node and not served"),
+        "{a:#?}"
+    );
+}
+
+#[test]
+fn asking_does_not_move_a_services_round_robin() {
+    let snap = snapshot();
+    let intact = capture(&[]);
+    let here = Here {
+        node: "n1",
+        trust_domain: "cluster.local",
+        same_node_fast_path: true,
+        global: &CaptureExclusions::default(),
+        capture: &intact,
+    };
+    let vip: SocketAddr = "10.96.1.1:80".parse().expect("vip");
+    let next = snap.services.get(&vip).and_then(|p| p.peek());
+    for src in ["legacy/old", "shop/client"] {
+        let q = Question::parse(src, "books/shelves:80").expect("question");
+        for _ in 0..3 {
+            answer(&snap, &here, &q).expect("answer");
+        }
+    }
+    assert_eq!(snap.services.get(&vip).and_then(|p| p.peek()), next);
+    assert_eq!(snap.services.get(&vip).and_then(|p| p.pick()), next);
+    assert_ne!(
+        snap.services.get(&vip).and_then(|p| p.peek()),
+        next,
+        "two endpoints"
+    );
 }
