@@ -3,7 +3,8 @@
 //! `/connections` and `/why` from the live state, the capture task and the kernel; the
 //! command side (`cli`) reads those answers and prints tables, JSON, or a verdict.
 //!
-//! Everything here only reads: the answers never change capture, state or policy.
+//! Everything here only reads: the answers never change capture, state, policy or a
+//! service's round robin.
 
 pub mod cli;
 mod cli_check;

@@ -90,14 +90,21 @@ fn capture_of(served: &[(&str, &[&'static str])], failed: &[(&str, &str)]) -> Ca
     }
 }
 
-fn ask(capture: &CaptureView, src: &str, dst: &str) -> Answer {
-    let here = Here {
+/// This node, n1, with the fast path and no node-wide exclusions, capturing as `capture` says.
+fn here(capture: &CaptureView) -> Here<'_> {
+    static NO_EXCLUSIONS: std::sync::LazyLock<CaptureExclusions> =
+        std::sync::LazyLock::new(CaptureExclusions::default);
+    Here {
         node: "n1",
         trust_domain: "cluster.local",
         same_node_fast_path: true,
-        global: &CaptureExclusions::default(),
+        global: &NO_EXCLUSIONS,
         capture,
-    };
+    }
+}
+
+fn ask(capture: &CaptureView, src: &str, dst: &str) -> Answer {
+    let here = here(capture);
     let q = Question::parse(src, dst).expect("question");
     answer(&snapshot(), &here, &q).unwrap_or_else(|e| panic!("{src} -> {dst}: {e}"))
 }
@@ -169,13 +176,7 @@ fn the_verdicts_name_what_decided_them() {
 fn a_pod_comes_before_a_service_of_the_same_name() {
     let snap = snapshot();
     let intact = capture(&[]);
-    let here = Here {
-        node: "n1",
-        trust_domain: "cluster.local",
-        same_node_fast_path: true,
-        global: &CaptureExclusions::default(),
-        capture: &intact,
-    };
+    let here = here(&intact);
     let a = ask(&intact, "shop/client", "shop/api:80");
     // shop/api is a pod too: the pod's port 80, not the service.
     assert_eq!(a.destination.kind, "pod");
@@ -279,13 +280,7 @@ fn a_same_node_destination_this_agent_does_not_serve_is_refused() {
 fn asking_does_not_move_a_services_round_robin() {
     let snap = snapshot();
     let intact = capture(&[]);
-    let here = Here {
-        node: "n1",
-        trust_domain: "cluster.local",
-        same_node_fast_path: true,
-        global: &CaptureExclusions::default(),
-        capture: &intact,
-    };
+    let here = here(&intact);
     let vip: SocketAddr = "10.96.1.1:80".parse().expect("vip");
     let next = snap.services.get(&vip).and_then(|p| p.peek());
     for src in ["legacy/old", "shop/client"] {
