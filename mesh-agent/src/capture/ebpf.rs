@@ -1,6 +1,6 @@
 //! Loading the eBPF object: globals, pins, typed map handles, and the kernel counters.
 
-use std::{os::fd::AsFd, sync::Arc};
+use std::{os::fd::AsFd, path::Path, sync::Arc};
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
@@ -55,6 +55,11 @@ impl OrigDstMap {
     }
 }
 
+/// The object this agent embeds (`None`: built without the `ebpf` feature).
+pub fn object() -> Option<&'static [u8]> {
+    OBJECT
+}
+
 /// Loads the object into the kernel, reusing the pinned maps of `layout` (a previous agent's
 /// state stays: the caller adopts or sweeps it) and pinning maps and programs there, and sets
 /// the global exclusions to `global`.
@@ -63,24 +68,10 @@ pub fn load(
     global: &CaptureExclusions,
 ) -> Result<(Loaded, Arc<OrigDstMap>, Collector), Error> {
     let dir = &layout.abi_dir;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(dir)
-        .override_global(globals::OUTBOUND_PORT, &mesh_common::ports::OUTBOUND, true)
-        .load(OBJECT.ok_or(Error::NoObject)?)
-        .map_err(|e| Error::Load(super::chain(&e)))?;
+    let mut ebpf =
+        open(OBJECT.ok_or(Error::NoObject)?, dir).map_err(|e| Error::Load(super::chain(&e)))?;
     for name in programs::ALL {
-        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
-        let loaded = match name {
-            programs::CONNECT4 | programs::CONNECT6 => {
-                <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.load())
-            }
-            programs::SOCK_OPS => <&mut SockOps>::try_from(program).and_then(|p| p.load()),
-            _ => <&mut SkLookup>::try_from(program).and_then(|p| p.load()),
-        };
-        loaded.map_err(|e| Error::Verifier {
-            program: name,
-            message: verifier_message(&e),
-        })?;
+        load_program(&mut ebpf, name)?;
         let pin = dir.join(name);
         // A pin from a previous agent refers to its program (links keep theirs until adopted).
         let _ = std::fs::remove_file(&pin);
@@ -91,50 +82,89 @@ pub fn load(
         })?;
         debug!(program = name, pin = %pin.display(), "program loaded");
     }
-    let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap(name));
-    let map_err = |name: &'static str| {
-        move |e: aya::maps::MapError| Error::Map {
-            map: name,
-            message: super::chain(&e),
-        }
-    };
-    let pods = HashMap::try_from(take(maps::PODS)?).map_err(map_err(maps::PODS))?;
-    let pod_addrs = HashMap::try_from(take(maps::POD_ADDRS)?).map_err(map_err(maps::POD_ADDRS))?;
-    let ports =
-        HashMap::try_from(take(maps::EXCLUDED_PORTS)?).map_err(map_err(maps::EXCLUDED_PORTS))?;
-    let cidrs =
-        LpmTrie::try_from(take(maps::EXCLUDED_CIDRS)?).map_err(map_err(maps::EXCLUDED_CIDRS))?;
-    let listeners = SockHash::try_from(take(maps::LISTENERS)?).map_err(map_err(maps::LISTENERS))?;
-    let orig_dst = match take(maps::ORIG_DST)? {
-        aya::maps::Map::LruHashMap(data) => crate::sys::bpf::TakeMap::new(data.fd().as_fd())
-            .map_err(|e| Error::Map {
-                map: maps::ORIG_DST,
-                message: e.to_string(),
-            })?,
-        _ => {
-            return Err(Error::Map {
-                map: maps::ORIG_DST,
-                message: "not an LRU hash map".into(),
-            })
-        }
-    };
-    let counters: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(take(maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
-    let mut loaded = Loaded {
-        ebpf,
-        pods,
-        pod_addrs,
-        ports,
-        cidrs,
-        listeners,
-    };
+    let (mut loaded, orig_dst, collector) = Loaded::new(ebpf)?;
     loaded.sync_exclusions(GLOBAL_SCOPE, global)?;
     info!(dir = %dir.display(), "eBPF programs loaded and pinned");
-    Ok((
-        loaded,
-        Arc::new(OrigDstMap(orig_dst)),
-        Box::new(counter_collector(counters)),
-    ))
+    Ok((loaded, orig_dst, collector))
+}
+
+/// Opens `object` as the agent does: its maps created, or opened where `dir` has them pinned
+/// (by name; a new map is pinned there), and the load-time globals set. No program is loaded
+/// yet ([`load_program`]). `mesh-agent check` opens the object the same way in a directory of
+/// its own.
+pub fn open(object: &[u8], dir: &Path) -> Result<Ebpf, aya::EbpfError> {
+    EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .override_global(globals::OUTBOUND_PORT, &mesh_common::ports::OUTBOUND, true)
+        .load(object)
+}
+
+/// Loads one program of an opened object into the kernel: the verifier runs here, and a
+/// rejection is [`Error::Verifier`] with the verifier's last lines.
+pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), Error> {
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    let loaded = match name {
+        programs::CONNECT4 | programs::CONNECT6 => {
+            <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.load())
+        }
+        programs::SOCK_OPS => <&mut SockOps>::try_from(program).and_then(|p| p.load()),
+        _ => <&mut SkLookup>::try_from(program).and_then(|p| p.load()),
+    };
+    loaded.map_err(|e| Error::Verifier {
+        program: name,
+        message: verifier_message(&e),
+    })
+}
+
+impl Loaded {
+    /// Takes the maps the control path writes out of an opened object, typed, with the map
+    /// the data path reads and the counters' collector.
+    pub fn new(mut ebpf: Ebpf) -> Result<(Loaded, Arc<OrigDstMap>, Collector), Error> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap(name));
+        let map_err = |name: &'static str| {
+            move |e: aya::maps::MapError| Error::Map {
+                map: name,
+                message: super::chain(&e),
+            }
+        };
+        let pods = HashMap::try_from(take(maps::PODS)?).map_err(map_err(maps::PODS))?;
+        let pod_addrs =
+            HashMap::try_from(take(maps::POD_ADDRS)?).map_err(map_err(maps::POD_ADDRS))?;
+        let ports = HashMap::try_from(take(maps::EXCLUDED_PORTS)?)
+            .map_err(map_err(maps::EXCLUDED_PORTS))?;
+        let cidrs = LpmTrie::try_from(take(maps::EXCLUDED_CIDRS)?)
+            .map_err(map_err(maps::EXCLUDED_CIDRS))?;
+        let listeners =
+            SockHash::try_from(take(maps::LISTENERS)?).map_err(map_err(maps::LISTENERS))?;
+        let orig_dst = match take(maps::ORIG_DST)? {
+            aya::maps::Map::LruHashMap(data) => crate::sys::bpf::TakeMap::new(data.fd().as_fd())
+                .map_err(|e| Error::Map {
+                    map: maps::ORIG_DST,
+                    message: e.to_string(),
+                })?,
+            _ => {
+                return Err(Error::Map {
+                    map: maps::ORIG_DST,
+                    message: "not an LRU hash map".into(),
+                })
+            }
+        };
+        let counters: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(take(maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
+        let loaded = Loaded {
+            ebpf,
+            pods,
+            pod_addrs,
+            ports,
+            cidrs,
+            listeners,
+        };
+        Ok((
+            loaded,
+            Arc::new(OrigDstMap(orig_dst)),
+            Box::new(counter_collector(counters)),
+        ))
+    }
 }
 
 fn verifier_message(e: &aya::programs::ProgramError) -> String {

@@ -21,7 +21,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::programs::{
+    links::{FdLink, LinkError},
+    CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+};
 use mesh_common::{pins, programs};
 use tracing::{info, warn};
 
@@ -296,16 +299,47 @@ fn attach(
     program: &'static str,
     target: &Target<'_>,
 ) -> Result<(), Error> {
-    let err = |message: String| Error::Attach {
+    let link = attach_link(loaded, program, target)?;
+    let pin = dir.join(program);
+    // The pinned link's descriptor is dropped here: from now on the pin alone holds it.
+    link.pin(&pin).map(drop).map_err(|e| Error::Attach {
         pod: target.pod.to_owned(),
         program,
-        message,
+        message: format!(
+            "pinning the link at {}: {}",
+            pin.display(),
+            super::chain(&e)
+        ),
+    })
+}
+
+/// Attaches one program to the pod, its cgroup (its network namespace for sk_lookup), through
+/// a bpf link. The returned link is the only reference to it: dropped unpinned, it detaches.
+pub fn attach_link(
+    loaded: &mut Loaded,
+    program: &'static str,
+    target: &Target<'_>,
+) -> Result<FdLink, Error> {
+    let chain = |e: &dyn std::error::Error| Error::Attach {
+        pod: target.pod.to_owned(),
+        program,
+        message: super::chain(e),
     };
-    let chain = |e: &dyn std::error::Error| err(super::chain(e));
+    // aya attaches to a cgroup without a link on kernels that have none for cgroups.
+    let not_fd_link = |e: LinkError| match e {
+        LinkError::InvalidLink => Error::Attach {
+            pod: target.pod.to_owned(),
+            program,
+            message: "attached without a bpf link (BPF_PROG_ATTACH: the kernel has no bpf \
+                      links for cgroups before Linux 5.7), which cannot be pinned"
+                .into(),
+        },
+        e => chain(&e),
+    };
     // Cgroup BPF links always coexist with other programs (multi-attach); the link API takes
     // no flags, which is what `Single` passes.
     let mode = CgroupAttachMode::Single;
-    let link: FdLink = match program {
+    Ok(match program {
         programs::SK_LOOKUP => {
             let p: &mut SkLookup = loaded.program(program)?.try_into().map_err(|e| chain(&e))?;
             let id = p.attach(target.netns).map_err(|e| chain(&e))?;
@@ -317,7 +351,7 @@ fn attach(
             p.take_link(id)
                 .map_err(|e| chain(&e))?
                 .try_into()
-                .map_err(|e: aya::programs::links::LinkError| chain(&e))?
+                .map_err(not_fd_link)?
         }
         _ => {
             let p: &mut CgroupSockAddr =
@@ -326,17 +360,8 @@ fn attach(
             p.take_link(id)
                 .map_err(|e| chain(&e))?
                 .try_into()
-                .map_err(|e: aya::programs::links::LinkError| chain(&e))?
+                .map_err(not_fd_link)?
         }
-    };
-    let pin = dir.join(program);
-    // The pinned link's descriptor is dropped here: from now on the pin alone holds it.
-    link.pin(&pin).map(drop).map_err(|e| {
-        err(format!(
-            "pinning the link at {}: {}",
-            pin.display(),
-            super::chain(&e)
-        ))
     })
 }
 
