@@ -1,5 +1,5 @@
 //! The command line of `mesh-agent` (src/main.rs only calls [`main`]): `mesh-agent node
-//! --config FILE` runs the node agent; `mesh-agent check` only runs the start-up checks;
+//! --config FILE` runs the node agent; `mesh-agent check` proves the node can run it;
 //! installed as `mesh-agent-cni`, the binary is the CNI plugin.
 
 use std::path::PathBuf;
@@ -87,7 +87,10 @@ enum Command {
     /// connections, eBPF; one pod; why a connection would be allowed or not; or check the
     /// node before trusting it (docs/metrics.md, "mesh-agent inspect").
     Inspect(crate::inspect::cli::Args),
-    /// Check that this machine and these privileges can run the agent, then exit.
+    /// Check that this machine and these privileges can run the agent: load every eBPF
+    /// program and map into the running kernel and use each kernel feature the data path
+    /// relies on (in scratch pins, a temporary cgroup and a private network namespace, removed
+    /// after; a running agent is not touched). One line per check; exits non-zero if any fails.
     Check {
         /// The pin directory that would be used.
         #[arg(long, default_value = "/sys/fs/bpf/mesh")]
@@ -260,11 +263,13 @@ pub fn main(allocator: Allocator) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { bpf_dir } => {
-            let cgroup = preflight::check(&bpf_dir)?;
-            println!(
-                "ok: kernel, privileges, cgroup v2 at {}, bpffs at {}",
-                cgroup.display(),
-                bpf_dir.display()
+            let report = preflight::run(&bpf_dir, crate::capture::ebpf::object());
+            print!("{report}");
+            let failed = report.failures().count();
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of {} checks failed: this node cannot run the agent's data path as it is",
+                report.checks.len()
             );
             Ok(())
         }

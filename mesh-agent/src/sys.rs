@@ -1,6 +1,6 @@
-//! The agent's only unsafe code: entering network namespaces, socket options the standard
-//! library lacks, bpf(2) commands aya does not wrap (`bpf`), and passing descriptors between
-//! agents (`fdpass`). Each block says why it is sound.
+//! The agent's only unsafe code: entering (and, for `mesh-agent check`, creating) network
+//! namespaces, socket options the standard library lacks, bpf(2) commands aya does not wrap
+//! (`bpf`), and passing descriptors between agents (`fdpass`). Each block says why it is sound.
 #![expect(
     unsafe_code,
     reason = "this module is the agent's designated home for unsafe code"
@@ -35,6 +35,24 @@ impl Netns {
     /// The namespace of the calling thread.
     pub fn current() -> io::Result<Self> {
         Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    /// A new, empty network namespace, held by this descriptor alone: it goes away once the
+    /// descriptor and the sockets opened in it are closed. Created by a short-lived thread of
+    /// its own (`unshare(CLONE_NEWNET)`), so that no other thread ever runs in it.
+    pub fn private() -> io::Result<Self> {
+        std::thread::Builder::new()
+            .name("netns-new".into())
+            .spawn(|| {
+                // SAFETY: unshare takes no pointers; it moves only the calling thread (this
+                // one, which ends right after opening the namespace) into a new namespace.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Self::current()
+            })?
+            .join()
+            .map_err(|_| io::Error::other("the thread creating a network namespace panicked"))?
     }
 
     /// The namespace's inode number (what network-namespace BPF links report).
@@ -342,6 +360,19 @@ pub fn set_sched_slice(ns: u64) -> io::Result<u64> {
     Ok(attr.runtime)
 }
 
+/// Moves the calling thread into a mount namespace of its own, a copy of its current one:
+/// mounts made from it (or by processes it starts) after `mount --make-rprivate /` are seen
+/// nowhere else, and go away with the thread. For tests that need a mount of their own.
+#[cfg(test)]
+pub(crate) fn unshare_mounts() -> io::Result<()> {
+    // SAFETY: unshare takes no pointers; it changes only the calling thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The effective user id.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -352,21 +383,9 @@ pub fn euid() -> u32 {
 mod tests {
     use super::*;
 
-    /// A thread in a network namespace of its own (needs CAP_SYS_ADMIN), or `None`.
-    fn private_netns() -> Option<Netns> {
-        std::thread::spawn(|| {
-            // SAFETY: unshare only changes the calling thread's (this short-lived thread's)
-            // namespace.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            (rc == 0).then(|| Netns::current().expect("opening the new namespace"))
-        })
-        .join()
-        .expect("the unshare thread")
-    }
-
     #[test]
     fn run_returns_the_thread_home_even_when_its_closure_panics() {
-        let Some(other) = private_netns() else {
+        let Ok(other) = Netns::private() else {
             eprintln!("SKIPPED: cannot create a network namespace (not root)");
             return;
         };

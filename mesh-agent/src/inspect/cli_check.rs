@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::Path};
 use serde_json::Value;
 
 use super::cli::{get, get_json, Error};
+use crate::preflight::Outcome;
 
 fn list(v: &Value) -> &[Value] {
     v.as_array().map_or(&[], Vec::as_slice)
@@ -28,14 +29,35 @@ pub fn check(addr: SocketAddr, bpf_dir: Option<&Path>) -> Result<String, Error> 
         None => std::path::PathBuf::from(text(&dump["bpf_dir"])),
     };
     let bpf_dir = bpf_dir.as_path();
-    match crate::preflight::check(bpf_dir) {
-        Ok(cgroup) => println!(
-            "ok  kernel: features, privileges, cgroup v2 at {}, bpffs at {}",
-            cgroup.display(),
-            bpf_dir.display()
-        ),
-        Err(e) => return fail(format!("kernel: {e}")),
+    // Everything `mesh-agent check` does, the eBPF probe included: it loads and attaches in
+    // scratch pins, a cgroup and a network namespace of its own, never the agent's.
+    let kernel = crate::preflight::run(bpf_dir, crate::capture::ebpf::object());
+    let failures: Vec<String> = kernel
+        .failures()
+        .filter_map(|c| c.error().map(|e| format!("{}: {e}", c.name)))
+        .collect();
+    if !failures.is_empty() {
+        return fail(format!("kernel: {}", failures.join("; ")));
     }
+    // Advice (an old kernel) and what could not be checked here (the cgroup links, in a
+    // container with cgroup v2 read-only) stay visible.
+    for c in kernel
+        .checks
+        .iter()
+        .filter(|c| matches!(c.outcome, Outcome::Warn(_) | Outcome::Skipped(_)))
+    {
+        println!("{c}");
+    }
+    let passed = kernel
+        .checks
+        .iter()
+        .filter(|c| matches!(c.outcome, Outcome::Ok(_)))
+        .count();
+    println!(
+        "ok  kernel: {passed} checks of `mesh-agent check` passed (privileges, cgroup v2, bpffs \
+         at {}, the eBPF programs and maps loaded, the kernel features used)",
+        bpf_dir.display()
+    );
     match get(addr, "/healthz/ready") {
         Ok(_) => println!("ok  agent at {addr}: ready"),
         Err(Error::Status { body, .. }) => return fail(format!("the agent is {body}")),
