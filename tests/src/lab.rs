@@ -675,10 +675,46 @@ impl Lab {
     }
 }
 
+/// Where a failing test's lab logs are kept (`target/lab-failures` by default).
+pub const FAILURES_DIR_ENV: &str = "MESH_LAB_FAILURES_DIR";
+
+impl Lab {
+    /// Copies the lab's logs (agents', waypoints', the API emulator's) to
+    /// `target/lab-failures/<test>-<lab>/` (or under [`FAILURES_DIR_ENV`]) before a failing
+    /// test's teardown removes them, and says where: what a failure in CI is diagnosed from.
+    fn keep_logs(&self) {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .replace("::", "-");
+        let dir = std::env::var_os(FAILURES_DIR_ENV).map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/lab-failures"),
+            PathBuf::from,
+        );
+        let dest = dir.join(format!("{test}-{}", self.layout.id));
+        let Ok(entries) = std::fs::read_dir(&self.layout.run_dir) else {
+            return;
+        };
+        if std::fs::create_dir_all(&dest).is_err() {
+            return;
+        }
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let _ = std::fs::copy(&path, dest.join(entry.file_name()));
+            }
+        }
+        eprintln!("mesh-lab: the lab's logs are kept in {}", dest.display());
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         if !self.owned || self.torn_down {
             return;
+        }
+        if std::thread::panicking() {
+            self.keep_logs();
         }
         if let Err(e) = self.teardown() {
             if std::thread::panicking() {
