@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod demo;
 mod fuzz;
+mod kernels;
 mod kmock;
 mod lab;
 mod manifests;
@@ -36,6 +37,10 @@ enum Command {
     Demo,
     /// Run the fuzz targets (fuzz/), each for a while; fails on any failing input, naming it.
     Fuzz(fuzz::FuzzArgs),
+    /// Boot the kernels users run (Debian's and Ubuntu's, fetched with apt) under qemu and run
+    /// `mesh-agent check` and end-to-end suites in each; one table of results
+    /// (docs/kernels.md).
+    Kernels(kernels::KernelsArgs),
     /// Manage the lab: network namespaces as nodes and pods, one agent per node.
     Lab(lab::LabArgs),
     /// Render every overlay of deploy/ (kubectl kustomize) and validate every object against
@@ -71,6 +76,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Build => build::all(),
         Command::Demo => demo::run(),
         Command::Fuzz(args) => fuzz::run_targets(args),
+        Command::Kernels(args) => kernels::run(args),
         Command::Lab(args) => return lab::run(args),
         Command::Manifests => manifests::run_all(),
         Command::Test => test::run_all(),

@@ -51,11 +51,18 @@ pub const LAB: &[Tool] = &[
 ];
 
 /// The unit tests (`cargo xtask test` checks these with or without root).
-pub const UNIT: &[Tool] = &[Tool {
-    command: "openssl",
-    package: "openssl",
-    why: "an identity test makes a bring-your-own CA with the openssl CLI",
-}];
+pub const UNIT: &[Tool] = &[
+    Tool {
+        command: "openssl",
+        package: "openssl",
+        why: "an identity test makes a bring-your-own CA with the openssl CLI",
+    },
+    Tool {
+        command: "cpio",
+        package: "cpio",
+        why: "a test of xtask reads back the initramfs archive `xtask kernels` writes",
+    },
+];
 
 /// The end-to-end tests, besides [`LAB`].
 pub const TEST: &[Tool] = &[
@@ -112,6 +119,46 @@ pub const BENCH: &[Tool] = &[
         package: "sockperf",
         why: "the latency scenario measures the direct and the full mesh path with it too, \
               beside mesh-labtool rr, as a load generator users know",
+    },
+];
+
+/// `cargo xtask kernels`, besides [`BUILD`]: booting other kernels under emulation.
+pub const KERNELS: &[Tool] = &[
+    Tool {
+        command: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+        why: "each kernel of the matrix boots in it (TCG: no KVM needed)",
+    },
+    Tool {
+        command: "busybox",
+        package: "busybox-static",
+        why: "the guest's shell and tools (statically linked: the guest has no other libc)",
+    },
+    Tool {
+        command: "objcopy",
+        package: "binutils",
+        why: "the binaries copied into the guest are stripped of debug info with it, and \
+              modules' dependencies read from their .modinfo",
+    },
+    Tool {
+        command: "dpkg-deb",
+        package: "dpkg",
+        why: "the kernel packages are unpacked with it",
+    },
+    Tool {
+        command: "ldd",
+        package: "libc-bin",
+        why: "it lists the shared libraries the guest needs for ip, the agent and the tests",
+    },
+    Tool {
+        command: "xz",
+        package: "xz-utils",
+        why: "Debian's newer kernels compress their modules with xz",
+    },
+    Tool {
+        command: "zstd",
+        package: "zstd",
+        why: "Ubuntu's newer kernels compress their modules with zstd",
     },
 ];
 
