@@ -339,3 +339,70 @@ fn table(rows: &[Row], suites: &[String]) -> String {
     }
     t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(check: Option<(i32, &[&str])>, suites: &[(&str, Option<i32>, u32)]) -> guest::Report {
+        guest::Report {
+            release: Some("x".into()),
+            check: check.map(|(rc, lines)| (rc, lines.iter().map(|l| (*l).to_owned()).collect())),
+            suites: suites
+                .iter()
+                .map(|(suite, rc, failed)| guest::SuiteRun {
+                    suite: (*suite).into(),
+                    run: 1,
+                    rc: *rc,
+                    passed: 3,
+                    failed: *failed,
+                    ..guest::SuiteRun::default()
+                })
+                .collect(),
+            done: true,
+            ..guest::Report::default()
+        }
+    }
+
+    fn kernel(expect: Expect) -> &'static Kernel {
+        Box::leak(Box::new(Kernel {
+            expect,
+            ..catalog::KERNELS[0]
+        }))
+    }
+
+    /// The matrix fails a kernel that does not do what it expects, in both directions.
+    #[test]
+    fn a_kernel_is_judged_against_what_the_matrix_expects() {
+        let suites = ["capture".to_owned()];
+        let judge = |expect, report| Row::judge(kernel(expect), &suites, 1, report).as_expected;
+        let refused = Expect::Refused("ingress_ifindex");
+        let log: &[&str] = &[
+            "FAIL program mesh_sk_lookup: rejected",
+            "  ; ingress_ifindex",
+        ];
+        assert!(judge(refused, report(Some((1, log)), &[])));
+        // Refused for another reason, or not refused at all: the floor moved.
+        assert!(!judge(refused, report(Some((1, &["FAIL feature x"])), &[])));
+        assert!(!judge(
+            refused,
+            report(Some((0, &[])), &[("capture", Some(0), 0)])
+        ));
+        let runs = Expect::Runs;
+        assert!(judge(
+            runs,
+            report(Some((0, &[])), &[("capture", Some(0), 0)])
+        ));
+        assert!(!judge(runs, report(Some((1, log)), &[])));
+        assert!(!judge(
+            runs,
+            report(Some((0, &[])), &[("capture", Some(101), 1)])
+        ));
+        // A suite that never reported (the guest died) or a guest that never checked.
+        assert!(!judge(runs, report(Some((0, &[])), &[])));
+        assert!(!judge(runs, report(None, &[])));
+        let mut timed_out = report(Some((0, &[])), &[("capture", Some(0), 0)]);
+        timed_out.timed_out = true;
+        assert!(!judge(runs, timed_out));
+    }
+}
