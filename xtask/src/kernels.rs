@@ -61,6 +61,15 @@ const HOST_ONLY_SUITES: &[(&str, &str)] = &[
     ("waypoint", "curl"),
     ("waypoint_grpc", "curl"),
     ("waypoint_http", "curl"),
+    ("telemetry", "KMock's venv (python) for its Prometheus parser"),
+    (
+        "delivery",
+        "connection rates (a churn at 400/s) that emulation is far too slow for",
+    ),
+    (
+        "hbone_limits",
+        "10,000 connections opened within two minutes, which emulation is far too slow for",
+    ),
 ];
 
 pub fn run(args: KernelsArgs) -> Result<()> {

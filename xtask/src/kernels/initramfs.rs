@@ -1,6 +1,7 @@
-//! The guest's initramfs: busybox (static), the host's `ip` and the shared libraries of every
+//! The guest's initramfs: busybox (static), the host's `ip` and `ss` and the shared libraries of every
 //! dynamic binary, the agent, mesh-labtool and the test binaries (stripped of debug info), the
-//! kernel's modules the lab needs (`veth`, `bridge` and what they depend on, decompressed), and
+//! kernel's modules the lab needs (`veth`, `bridge`, `tcp_diag` and what they depend on,
+//! decompressed), and
 //! an `/init` that mounts what the agent needs, runs `mesh-agent check`, then the suites, prints
 //! markers the host reads (guest.rs), sends the kept lab logs out on the second serial port and
 //! powers off.
@@ -16,8 +17,10 @@ use anyhow::{bail, Context as _, Result};
 use super::cpio;
 use crate::build::run;
 
-/// Modules the lab needs when the kernel builds them as modules (Debian's and Ubuntu's do).
-const WANTED_MODULES: &[&str] = &["veth", "bridge"];
+/// Modules the lab needs when the kernel builds them as modules (Debian's and Ubuntu's do):
+/// veths and the bridge for the lab's network, tcp_diag for `ss` (a test kills a tunnel's
+/// socket with `ss -K`, which finds no socket without it).
+const WANTED_MODULES: &[&str] = &["veth", "bridge", "tcp_diag"];
 
 /// Where the guest finds the mesh's binaries and the suites.
 const GUEST_BIN: &str = "mesh/bin";
@@ -64,9 +67,13 @@ pub fn stage(
         dynamic.push(stripped.clone());
         files.push((format!("{guest_dir}/{name}"), stripped, 0o755));
     }
-    let ip = which("ip")?;
-    dynamic.push(ip.clone());
-    files.push(("usr/sbin/ip".into(), ip, 0o755));
+    // iproute2's: the lab makes namespaces, veths and the bridge with ip; a test kills a
+    // tunnel's sockets with ss -K.
+    for tool in ["ip", "ss"] {
+        let path = which(tool)?;
+        dynamic.push(path.clone());
+        files.push((format!("usr/sbin/{tool}"), path, 0o755));
+    }
     let busybox = which("busybox")?;
     if !libraries(&busybox)?.is_empty() {
         bail!(
