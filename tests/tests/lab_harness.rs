@@ -50,8 +50,13 @@ fn pods_reach_each_other_on_the_same_and_other_nodes() {
     let to = format!("{}:8080", lab.pod("legacy/server").ip);
     let mut stream = Running::spawn(
         "stream legacy/client -> legacy/server",
-        lab.command("legacy/client", mesh_lab::labtool_bin())
-            .args(["stream", "--to", &to, "--interval-ms", "1"]),
+        lab.command("legacy/client", mesh_lab::labtool_bin()).args([
+            "stream",
+            "--to",
+            &to,
+            "--interval-ms",
+            "1",
+        ]),
     );
     for _ in 0..3 {
         stream.wait_line("progress bytes=", WAIT);
@@ -68,7 +73,8 @@ fn pods_reach_each_other_on_the_same_and_other_nodes() {
     let n2 = format!("{}:7000", lab.node("n2").underlay_ip);
     let mut connect = Running::spawn(
         "connect n1 -> n2",
-        lab.command("n1", mesh_lab::labtool_bin()).args(["connect", "--to", &n2]),
+        lab.command("n1", mesh_lab::labtool_bin())
+            .args(["connect", "--to", &n2]),
     );
     connect.wait_success(WAIT);
     node_server.wait_line("accepted peer=10.240.0.1:", WAIT);

@@ -61,7 +61,10 @@ const HOST_ONLY_SUITES: &[(&str, &str)] = &[
     ("waypoint", "curl"),
     ("waypoint_grpc", "curl"),
     ("waypoint_http", "curl"),
-    ("telemetry", "KMock's venv (python) for its Prometheus parser"),
+    (
+        "telemetry",
+        "KMock's venv (python) for its Prometheus parser",
+    ),
     (
         "delivery",
         "connection rates (a churn at 400/s) that emulation is far too slow for",
