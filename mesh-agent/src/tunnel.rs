@@ -1,13 +1,15 @@
 //! HBONE: TCP streams tunnelled as HTTP/2 CONNECT over mutual TLS between node agents, wire
 //! compatible with Istio ambient's ztunnel (docs/hbone.md).
 //!
-//! `server` terminates HBONE on a pod's port 15008 (`connect` judges its CONNECT requests); `client` keeps a pool of HBONE connections
-//! and opens one CONNECT stream per proxied TCP connection; `stream` copies between a TCP
+//! `server` terminates HBONE on a pod's port 15008 (`connect` judges its CONNECT requests);
+//! `client` keeps a pool of HBONE connections and opens one CONNECT stream per proxied TCP
+//! connection; `liveness` tells both when the peer is gone; `stream` copies between a TCP
 //! socket and an HTTP/2 stream; `tls` holds the TLS configurations and SPIFFE verification;
 //! `record` makes the handshake with rustls and then protects the TLS records itself.
 
 pub mod client;
 pub mod connect;
+pub mod liveness;
 // With rustls-records, our own traffic path is built but not used.
 #[cfg_attr(feature = "rustls-records", allow(dead_code, unused_imports))]
 pub mod record;
@@ -30,7 +32,8 @@ pub mod settings {
     /// Largest DATA frame: 1 MiB, fewer frames per byte.
     pub const MAX_FRAME: u32 = 1 << 20;
     /// Send buffer per stream before backpressure: what a client that stops reading can make
-    /// the server hold per stream (its streams × this, until its PING goes unanswered).
+    /// the server hold per stream (its streams × this, until it is found unresponsive:
+    /// [`super::liveness`]).
     pub const MAX_SEND_BUFFER: usize = 256 << 10;
     /// Reset streams remembered; bounds the cost of reset floods.
     pub const MAX_CONCURRENT_RESET_STREAMS: usize = 64;
@@ -41,15 +44,17 @@ pub mod settings {
     /// Largest header list the server takes (SETTINGS_MAX_HEADER_LIST_SIZE): a CONNECT carries
     /// a few short headers; a larger block is refused before it costs memory.
     pub const MAX_HEADER_LIST: u32 = 16 << 10;
-    /// Client PING interval and the time without an answer after which the connection is dropped.
+    /// Client: a server that shows no sign of life this long (it took none of our bytes, sent
+    /// none) is sent a PING, unless our bytes already wait on it; after `PING_TIMEOUT` more
+    /// without a sign or an answer the connection is dropped ([`super::liveness`]).
     pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
     pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
     /// Server: an HBONE connection with no open stream for this long is closed (GOAWAY); well
     /// above the client pool's idle time, so that clients close their own first.
     pub const SERVER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
-    /// Server PING interval.
+    /// Server: as [`PING_INTERVAL`], for clients.
     pub const SERVER_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-    /// Server: a client that leaves a PING unanswered this long is dropped.
+    /// Server: as [`PING_TIMEOUT`], for clients.
     pub const SERVER_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 }
 
@@ -88,7 +93,7 @@ pub enum Error {
     },
     #[error("TLS configuration: {0}")]
     TlsConfig(#[from] rustls::Error),
-    #[error("HBONE peer {addr} left a PING unanswered for {waited:?}: it reads nothing we send, connection dropped")]
+    #[error("HBONE peer {addr} took nothing we sent and answered no PING for {waited:?} after a quiet interval: it reads nothing, connection dropped")]
     Unresponsive { addr: SocketAddr, waited: Duration },
     #[error("HBONE peer {addr} did not negotiate ALPN h2")]
     Alpn { addr: SocketAddr },

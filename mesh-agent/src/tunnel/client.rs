@@ -24,7 +24,7 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{net::TcpStream, time::Instant};
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{record, settings, tls, Error, HANDSHAKE_TIMEOUT};
+use super::{liveness, record, settings, tls, Error, HANDSHAKE_TIMEOUT};
 use crate::identity::SpiffeId;
 
 /// What a pooled connection is for. One source pod's tunnels are its own, as ztunnel keys them
@@ -389,6 +389,7 @@ impl Pool {
     {
         let addr = key.dst;
         let config = tls()?;
+        let activity = liveness::Activity::new();
         let handshake = async {
             let tcp = dial()
                 .await
@@ -412,7 +413,7 @@ impl Pool {
                 .max_frame_size(settings::MAX_FRAME)
                 .max_send_buffer_size(settings::MAX_SEND_BUFFER)
                 .max_concurrent_reset_streams(settings::MAX_CONCURRENT_RESET_STREAMS)
-                .handshake::<_, Bytes>(tls)
+                .handshake::<_, Bytes>(liveness::Watched::new(tls, activity.clone()))
                 .await
                 .map(|(send, connection)| (send, connection, peer_not_after))
                 .map_err(|source| Error::H2 { addr, source })
@@ -433,16 +434,21 @@ impl Pool {
         info!(conn = id, dst = %addr, src = %key.src, peer_identity = %key.expected, "HBONE connection opened");
         self.metrics.connections_opened.inc();
         self.metrics.connections.inc();
-        let ping = connection.ping_pong();
+        let unresponsive = liveness::unresponsive(
+            connection.ping_pong(),
+            activity,
+            settings::PING_INTERVAL,
+            settings::PING_TIMEOUT,
+        );
         let driver_closed = conn.closed.clone();
         tokio::spawn(
             async move {
-                let result = match ping {
-                    Some(ping) => tokio::select! {
-                        r = &mut connection => r.map_err(|e| e.to_string()),
-                        e = keepalive(ping) => Err(e),
-                    },
-                    None => connection.await.map_err(|e| e.to_string()),
+                let result = tokio::select! {
+                    r = &mut connection => r.map_err(|e| e.to_string()),
+                    () = unresponsive => Err(format!(
+                        "no sign of the server for {:?}: it took nothing we sent and answered no PING",
+                        settings::PING_INTERVAL + settings::PING_TIMEOUT
+                    )),
                 };
                 driver_closed.store(true, Ordering::Release);
                 match result {
@@ -508,16 +514,4 @@ fn refused_unprocessed(e: &h2::Error) -> bool {
     e.is_remote()
         && (e.reason() == Some(h2::Reason::REFUSED_STREAM)
             || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR)))
-}
-
-/// Sends a PING every interval; returns an error when one is not answered in time.
-async fn keepalive(mut ping: h2::PingPong) -> String {
-    loop {
-        tokio::time::sleep(settings::PING_INTERVAL).await;
-        match tokio::time::timeout(settings::PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return format!("PING failed: {e}"),
-            Err(_) => return format!("no PING answer within {:?}", settings::PING_TIMEOUT),
-        }
-    }
 }

@@ -10,7 +10,7 @@ use http::{Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{connect, record, settings, tls, Error, SERVER_HANDSHAKE_TIMEOUT};
+use super::{connect, liveness, record, settings, tls, Error, SERVER_HANDSHAKE_TIMEOUT};
 use crate::identity::SpiffeId;
 
 /// One CONNECT request on an authenticated HBONE connection.
@@ -93,10 +93,12 @@ pub struct Options {
     pub max_age: Duration,
     /// A connection without an open stream for this long is closed (GOAWAY).
     pub idle_timeout: Duration,
-    /// How often the server PINGs the client.
+    /// A client that shows no sign of life this long (it took none of our bytes, sent none) is
+    /// PINGed, unless our bytes already wait on it.
     pub ping_interval: Duration,
-    /// A client that leaves a PING unanswered this long is dropped: it no longer reads what
-    /// it is sent (dead, or keeping the server's buffers full on purpose).
+    /// ... and dropped after this long more without a sign or an answer: it no longer reads
+    /// what it is sent (dead, or keeping the server's buffers full on purpose). A client that
+    /// reads, however slowly, is not ([`super::liveness`]).
     pub ping_timeout: Duration,
 }
 
@@ -119,7 +121,7 @@ impl Options {
 /// that no stream in flight is lost), the streams already open go on, the client opens its
 /// next streams on a new connection. The same happens at `options.max_age`, when the client's
 /// certificate expires and when no stream has been open for `options.idle_timeout`. A client
-/// that leaves a PING unanswered for `options.ping_timeout` is dropped. Returns when the
+/// that stops reading, or is gone, is dropped ([`Options::ping_timeout`]). Returns when the
 /// connection ends.
 ///
 /// `gate` is awaited once the client has sent its first bytes, and what it yields is held until
@@ -151,6 +153,7 @@ where
         source,
     })?;
     let _ = tcp.set_nodelay(true);
+    let activity = liveness::Activity::new();
     let handshake = async {
         // A connect that never sends takes no handshake slot (nor any buffer) while it waits.
         // A peek: tokio may report the socket readable before anything arrived.
@@ -187,7 +190,7 @@ where
             .max_send_buffer_size(settings::MAX_SEND_BUFFER)
             .max_concurrent_reset_streams(settings::MAX_CONCURRENT_RESET_STREAMS)
             .max_header_list_size(settings::MAX_HEADER_LIST)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(liveness::Watched::new(tls, activity.clone()))
             .await
             .map_err(|source| Error::H2 {
                 addr: remote,
@@ -215,8 +218,13 @@ where
     let open = Arc::new(OpenStreams::default());
     let idle = tokio::time::sleep(options.idle_timeout);
     let mut idle = std::pin::pin!(idle);
-    let pings = unanswered_ping(conn.ping_pong(), options);
-    let mut pings = std::pin::pin!(pings);
+    let unresponsive = liveness::unresponsive(
+        conn.ping_pong(),
+        activity,
+        options.ping_interval,
+        options.ping_timeout,
+    );
+    let mut unresponsive = std::pin::pin!(unresponsive);
     loop {
         // `accept` also drives the connection (the open streams' data): it runs until the
         // connection ends, draining or not.
@@ -254,9 +262,10 @@ where
                 }
                 continue;
             }
-            // The client stopped reading: its streams' data piles up here. Dropping the
-            // connection frees it (the streams' applications see a reset).
-            () = &mut pings => {
+            // The client stopped reading (its streams' data piles up here), or is gone.
+            // Dropping the connection frees what it holds (the streams' applications see a
+            // reset).
+            () = &mut unresponsive => {
                 return Err(Error::Unresponsive { addr: remote, waited: options.ping_timeout });
             }
         };
@@ -342,22 +351,6 @@ impl Drop for OpenStream {
         state.0 -= 1;
         if state.0 == 0 {
             state.1 = tokio::time::Instant::now();
-        }
-    }
-}
-
-/// PINGs the client every `ping_interval`; completes when one stays unanswered for
-/// `ping_timeout`. Pends forever once the connection has ended (its end is `accept`'s to tell).
-async fn unanswered_ping(ping_pong: Option<h2::PingPong>, options: Options) {
-    let Some(mut ping_pong) = ping_pong else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(options.ping_interval).await;
-        match tokio::time::timeout(options.ping_timeout, ping_pong.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => return,
         }
     }
 }

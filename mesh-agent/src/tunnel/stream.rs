@@ -12,7 +12,7 @@
 use std::{
     io,
     pin::Pin,
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -55,43 +55,71 @@ async fn up(
     moved: impl Fn(u64),
 ) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut size = FIRST_READ;
-    // Only held during a burst: dropped when the socket runs dry.
-    let mut buf = BytesMut::new();
+    let mut burst = Burst {
+        size: FIRST_READ,
+        buf: BytesMut::new(),
+    };
     loop {
-        rd.readable().await?;
-        loop {
-            if buf.capacity() - buf.len() < size / 2 {
-                buf.reserve(size);
-            }
-            // Polled once, never waited on here: Pending means the socket has nothing more
-            // and the loop goes back to waiting without a buffer. Through `poll_read` a read
-            // that does not fill the buffer marks the socket drained (edge-triggered epoll),
-            // so a request costs one read, not a read and a second one that would block.
-            let polled = tokio_util::io::poll_read_buf(
-                Pin::new(&mut rd),
-                &mut Context::from_waker(Waker::noop()),
-                &mut buf,
-            );
-            let n = match polled {
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => break,
-            };
-            if n == 0 {
-                send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                return Ok(total);
-            }
-            total += n as u64;
-            if n >= size && size < MAX_READ {
-                size = (size * 2).min(MAX_READ);
-            }
-            send_all(send, buf.split().freeze()).await?;
-            moved(n as u64);
+        let n = std::future::poll_fn(|cx| burst.poll_read(&mut rd, cx)).await?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(total);
         }
-        // Idle again: give the buffer back and start the next burst small.
-        buf = BytesMut::new();
-        size = FIRST_READ;
+        total += n as u64;
+        let chunk = burst.take(n);
+        send_all(send, chunk).await?;
+        moved(n as u64);
+    }
+}
+
+/// The read buffer of a burst of reads: taken once the socket is readable, given up when it
+/// runs dry.
+struct Burst {
+    /// The next read's size: [`FIRST_READ`], doubled up to [`MAX_READ`] by reads that fill it.
+    size: usize,
+    /// Only held during a burst.
+    buf: BytesMut,
+}
+
+impl Burst {
+    /// Reads what the socket has, into a buffer taken only once it is readable. Polled with the
+    /// task's own context, never a no-op one: `Pending` is the socket's (it has nothing more,
+    /// and its readiness now wakes this task) or the runtime's (the task has spent its budget
+    /// of operations for this turn and is woken to go on at the next). Either way the task
+    /// gives up its turn; it must not go back to `readable()`, which ignores the budget and
+    /// would answer at once, in a loop that never yields.
+    fn poll_read(
+        &mut self,
+        rd: &mut tokio::net::tcp::ReadHalf<'_>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let polled = match rd.as_ref().poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                if self.buf.capacity() - self.buf.len() < self.size / 2 {
+                    self.buf.reserve(self.size);
+                }
+                // A read that does not fill the buffer marks the socket drained (edge-triggered
+                // epoll): a request costs one read, not a read and a second one that would block.
+                tokio_util::io::poll_read_buf(Pin::new(rd), cx, &mut self.buf)
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        };
+        // Out of budget is not idle: the burst goes on at the task's next turn.
+        if polled.is_pending() && tokio::task::coop::has_budget_remaining() {
+            // Idle again: give the buffer back and start the next burst small.
+            self.buf = BytesMut::new();
+            self.size = FIRST_READ;
+        }
+        polled
+    }
+
+    /// The `n` bytes just read, as a DATA payload; a read that filled the buffer grows the next.
+    fn take(&mut self, n: usize) -> Bytes {
+        if n >= self.size && self.size < MAX_READ {
+            self.size = (self.size * 2).min(MAX_READ);
+        }
+        self.buf.split().freeze()
     }
 }
 

@@ -135,6 +135,16 @@ impl Server {
         admit: Admit,
     ) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HBONE");
+        Server::start_listening(listener, config, options, admit)
+    }
+
+    /// A server on `listener`, as [`Server::start_with`].
+    fn start_listening(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        options: server::Options,
+        admit: Admit,
+    ) -> Server {
         let addr = listener.local_addr().expect("HBONE address");
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let (copied_tx, copied) = mpsc::unbounded_channel();
@@ -1358,3 +1368,5 @@ async fn streams_reset_before_they_are_answered_never_reach_the_application_and_
 }
 
 mod server_limits;
+
+mod bulk;
