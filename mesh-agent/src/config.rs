@@ -277,10 +277,11 @@ pub struct HboneServerConfig {
     pub max_connects_in_flight: usize,
     /// An HBONE connection without an open stream for this long is closed (GOAWAY).
     pub idle_timeout_secs: u64,
-    /// How often the server PINGs its clients.
+    /// A client that showed nothing this long (took none of our bytes, sent none while ours
+    /// waited on it) is PINGed.
     pub ping_interval_secs: u64,
-    /// A client that leaves a PING unanswered this long is dropped (it reads nothing it is
-    /// sent, and its streams' data piles up in the agent).
+    /// ... and dropped when it then shows nothing (nor answers) this long more: it reads
+    /// nothing it is sent, and its streams' data piles up in the agent.
     pub ping_timeout_secs: u64,
 }
 
