@@ -23,6 +23,9 @@ use crate::sys;
 /// it `mesh-agent check` and the agent's start say so, and the checks that load and use what
 /// the agent needs decide. The one place to change when an older kernel is proven to work.
 pub const MIN_KERNEL: (u32, u32) = (5, 17);
+/// What sets [`MIN_KERNEL`] (docs/kernels.md has the kernels tried).
+pub const MIN_KERNEL_BECAUSE: &str = "sk_lookup's ingress_ifindex, which mesh_sk_lookup reads \
+     to tell the agent's delivery to a pod from traffic that came from outside";
 
 /// What is missing or broken for the agent to run.
 #[derive(Debug, thiserror::Error)]
@@ -128,8 +131,12 @@ pub fn run(bpf_dir: &Path, object: Option<&[u8]>) -> Report {
     match kernel_release() {
         Ok(release) => {
             let line = format!("{release} ({})", std::env::consts::ARCH);
+            let (major, minor) = MIN_KERNEL;
             match kernel_advice(&release) {
-                None => report.ok("kernel", line),
+                None => report.ok(
+                    "kernel",
+                    format!("{line}: Linux {major}.{minor} or newer, as the data path needs"),
+                ),
                 Some(advice) => report.warn("kernel", format!("{line}: {advice}")),
             }
         }
@@ -196,7 +203,8 @@ fn kernel_advice(release: &str) -> Option<String> {
     (!kernel_at_least(release, MIN_KERNEL)).then(|| {
         format!(
             "older than Linux {major}.{minor}, the oldest kernel the data path is known to run \
-             on; loading and using what the agent needs decides"
+             on (what sets it: {MIN_KERNEL_BECAUSE}); loading and using what the agent needs \
+             decides"
         )
     })
 }
