@@ -1,6 +1,7 @@
 //! Whether the peer of an HBONE connection is still there. It shows it is by taking what we
-//! send (its TCP accepts our bytes, so its application reads them), by sending us bytes while
-//! none of ours wait on it, or by answering a PING. Both ends drop a peer that shows nothing
+//! send once our bytes had to wait on it (its TCP accepts them, so its application reads
+//! them; a write our own socket buffer takes at once shows nothing, a dead peer's takes it
+//! too), by sending us bytes while none of ours wait on it, or by answering a PING. Both ends drop a peer that shows nothing
 //! for a while: a dead peer, or one that stopped reading and keeps our buffers full (what it
 //! sends meanwhile proves nothing).
 //!
@@ -93,9 +94,15 @@ impl<T> Watched<T> {
         Self { io, activity }
     }
 
+    /// A write that completes shows the peer only if an earlier one had to wait: then the
+    /// peer took bytes. One that completes at once says nothing of the peer (our own socket
+    /// buffer took it: a dead peer's does too, until it is full).
     fn note_write(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         match &polled {
-            Poll::Ready(Ok(n)) if *n > 0 => self.activity.shown(),
+            Poll::Ready(Ok(n)) if *n > 0 && self.activity.waiting() => {
+                self.activity.set_waiting(false);
+                self.activity.shown();
+            }
             Poll::Pending => self.activity.set_waiting(true),
             Poll::Ready(_) => {}
         }
@@ -198,8 +205,9 @@ async fn judge(mut pinger: impl Ping, activity: &Activity, interval: Duration, t
         let mut since = Instant::now();
         loop {
             tokio::time::sleep_until(since + interval).await;
-            // The connection runs first: on a node that was stalled, the timer fires before
-            // the connection has seen what the peer did meanwhile.
+            // Give the connection (another branch of the caller's select!, or another task) a
+            // turn first: on a node that was stalled, the timer fires before the connection
+            // has read what the peer did meanwhile.
             tokio::task::yield_now().await;
             let shown = activity.shown_at();
             if shown <= since {
