@@ -363,7 +363,7 @@ pub fn set_sched_slice(ns: u64) -> io::Result<u64> {
 /// Moves the calling thread into a mount namespace of its own, a copy of its current one:
 /// mounts made from it (or by processes it starts) after `mount --make-rprivate /` are seen
 /// nowhere else, and go away with the thread. For tests that need a mount of their own.
-#[cfg(test)]
+#[cfg(all(test, feature = "ebpf"))]
 pub(crate) fn unshare_mounts() -> io::Result<()> {
     // SAFETY: unshare takes no pointers; it changes only the calling thread's namespaces.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } == 0 {
