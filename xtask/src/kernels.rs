@@ -148,6 +148,28 @@ pub fn run(args: KernelsArgs) -> Result<()> {
     Ok(())
 }
 
+/// The lines of the failed checks of `mesh-agent check`'s output: each `FAIL` (or `error`)
+/// line with the indented lines that continue it.
+fn failed_blocks(lines: &[String]) -> String {
+    let mut out = String::new();
+    let mut in_failure = false;
+    for line in lines {
+        if line.starts_with(char::is_whitespace) {
+            if in_failure {
+                out.push_str(line);
+                out.push('\n');
+            }
+            continue;
+        }
+        in_failure = line.starts_with("FAIL") || line.starts_with("error");
+        if in_failure {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Fetches `kernel`, builds its initramfs and boots it.
 fn boot(
     kernel: &Kernel,
@@ -235,12 +257,14 @@ impl Row {
         repeat: u32,
         report: guest::Report,
     ) -> Row {
-        // The reason a kernel is refused may be anywhere in the check's output (in a verifier
-        // log's source line, say); the verdict quotes the failed checks.
-        let check_output = report
+        // The reason a kernel is refused is looked for in what the failed checks say, their
+        // indented continuation (a verifier's log) included: never in a warning or a check's
+        // name (`feature SO_NETNS_COOKIE` is printed whether it passed or not). The verdict
+        // quotes the failed checks' first lines.
+        let failed_checks = report
             .check
             .as_ref()
-            .map(|(_, lines)| lines.join("\n"))
+            .map(|(_, lines)| failed_blocks(lines))
             .unwrap_or_default();
         let check_failure = report.check.as_ref().and_then(|(rc, lines)| {
             (*rc != 0).then(|| {
@@ -255,12 +279,23 @@ impl Row {
         let suite_failures: Vec<String> = report
             .suites
             .iter()
-            .filter(|s| s.rc != Some(0) || s.failed > 0)
-            .map(|s| format!("{} run {}: {}", s.suite, s.run, s.failures.join(", ")))
+            .filter(|s| s.rc != Some(0) || s.failed > 0 || s.passed == 0)
+            .map(|s| match (s.passed, s.failed) {
+                (0, 0) => format!("{} run {}: no test ran", s.suite, s.run),
+                _ => format!("{} run {}: {}", s.suite, s.run, s.failures.join(", ")),
+            })
             .collect();
         let expected_runs = suites.len() * repeat.max(1) as usize;
         let (as_expected, verdict) = if report.timed_out {
             (false, "stopped at the deadline".to_owned())
+        } else if !report.module_failures.is_empty() {
+            (
+                false,
+                format!(
+                    "modules did not load: {} (see the console)",
+                    report.module_failures.join(", ")
+                ),
+            )
         } else if report.check.is_none() {
             (
                 false,
@@ -268,7 +303,7 @@ impl Row {
             )
         } else {
             match (kernel.expect, check_failure) {
-                (Expect::Refused(reason), Some(failure)) if check_output.contains(reason) => {
+                (Expect::Refused(reason), Some(failure)) if failed_checks.contains(reason) => {
                     (true, format!("refused as expected: {failure}"))
                 }
                 (Expect::Refused(reason), Some(failure)) => (
@@ -389,31 +424,45 @@ mod tests {
         let suites = ["capture".to_owned()];
         let judge = |expect, report| Row::judge(kernel(expect), &suites, 1, report).as_expected;
         let refused = Expect::Refused("ingress_ifindex");
+        let warn = "warn kernel: 5.15.0 (x86_64): older than Linux 5.17 (ingress_ifindex)";
         let log: &[&str] = &[
+            warn,
             "FAIL program mesh_sk_lookup: rejected",
-            "  ; ingress_ifindex",
+            "       ; ingress_ifindex",
+            "skip feature SO_NETNS_COOKIE: not checked",
         ];
         assert!(judge(refused, report(Some((1, log)), &[])));
-        // Refused for another reason, or not refused at all: the floor moved.
+        // Refused for another reason, or not refused at all: the floor moved. A warning or a
+        // check's name is no reason.
         assert!(!judge(refused, report(Some((1, &["FAIL feature x"])), &[])));
         assert!(!judge(
             refused,
-            report(Some((0, &[])), &[("capture", Some(0), 0)])
+            report(Some((1, &[warn, "FAIL feature x"])), &[])
         ));
+        assert!(!judge(
+            Expect::Refused("SO_NETNS_COOKIE"),
+            report(Some((1, log)), &[])
+        ));
+        let passed = || report(Some((0, &[])), &[("capture", Some(0), 0)]);
+        assert!(!judge(refused, passed()));
         let runs = Expect::Runs;
-        assert!(judge(
-            runs,
-            report(Some((0, &[])), &[("capture", Some(0), 0)])
-        ));
+        assert!(judge(runs, passed()));
         assert!(!judge(runs, report(Some((1, log)), &[])));
         assert!(!judge(
             runs,
             report(Some((0, &[])), &[("capture", Some(101), 1)])
         ));
-        // A suite that never reported (the guest died) or a guest that never checked.
+        // No test ran (a --filter that matches none), a module did not load, a suite never
+        // reported (the guest died), the guest never checked, or it ran out of time.
+        let mut none_ran = passed();
+        none_ran.suites[0].passed = 0;
+        assert!(!judge(runs, none_ran));
+        let mut modules = passed();
+        modules.module_failures.push("veth".into());
+        assert!(!judge(runs, modules));
         assert!(!judge(runs, report(Some((0, &[])), &[])));
         assert!(!judge(runs, report(None, &[])));
-        let mut timed_out = report(Some((0, &[])), &[("capture", Some(0), 0)]);
+        let mut timed_out = passed();
         timed_out.timed_out = true;
         assert!(!judge(runs, timed_out));
     }

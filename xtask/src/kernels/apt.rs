@@ -1,6 +1,7 @@
 //! Fetching kernel packages with apt, through a private configuration under
 //! `target/kernels/apt`: its own sources list, indexes and cache, nothing of the host's apt
-//! touched or read (its sources, preferences and configuration fragments are ignored). Every
+//! touched or read (`APT_CONFIG` names a configuration read first, which turns off the host's
+//! configuration file and fragments, its sources and its preferences). Every
 //! index is verified: Debian's with the host's Debian keyring, Ubuntu's with the key in
 //! Debian's ubuntu-keyring package (so the chain starts at Debian's key).
 
@@ -42,6 +43,18 @@ impl Apt {
         }
         std::fs::write(dir.join("status"), "")
             .with_context(|| format!("writing {}", dir.join("status").display()))?;
+        // Read by apt before anything else (APT_CONFIG): no configuration fragment or main
+        // file of the host's is read after it, so no host setting (an insecure repository
+        // allowed, say) applies; verification is required whatever the host says.
+        let conf = format!(
+            "Dir::Etc::Parts \"{}\";\nDir::Etc::main \"/dev/null\";\n\
+             Acquire::AllowInsecureRepositories \"false\";\n\
+             Acquire::AllowDowngradeToInsecureRepositories \"false\";\n\
+             APT::Get::AllowUnauthenticated \"false\";\n",
+            dir.join("empty").display()
+        );
+        std::fs::write(dir.join("apt.conf"), conf)
+            .with_context(|| format!("writing {}", dir.join("apt.conf").display()))?;
         let apt = Apt {
             dir: dir.to_path_buf(),
         };
@@ -110,6 +123,7 @@ impl Apt {
     /// `program` (apt-get, apt-cache) with this configuration and nothing of the host's.
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
+        cmd.env("APT_CONFIG", self.dir.join("apt.conf"));
         let d = |sub: &str| self.dir.join(sub).display().to_string();
         for (key, value) in [
             ("Dir::Etc::SourceList", d("sources.list")),

@@ -78,7 +78,11 @@ pub fn boot(
         .arg(format!("file:{}", tar.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        // A file, not a pipe read at the end: a qemu that wrote much there would block.
+        .stderr(
+            std::fs::File::create(dir.join("qemu.stderr"))
+                .with_context(|| format!("creating {}", dir.join("qemu.stderr").display()))?,
+        );
     let started = Instant::now();
     let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
     let stdout = child.stdout.take().context("qemu's stdout")?;
@@ -122,10 +126,7 @@ pub fn boot(
     let status = child.wait().context("waiting for qemu")?;
     report.elapsed = started.elapsed();
     if !status.success() && !report.timed_out {
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            std::io::Read::read_to_string(&mut e, &mut stderr).ok();
-        }
+        let stderr = std::fs::read_to_string(dir.join("qemu.stderr")).unwrap_or_default();
         writeln!(log, "qemu exited with {status}: {}", stderr.trim()).ok();
     }
     unpack_out(&tar, &dir.join("out"));
